@@ -1,0 +1,81 @@
+"""The `Rollout` record and the rollout-engine Protocol.
+
+One `Rollout` travels between the stages of a GRPO step (generate -> score -> advantages ->
+update). Stages return new records (`dataclasses.replace`) instead of mutating shared ones.
+
+An engine is anything with `generate`, `update_weights` and `close` (plus optional `sleep` /
+`wake` for engines that share the accelerator with the trainer). Engines do not inherit from a
+base class; they satisfy the Protocol structurally.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Protocol, Sequence, runtime_checkable
+
+import torch
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample completions. Mirrors the subset of vLLM's `SamplingParams` RL needs."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    stop: tuple[str, ...] = ()  # stop strings, kept in the completion (e.g. "</answer>")
+    stop_token_ids: tuple[int, ...] = ()  # extra stop ids besides the tokenizer's EOS
+    ignore_eos: bool = False  # keep sampling through EOS (benchmarks with fixed lengths)
+    seed: int | None = None
+    record_routing: bool = False  # capture the experts each token was routed to (MoE)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One sampled completion of one prompt, and what later stages learned about it.
+
+    `group` is the index of the prompt in the batch passed to `generate`; the `n` completions of
+    one prompt share it and are normalised together.
+    """
+
+    group: int
+    prompt_ids: tuple[int, ...]
+    completion_ids: tuple[int, ...]
+    text: str  # decoded completion (untrusted model text)
+    logprobs: tuple[float, ...]  # sampler log-probabilities of completion_ids, one per token
+    finish_reason: FinishReason
+    # MoE only, when captured: int tensor [prompt_len + completion_len, num_layers, top_k] of the
+    # experts the sampler routed each token to. None when not recorded.
+    routed_experts: torch.Tensor | None = None
+    example: dict = field(default_factory=dict)  # the data row (gold answer, metadata)
+    rewards: dict[str, float | None] = field(default_factory=dict)  # per reward function
+    reward: float = 0.0  # weighted total
+    advantage: float = 0.0
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.completion_ids)
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the training loop needs from a generator."""
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams
+    ) -> list[Rollout]:
+        """Sample `n` completions for each prompt (token ids).
+
+        Returns `len(prompts) * n` rollouts ordered prompt-major: rollout `i * n + j` is the
+        j-th completion of prompt i, with `group == i`.
+        """
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new policy weights, named as in the transformers model's `state_dict`."""
+        ...
+
+    def close(self) -> None: ...
