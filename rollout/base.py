@@ -23,7 +23,7 @@ class SamplingParams:
     """How to sample completions. Mirrors the subset of vLLM's `SamplingParams` RL needs."""
 
     max_new_tokens: int
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k
     stop: tuple[str, ...] = ()  # stop strings, kept in the completion (e.g. "</answer>")

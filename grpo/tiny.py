@@ -1,0 +1,243 @@
+"""The embedded tiny base model: a character-level tokenizer, a tiny Qwen3-MoE, and its pretraining.
+
+R1-Zero is reinforcement learning on a *pretrained base*. The honest miniature that fits a laptop
+CPU is a tiny Mixture-of-Experts model that this module pretrains on synthetic text: mostly plain
+arithmetic (equations, question/answer exchanges), with the `<think>`/`<answer>` tags as rare as
+they are in web text (`TAGGED_SHARE` of the exchanges). The base therefore knows its sums but
+almost never answers in the R1 format unprompted; RL has to teach the format from rewards alone.
+
+The result is cached under `$GRPO_ZERO_CACHE` (default `~/.cache/grpo-zero`) keyed by a hash of
+everything that determines it, so it is built once per machine. Building it is deterministic for a
+given torch version and thread count.
+
+Usage::
+
+    path = ensure_tiny_base("tiny-arith-moe")     # builds on first call (about a minute on 2 cores)
+    model = AutoModelForCausalLM.from_pretrained(path)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from grpo.tasks import ArithmeticTask
+
+log = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+SPECIALS = ("<pad>", "<eos>", "<unk>")
+# Characters of the vocabulary: enough for arithmetic, short English instructions and the tags.
+CHARS = (
+    "0123456789"
+    "abcdefghijklmnopqrstuvwxyz"
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    " .,:;?!+-*/=()'\n"
+)
+
+
+def build_char_tokenizer(model_max_length: int = 512):
+    """A character-level fast tokenizer, built locally (no download).
+
+    Every character of `CHARS` is one token; the four R1 tags are single added tokens (as in
+    tokenizers of reasoning models); `<eos>` ends a document and `<pad>` pads batches.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS)}
+    for ch in CHARS:
+        vocab[ch] = len(vocab)
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        model_max_length=model_max_length,
+    )
+    tokenizer.add_tokens(list(TAGS))
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class TinyBaseSpec:
+    """Everything that determines a built-in base model (its cache key is a hash of this)."""
+
+    hidden_size: int = 96
+    num_layers: int = 3
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    num_experts: int = 8
+    top_k: int = 2
+    expert_width: int = 96
+    max_positions: int = 256
+    pretrain_steps: int = 1200
+    batch_size: int = 32
+    lr: float = 3e-3
+    tagged_share: float = 0.02  # share of question/answer exchanges written in the R1 format
+    max_first: int = 99  # the arithmetic the base is taught: a in [0, max_first] ...
+    max_second: int = 9  # ... plus b in [0, max_second]
+    seed: int = 0
+    version: int = 1  # bump when the corpus or the training code changes meaning
+
+
+BUILTIN_BASES = {"tiny-arith-moe": TinyBaseSpec()}
+
+
+def tiny_moe_config(spec: TinyBaseSpec, vocab_size: int, pad_id: int, eos_id: int):
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.expert_width * 2,
+        moe_intermediate_size=spec.expert_width,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        head_dim=spec.hidden_size // spec.num_heads,
+        num_experts=spec.num_experts,
+        num_experts_per_tok=spec.top_k,
+        norm_topk_prob=True,
+        max_position_embeddings=spec.max_positions,
+        output_router_logits=False,
+        router_aux_loss_coef=0.01,
+        tie_word_embeddings=True,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+        bos_token_id=eos_id,
+    )
+
+
+# --- the synthetic pretraining corpus ---------------------------------------------------------
+
+_QUESTIONS = ("{q}=?", "What is {q}?", "{q}")
+_INSTRUCTIONS = ("", "", "", " Be brief.")
+
+
+def pretraining_document(rng: random.Random, task: ArithmeticTask, tagged_share: float) -> str:
+    """One synthetic document: a block of equations (most documents, so that most tokens teach
+    arithmetic rather than boilerplate) or one question/answer exchange, which is written in the
+    R1 format with probability `tagged_share`."""
+    if rng.random() < 0.7:  # equations, one per line
+        lines = []
+        for _ in range(rng.randint(4, 8)):
+            q, a = task.sample_problem(rng)
+            lines.append(f"{q}={a}")
+        return "\n".join(lines)
+    q, a = task.sample_problem(rng)
+    question = rng.choice(_QUESTIONS).format(q=q) + rng.choice(_INSTRUCTIONS)
+    if rng.random() < tagged_share:
+        return f"User: {question}\nAssistant: <think>{q}={a}</think><answer>{a}</answer>"
+    return f"User: {question}\nAssistant: {a}"
+
+
+def _batch(docs: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = [tokenizer.encode(d, add_special_tokens=False) + [tokenizer.eos_token_id] for d in docs]
+    width = max(map(len, ids))
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
+    attention = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+    labels = input_ids.masked_fill(attention == 0, -100)
+    return input_ids, attention, labels
+
+
+def pretrain_tiny_base(spec: TinyBaseSpec, out_dir: Path, progress: bool = True) -> Path:
+    """Pretrain the tiny base on the synthetic corpus and save it (model + tokenizer) to out_dir."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(spec.seed)
+    rng = random.Random(spec.seed)
+    task = ArithmeticTask(max_first=spec.max_first, max_second=spec.max_second)
+    tokenizer = build_char_tokenizer()
+    config = tiny_moe_config(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    # On CPU the per-expert loop ("eager") trains about 2x faster than "grouped_mm" at this size.
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=torch.float32, experts_implementation="eager"
+    )
+    model.train()
+    optim = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, spec.pretrain_steps // 20)
+
+    def lr_at(step: int) -> float:  # linear warm-up, then cosine to 10%
+        if step < warmup:
+            return spec.lr * (step + 1) / warmup
+        t = (step - warmup) / max(1, spec.pretrain_steps - warmup)
+        return spec.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(t * torch.pi)).item()))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(spec.pretrain_steps), desc="pretraining tiny base", disable=not progress)
+    for step in bar:
+        docs = [pretraining_document(rng, task, spec.tagged_share) for _ in range(spec.batch_size)]
+        input_ids, attention, labels = _batch(docs, tokenizer)
+        for group in optim.param_groups:
+            group["lr"] = lr_at(step)
+        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optim.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("GRPO_ZERO_CACHE", Path.home() / ".cache" / "grpo-zero"))
+
+
+def spec_hash(spec: TinyBaseSpec) -> str:
+    payload = json.dumps({**asdict(spec), "torch": torch.__version__}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def ensure_tiny_base(name: str, progress: bool = True) -> Path:
+    """Return the directory of built-in base `name`, pretraining and caching it if needed.
+
+    The directory is written atomically (built in a temporary sibling, then renamed), so a build
+    killed half-way never leaves a cache entry that looks complete.
+    """
+    if name not in BUILTIN_BASES:
+        raise ValueError(f"unknown built-in model {name!r}; known: {sorted(BUILTIN_BASES)}")
+    spec = BUILTIN_BASES[name]
+    final = cache_root() / f"{name}-{spec_hash(spec)}"
+    if (final / "config.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    try:
+        started = time.perf_counter()
+        pretrain_tiny_base(spec, tmp, progress=progress)
+        (tmp / "grpo_zero_base.json").write_text(
+            json.dumps({"name": name, "spec": asdict(spec), "seconds": time.perf_counter() - started})
+        )
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: use its copy
+            if not (final / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -1,0 +1,300 @@
+"""The GRPO training loop: sample prompts -> generate -> score -> advantages -> update -> sync -> log.
+
+CPU (the embedded default: a tiny MoE pretrained locally, then RL only; a few minutes on 2 cores):
+    grpo train recipes/tiny-cpu.yaml
+GPU cluster (see recipes/ for real-model recipes):
+    grpo train recipes/<recipe>.yaml --output-dir runs/x
+
+Where this departs from the papers, on purpose:
+- The default loss aggregation is DAPO's token mean over the global batch (2503.14476), not
+  GRPO's per-sequence mean (2402.03300): long completions are not down-weighted per token.
+- No KL penalty by default (beta = 0), as in DAPO and Dr. GRPO: R1-Zero-style runs start from a
+  base model and the reference anchor mostly slows learning.
+- One optimisation pass per batch by default (num_iterations = 1), so the clipped ratio is 1 and
+  the update is REINFORCE with a group baseline; more passes use old log-probs computed once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from grpo.advantages import group_advantages, zero_variance_fraction
+from grpo.config import RunConfig, dump_config
+from grpo.data import PromptSampler, load_rows, render_prompt
+from grpo.logprobs import token_logprobs
+from grpo.loss import grpo_loss
+from grpo.tracking import make_tracker
+from rewards import RewardSpec, Scorer
+from rollout.base import Rollout, SamplingParams
+from rollout.hf import HFEngine
+
+log = logging.getLogger(__name__)
+
+
+# --- set-up helpers (each one call deep from the loop) -----------------------------------------
+
+
+def load_policy(cfg: RunConfig, device: torch.device):
+    """The policy and its tokenizer: a built-in tiny base (built and cached on first use), a Hub
+    id or a local directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo.tiny import BUILTIN_PREFIX, ensure_tiny_base
+
+    name = cfg.model.name_or_path
+    if name.startswith(BUILTIN_PREFIX):
+        name = str(ensure_tiny_base(name[len(BUILTIN_PREFIX) :], progress=cfg.logging.progress))
+    kwargs = {"dtype": getattr(torch, cfg.model.dtype), "trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.revision:
+        kwargs["revision"] = cfg.model.revision
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    if cfg.model.experts_implementation:
+        kwargs["experts_implementation"] = cfg.model.experts_implementation
+    elif device.type == "cpu":
+        kwargs["experts_implementation"] = "eager"  # faster than grouped_mm for training on CPU
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name, **kwargs).to(device)
+    return model, tokenizer
+
+
+def make_scorer(cfg: RunConfig) -> Scorer:
+    r = cfg.rewards
+    specs = [RewardSpec(f.name, f.weight, dict(f.kwargs)) for f in r.functions]
+    return Scorer(specs, workers=r.workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb,
+                  timeout_score=r.timeout_score, error_score=r.error_score, fail_fast=r.fail_fast)
+
+
+def sampling_params(cfg: RunConfig, seed: int | None) -> SamplingParams:
+    ro = cfg.rollout
+    return SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature, top_p=ro.top_p,
+                          top_k=ro.top_k, stop=tuple(ro.stop), seed=seed)
+
+
+def encode_prompts(tokenizer, template: str, rows: list[dict]) -> tuple[list[str], list[list[int]]]:
+    texts = [render_prompt(template, row) for row in rows]
+    return texts, [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+
+# --- the stages of one step --------------------------------------------------------------------
+
+
+def score_rollouts(scorer: Scorer, rollouts: list[Rollout], rows: list[dict], prompts: list[str],
+                   max_tokens: int) -> tuple[list[Rollout], dict[str, float]]:
+    """Attach per-function rewards and the weighted total to every rollout."""
+    contexts = [
+        {"prompt": prompts[r.group], "finish_reason": r.finish_reason, "num_tokens": r.num_completion_tokens,
+         "max_tokens": max_tokens, "sample_id": f"group{r.group}/{i}"}
+        for i, r in enumerate(rollouts)
+    ]
+    result = scorer.score([r.text for r in rollouts], [rows[r.group] for r in rollouts], contexts)
+    scored = [
+        replace(r, example=rows[r.group], reward=result.total[i],
+                rewards={name: values[i] for name, values in result.per_function.items()})
+        for i, r in enumerate(rollouts)
+    ]
+    return scored, result.metrics
+
+
+def with_advantages(rollouts: list[Rollout], group_size: int, scale: str) -> tuple[list[Rollout], dict[str, float]]:
+    rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32).view(-1, group_size)  # [P, G]
+    adv = group_advantages(rewards, scale=scale).flatten().tolist()  # [P*G]
+    metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+               "train/zero_variance_groups": zero_variance_fraction(rewards)}
+    return [replace(r, advantage=a) for r, a in zip(rollouts, adv)], metrics
+
+
+def collate(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+completion batch with a mask over completion positions of logprobs."""
+    seqs = [list(r.prompt_ids) + list(r.completion_ids) for r in rollouts]
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, S]
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, S]
+    mask = torch.zeros((len(seqs), width - 1))  # [B, S-1]; entry t scores token t+1
+    sampler_lp = torch.zeros((len(seqs), width - 1))  # [B, S-1]
+    for b, (seq, r) in enumerate(zip(seqs, rollouts)):
+        input_ids[b, : len(seq)] = torch.tensor(seq)
+        attention[b, : len(seq)] = 1
+        start, end = len(r.prompt_ids) - 1, len(seq) - 1
+        mask[b, start:end] = 1.0
+        sampler_lp[b, start:end] = torch.tensor(r.logprobs)
+    advantages = torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)  # [B]
+    return {"input_ids": input_ids, "attention_mask": attention, "mask": mask,
+            "sampler_logprobs": sampler_lp, "advantages": advantages}
+
+
+def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad_id: int,
+                  device: torch.device) -> dict[str, float]:
+    """One or more optimisation passes over the batch, in micro-batches with accumulation."""
+    algo, tr = cfg.algorithm, cfg.trainer
+    temperature = cfg.rollout.temperature
+    batch = {k: v.to(device) for k, v in collate(rollouts, pad_id).items()}
+    size = len(rollouts)
+    chunks = [slice(i, min(i + tr.micro_batch_size, size)) for i in range(0, size, tr.micro_batch_size)]
+    normalizer = batch["mask"].sum().item() if algo.loss_agg == "token_mean" else float(size)
+
+    old = None
+    if algo.num_iterations > 1:  # old log-probs once, before the first pass
+        with torch.no_grad():
+            old = torch.cat([token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c], temperature)[0]
+                             for c in chunks])
+
+    sums: dict[str, float] = {}
+    for _ in range(algo.num_iterations):
+        optimizer.zero_grad(set_to_none=True)
+        for c in chunks:
+            mask = batch["mask"][c]
+            logprobs, entropy = token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c],
+                                               temperature, with_entropy=True)
+            old_lp = old[c] if old is not None else logprobs.detach()
+            loss, metrics = grpo_loss(logprobs, old_lp, batch["advantages"][c], mask, clip_low=algo.clip_low,
+                                      clip_high=algo.clip_high, agg=algo.loss_agg, normalizer=normalizer)
+            loss.backward()
+            weight = mask.sum().item() / max(batch["mask"].sum().item(), 1.0)
+            metrics["train/loss"] = loss.item()
+            metrics["train/entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
+            metrics["train/mismatch_abs"] = (((logprobs.detach() - batch["sampler_logprobs"][c]).abs() * mask).sum()
+                                             / mask.sum().clamp(min=1)).item()
+            for key, value in metrics.items():  # loss adds up over micro-batches; the rest are token-weighted means
+                sums[key] = sums.get(key, 0.0) + (value if key == "train/loss" else value * weight)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.max_grad_norm).item()
+        optimizer.step()
+    sums = {k: v / algo.num_iterations for k, v in sums.items()}
+    sums["train/grad_norm"] = grad_norm
+    return sums
+
+
+def rollout_metrics(rollouts: list[Rollout], max_new_tokens: int, seconds: float) -> dict[str, float]:
+    lengths = [r.num_completion_tokens for r in rollouts]
+    return {
+        "rollout/response_length_mean": sum(lengths) / len(lengths),
+        "rollout/response_length_max": float(max(lengths)),
+        "rollout/truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+        "rollout/tokens_per_s": sum(lengths) / max(seconds, 1e-9),
+    }
+
+
+def rollout_rows(rollouts: list[Rollout], prompts: list[str], step: int, group_size: int) -> list[dict]:
+    return [
+        {"step": step, "group": r.group, "index": i % group_size, "prompt": prompts[r.group], "completion": r.text,
+         "answer": str(r.example.get("answer", "")), "rewards": r.rewards, "reward": r.reward,
+         "advantage": r.advantage, "finish_reason": r.finish_reason, "num_tokens": r.num_completion_tokens}
+        for i, r in enumerate(rollouts)
+    ]
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+EVAL_REWARDS = [RewardSpec("math_answer"), RewardSpec("format")]
+
+
+def evaluate_greedy(engine: HFEngine, tokenizer, cfg: RunConfig, rows: list[dict], scorer: Scorer) -> dict:
+    """Greedy accuracy on held-out rows: correct answer *inside* the required format."""
+    prompts, prompt_ids = encode_prompts(tokenizer, cfg.data.template, rows)
+    sampling = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
+                              temperature=0.0, stop=tuple(cfg.rollout.stop))
+    outs = engine.generate(prompt_ids, 1, sampling)
+    result = scorer.score([o.text for o in outs], rows, [{"prompt": p} for p in prompts])
+    correct = [m == 1.0 and f == 1.0 for m, f in zip(result.per_function["math_answer"], result.per_function["format"])]
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "format": sum(f == 1.0 for f in result.per_function["format"]) / len(correct),
+        "answer_anywhere": sum(m == 1.0 for m in result.per_function["math_answer"]) / len(correct),
+        "num_prompts": len(rows),
+        "examples": [{"prompt": p, "completion": o.text, "answer": r["answer"]} for p, o, r in list(zip(prompts, outs, rows))[:3]],
+    }
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def train(cfg: RunConfig, output_dir: str | Path) -> dict:
+    """Run one training job; returns the summary (also written to summary.json)."""
+    from tqdm.auto import tqdm
+
+    output_dir = Path(output_dir)
+    started = time.perf_counter()
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    torch.manual_seed(cfg.trainer.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    G, P = cfg.rollout.group_size, cfg.trainer.prompts_per_step
+
+    # --- set-up: rewards resolve before any model loads ---
+    scorer = make_scorer(cfg)
+    eval_scorer = Scorer(EVAL_REWARDS, workers=0)
+    model, tokenizer = load_policy(cfg, device)
+    engine = HFEngine(model, tokenizer, device)
+    train_rows, eval_rows = load_rows(cfg.data, cfg.eval.num_prompts)
+    prompts_sampler = PromptSampler(train_rows, seed=cfg.data.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, betas=cfg.trainer.betas,
+                                  weight_decay=cfg.trainer.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.trainer.warmup_steps + 1)))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    tracker = make_tracker(output_dir)
+    pad_id = tokenizer.pad_token_id
+    summary: dict = {"output_dir": str(output_dir)}
+    if cfg.eval.before_and_after:
+        summary["eval_before"] = evaluate_greedy(engine, tokenizer, cfg, eval_rows, eval_scorer)
+
+    format_history: list[float] = []
+    bar = tqdm(range(1, cfg.trainer.steps + 1), desc="grpo", disable=not cfg.logging.progress, dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        # --- sample prompts ---
+        rows = prompts_sampler.next_batch(P)
+        prompts, prompt_ids = encode_prompts(tokenizer, cfg.data.template, rows)
+        # --- generate ---
+        rollouts = engine.generate(prompt_ids, G, sampling_params(cfg, seed=cfg.trainer.seed * 100_003 + step))
+        t1 = time.perf_counter()
+        # --- score ---
+        rollouts, reward_metrics = score_rollouts(scorer, rollouts, rows, prompts, cfg.rollout.max_new_tokens)
+        t2 = time.perf_counter()
+        # --- advantages ---
+        rollouts, adv_metrics = with_advantages(rollouts, G, cfg.algorithm.advantage_scale)
+        # --- update ---
+        train_metrics = policy_update(model, optimizer, rollouts, cfg, pad_id, device)
+        schedule.step()
+        t3 = time.perf_counter()
+        # --- sync weights to the engine ---
+        engine.update_weights(model.named_parameters())
+        t4 = time.perf_counter()
+        # --- log ---
+        accuracy = [r.rewards.get("math_answer") == 1.0 and r.rewards.get("format") == 1.0 for r in rollouts]
+        metrics = {**reward_metrics, **adv_metrics, **train_metrics,
+                   **rollout_metrics(rollouts, cfg.rollout.max_new_tokens, t1 - t0),
+                   "rollout/accuracy": sum(accuracy) / len(accuracy), "train/lr": schedule.get_last_lr()[0],
+                   "time/generate": t1 - t0, "time/score": t2 - t1, "time/train": t3 - t2,
+                   "time/weight_sync": t4 - t3, "time/step": t4 - t0}
+        tracker.log(metrics, step)
+        if "reward/format" in metrics:
+            format_history.append(metrics["reward/format"])
+        if step % cfg.logging.rollouts_every == 0 or step == cfg.trainer.steps:
+            tracker.log_rollouts(rollout_rows(rollouts, prompts, step, G), step)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['rollout/accuracy']:.2f}",
+                        tok_s=f"{metrics['rollout/tokens_per_s']:.0f}")
+
+    # --- final evaluation, model, summary ---
+    if cfg.eval.before_and_after:
+        summary["eval_after"] = evaluate_greedy(engine, tokenizer, cfg, eval_rows, eval_scorer)
+    tail = format_history[-max(1, math.ceil(len(format_history) / 10)) :]
+    summary["train"] = {"steps": cfg.trainer.steps,
+                        "format_reward_last": sum(tail) / len(tail) if tail else None,
+                        "seconds": time.perf_counter() - started}
+    model.save_pretrained(output_dir / "final")
+    tokenizer.save_pretrained(output_dir / "final")
+    tracker.close()
+    scorer.close()
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    return summary
