@@ -14,8 +14,9 @@ Two engines, both satisfying `rollout.base.RolloutEngine`:
   are split into consecutive tensor-parallel groups of `tensor_parallel_size` ranks ([0, 1], [2, 3],
   ...), each group forms one vLLM engine, and every rank of a group must submit identical requests.
   `generate` therefore all-gathers the prompts inside the TP group, every rank of the group runs the
-  same gathered batch with the same seed (`seed + group index`) and gets the same outputs, and each
-  rank keeps the slice that belongs to its own prompts. Weights are loaded in-process through the
+  same gathered batch with the same per-request seeds (drawn from a generator seeded with
+  `seed + group index`, so they do not depend on what training did to each rank's torch RNG) and
+  gets the same outputs, and each rank keeps the slice that belongs to its own prompts. Weights are loaded in-process through the
   vLLM model's `load_weights`, after renaming transformers parameters (`hf_to_vllm_weights`); the
   prefix cache is reset after every update. `sleep`/`wake` free the GPU memory for the training phase.
 * `VLLMServerClient` (server mode): talks to `vllm serve` over HTTP (OpenAI completions endpoint with
@@ -36,6 +37,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import re
 import socket
 import threading
@@ -60,6 +62,7 @@ __all__ = [
     "filter_engine_kwargs",
     "tp_groups",
     "flatten_gathered",
+    "request_seeds",
     "request_output_to_rollouts",
     "completion_response_to_rollouts",
 ]
@@ -180,7 +183,7 @@ def to_vllm_sampling_kwargs(sampling: SamplingParams, n: int) -> dict[str, Any]:
         "logprobs": 0,
     }
     if sampling.seed is not None:
-        kwargs["seed"] = int(sampling.seed)
+        kwargs["seed"] = int(sampling.seed)  # engines spread it per request (`request_seeds`)
     return kwargs
 
 
@@ -227,6 +230,19 @@ def flatten_gathered(per_rank: Sequence[Sequence[Any]]) -> tuple[list[Any], list
         flat.extend(items)
         offsets.append(len(flat))
     return flat, offsets
+
+
+def request_seeds(base: int, num_requests: int, n: int) -> list[int]:
+    """Per-request seeds that keep all `num_requests * n` completions on distinct seeds.
+
+    vLLM gives the j-th of a request's `n` completions the seed `seed + j`
+    (`ParentRequest._get_child_sampling_params` in `vllm/v1/engine/parallel_sampling.py`), so
+    request k starts at `base + k * n`.
+
+    >>> request_seeds(100, 3, 4)
+    [100, 104, 108]
+    """
+    return [base + k * n for k in range(num_requests)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,6 +505,10 @@ class VLLMEngine:
             text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
             tie_word_embeddings = bool(getattr(text_config, "tie_word_embeddings", False))
         self.tie_word_embeddings = tie_word_embeddings
+        # Seeds for TP groups: every rank of a group draws the same sequence (it is seeded alike and
+        # called in lockstep), so the group samples identically whatever the trainer did to the
+        # global torch RNG of each rank.
+        self._group_rng = random.Random(seed + self.tp_group_index)
         self._asleep: set[str] = set()  # memory tags currently released ("weights", "kv_cache")
         self._weights_discarded = False  # level-2 sleep: weights must be reloaded before generating
 
@@ -517,7 +537,14 @@ class VLLMEngine:
             batch, offsets = flatten_gathered(gathered)
             start = offsets[self.tp_rank]
 
-        params = vllm.SamplingParams(**to_vllm_sampling_kwargs(sampling, n))
+        kwargs = to_vllm_sampling_kwargs(sampling, n)
+        base = kwargs.pop("seed", None)
+        if base is None and self.tp_size > 1:
+            base = self._group_rng.randrange(2**31)
+        if base is None:  # one process per engine: vLLM's global generator is enough
+            params: Any = vllm.SamplingParams(**kwargs)
+        else:  # seeded requests, distinct per request and completion
+            params = [vllm.SamplingParams(**kwargs, seed=s) for s in request_seeds(base, len(batch), n)]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
         # Same outputs on every rank of the TP group; keep the ones of this rank's prompts.
         mine = outputs[start : start + len(local)]
@@ -529,8 +556,16 @@ class VLLMEngine:
     # --- weights ----------------------------------------------------------------------------
 
     def _model(self) -> torch.nn.Module:
-        """The vLLM model of this process's worker (in-process executors only)."""
-        executor = self.llm.llm_engine.model_executor
+        """The vLLM model of this process's worker (in-process executors only).
+
+        With V1 multiprocessing off, `LLMEngine.engine_core` is an `InprocClient` whose `engine_core`
+        is the `EngineCore` itself (`vllm/v1/engine/core_client.py`); `LLMEngine.model_executor`
+        is a shortcut to its executor that some versions keep "for v0 compatibility".
+        """
+        engine = self.llm.llm_engine
+        executor = getattr(engine, "model_executor", None)
+        if executor is None:
+            executor = engine.engine_core.engine_core.model_executor
         worker = executor.driver_worker
         worker = getattr(worker, "worker", worker)  # WorkerWrapperBase -> Worker
         runner = worker.model_runner

@@ -34,6 +34,7 @@ from rollout.vllm import (
     flatten_gathered,
     hf_to_vllm_weights,
     request_output_to_rollouts,
+    request_seeds,
     to_vllm_sampling_kwargs,
     tp_groups,
 )
@@ -239,6 +240,14 @@ def test_gathered_prompts_split_back_to_their_ranks():
     assert flat == [[1, 2], [3], [4, 5, 6]] and offsets == [0, 2, 2, 3]
     for rank, prompts in enumerate(per_rank):
         assert flat[offsets[rank] : offsets[rank + 1]] == prompts
+
+
+def test_request_seeds_give_every_completion_its_own_seed():
+    # vLLM seeds completion j of a request with seed + j, so 3 requests x n=4 need steps of 4.
+    seeds = request_seeds(100, 3, 4)
+    assert seeds == [100, 104, 108]
+    children = [s + j for s in seeds for j in range(4)]
+    assert len(set(children)) == 12
 
 
 # --- outputs -> Rollout ----------------------------------------------------------------------------
