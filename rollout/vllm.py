@@ -575,8 +575,11 @@ class VLLMEngine:
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, chunk: int = 64) -> None:
         """Load new policy weights (transformers names) into vLLM, then reset the prefix cache.
 
-        Tensors may live on any device and dtype; vLLM's weight loaders copy (and shard, for TP)
-        them into its parameters. They are handed over in chunks of `chunk` tensors.
+        Tensors may live on any device and dtype; vLLM's weight loaders copy them into its
+        parameters, casting to the engine's dtype. Every rank calls this with the full (gathered,
+        unsharded) tensors: each rank's loader keeps its own tensor-parallel shard. They are handed
+        over in chunks of `chunk` tensors. After a level-2 sleep every parameter must be passed.
+        Unquantised weights only: quantised vLLM checkpoints need post-load processing not done here.
         """
         if "weights" in self._asleep:
             self._wake_up(["weights"])
@@ -601,8 +604,10 @@ class VLLMEngine:
 
     def sleep(self, level: int | None = None) -> None:
         """Release vLLM's GPU memory for the training phase (see `sleep_level`)."""
-        if not self.enable_sleep_mode or self._asleep:
+        if not self.enable_sleep_mode or self._asleep == {"weights", "kv_cache"}:
             return
+        if self._asleep:  # half awake (weights woken for an update): make the state whole first
+            self.wake()
         level = self.sleep_level if level is None else level
         self.llm.sleep(level=level)
         self._asleep = {"weights", "kv_cache"}
