@@ -702,6 +702,26 @@ class VLLMServerClient:
         out = self._post("/collective_rpc", {"method": method, "args": list(args)})
         return (out or {}).get("results", [])
 
+    def _rpc_in_background(self, method: str, arg: str) -> tuple[threading.Thread, list[BaseException]]:
+        """Start an RPC that blocks on the server until this process joins the NCCL side."""
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                self._rpc(method, arg)
+            except BaseException as exc:  # surfaced by the caller after join
+                errors.append(exc)
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        return thread, errors
+
+    @staticmethod
+    def _join(thread: threading.Thread, errors: list[BaseException]) -> None:
+        thread.join()
+        if errors:
+            raise RuntimeError("the vLLM server's workers failed") from errors[0]
+
     # --- generation -------------------------------------------------------------------------
 
     def completion_body(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> dict:
@@ -731,12 +751,12 @@ class VLLMServerClient:
         world_size = workers + 1
         self._client_rank = workers
         spec = json.dumps({"port": self.group_port, "world_size": world_size, "client_rank": workers})
-        thread = threading.Thread(target=self._rpc, args=("grpo_init_weight_channel", spec), daemon=True)
-        thread.start()  # the workers block in the rendezvous until this process joins
+        # The workers block in the rendezvous until this process joins it.
+        pending = self._rpc_in_background("grpo_init_weight_channel", spec)
         device = self.device if self.device is not None else torch.cuda.current_device()
         group = StatelessProcessGroup.create(host=self.host, port=self.group_port, rank=workers, world_size=world_size)
         self._comm = PyNcclCommunicator(group, device=device)
-        thread.join()
+        self._join(*pending)
 
     def update_weights(
         self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, chunk_bytes: int = 1 << 30
@@ -770,13 +790,12 @@ class VLLMServerClient:
         meta = json.dumps(
             [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in chunk]
         )
-        thread = threading.Thread(target=self._rpc, args=("grpo_receive_weights", meta), daemon=True)
-        thread.start()
+        pending = self._rpc_in_background("grpo_receive_weights", meta)
         stream = torch.cuda.current_stream()
         for _, tensor in chunk:
             self._comm.broadcast(tensor, src=self._client_rank, stream=stream)
         stream.synchronize()
-        thread.join()
+        self._join(*pending)
 
     # --- memory phases ----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -478,3 +479,61 @@ def test_gpu_update_weights_sleep_and_wake(gpu_engine):
     # 3. Back to model A for any later test.
     engine.update_weights(model_a.state_dict().items())
 
+
+
+def _wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 600.0) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(2)
+    raise TimeoutError("vllm serve did not come up")
+
+
+@gpu_test
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs the server and the client on different GPUs")
+def test_gpu_server_client_generates_and_receives_weights_over_nccl(tmp_path):
+    """`vllm serve` on GPU 1 with our worker extension; the client on GPU 0 pushes weights."""
+    import socket
+
+    model_a = tiny_model(seed=0, initializer_range=0.2)
+    path = save_tiny_checkpoint(tmp_path / "tiny-moe", model_a)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", CUDA_VISIBLE_DEVICES="1", PYTHONPATH=str(REPO))
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(path),
+        "--port", str(port), "--dtype", "float32", "--max-model-len", "128",
+        "--gpu-memory-utilization", "0.2", "--enforce-eager", "--enable-sleep-mode",
+        "--logprobs-mode", "processed_logprobs",
+        "--worker-extension-cls", "rollout.vllm_worker.WeightSyncExtension",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for_server(url, proc)
+        client = VLLMServerClient(url, device=0, group_port=port + 1)
+        rollouts = client.generate(PROMPTS, 2, PLAIN)
+        assert [r.group for r in rollouts] == [0, 0, 1, 1]
+        for r in rollouts:
+            assert teacher_forced_logprobs(model_a, r) == pytest.approx(list(r.logprobs), abs=2e-2)
+        client.sleep(1)
+        client.wake()
+        zero_head = {k: (torch.zeros_like(v) if k == "lm_head.weight" else v) for k, v in model_a.state_dict().items()}
+        client.update_weights(zero_head.items())
+        for r in client.generate(PROMPTS, 2, PLAIN):
+            assert list(r.logprobs) == pytest.approx([-math.log(model_a.config.vocab_size)] * 8, abs=1e-3)
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
