@@ -1,9 +1,9 @@
 """The vLLM rollout engine: colocated with the trainer, or a client of a `vllm serve` server.
 
 Written against vLLM's V1 engine as of vllm-project/vllm commit 10fdb8f0 (`vllm/entrypoints/llm.py`,
-the 0.15/0.16 development line); the optional engine arguments used here appeared in 0.10.2
-(`logprobs_mode`) and 0.11 (`enable_return_routed_experts`), and older versions that lack them get
-a loud warning (see `filter_engine_kwargs`). `import vllm` happens only inside the functions and
+the 0.15/0.16 development line). Two optional engine arguments are newer than the project's
+`vllm>=0.10` floor: `logprobs_mode` (0.10.2) and `enable_return_routed_experts`; a version that lacks
+them gets a loud warning (`filter_engine_kwargs`) and an error where correctness depends on them. `import vllm` happens only inside the functions and
 methods of this module and of `rollout/vllm_worker.py`, so `import rollout.vllm` works on a machine
 without vLLM (a CPU laptop, CI).
 
@@ -16,7 +16,8 @@ Two engines, both satisfying `rollout.base.RolloutEngine`:
   `generate` therefore all-gathers the prompts inside the TP group, every rank of the group runs the
   same gathered batch with the same per-request seeds (drawn from a generator seeded with
   `seed + group index`, so they do not depend on what training did to each rank's torch RNG) and
-  gets the same outputs, and each rank keeps the slice that belongs to its own prompts. Weights are loaded in-process through the
+  gets the same outputs, and each rank keeps the slice that belongs to its own prompts (so
+  `generate` keeps the Protocol's per-rank contract). Weights are loaded in-process through the
   vLLM model's `load_weights`, after renaming transformers parameters (`hf_to_vllm_weights`); the
   prefix cache is reset after every update. `sleep`/`wake` free the GPU memory for the training phase.
 * `VLLMServerClient` (server mode): talks to `vllm serve` over HTTP (OpenAI completions endpoint with
@@ -309,7 +310,7 @@ def request_output_to_rollouts(output: Any, group: int, *, record_routing: bool 
             if raw is None:
                 raise RuntimeError(
                     "routing was requested but vLLM returned none; build the engine with "
-                    "enable_return_routed_experts=True (vLLM >= 0.11)"
+                    "enable_return_routed_experts=True"
                 )
             routed = _routing_tensor(raw, len(prompt_ids) + len(ids))
         rollouts.append(
@@ -495,7 +496,7 @@ class VLLMEngine:
         if dropped:
             logger.warning("vLLM %s does not accept %s; ignoring them", vllm.__version__, dropped)
         if "enable_return_routed_experts" in dropped:
-            raise RuntimeError(f"vLLM {vllm.__version__} cannot return routed experts (needs >= 0.11)")
+            raise RuntimeError(f"vLLM {vllm.__version__} has no enable_return_routed_experts; routing cannot be recorded")
         self.processed_logprobs = "logprobs_mode" in kept
         self.llm = vllm.LLM(model=model, **kept)
 
@@ -621,7 +622,7 @@ class VLLMEngine:
     def _wake_up(self, tags: list[str]) -> None:
         try:
             self.llm.wake_up(tags=tags)
-        except TypeError:  # vLLM < 0.8.5 wakes everything at once
+        except TypeError:  # older vLLM: no tags, wakes everything at once
             self.llm.wake_up()
             tags = ["weights", "kv_cache"]
         self._asleep -= set(tags)
