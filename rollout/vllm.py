@@ -1,0 +1,814 @@
+"""The vLLM rollout engine: colocated with the trainer, or a client of a `vllm serve` server.
+
+Written against vLLM's V1 engine as of vllm-project/vllm commit 10fdb8f0 (`vllm/entrypoints/llm.py`,
+the 0.15/0.16 development line). Two optional engine arguments are newer than the project's
+`vllm>=0.10` floor: `logprobs_mode` (0.10.2) and `enable_return_routed_experts`; a version that lacks
+them gets a loud warning (`filter_engine_kwargs`) and an error where correctness depends on them. `import vllm` happens only inside the functions and
+methods of this module and of `rollout/vllm_worker.py`, so `import rollout.vllm` works on a machine
+without vLLM (a CPU laptop, CI).
+
+Two engines, both satisfying `rollout.base.RolloutEngine`:
+
+* `VLLMEngine` (colocated): one `vllm.LLM` per training process, sharing the GPU with the policy.
+  Under torch.distributed with several ranks it uses vLLM's `external_launcher` executor: the ranks
+  are split into consecutive tensor-parallel groups of `tensor_parallel_size` ranks ([0, 1], [2, 3],
+  ...), each group forms one vLLM engine, and every rank of a group must submit identical requests.
+  `generate` therefore all-gathers the prompts inside the TP group, every rank of the group runs the
+  same gathered batch with the same per-request seeds (drawn from a generator seeded with
+  `seed + group index`, so they do not depend on what training did to each rank's torch RNG) and
+  gets the same outputs, and each rank keeps the slice that belongs to its own prompts (so
+  `generate` keeps the Protocol's per-rank contract). Weights are loaded in-process through the
+  vLLM model's `load_weights`, after renaming transformers parameters (`hf_to_vllm_weights`); the
+  prefix cache is reset after every update. `sleep`/`wake` free the GPU memory for the training phase.
+* `VLLMServerClient` (server mode): talks to `vllm serve` over HTTP (OpenAI completions endpoint with
+  token-id prompts) and pushes new weights over NCCL to the server's workers, which load them through
+  the worker extension `rollout.vllm_worker.WeightSyncExtension`.
+
+Logprobs: both engines ask vLLM for the sampled token's logprob (`logprobs=0`) and configure the
+engine with `logprobs_mode="processed_logprobs"`, which makes vLLM return log-softmax of the logits
+*after* temperature and top-k/top-p masking (`vllm/v1/sample/ops/topk_topp_sampler.py`): the
+log-probability of the drawn token under the distribution it was actually drawn from, which is what
+`Rollout.logprobs` promises. With vLLM's default (`raw_logprobs`) they would be the untempered model
+distribution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import socket
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from rollout.base import Rollout, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "VLLMEngine",
+    "VLLMServerClient",
+    "ExpertLayout",
+    "expert_layout",
+    "hf_to_vllm_weights",
+    "to_vllm_sampling_kwargs",
+    "filter_engine_kwargs",
+    "tp_groups",
+    "flatten_gathered",
+    "request_seeds",
+    "request_output_to_rollouts",
+    "completion_response_to_rollouts",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter names: transformers state_dict -> what vLLM's `load_weights` accepts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertLayout:
+    """How one model family names its per-expert tensors in checkpoints (what vLLM loads).
+
+    transformers v5 keeps the experts of an MoE block as two fused 3-D parameters,
+    `...mlp.experts.gate_up_proj` [E, 2*I, H] (gate rows first, then up rows) and
+    `...mlp.experts.down_proj` [E, H, I]; checkpoints on disk, and vLLM's `load_weights`, use one
+    2-D tensor per expert and projection.
+    """
+
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+    block_rename: tuple[str, str] | None = None  # (transformers module infix, checkpoint infix)
+
+
+# transformers' `conversion_mapping.py`: the "qwen2_moe" family (qwen2_moe, qwen3_moe, deepseek_v2/v3,
+# glm4_moe, ...) uses gate_proj/up_proj/down_proj; mixtral uses w1/w3/w2 under `block_sparse_moe`.
+_EXPERT_LAYOUTS: dict[str, ExpertLayout] = {
+    "mixtral": ExpertLayout(gate="w1", up="w3", down="w2", block_rename=(".mlp.", ".block_sparse_moe.")),
+}
+
+# Wrappers that training libraries put into parameter names.
+_WRAPPER_INFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
+
+_FUSED_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
+
+
+def expert_layout(model_type: str) -> ExpertLayout:
+    """The checkpoint naming of experts for a transformers `config.model_type`."""
+    return _EXPERT_LAYOUTS.get(model_type, ExpertLayout())
+
+
+def hf_to_vllm_weights(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    *,
+    model_type: str = "qwen3_moe",
+    tie_word_embeddings: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Rename (and split) transformers parameters into the names vLLM's `load_weights` accepts.
+
+    - strips wrapper infixes (`_orig_mod.`, FSDP/activation-checkpoint wrappers) and a DDP `module.`
+      prefix;
+    - splits fused expert tensors into one tensor per expert, as checkpoints store them
+      (`model.layers.0.mlp.experts.gate_up_proj` [E, 2I, H] ->
+      `model.layers.0.mlp.experts.{e}.gate_proj.weight` [I, H] and `...{e}.up_proj.weight` [I, H];
+      `...experts.down_proj` [E, H, I] -> `...experts.{e}.down_proj.weight` [H, I]); the pieces are
+      views, no copy;
+    - drops `lm_head.weight` when the embeddings are tied (vLLM's model has no separate parameter);
+    - passes every other name through: vLLM's loaders fuse q/k/v and gate/up themselves.
+
+    Tensors are yielded lazily, so a caller can stream a large model.
+    """
+    layout = expert_layout(model_type)
+    for name, tensor in named_tensors:
+        for infix in _WRAPPER_INFIXES:
+            name = name.replace(infix, "")
+        name = name.removeprefix("module.")
+        if tie_word_embeddings and name == "lm_head.weight":
+            continue
+        match = _FUSED_EXPERT.match(name)
+        if match is None:
+            yield name, tensor
+            continue
+        prefix, kind = match["prefix"], match["kind"]
+        if layout.block_rename is not None:
+            prefix = prefix.replace(*layout.block_rename)
+        if tensor.dim() != 3:
+            raise ValueError(f"{name}: expected a fused [experts, out, in] tensor, got shape {tuple(tensor.shape)}")
+        if kind == "gate_up_proj":
+            if tensor.shape[1] % 2:
+                raise ValueError(f"{name}: gate_up_proj rows {tensor.shape[1]} are not even")
+            inter = tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}.{e}.{layout.gate}.weight", tensor[e, :inter]  # [I, H]
+                yield f"{prefix}.{e}.{layout.up}.weight", tensor[e, inter:]  # [I, H]
+        else:
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}.{e}.{layout.down}.weight", tensor[e]  # [H, I]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling parameters and engine arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def to_vllm_sampling_kwargs(sampling: SamplingParams, n: int) -> dict[str, Any]:
+    """Keyword arguments for `vllm.SamplingParams` (also the body fields of the completions API).
+
+    Our `top_k=0` ("off") becomes vLLM's -1, which every vLLM version accepts as "off" (recent ones
+    also accept 0). `logprobs=0` asks for the logprob of the sampled token only. Stop strings are
+    kept in the text (`include_stop_str_in_output`), as the transformers engine does.
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if sampling.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
+    kwargs: dict[str, Any] = {
+        "n": n,
+        "temperature": float(sampling.temperature),
+        "top_p": float(sampling.top_p),
+        "top_k": int(sampling.top_k) if sampling.top_k > 0 else -1,
+        "max_tokens": int(sampling.max_new_tokens),
+        "stop": list(sampling.stop),
+        "stop_token_ids": list(sampling.stop_token_ids),
+        "include_stop_str_in_output": True,
+        "ignore_eos": bool(sampling.ignore_eos),
+        "logprobs": 0,
+    }
+    if sampling.seed is not None:
+        kwargs["seed"] = int(sampling.seed)  # engines spread it per request (`request_seeds`)
+    return kwargs
+
+
+def filter_engine_kwargs(kwargs: Mapping[str, Any], accepted: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
+    """Split engine arguments into those this vLLM version accepts and those it does not.
+
+    vLLM renames and adds `EngineArgs` fields between releases; dropping an unknown optional one
+    (with a warning) beats a TypeError deep inside `LLM.__init__`.
+    """
+    accepted = set(accepted)
+    kept = {k: v for k, v in kwargs.items() if k in accepted}
+    dropped = sorted(k for k in kwargs if k not in accepted)
+    return kept, dropped
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-parallel groups and request splitting
+# ---------------------------------------------------------------------------------------------
+
+
+def tp_groups(world_size: int, tp: int) -> list[list[int]]:
+    """Consecutive ranks form a tensor-parallel group, as vLLM's external launcher assumes.
+
+    >>> tp_groups(4, 2)
+    [[0, 1], [2, 3]]
+    """
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"tensor_parallel_size {tp} must divide the world size {world_size}")
+    return [list(range(g * tp, (g + 1) * tp)) for g in range(world_size // tp)]
+
+
+def flatten_gathered(per_rank: Sequence[Sequence[Any]]) -> tuple[list[Any], list[int]]:
+    """Concatenate the prompt lists gathered from the ranks of a TP group.
+
+    Returns the flat list and the offsets: rank r of the group owns items
+    `offsets[r]:offsets[r + 1]`. Ranks may hold different numbers of prompts.
+
+    >>> flatten_gathered([["a", "b"], [], ["c"]])
+    (['a', 'b', 'c'], [0, 2, 2, 3])
+    """
+    flat: list[Any] = []
+    offsets = [0]
+    for items in per_rank:
+        flat.extend(items)
+        offsets.append(len(flat))
+    return flat, offsets
+
+
+def request_seeds(base: int, num_requests: int, n: int) -> list[int]:
+    """Per-request seeds that keep all `num_requests * n` completions on distinct seeds.
+
+    vLLM gives the j-th of a request's `n` completions the seed `seed + j`
+    (`ParentRequest._get_child_sampling_params` in `vllm/v1/engine/parallel_sampling.py`), so
+    request k starts at `base + k * n`.
+
+    >>> request_seeds(100, 3, 4)
+    [100, 104, 108]
+    """
+    return [base + k * n for k in range(num_requests)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs -> Rollout
+# ---------------------------------------------------------------------------------------------
+
+_FINISH = {"stop": "stop", "length": "length"}
+
+
+def _finish_reason(reason: str | None) -> str:
+    if reason not in _FINISH:
+        raise RuntimeError(f"vLLM finished a completion with reason {reason!r} (aborted or unfinished)")
+    return _FINISH[reason]
+
+
+def _sampled_logprob(entry: Any, token_id: int) -> float:
+    """The logprob of `token_id` in one position of vLLM's sample logprobs.
+
+    A position is a mapping token id -> `Logprob` (with `.logprob`) in both the list-of-dicts and
+    the `FlatLogprobs` containers; with `logprobs=0` it holds only the sampled token.
+    """
+    value = entry[token_id]
+    return float(getattr(value, "logprob", value))
+
+
+def _routing_tensor(routed: Any, num_tokens: int) -> torch.Tensor:
+    """vLLM's routed experts -> int tensor [num_tokens, layers, top_k].
+
+    vLLM returns one row per token that went through the model, i.e. all but the last sampled token
+    (`Scheduler._get_routed_experts`: `num_tokens = request.num_tokens - 1`). The last token's routing
+    never influences a logprob the trainer uses, so its row is filled with -1.
+    """
+    experts = torch.as_tensor(routed).to(torch.int64)  # [T or T-1, L, K]
+    if experts.dim() != 3:
+        raise ValueError(f"routed experts must be [tokens, layers, top_k], got {tuple(experts.shape)}")
+    missing = num_tokens - experts.shape[0]
+    if missing < 0 or missing > 1:
+        raise ValueError(f"routed experts cover {experts.shape[0]} tokens for a sequence of {num_tokens}")
+    if missing:
+        pad = torch.full((missing, *experts.shape[1:]), -1, dtype=experts.dtype)
+        experts = torch.cat([experts, pad])
+    return experts
+
+
+def request_output_to_rollouts(output: Any, group: int, *, record_routing: bool = False) -> list[Rollout]:
+    """One vLLM `RequestOutput` (duck-typed) -> its `n` rollouts, all with `group`.
+
+    Reads `output.prompt_token_ids` and, for each `output.outputs[j]` (sorted by `.index`),
+    `token_ids`, `text`, `logprobs` (one mapping per token), `finish_reason` and, when routing is
+    recorded, `routed_experts`.
+    """
+    prompt_ids = tuple(int(t) for t in output.prompt_token_ids)
+    rollouts = []
+    for completion in sorted(output.outputs, key=lambda c: c.index):
+        ids = tuple(int(t) for t in completion.token_ids)
+        if completion.logprobs is None:
+            raise RuntimeError("vLLM returned no logprobs; the request must set logprobs=0")
+        if len(completion.logprobs) != len(ids):
+            raise RuntimeError(f"{len(completion.logprobs)} logprob positions for {len(ids)} tokens")
+        logprobs = tuple(_sampled_logprob(entry, tok) for entry, tok in zip(completion.logprobs, ids))
+        routed = None
+        if record_routing:
+            raw = getattr(completion, "routed_experts", None)
+            if raw is None:
+                raise RuntimeError(
+                    "routing was requested but vLLM returned none; build the engine with "
+                    "enable_return_routed_experts=True"
+                )
+            routed = _routing_tensor(raw, len(prompt_ids) + len(ids))
+        rollouts.append(
+            Rollout(
+                group=group,
+                prompt_ids=prompt_ids,
+                completion_ids=ids,
+                text=completion.text,
+                logprobs=logprobs,
+                finish_reason=_finish_reason(completion.finish_reason),
+                routed_experts=routed,
+            )
+        )
+    return rollouts
+
+
+def _choice_token_ids(choice: Mapping[str, Any]) -> list[int]:
+    """Completion token ids of one choice of vLLM's completions API response."""
+    if choice.get("token_ids") is not None:  # `return_token_ids=true` (vLLM >= 0.10.2)
+        return [int(t) for t in choice["token_ids"]]
+    tokens = (choice.get("logprobs") or {}).get("tokens")  # `return_tokens_as_token_ids=true`
+    if tokens is None:
+        raise RuntimeError("the completions response carries no token ids")
+    return [int(t.removeprefix("token_id:")) for t in tokens]
+
+
+def completion_response_to_rollouts(
+    response: Mapping[str, Any], prompts: Sequence[Sequence[int]], n: int
+) -> list[Rollout]:
+    """vLLM's `/v1/completions` JSON for `len(prompts)` token prompts x `n` -> prompt-major rollouts.
+
+    vLLM numbers the choices `index = prompt * n + j` (`serving_completion.py`); the sampled tokens'
+    logprobs are in `choices[k].logprobs.token_logprobs`.
+    """
+    choices = sorted(response["choices"], key=lambda c: c["index"])
+    if len(choices) != len(prompts) * n:
+        raise RuntimeError(f"expected {len(prompts) * n} choices, got {len(choices)}")
+    rollouts = []
+    for choice in choices:
+        group = choice["index"] // n
+        ids = _choice_token_ids(choice)
+        logprobs = [float(x) for x in (choice.get("logprobs") or {}).get("token_logprobs") or []]
+        if len(logprobs) != len(ids):
+            raise RuntimeError(f"{len(logprobs)} logprobs for {len(ids)} tokens in choice {choice['index']}")
+        rollouts.append(
+            Rollout(
+                group=group,
+                prompt_ids=tuple(int(t) for t in prompts[group]),
+                completion_ids=tuple(ids),
+                text=choice.get("text", ""),
+                logprobs=tuple(logprobs),
+                finish_reason=_finish_reason(choice.get("finish_reason")),
+            )
+        )
+    return rollouts
+
+
+# ---------------------------------------------------------------------------------------------
+# Colocated engine
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _set_launcher_env(rank: int, local_rank: int, world_size: int) -> None:
+    """The variables vLLM's external launcher reads to join (or create) torch.distributed."""
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    os.environ.setdefault("WORLD_SIZE", str(world_size))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+class VLLMEngine:
+    """vLLM colocated with the trainer: one `vllm.LLM` per process (see the module docstring).
+
+    Args:
+        model: local path (or hub name) of the transformers checkpoint vLLM starts from.
+        tensor_parallel_size: GPUs per vLLM engine; must divide the torch.distributed world size.
+        gpu_memory_utilization: fraction of each GPU vLLM may take (weights + KV cache); leave room
+            for the policy, gradients and optimizer state.
+        enable_sleep_mode: allow `sleep`/`wake` (vLLM's CuMem allocator).
+        sleep_level: what `sleep()` does by default: 1 offloads weights to CPU and drops the KV
+            cache; 2 drops both (less host memory, but `update_weights` must then load every
+            parameter before the next `generate`).
+        seed: base seed; TP group g uses `seed + g` (the same within a group, as vLLM requires).
+        dtype, max_model_len, enable_prefix_caching, enforce_eager, max_num_seqs,
+        max_num_batched_tokens: passed to `vllm.LLM`.
+        record_routing: build the engine with `enable_return_routed_experts` so MoE routing can be
+            returned (`SamplingParams.record_routing`).
+        model_type, tie_word_embeddings: for the parameter-name mapping; read from the checkpoint's
+            config when None.
+        engine_kwargs: further `vllm.LLM` / `EngineArgs` arguments.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.3,
+        enable_sleep_mode: bool = True,
+        sleep_level: int = 1,
+        seed: int = 0,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        record_routing: bool = False,
+        model_type: str | None = None,
+        tie_word_embeddings: bool | None = None,
+        engine_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        import vllm
+        from vllm.engine.arg_utils import EngineArgs
+
+        if sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
+        self.sleep_level = sleep_level
+        self.enable_sleep_mode = enable_sleep_mode
+        self.record_routing = record_routing
+
+        # --- process layout: one engine per TP group of consecutive ranks ---
+        dist = torch.distributed
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size = dist.get_world_size() if distributed else int(os.environ.get("WORLD_SIZE", "1"))
+        rank = dist.get_rank() if distributed else int(os.environ.get("RANK", "0"))
+        groups = tp_groups(world_size, tensor_parallel_size)
+        self.tp_size = tensor_parallel_size
+        self.tp_group_index = rank // tensor_parallel_size
+        self.tp_rank = rank % tensor_parallel_size
+        self._tp_group = None
+        if world_size > 1:
+            if not distributed:
+                raise RuntimeError("several ranks but torch.distributed is not initialised; launch with accelerate/torchrun")
+            backend = "external_launcher"
+            _set_launcher_env(rank, int(os.environ.get("LOCAL_RANK", rank)), world_size)
+            if tensor_parallel_size > 1:
+                # Every rank must create every subgroup, in the same order.
+                self._tp_group, _ = dist.new_subgroups_by_enumeration(groups)
+        elif tensor_parallel_size > 1:
+            raise ValueError(
+                "tensor_parallel_size > 1 in a single process would make vLLM spawn its own workers, "
+                "where in-process weight loading cannot reach; launch one process per GPU instead"
+            )
+        else:
+            # One process, one GPU: run vLLM's engine core in this process (no EngineCore
+            # subprocess), so `update_weights` can hand tensors to the model directly.
+            backend = None
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+        # --- the LLM ---
+        wanted: dict[str, Any] = {
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "enable_sleep_mode": enable_sleep_mode,
+            "seed": seed + self.tp_group_index,
+            "dtype": dtype,
+            "enable_prefix_caching": enable_prefix_caching,
+            "enforce_eager": enforce_eager,
+            "logprobs_mode": "processed_logprobs",
+        }
+        if backend is not None:
+            wanted["distributed_executor_backend"] = backend
+        if record_routing:
+            wanted["enable_return_routed_experts"] = True
+        for key, value in (
+            ("max_model_len", max_model_len),
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+        ):
+            if value is not None:
+                wanted[key] = value
+        wanted.update(engine_kwargs or {})
+        accepted = {f.name for f in dataclasses.fields(EngineArgs)}
+        kept, dropped = filter_engine_kwargs(wanted, accepted)
+        if dropped:
+            logger.warning("vLLM %s does not accept %s; ignoring them", vllm.__version__, dropped)
+        if "enable_return_routed_experts" in dropped:
+            raise RuntimeError(f"vLLM {vllm.__version__} has no enable_return_routed_experts; routing cannot be recorded")
+        self.processed_logprobs = "logprobs_mode" in kept
+        self.llm = vllm.LLM(model=model, **kept)
+
+        hf_config = self.llm.llm_engine.model_config.hf_config
+        self.model_type = model_type or getattr(hf_config, "model_type", "")
+        if tie_word_embeddings is None:
+            text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
+            tie_word_embeddings = bool(getattr(text_config, "tie_word_embeddings", False))
+        self.tie_word_embeddings = tie_word_embeddings
+        # Seeds for TP groups: every rank of a group draws the same sequence (it is seeded alike and
+        # called in lockstep), so the group samples identically whatever the trainer did to the
+        # global torch RNG of each rank.
+        self._group_rng = random.Random(seed + self.tp_group_index)
+        self._asleep: set[str] = set()  # memory tags currently released ("weights", "kv_cache")
+        self._weights_discarded = False  # level-2 sleep: weights must be reloaded before generating
+
+    # --- generation -------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Rollout]:
+        import vllm
+
+        if sampling.record_routing and not self.record_routing:
+            raise ValueError("build VLLMEngine(record_routing=True) to record routed experts")
+        plain = sampling.temperature == 1.0 and sampling.top_p == 1.0 and sampling.top_k == 0
+        if not self.processed_logprobs and not plain:
+            raise RuntimeError(
+                "this vLLM has no logprobs_mode='processed_logprobs'; its logprobs ignore temperature and "
+                "top-k/top-p, so they are not the sampler's. Upgrade vLLM (>= 0.10.2) or sample plainly."
+            )
+        self.wake()
+        if self._weights_discarded:
+            raise RuntimeError("weights were discarded by sleep(level=2); call update_weights before generate")
+
+        local = [[int(t) for t in p] for p in prompts]
+        batch, start = local, 0
+        if self._tp_group is not None:
+            gathered: list[Any] = [None] * self.tp_size
+            torch.distributed.all_gather_object(gathered, local, group=self._tp_group)
+            batch, offsets = flatten_gathered(gathered)
+            start = offsets[self.tp_rank]
+
+        kwargs = to_vllm_sampling_kwargs(sampling, n)
+        base = kwargs.pop("seed", None)
+        if base is None and self.tp_size > 1:
+            base = self._group_rng.randrange(2**31)
+        if base is None:  # one process per engine: vLLM's global generator is enough
+            params: Any = vllm.SamplingParams(**kwargs)
+        else:  # seeded requests, distinct per request and completion
+            params = [vllm.SamplingParams(**kwargs, seed=s) for s in request_seeds(base, len(batch), n)]
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
+        # Same outputs on every rank of the TP group; keep the ones of this rank's prompts.
+        mine = outputs[start : start + len(local)]
+        rollouts = []
+        for i, out in enumerate(mine):
+            rollouts.extend(request_output_to_rollouts(out, i, record_routing=sampling.record_routing))
+        return rollouts
+
+    # --- weights ----------------------------------------------------------------------------
+
+    def _model(self) -> torch.nn.Module:
+        """The vLLM model of this process's worker (in-process executors only).
+
+        With V1 multiprocessing off, `LLMEngine.engine_core` is an `InprocClient` whose `engine_core`
+        is the `EngineCore` itself (`vllm/v1/engine/core_client.py`); `LLMEngine.model_executor`
+        is a shortcut to its executor that some versions keep "for v0 compatibility".
+        """
+        engine = self.llm.llm_engine
+        executor = getattr(engine, "model_executor", None)
+        if executor is None:
+            executor = engine.engine_core.engine_core.model_executor
+        worker = executor.driver_worker
+        worker = getattr(worker, "worker", worker)  # WorkerWrapperBase -> Worker
+        runner = worker.model_runner
+        # Newer runners may wrap the model (CUDA graphs); `get_model` unwraps it.
+        return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, chunk: int = 64) -> None:
+        """Load new policy weights (transformers names) into vLLM, then reset the prefix cache.
+
+        Tensors may live on any device and dtype; vLLM's weight loaders copy them into its
+        parameters, casting to the engine's dtype. Every rank calls this with the full (gathered,
+        unsharded) tensors: each rank's loader keeps its own tensor-parallel shard. They are handed
+        over in chunks of `chunk` tensors. After a level-2 sleep every parameter must be passed.
+        Unquantised weights only: quantised vLLM checkpoints need post-load processing not done here.
+        """
+        if "weights" in self._asleep:
+            self._wake_up(["weights"])
+        model = self._model()
+        batch: list[tuple[str, torch.Tensor]] = []
+        mapped = hf_to_vllm_weights(
+            named_tensors, model_type=self.model_type, tie_word_embeddings=self.tie_word_embeddings
+        )
+        with torch.no_grad():
+            for name, tensor in mapped:
+                batch.append((name, tensor.detach()))
+                if len(batch) >= chunk:
+                    model.load_weights(batch)
+                    batch = []
+            if batch:
+                model.load_weights(batch)
+        self._weights_discarded = False
+        if self.llm.reset_prefix_cache() is False:
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+
+    # --- memory phases ----------------------------------------------------------------------
+
+    def sleep(self, level: int | None = None) -> None:
+        """Release vLLM's GPU memory for the training phase (see `sleep_level`)."""
+        if not self.enable_sleep_mode or self._asleep == {"weights", "kv_cache"}:
+            return
+        if self._asleep:  # half awake (weights woken for an update): make the state whole first
+            self.wake()
+        level = self.sleep_level if level is None else level
+        self.llm.sleep(level=level)
+        self._asleep = {"weights", "kv_cache"}
+        self._weights_discarded = level == 2
+
+    def wake(self) -> None:
+        """Take the GPU memory back (whatever `sleep` released)."""
+        if self._asleep:
+            self._wake_up(sorted(self._asleep))
+
+    def _wake_up(self, tags: list[str]) -> None:
+        try:
+            self.llm.wake_up(tags=tags)
+        except TypeError:  # older vLLM: no tags, wakes everything at once
+            self.llm.wake_up()
+            tags = ["weights", "kv_cache"]
+        self._asleep -= set(tags)
+
+    def close(self) -> None:
+        """Drop the engine; the process keeps torch.distributed for the trainer."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            shutdown = getattr(llm.llm_engine, "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+            del llm
+
+
+# ---------------------------------------------------------------------------------------------
+# Server mode
+# ---------------------------------------------------------------------------------------------
+
+
+class VLLMServerClient:
+    """A client of `vllm serve`, with weight updates pushed over NCCL.
+
+    Start the server with the worker extension and vLLM's development endpoints
+    (`/collective_rpc`, `/reset_prefix_cache`, `/sleep`, `/wake_up`):
+
+        VLLM_SERVER_DEV_MODE=1 vllm serve MODEL_DIR --logprobs-mode processed_logprobs \\
+            --worker-extension-cls rollout.vllm_worker.WeightSyncExtension [--tensor-parallel-size T]
+
+    (`rollout` must be importable by the server, e.g. `PYTHONPATH=/path/to/grpo-zero`.) Only one
+    training process (usually rank 0) should own the client and call `update_weights`; it joins an
+    NCCL group with the server's workers (workers are ranks 0..W-1, the client is rank W; worker 0
+    hosts the rendezvous store on `group_port`), so it needs a CUDA device that can reach the
+    server's GPUs. Routed experts are not available through the completions endpoint
+    (`routed_experts` stays None).
+    """
+
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        model: str | None = None,
+        group_port: int = 51216,
+        timeout: float = 600.0,
+        model_type: str = "qwen3_moe",
+        tie_word_embeddings: bool = False,
+        device: torch.device | int | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.host = urllib.parse.urlparse(self.base_url).hostname or "127.0.0.1"
+        self.group_port = group_port
+        self.timeout = timeout
+        self.model_type = model_type
+        self.tie_word_embeddings = tie_word_embeddings
+        self.device = device
+        self.model = model or self._get("/v1/models")["data"][0]["id"]
+        self._comm = None
+        self._client_rank = None
+
+    # --- HTTP -------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(
+            self.base_url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    def _get(self, path: str) -> Any:
+        return self._request("GET", path)
+
+    def _post(self, path: str, body: Any = None) -> Any:
+        return self._request("POST", path, {} if body is None else body)
+
+    def _rpc(self, method: str, *args: str) -> list[Any]:
+        """Call a worker-extension method on every server worker (`/collective_rpc`, string args)."""
+        out = self._post("/collective_rpc", {"method": method, "args": list(args)})
+        return (out or {}).get("results", [])
+
+    def _rpc_in_background(self, method: str, arg: str) -> tuple[threading.Thread, list[BaseException]]:
+        """Start an RPC that blocks on the server until this process joins the NCCL side."""
+        errors: list[BaseException] = []
+
+        def call() -> None:
+            try:
+                self._rpc(method, arg)
+            except BaseException as exc:  # surfaced by the caller after join
+                errors.append(exc)
+
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        return thread, errors
+
+    @staticmethod
+    def _join(thread: threading.Thread, errors: list[BaseException]) -> None:
+        thread.join()
+        if errors:
+            raise RuntimeError("the vLLM server's workers failed") from errors[0]
+
+    # --- generation -------------------------------------------------------------------------
+
+    def completion_body(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> dict:
+        """The `/v1/completions` request for token-id prompts (vLLM's extra fields included)."""
+        if sampling.record_routing:
+            raise ValueError("vllm serve's completions endpoint does not return routed experts")
+        body = {"model": self.model, "prompt": [[int(t) for t in p] for p in prompts]}
+        body.update(to_vllm_sampling_kwargs(sampling, n))
+        body["return_token_ids"] = True
+        body["return_tokens_as_token_ids"] = True
+        return body
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Rollout]:
+        if not prompts:
+            return []
+        response = self._post("/v1/completions", self.completion_body(prompts, n, sampling))
+        return completion_response_to_rollouts(response, prompts, n)
+
+    # --- weights over NCCL ------------------------------------------------------------------
+
+    def init_communicator(self) -> None:
+        """Join an NCCL group with the server's workers (once, before the first update)."""
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        workers = len(self._rpc("grpo_worker_rank"))
+        world_size = workers + 1
+        self._client_rank = workers
+        spec = json.dumps({"port": self.group_port, "world_size": world_size, "client_rank": workers})
+        # The workers block in the rendezvous until this process joins it.
+        pending = self._rpc_in_background("grpo_init_weight_channel", spec)
+        device = self.device if self.device is not None else torch.cuda.current_device()
+        group = StatelessProcessGroup.create(host=self.host, port=self.group_port, rank=workers, world_size=world_size)
+        self._comm = PyNcclCommunicator(group, device=device)
+        self._join(*pending)
+
+    def update_weights(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, chunk_bytes: int = 1 << 30
+    ) -> None:
+        """Broadcast new weights (transformers names) to the server's workers, then reset its cache.
+
+        Tensors go in chunks of about `chunk_bytes`: for each chunk one `/collective_rpc` call tells
+        the workers the names, dtypes and shapes to receive, and the tensors follow over NCCL in that
+        order.
+        """
+        if self._comm is None:
+            self.init_communicator()
+        device = self.device if self.device is not None else torch.cuda.current_device()
+        chunk: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        mapped = hf_to_vllm_weights(
+            named_tensors, model_type=self.model_type, tie_word_embeddings=self.tie_word_embeddings
+        )
+        for name, tensor in mapped:
+            tensor = tensor.detach().to(device).contiguous()
+            chunk.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= chunk_bytes:
+                self._send_chunk(chunk)
+                chunk, size = [], 0
+        if chunk:
+            self._send_chunk(chunk)
+        self._post("/reset_prefix_cache")
+
+    def _send_chunk(self, chunk: list[tuple[str, torch.Tensor]]) -> None:
+        meta = json.dumps(
+            [[name, str(t.dtype).removeprefix("torch."), list(t.shape)] for name, t in chunk]
+        )
+        pending = self._rpc_in_background("grpo_receive_weights", meta)
+        stream = torch.cuda.current_stream()
+        for _, tensor in chunk:
+            self._comm.broadcast(tensor, src=self._client_rank, stream=stream)
+        stream.synchronize()
+        self._join(*pending)
+
+    # --- memory phases ----------------------------------------------------------------------
+
+    def sleep(self, level: int = 1) -> None:
+        self._post(f"/sleep?level={int(level)}")
+
+    def wake(self) -> None:
+        self._post("/wake_up")
+
+    def close(self) -> None:
+        if self._comm is not None:
+            try:
+                self._rpc("grpo_close_weight_channel")
+            finally:
+                self._comm = None
