@@ -51,15 +51,16 @@ def page_html(config: dict, inline: dict[str, str] | None = None, csp: str | Non
     template = (STATIC / "index.html").read_text(encoding="utf-8")
     config_json = json_for_html(config)
     if inline is None:
+        # app.js first (small, starts fetching data), plotly.js deferred: both load in parallel.
         head = ('<link rel="stylesheet" href="/static/app.css">\n'
-                '<script src="/static/plotly.min.js"></script>\n'
-                '<script src="/static/app.js" defer></script>')
+                '<script src="/static/app.js"></script>\n'
+                '<script src="/static/plotly.min.js" defer></script>')
     else:
         head = (f'<meta http-equiv="Content-Security-Policy" content="{csp}">\n'
                 f'<style>{inline["css"]}</style>\n'
-                f'<script>{inline["plotly"]}</script>\n'
                 f'<script type="application/json" id="grpo-data">{inline["data"]}</script>\n'
-                f'<script>{inline["app"]}</script>')
+                f'<script>{inline["app"]}</script>\n'
+                f'<script>{inline["plotly"]}</script>')
     return (template.replace("<!--HEAD-->", head)
             .replace("<!--CONFIG-->", f'<script type="application/json" id="grpo-config">{config_json}</script>'))
 
@@ -138,7 +139,7 @@ class Handler(BaseHTTPRequestHandler):
             if run is None:
                 return self._error(HTTPStatus.NOT_FOUND, "no such run")
             if path == "/api/run":
-                return self._json(run.payload())
+                return self._send(200, self.app.run_json(run), "application/json; charset=utf-8")
             if path == "/api/rollouts":
                 try:
                     step = int(query.get("step", ""))
@@ -192,6 +193,8 @@ class Dashboard:
         self.httpd = ThreadingHTTPServer((host, port), partial(Handler, app=self))
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
+        self._json_cache: dict[str, tuple] = {}
+        self._json_lock = threading.Lock()
 
     @property
     def port(self) -> int:
@@ -202,13 +205,23 @@ class Dashboard:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
 
+    def run_json(self, run) -> bytes:
+        """`run.payload()` serialised, cached per run version (the page polls it)."""
+        payload = run.payload()
+        with self._json_lock:
+            cached = self._json_cache.get(run.name)
+            if cached is None or cached[0] is not payload:
+                cached = (payload, json.dumps(payload, separators=(",", ":")).encode())
+                self._json_cache[run.name] = cached
+            return cached[1]
+
     def page_config(self) -> dict:
         return {"mode": "live", "aha_phrases": list(self.aha_phrases), "poll_ms": int(self.poll_seconds * 1000)}
 
     def warm(self) -> None:
         """Parse every run's metrics now, so the first page load only serialises."""
         for run in self.runs.runs():
-            run.payload()
+            self.run_json(run)
 
     def start(self) -> "Dashboard":
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)

@@ -455,6 +455,7 @@
     await renderCurves();
     renderMoe();
     await refreshRolloutControls();
+    state.timing.plotted = state.timing.plotted || performance.now();
     await refreshAha(false);
     setStatus(describe());
   }
@@ -534,12 +535,21 @@
     });
   }
 
+  // Start fetching the runs' data now, while the browser is still parsing plotly.js.
+  const prefetch = (async () => {
+    const listed = await source.runs();
+    const names = listed.map((r) => r.name);
+    const payloads = await Promise.all(names.slice(0, MAX_SELECTED).map((n) => source.run(n)));
+    return { names: names, payloads: payloads };
+  })();
+  prefetch.catch(() => {}); // reported by main()
+
   async function main() {
     bind();
     try {
-      const listed = await source.runs();
-      listed.forEach((r, i) => { state.order.push(r.name); if (i < MAX_SELECTED) state.selected.add(r.name); });
-      await loadRuns(state.order);
+      const pre = await prefetch;
+      pre.names.forEach((n, i) => { state.order.push(n); if (i < MAX_SELECTED) state.selected.add(n); });
+      pre.payloads.forEach((p) => { state.runs[p.name] = p; state.versions[p.name] = p.version; });
       state.timing.dataLoaded = performance.now();
       await redrawAll();
       state.timing.ready = performance.now();
@@ -547,7 +557,14 @@
       setStatus('failed to load: ' + err.message, true);
       state.timing.error = String(err);
     }
-    if (!EXPORT) setInterval(poll, CONFIG.poll_ms || 2000);
+    if (!EXPORT) {
+      let busy = false;
+      setInterval(async () => {
+        if (busy) return;
+        busy = true;
+        try { await poll(); } finally { busy = false; }
+      }, CONFIG.poll_ms || 2000);
+    }
   }
 
   if (document.readyState === 'loading') document.addEventListener('DOMContentLoaded', main);
