@@ -224,7 +224,8 @@ class Dashboard:
             self.run_json(run)
 
     def start(self) -> "Dashboard":
-        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
         self._thread.start()
         return self
 
