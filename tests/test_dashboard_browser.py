@@ -189,6 +189,8 @@ def test_live_page_updates_while_a_run_writes(page, server, runs):
     sink.log_rollouts(step_rollouts(7, 1, 2, rng, False), 7)
     sink.close()
     assert js(page, "(window.grpoDashboard.state.runs.growing || {}).last_step === 7", timeout=10)
+    # the reward chart (on screen) was redrawn with the new run's 7 steps
+    assert js(page, "document.querySelector('[data-chart=reward]').data.some((t) => t.name.startsWith('growing') && t.x.length === 7)", timeout=10)
     assert js(page, "document.getElementById('ro-run').options.length >= 3", timeout=10)
     shutil.rmtree(run_dir)
 

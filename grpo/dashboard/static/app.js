@@ -65,7 +65,7 @@
   const CHARTS = [
     { id: 'reward', title: 'Reward (total)', match: re('^reward/(mean|std)$') },
     { id: 'reward_fn', title: 'Reward per function', match: re('^reward/(?!mean$|std$)[^/]+$') },
-    { id: 'accuracy', title: 'Accuracy (rollout, eval)', match: re('^(rollout|eval)/accuracy$'), markers: re('^eval/') },
+    { id: 'accuracy', title: 'Accuracy (rollout, eval)', match: re('^(rollout|eval)/accuracy$'), markers: re('^eval/'), fullKeys: true },
     { id: 'length', title: 'Response length (tokens)', match: re('^rollout/response_length_(mean|max)$') },
     { id: 'truncated', title: 'Truncation rate', match: re('^rollout/truncated_frac$') },
     { id: 'entropy', title: 'Entropy', match: re('^train/entropy$') },
@@ -127,7 +127,7 @@
       const series = state.runs[name].series;
       keysOf(name).forEach((key, ki) => {
         const s = series[key];
-        const short = key.replace(/^[^/]+\//, '');
+        const short = spec.fullKeys ? key : key.replace(/^[^/]+\//, '');
         const markers = (spec.markers && spec.markers.test(key)) || s.x.length < 40;
         const t = {
           type: 'scatter',
@@ -171,6 +171,24 @@
     return plan;
   }
 
+  // A chart scrolled out of view is not redrawn on each live update, only when it comes back.
+  const visible = new Set();
+  const pending = new Map(); // div -> draw function
+  const observer = 'IntersectionObserver' in window ? new IntersectionObserver((entries) => {
+    entries.forEach((e) => {
+      if (!e.isIntersecting) { visible.delete(e.target); return; }
+      visible.add(e.target);
+      const draw = pending.get(e.target);
+      if (draw) { pending.delete(e.target); draw(); }
+    });
+  }, { rootMargin: '300px' }) : null;
+
+  function drawWhenVisible(div, draw) {
+    if (!observer || !div.data || visible.has(div)) { pending.delete(div); draw(); return true; }
+    pending.set(div, draw); // drawn before and off screen now
+    return false;
+  }
+
   function chartDiv(container, id) {
     let div = container.querySelector('[data-chart="' + CSS.escape(id) + '"]');
     if (!div) {
@@ -178,8 +196,17 @@
       div.className = 'chart';
       div.dataset.chart = id;
       container.appendChild(div);
+      if (observer) observer.observe(div);
     }
     return div;
+  }
+
+  function removeChart(div) {
+    if (observer) observer.unobserve(div);
+    visible.delete(div);
+    pending.delete(div);
+    Plotly.purge(div);
+    div.remove();
   }
 
   const nextFrame = () => new Promise((resolve) => setTimeout(resolve, 0));
@@ -190,7 +217,7 @@
     const container = $('charts');
     const plan = chartPlan();
     const wanted = new Set(plan.map((p) => p.spec.id));
-    container.querySelectorAll('.chart').forEach((div) => { if (!wanted.has(div.dataset.chart)) { Plotly.purge(div); div.remove(); } });
+    container.querySelectorAll('.chart').forEach((div) => { if (!wanted.has(div.dataset.chart)) removeChart(div); });
     let drawn = 0;
     for (const item of plan) {
       const div = chartDiv(container, item.spec.id);
@@ -200,7 +227,7 @@
         continue;
       }
       div.classList.remove('empty');
-      Plotly.react(div, traces, baseLayout(item.spec.title), PLOT_CONFIG);
+      if (!drawWhenVisible(div, () => Plotly.react(div, traces, baseLayout(item.spec.title), PLOT_CONFIG))) continue;
       drawn += 1;
       if (drawn === 4 && !state.timing.firstCharts) state.timing.firstCharts = performance.now();
       if (drawn >= 4) await nextFrame(); // keep the page responsive while the rest draw
@@ -221,14 +248,14 @@
     const layers = run ? run.moe : [];
     $('moe-empty').hidden = layers.length > 0;
     const wanted = new Set(layers.map((l) => 'layer' + l.layer));
-    container.querySelectorAll('.chart').forEach((div) => { if (!wanted.has(div.dataset.chart)) { Plotly.purge(div); div.remove(); } });
+    container.querySelectorAll('.chart').forEach((div) => { if (!wanted.has(div.dataset.chart)) removeChart(div); });
     layers.forEach((l) => {
       const div = chartDiv(container, 'layer' + l.layer);
-      Plotly.react(div, [{
+      drawWhenVisible(div, () => Plotly.react(div, [{
         type: 'heatmap', x: l.x, y: l.z.map((_, e) => e), z: l.z, zmin: 0, colorscale: 'Viridis',
         colorbar: { title: { text: 'share', side: 'right' }, thickness: 10 },
         hovertemplate: 'step %{x}<br>expert %{y}<br>share %{z:.3f}<extra></extra>',
-      }], baseLayout('layer ' + l.layer + ' expert load', { yaxis: { title: { text: 'expert' } }, hovermode: 'closest' }), PLOT_CONFIG);
+      }], baseLayout('layer ' + l.layer + ' expert load', { yaxis: { title: { text: 'expert' } }, hovermode: 'closest' }), PLOT_CONFIG));
     });
   }
 
@@ -545,6 +572,7 @@
   prefetch.catch(() => {}); // reported by main()
 
   async function main() {
+    state.timing.plotlyReady = performance.now(); // plotly.js has been parsed and run by now
     bind();
     try {
       const pre = await prefetch;
