@@ -136,6 +136,7 @@
           y: smooth(s.y),
           name: label(multi ? name + ' · ' + short : short),
           legendgroup: label(name),
+          meta: key,
           connectgaps: true,
           line: { width: 1.5, color: multi ? runColor(name) : KEY_COLORS[ki % KEY_COLORS.length], dash: multi ? DASHES[ki % DASHES.length] : 'solid' },
           marker: { size: 4 },
@@ -558,7 +559,8 @@
       const lines = Array.from(div.querySelectorAll('.scatterlayer path.js-line, .scatterlayer path.js-fill')).filter((p) => (p.getAttribute('d') || '').length > 4).length;
       const markers = div.querySelectorAll('.scatterlayer path.point').length;
       const images = div.querySelectorAll('.heatmaplayer image').length;
-      return { id: div.dataset.chart || div.id, traces: data.length, points: points, drawn: lines + markers + images > 0 };
+      const keys = data.map((t) => t.meta).filter((k) => typeof k === 'string');
+      return { id: div.dataset.chart || div.id, traces: data.length, keys: keys, points: points, drawn: lines + markers + images > 0 };
     });
   }
 
