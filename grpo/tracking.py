@@ -17,7 +17,9 @@ Each tracker keeps a run id (`Tracker.run_ids()`) that the checkpoint stores; pa
 `resume_ids` continues the same tracker run. Rollouts go to trackers as one table per step
 (`rollouts/step_NNNNNN`), so earlier steps' tables stay visible.
 
-Call `make_tracker` on the main process only.
+Call `make_tracker` on the main process only, after the `Accelerator` exists (accelerate's trackers
+log through its process state; without one, `make_tracker` creates the default `PartialState`).
+A resumed wandb run ignores steps at or below the last step it already has.
 """
 
 from __future__ import annotations

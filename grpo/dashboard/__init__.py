@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 
 from grpo.dashboard.data import DEFAULT_AHA_PHRASES
 
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {args.host}: anyone who can reach it can read RUNS_DIR", file=sys.stderr)
     print(f"grpo dashboard: serving {dash.runs.root} at {dash.url} (Ctrl-C to stop)", flush=True)
+    threading.Thread(target=dash.warm, daemon=True).start()  # parse big runs before the first visit
     try:
         dash.serve_forever()
     except KeyboardInterrupt:

@@ -219,9 +219,12 @@ class Dashboard:
         return {"mode": "live", "aha_phrases": list(self.aha_phrases), "poll_ms": int(self.poll_seconds * 1000)}
 
     def warm(self) -> None:
-        """Parse every run's metrics now, so the first page load only serialises."""
+        """Parse every run's metrics and count the default aha phrases now, so the first page
+        load only sends cached answers."""
         for run in self.runs.runs():
             self.run_json(run)
+        for run in self.runs.runs():
+            run.aha(self.aha_phrases)
 
     def start(self) -> "Dashboard":
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
