@@ -151,7 +151,7 @@ def show_rollouts(page, run: str, step: int, search: str = "") -> str:
 
 def assert_payloads_inert(page) -> None:
     assert page.evaluate("() => window.__xss") is None  # no payload ran
-    listed = page.evaluate("() => document.getElementById('ro-list').textContent")
+    listed = page.inner_text("#ro-list")  # rendered text, as a reader sees it
     for payload in XSS_PAYLOADS:
         assert payload in listed  # shown literally, as text
     # and no element came out of model text

@@ -61,8 +61,8 @@ def page_html(config: dict, inline: dict[str, str] | None = None, csp: str | Non
                 f'<script type="application/json" id="grpo-data">{inline["data"]}</script>\n'
                 f'<script>{inline["app"]}</script>\n'
                 f'<script>{inline["plotly"]}</script>')
-    return (template.replace("<!--HEAD-->", head)
-            .replace("<!--CONFIG-->", f'<script type="application/json" id="grpo-config">{config_json}</script>'))
+    template = template.replace("<!--CONFIG-->", f'<script type="application/json" id="grpo-config">{config_json}</script>')
+    return template.replace("<!--HEAD-->", head)  # last: nothing is searched inside the inlined scripts
 
 
 def json_for_html(value) -> str:
