@@ -33,6 +33,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install -e '.[dev]')")
 
 # Charts the page must draw for a run that logs every key the training loop writes.
+HOSTILE_RUN = 'hostile <img src=x onerror="window.__xss=5"> %2e%2e'  # a run name is untrusted too
 EXPECTED_CURVES = {"reward", "reward_fn", "accuracy", "length", "truncated", "entropy", "kl", "clip", "ratio",
                    "grad_norm", "lr", "time"}
 
@@ -52,7 +53,7 @@ def build_runs_dir(base: Path, real_run_dir: Path | None = None) -> dict:
         write_synthetic_run(runs / name, steps=30, rollout_every=5, groups=2, group_size=4, moe_layers=2)
         step = 30
         known = json.loads((runs / name / "rollouts" / "step-000030.jsonl").read_text().splitlines()[-1])["completion"]
-    write_synthetic_run(runs / "hostile", steps=10, rollout_every=5, groups=2, group_size=4, payloads=True, seed=7)
+    write_synthetic_run(runs / HOSTILE_RUN, steps=10, rollout_every=5, groups=2, group_size=4, payloads=True, seed=7)
     return {"root": runs, "run": name, "step": step, "known": known}
 
 
@@ -154,8 +155,10 @@ def assert_payloads_inert(page) -> None:
     listed = page.inner_text("#ro-list")  # rendered text, as a reader sees it
     for payload in XSS_PAYLOADS:
         assert payload in listed  # shown literally, as text
-    # and no element came out of model text
+    # and no element came out of model text or the run's name
     assert page.evaluate("() => document.querySelectorAll('#ro-list img, #ro-list script, #ro-list svg, #ro-list textarea').length") == 0
+    assert HOSTILE_RUN in page.inner_text("#run-picker")
+    assert page.evaluate("() => document.querySelectorAll('header img, .chart img, .legend img').length") == 0
 
 
 def test_live_page_draws_every_chart_and_shows_a_known_completion(page, server, runs, tmp_path):
@@ -171,7 +174,7 @@ def test_live_page_draws_every_chart_and_shows_a_known_completion(page, server, 
 
 def test_live_page_shows_hostile_completions_as_text(page, server, tmp_path):
     open_dashboard(page, server.url)
-    show_rollouts(page, "hostile", 10)
+    show_rollouts(page, HOSTILE_RUN, 10)
     assert_payloads_inert(page)
     assert KNOWN_COMPLETION in page.inner_text("#ro-list")
     # search across all steps on the server, results rendered the same way
@@ -224,7 +227,7 @@ def test_export_works_offline_and_shows_hostile_text_literally(page, runs, tmp_p
     open_dashboard(page, out.as_uri())
     assert_all_charts_drawn(page, runs)
     assert [u for u in requested if not u.startswith("file://")] == []
-    show_rollouts(page, "hostile", 10)
+    show_rollouts(page, HOSTILE_RUN, 10)
     assert_payloads_inert(page)
     text = show_rollouts(page, runs["run"], runs["step"])
     assert runs["known"].strip()[:40] in text

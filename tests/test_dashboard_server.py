@@ -166,3 +166,10 @@ def test_cli_export_and_parser(tmp_path, capsys):
     args = parser.parse_args(["dashboard", str(tmp_path), "--port", "0"])
     assert args.host == "127.0.0.1" and args.port == 0 and callable(args.func)
     assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_odd_run_names_are_listed_but_symlinked_runs_outside_are_not(tmp_path):
+    outside = write_synthetic_run(tmp_path / "outside", steps=2, rollout_every=2)
+    write_synthetic_run(tmp_path / "runs" / "100% <b>", steps=2, rollout_every=2)
+    os.symlink(outside, tmp_path / "runs" / "linked")
+    assert [r.name for r in RunsDir(tmp_path / "runs").runs()] == ["100% <b>"]

@@ -337,9 +337,8 @@ class RunsDir:
                     children = []
                 for child in children:
                     # A symlinked run that points outside RUNS_DIR is not served.
-                    try:
-                        safe_join(self.root, child.name)
-                    except UnsafePath:
+                    real = child.resolve()
+                    if self.root not in real.parents:
                         continue
                     if child.is_dir() and self._is_run(child):
                         found[child.name] = child
