@@ -128,7 +128,8 @@
       keysOf(name).forEach((key, ki) => {
         const s = series[key];
         const short = spec.fullKeys ? key : key.replace(/^[^/]+\//, '');
-        const markers = (spec.markers && spec.markers.test(key)) || s.x.length < 40;
+        // Markers for short or sparse series (eval every N steps); SVG markers cost per point.
+        const markers = s.x.length < 40 || (spec.markers && spec.markers.test(key) && s.x.length < 200);
         const t = {
           type: 'scatter',
           mode: markers ? 'lines+markers' : 'lines',
