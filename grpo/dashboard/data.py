@@ -13,6 +13,7 @@ import math
 import os
 import re
 import threading
+import time
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -63,21 +64,25 @@ def _round(value):
 
 def downsample(xs: list[int], ys: list, max_points: int = MAX_POINTS) -> tuple[list, list]:
     """Drop None, then keep at most `max_points` points: the min and max of each bucket, in order."""
-    pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
-    if len(pts) <= max_points:
-        return [p[0] for p in pts], [_round(p[1]) for p in pts]
+    keep = [i for i, y in enumerate(ys) if y is not None]
+    if len(keep) == len(ys):
+        fx, fy = xs, ys
+    else:
+        fx, fy = [xs[i] for i in keep], [ys[i] for i in keep]
+    n = len(fy)
+    if n <= max_points:
+        return list(fx), [_round(y) for y in fy]
     buckets = max_points // 2
     out_x, out_y = [], []
-    n = len(pts)
     for b in range(buckets):
-        chunk = pts[b * n // buckets:(b + 1) * n // buckets]
-        if not chunk:
+        lo, hi = b * n // buckets, (b + 1) * n // buckets
+        if lo == hi:
             continue
-        lo = min(range(len(chunk)), key=lambda i: chunk[i][1])
-        hi = max(range(len(chunk)), key=lambda i: chunk[i][1])
-        for i in sorted({lo, hi}):
-            out_x.append(chunk[i][0])
-            out_y.append(_round(chunk[i][1]))
+        seg = fy[lo:hi]
+        i, j = seg.index(min(seg)), seg.index(max(seg))
+        for k in ((i, j) if i < j else (j, i) if j < i else (i,)):
+            out_x.append(fx[lo + k])
+            out_y.append(_round(seg[k]))
     return out_x, out_y
 
 
@@ -194,6 +199,8 @@ class Run:
         self._lock = threading.Lock()
         self._payload = None
         self._payload_version = None
+        self._payload_at = 0.0
+        self._payload_cost = 0.0
         self._aha_cache: dict[tuple, dict] = {}
 
     # -- change detection -----------------------------------------------------------------
@@ -230,6 +237,10 @@ class Run:
             version = self.version()
             if self._payload is not None and self._payload_version == version:
                 return self._payload
+            # A big run that is still writing: rebuild at most every 5x what a rebuild costs.
+            if self._payload is not None and time.monotonic() - self._payload_at < 5 * self._payload_cost:
+                return self._payload
+            started = time.monotonic()
             self.metrics.refresh()
             steps, columns = self.metrics.ordered()
             series, layers = {}, {}
@@ -259,6 +270,8 @@ class Run:
                 "rollout_steps": list(self.rollout_files()),
             }
             self._payload_version = version
+            self._payload_at = time.monotonic()
+            self._payload_cost = self._payload_at - started
             return self._payload
 
     # -- rollouts ---------------------------------------------------------------------------
