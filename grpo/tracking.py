@@ -64,8 +64,14 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+# Rows per step sent to a tracker table; every row is in `rollouts/step-NNNNNN.jsonl` regardless.
+TRACKER_TABLE_ROWS = 256
+
+
 def rollout_table(rows: list[dict]) -> tuple[list[str], list[list]]:
-    """`(columns, data)` for a tracker table: fixed columns then one `reward/<fn>` per function."""
+    """`(columns, data)` for a tracker table: fixed columns then one `reward/<fn>` per function;
+    at most `TRACKER_TABLE_ROWS` rows (the first ones, so whole groups)."""
+    rows = rows[:TRACKER_TABLE_ROWS]
     fns = sorted({fn for row in rows for fn in (row.get("rewards") or {})})
     columns = list(ROLLOUT_COLUMNS) + [f"reward/{fn}" for fn in fns]
     data = [[row.get(c) for c in ROLLOUT_COLUMNS] + [(row.get("rewards") or {}).get(fn) for fn in fns]
