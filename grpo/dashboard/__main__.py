@@ -1,0 +1,5 @@
+import sys
+
+from grpo.dashboard import main
+
+sys.exit(main())

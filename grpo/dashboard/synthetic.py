@@ -1,0 +1,103 @@
+"""A synthetic run directory, written through the same `JsonlSink` the training loop uses.
+
+For dashboard tests and `bench/dashboard_load.py` until (and besides) a real run of the embedded
+default: every metric key the loop logs, MoE expert shares, rollouts with per-function rewards, and
+optionally hostile completions (`payloads`) to check that model text is never rendered as HTML.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+from grpo.tracking import JsonlSink
+
+XSS_PAYLOADS = (
+    "<script>window.__xss = 1</script>",
+    "<img src=x onerror=\"window.__xss = 2\">",
+    "</textarea><script>window.__xss = 3</script>",
+    "</script><svg onload=\"window.__xss = 4\">",
+)
+KNOWN_COMPLETION = "Let me add 3 and 4. Wait, let me check: 3 + 4 = 7. <answer>7</answer>"
+_WORDS = ("so", "the", "sum", "is", "then", "we", "carry", "one", "hmm", "wait", "let me check", "add", "digits")
+
+
+def step_metrics(step: int, steps: int, rng: random.Random, moe_layers: int, experts: int) -> dict:
+    """Plausible values for every metric key the training loop logs, at `step` of `steps`."""
+    p = step / max(steps, 1)
+    acc = min(0.95, 0.05 + 0.9 * p + rng.gauss(0, 0.03))
+    m = {
+        "train/loss": rng.gauss(0, 0.05), "train/grad_norm": abs(rng.gauss(1.0, 0.3)),
+        "train/lr": 1e-6 * min(1.0, step / 10), "train/entropy": 1.5 - p + rng.gauss(0, 0.05),
+        "train/kl": 0.01 * p + abs(rng.gauss(0, 0.002)), "train/approx_kl": abs(rng.gauss(0.002, 0.001)),
+        "train/clip_frac_low": abs(rng.gauss(0.01, 0.005)), "train/clip_frac_high": abs(rng.gauss(0.02, 0.01)),
+        "train/ratio_min": 0.8 + rng.random() * 0.1, "train/ratio_mean": 1.0 + rng.gauss(0, 0.002),
+        "train/ratio_max": 1.1 + rng.random() * 0.2, "train/mismatch_abs": abs(rng.gauss(0.01, 0.003)),
+        "reward/mean": acc + 0.1, "reward/std": 0.3, "reward/math_answer": acc,
+        "reward/format": min(1.0, 0.3 + p), "reward/math_answer/timeouts": float(rng.random() < 0.01),
+        "reward/math_answer/errors": 0.0, "rollout/accuracy": acc,
+        "rollout/response_length_mean": 40 + 120 * p + rng.gauss(0, 4),
+        "rollout/response_length_max": 64 + 200 * p, "rollout/truncated_frac": max(0.0, 0.2 - 0.2 * p),
+        "rollout/tokens_per_s": 900 + rng.gauss(0, 30), "time/generate": 0.16 + rng.gauss(0, 0.01),
+        "time/score": 0.01, "time/train": 0.06, "time/weight_sync": 0.005, "time/step": 0.24,
+    }
+    for layer in range(moe_layers):
+        logits = [math.sin(0.3 * e + layer) * (1 + p) + rng.gauss(0, 0.1) for e in range(experts)]
+        total = sum(math.exp(x) for x in logits)
+        shares = [math.exp(x) / total for x in logits]
+        for e, share in enumerate(shares):
+            m[f"moe/layer_{layer}/expert_{e}/share"] = share
+        m[f"moe/layer_{layer}/entropy"] = -sum(s * math.log(s) for s in shares)
+        m[f"moe/layer_{layer}/max_share"] = max(shares)
+        m[f"moe/layer_{layer}/min_share"] = min(shares)
+    if step % 10 == 0:
+        m["eval/accuracy"] = acc
+    if step == 3:
+        m["train/grad_norm"] = float("nan")  # written as null: gaps must not break the charts
+    return m
+
+
+def step_rollouts(step: int, groups: int, group_size: int, rng: random.Random, payloads: bool) -> list[dict]:
+    rows = []
+    for g in range(groups):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        prompt = f"What is {a} + {b}? Think, then answer in <answer></answer>."
+        rewards_g = []
+        for i in range(group_size):
+            n_words = rng.randint(5, 60)
+            text = " ".join(rng.choice(_WORDS) for _ in range(n_words)) + f" <answer>{a + b if rng.random() < 0.5 else a}</answer>"
+            rows.append({"step": step, "group": g, "index": i, "prompt": prompt, "completion": text,
+                         "answer": str(a + b), "finish_reason": "stop", "num_tokens": n_words + 4})
+            rewards_g.append(float(rng.random() < 0.5))
+        mean = sum(rewards_g) / len(rewards_g)
+        std = (sum((r - mean) ** 2 for r in rewards_g) / len(rewards_g)) ** 0.5
+        for j, (row, r) in enumerate(zip(rows[-group_size:], rewards_g)):
+            row["rewards"] = {"math_answer": r, "format": 1.0 if j % 3 else None}
+            row["reward"] = r
+            row["advantage"] = (r - mean) / (std + 1e-4)
+    if payloads:
+        for row, text in zip(rows, XSS_PAYLOADS):
+            row["completion"] = text
+        rows[-1]["completion"] = KNOWN_COMPLETION
+    return rows
+
+
+def write_synthetic_run(run_dir: str | Path, steps: int = 40, rollout_every: int = 5, groups: int = 2,
+                        group_size: int = 4, moe_layers: int = 2, experts: int = 8,
+                        payloads: bool = False, seed: int = 0) -> Path:
+    """Write `steps` steps of metrics and, every `rollout_every` steps, `groups * group_size` rollouts.
+
+    With `payloads`, each logged step's first completions are the `XSS_PAYLOADS` and its last one is
+    `KNOWN_COMPLETION`.
+    """
+    rng = random.Random(seed)
+    sink = JsonlSink(run_dir)
+    try:
+        for step in range(1, steps + 1):
+            sink.log(step_metrics(step, steps, rng, moe_layers, experts), step)
+            if step % rollout_every == 0 or step == steps:
+                sink.log_rollouts(step_rollouts(step, groups, group_size, rng, payloads), step)
+    finally:
+        sink.close()
+    return Path(run_dir)

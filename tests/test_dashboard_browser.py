@@ -1,0 +1,235 @@
+"""The dashboard in real headless Chromium (Debian's /usr/bin/chromium driven by playwright).
+
+RUNS_DIR for these tests holds:
+- the run under test: a real run when GRPO_DASHBOARD_RUN_DIR points at one (e.g. made by
+  `grpo train recipes/tiny-cpu.yaml trainer.steps=20 --output-dir /tmp/run`), else a synthetic run
+  written through the training loop's JsonlSink (`grpo.dashboard.synthetic`);
+- a "hostile" run whose completions are HTML/script payloads, to show that nothing executes.
+To build it from a run made inside a fixture, call `build_runs_dir(tmp, real_run_dir=that_run)`.
+
+Screenshots go to pytest's tmp dir and, if GRPO_SCREENSHOT_DIR is set, there as well.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from grpo.dashboard.server import Dashboard
+from grpo.dashboard.synthetic import KNOWN_COMPLETION, XSS_PAYLOADS, write_synthetic_run
+
+CHROMIUM = os.environ.get("GRPO_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                reason=f"{CHROMIUM} missing: apt-get install chromium chromium-driver")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install -e '.[dev]')")
+
+# Charts the page must draw for a run that logs every key the training loop writes.
+HOSTILE_RUN = 'hostile <img src=x onerror="window.__xss=5"> %2e%2e'  # a run name is untrusted too
+EXPECTED_CURVES = {"reward", "reward_fn", "accuracy", "length", "truncated", "entropy", "kl", "clip", "ratio",
+                   "grad_norm", "lr", "time"}
+
+
+def build_runs_dir(base: Path, real_run_dir: Path | None = None) -> dict:
+    """RUNS_DIR = {the run under test, a hostile run}; returns where the known completion is."""
+    runs = base / "runs"
+    if real_run_dir is not None:
+        # Copied (a symlink out of RUNS_DIR would, rightly, not be served).
+        shutil.copytree(real_run_dir, runs / "real", ignore=shutil.ignore_patterns("final", "checkpoint*", "wandb"))
+        name = "real"
+        step_files = sorted((runs / name / "rollouts").glob("step-*.jsonl"))
+        step = int(step_files[-1].stem.split("-")[1])
+        known = json.loads(step_files[-1].read_text(encoding="utf-8").splitlines()[-1])["completion"]
+    else:
+        name = "synthetic"
+        write_synthetic_run(runs / name, steps=30, rollout_every=5, groups=2, group_size=4, moe_layers=2)
+        step = 30
+        known = json.loads((runs / name / "rollouts" / "step-000030.jsonl").read_text().splitlines()[-1])["completion"]
+    write_synthetic_run(runs / HOSTILE_RUN, steps=10, rollout_every=5, groups=2, group_size=4, payloads=True, seed=7)
+    return {"root": runs, "run": name, "step": step, "known": known}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    real = os.environ.get("GRPO_DASHBOARD_RUN_DIR")
+    return build_runs_dir(tmp_path_factory.mktemp("dash"), Path(real) if real else None)
+
+
+@pytest.fixture(scope="module")
+def server(runs):
+    dash = Dashboard(runs["root"], port=0, poll_seconds=0.3).start()
+    yield dash
+    dash.stop()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    with sync_api.sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("profile")), executable_path=CHROMIUM, args=CHROMIUM_ARGS,
+            headless=True, viewport={"width": 1400, "height": 900})
+        yield ctx
+        ctx.close()
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page()
+    page.errors = []
+    page.on("pageerror", lambda e: page.errors.append(str(e)))
+    page.on("console", lambda m: page.errors.append(m.text) if m.type == "error" else None)
+    yield page
+    page.close()
+
+
+def js(page, expr: str, timeout: float = 30.0):
+    """Poll `expr` until truthy (the page's CSP forbids eval, so no wait_for_function)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = page.evaluate(f"() => ({expr})")
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def open_dashboard(page, url: str) -> dict:
+    page.goto(url)
+    timing = js(page, "window.grpoDashboard && (window.grpoDashboard.timing.ready || window.grpoDashboard.timing.error) && window.grpoDashboard.timing")
+    assert timing and "error" not in timing, (timing, page.errors)
+    return timing
+
+
+def screenshot(page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / name
+    page.screenshot(path=str(path), full_page=True)
+    if os.environ.get("GRPO_SCREENSHOT_DIR"):
+        out = Path(os.environ["GRPO_SCREENSHOT_DIR"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, out / name)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+def logged_keys(run_dir: Path) -> set[str]:
+    """Metric keys with at least one value in the run (MoE per-expert shares go to heatmaps)."""
+    keys = set()
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        keys |= {k for k, v in json.loads(line).items() if v is not None}
+    return {k for k in keys - {"step", "time"} if not re.match(r"^moe/layer_\d+/expert_\d+/share$", k)}
+
+
+def assert_all_charts_drawn(page, runs) -> list[dict]:
+    report = page.evaluate("() => window.grpoDashboard.chartReport()")
+    missing = [r for r in report if not (r["drawn"] and r["points"] > 0)]
+    assert not missing, missing
+    ids = {r["id"] for r in report}
+    if runs["run"] == "synthetic":
+        assert EXPECTED_CURVES <= ids, EXPECTED_CURVES - ids
+    assert "aha-chart" in ids
+    charted = {k for r in report for k in r["keys"]}
+    assert logged_keys(runs["root"] / runs["run"]) <= charted  # every logged metric has a curve
+    return report
+
+
+def show_rollouts(page, run: str, step: int, search: str = "") -> str:
+    page.select_option("#ro-run", run)
+    js(page, f"document.getElementById('ro-step').options.length && document.getElementById('ro-run').value === {json.dumps(run)}")
+    page.select_option("#ro-step", str(step))
+    js(page, f"document.getElementById('ro-summary').textContent.includes('step {step}')")
+    if search:
+        page.fill("#ro-search", search)
+        js(page, "document.getElementById('ro-summary').textContent.includes('1 completion')", timeout=5)
+    return page.inner_text("#ro-list")
+
+
+def assert_payloads_inert(page) -> None:
+    assert page.evaluate("() => window.__xss") is None  # no payload ran
+    listed = page.inner_text("#ro-list")  # rendered text, as a reader sees it
+    for payload in XSS_PAYLOADS:
+        assert payload in listed  # shown literally, as text
+    # and no element came out of model text or the run's name
+    assert page.evaluate("() => document.querySelectorAll('#ro-list img, #ro-list script, #ro-list svg, #ro-list textarea').length") == 0
+    assert HOSTILE_RUN in page.inner_text("#run-picker")
+    assert page.evaluate("() => document.querySelectorAll('header img, .chart img, .legend img').length") == 0
+
+
+def test_live_page_draws_every_chart_and_shows_a_known_completion(page, server, runs, tmp_path):
+    timing = open_dashboard(page, server.url)
+    report = assert_all_charts_drawn(page, runs)
+    assert any(r["id"].startswith("layer") for r in report) or runs["run"] == "real"  # MoE heatmaps
+    text = show_rollouts(page, runs["run"], runs["step"], search=runs["known"][:40])
+    assert runs["known"].strip()[:40] in text
+    screenshot(page, tmp_path, "dashboard-live.png")
+    assert not page.errors, page.errors
+    print(f"first charts {timing['firstCharts']:.0f} ms, all {timing['allCharts']:.0f} ms")
+
+
+def test_live_page_shows_hostile_completions_as_text(page, server, tmp_path):
+    open_dashboard(page, server.url)
+    show_rollouts(page, HOSTILE_RUN, 10)
+    assert_payloads_inert(page)
+    assert KNOWN_COMPLETION in page.inner_text("#ro-list")
+    # search across all steps on the server, results rendered the same way
+    page.check("#ro-all")
+    page.fill("#ro-search", "onerror")
+    js(page, "document.getElementById('ro-summary').textContent.includes('all logged steps')")
+    assert "onerror" in page.inner_text("#ro-list")
+    assert page.evaluate("() => window.__xss") is None
+    assert page.evaluate("() => document.querySelectorAll('#ro-list img, #ro-list script').length") == 0
+    screenshot(page, tmp_path, "dashboard-hostile.png")
+
+
+def test_live_page_updates_while_a_run_writes(page, server, runs):
+    from grpo.tracking import JsonlSink
+    from grpo.dashboard.synthetic import step_metrics, step_rollouts
+    import random
+
+    open_dashboard(page, server.url)
+    run_dir = runs["root"] / "growing"
+    sink = JsonlSink(run_dir)  # a new run appears, then grows
+    rng = random.Random(0)
+    for step in range(1, 4):
+        sink.log(step_metrics(step, 10, rng, 0, 0), step)
+    js(page, "Object.keys(window.grpoDashboard.state.runs).includes('growing')", timeout=10)
+    for step in range(4, 8):
+        sink.log(step_metrics(step, 10, rng, 0, 0), step)
+    sink.log_rollouts(step_rollouts(7, 1, 2, rng, False), 7)
+    sink.close()
+    assert js(page, "(window.grpoDashboard.state.runs.growing || {}).last_step === 7", timeout=10)
+    # the reward chart (on screen) was redrawn with the new run's 7 steps
+    assert js(page, "document.querySelector('[data-chart=reward]').data.some((t) => t.name.startsWith('growing') && t.x.length === 7)", timeout=10)
+    assert js(page, "document.getElementById('ro-run').options.length >= 3", timeout=10)
+    shutil.rmtree(run_dir)
+
+
+def test_export_works_offline_and_shows_hostile_text_literally(page, runs, tmp_path):
+    from grpo.dashboard.export import export_html
+
+    out = export_html(runs["root"], tmp_path / "report.html")
+    requested = []
+
+    def only_the_file(route):
+        requested.append(route.request.url)
+        if route.request.url.startswith("file://"):
+            route.continue_()
+        else:
+            route.abort()
+
+    page.route("**/*", only_the_file)
+    open_dashboard(page, out.as_uri())
+    assert_all_charts_drawn(page, runs)
+    assert [u for u in requested if not u.startswith("file://")] == []
+    show_rollouts(page, HOSTILE_RUN, 10)
+    assert_payloads_inert(page)
+    text = show_rollouts(page, runs["run"], runs["step"])
+    assert runs["known"].strip()[:40] in text
+    screenshot(page, tmp_path, "dashboard-export.png")
+    assert not page.errors, page.errors
