@@ -18,6 +18,11 @@ setup:
 		echo "no CUDA: installing $(TORCH_CPU)"; $(BIN)/python -m pip install --quiet "$(TORCH_CPU)"; \
 	fi
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# Browser tests of the dashboard drive Debian's headless Chromium (never a downloaded browser).
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+		else echo "note: install Debian's chromium for the dashboard's browser tests (sudo apt-get install chromium)"; fi; \
+	fi
 	$(BIN)/python -c "import grpo, rewards, rollout, torch; print('grpo-zero ready, torch', torch.__version__)"
 
 train:

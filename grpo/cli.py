@@ -1,6 +1,7 @@
 """The `grpo` command line.
 
     grpo train RECIPE [key=value ...] [--output-dir DIR]
+    grpo dashboard RUNS_DIR [--host 127.0.0.1] [--port 8050] [--export report.html]
 
 Recipe problems (unknown key, wrong type, missing file, malformed YAML) print one line naming the
 file and the dotted key, exit with status 2, and write nothing.
@@ -63,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe field, e.g. trainer.steps=50")
     train.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<recipe>-<time>)")
     train.set_defaults(func=cmd_train)
+
+    from grpo import dashboard
+
+    dashboard.add_parser(verbs)
     return parser
 
 

@@ -29,9 +29,9 @@ import torch
 from grpo.advantages import group_advantages, zero_variance_fraction
 from grpo.config import RunConfig, dump_config
 from grpo.data import PromptSampler, load_rows, render_prompt
-from grpo.logprobs import token_logprobs
-from grpo.loss import grpo_loss
+from grpo.evaluate import EVAL_REWARDS, evaluate_greedy
 from grpo.tracking import make_tracker
+from grpo.update import policy_update
 from rewards import RewardSpec, Scorer
 from rollout.base import Rollout, SamplingParams
 from rollout.hf import HFEngine
@@ -114,66 +114,6 @@ def with_advantages(rollouts: list[Rollout], group_size: int, scale: str) -> tup
     return [replace(r, advantage=a) for r, a in zip(rollouts, adv)], metrics
 
 
-def collate(rollouts: list[Rollout], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+completion batch with a mask over completion positions of logprobs."""
-    seqs = [list(r.prompt_ids) + list(r.completion_ids) for r in rollouts]
-    width = max(map(len, seqs))
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, S]
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)  # [B, S]
-    mask = torch.zeros((len(seqs), width - 1))  # [B, S-1]; entry t scores token t+1
-    sampler_lp = torch.zeros((len(seqs), width - 1))  # [B, S-1]
-    for b, (seq, r) in enumerate(zip(seqs, rollouts)):
-        input_ids[b, : len(seq)] = torch.tensor(seq)
-        attention[b, : len(seq)] = 1
-        start, end = len(r.prompt_ids) - 1, len(seq) - 1
-        mask[b, start:end] = 1.0
-        sampler_lp[b, start:end] = torch.tensor(r.logprobs)
-    advantages = torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)  # [B]
-    return {"input_ids": input_ids, "attention_mask": attention, "mask": mask,
-            "sampler_logprobs": sampler_lp, "advantages": advantages}
-
-
-def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad_id: int,
-                  device: torch.device) -> dict[str, float]:
-    """One or more optimisation passes over the batch, in micro-batches with accumulation."""
-    algo, tr = cfg.algorithm, cfg.trainer
-    temperature = cfg.rollout.temperature
-    batch = {k: v.to(device) for k, v in collate(rollouts, pad_id).items()}
-    size = len(rollouts)
-    chunks = [slice(i, min(i + tr.micro_batch_size, size)) for i in range(0, size, tr.micro_batch_size)]
-    normalizer = batch["mask"].sum().item() if algo.loss_agg == "token_mean" else float(size)
-
-    old = None
-    if algo.num_iterations > 1:  # old log-probs once, before the first pass
-        with torch.no_grad():
-            old = torch.cat([token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c], temperature)[0]
-                             for c in chunks])
-
-    sums: dict[str, float] = {}
-    for _ in range(algo.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        for c in chunks:
-            mask = batch["mask"][c]
-            logprobs, entropy = token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c],
-                                               temperature, with_entropy=True)
-            old_lp = old[c] if old is not None else logprobs.detach()
-            loss, metrics = grpo_loss(logprobs, old_lp, batch["advantages"][c], mask, clip_low=algo.clip_low,
-                                      clip_high=algo.clip_high, agg=algo.loss_agg, normalizer=normalizer)
-            loss.backward()
-            weight = mask.sum().item() / max(batch["mask"].sum().item(), 1.0)
-            metrics["train/loss"] = loss.item()
-            metrics["train/entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
-            metrics["train/mismatch_abs"] = (((logprobs.detach() - batch["sampler_logprobs"][c]).abs() * mask).sum()
-                                             / mask.sum().clamp(min=1)).item()
-            for key, value in metrics.items():  # loss adds up over micro-batches; the rest are token-weighted means
-                sums[key] = sums.get(key, 0.0) + (value if key == "train/loss" else value * weight)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.max_grad_norm).item()
-        optimizer.step()
-    sums = {k: v / algo.num_iterations for k, v in sums.items()}
-    sums["train/grad_norm"] = grad_norm
-    return sums
-
-
 def rollout_metrics(rollouts: list[Rollout], max_new_tokens: int, seconds: float) -> dict[str, float]:
     lengths = [r.num_completion_tokens for r in rollouts]
     return {
@@ -191,28 +131,6 @@ def rollout_rows(rollouts: list[Rollout], prompts: list[str], step: int, group_s
          "advantage": r.advantage, "finish_reason": r.finish_reason, "num_tokens": r.num_completion_tokens}
         for i, r in enumerate(rollouts)
     ]
-
-
-# --- evaluation ---------------------------------------------------------------------------------
-
-EVAL_REWARDS = [RewardSpec("math_answer"), RewardSpec("format")]
-
-
-def evaluate_greedy(engine: HFEngine, tokenizer, cfg: RunConfig, rows: list[dict], scorer: Scorer) -> dict:
-    """Greedy accuracy on held-out rows: correct answer *inside* the required format."""
-    prompts, prompt_ids = encode_prompts(tokenizer, cfg.data.template, rows)
-    sampling = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
-                              temperature=0.0, stop=tuple(cfg.rollout.stop))
-    outs = engine.generate(prompt_ids, 1, sampling)
-    result = scorer.score([o.text for o in outs], rows, [{"prompt": p} for p in prompts])
-    correct = [m == 1.0 and f == 1.0 for m, f in zip(result.per_function["math_answer"], result.per_function["format"])]
-    return {
-        "accuracy": sum(correct) / len(correct),
-        "format": sum(f == 1.0 for f in result.per_function["format"]) / len(correct),
-        "answer_anywhere": sum(m == 1.0 for m in result.per_function["math_answer"]) / len(correct),
-        "num_prompts": len(rows),
-        "examples": [{"prompt": p, "completion": o.text, "answer": r["answer"]} for p, o, r in list(zip(prompts, outs, rows))[:3]],
-    }
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -242,7 +160,8 @@ def train(cfg: RunConfig, output_dir: str | Path) -> dict:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.trainer.warmup_steps + 1)))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-    tracker = make_tracker(output_dir)
+    tracker = make_tracker(output_dir, report_to=cfg.logging.report_to, project=cfg.logging.project,
+                           run_name=cfg.logging.run_name or output_dir.name, config=cfg.model_dump(mode="json"))
     pad_id = tokenizer.pad_token_id
     summary: dict = {"output_dir": str(output_dir)}
     if cfg.eval.before_and_after:
