@@ -1,93 +1,622 @@
-"""The math-answer reward (first cut: integers, fractions and decimals)."""
+"""The math-answer reward: extract the final answer, parse it safely, compare it with the gold.
+
+Roles: the *gold* is ``example["answer"]`` (a bare answer, LaTeX, or a worked solution with a
+``\\boxed{}``); the *prediction* is the completion. Both go through the same extraction and parser;
+where a policy is asymmetric it says so below.
+
+Extraction (`extract_answer`), first match wins:
+1. the last ``<answer>...</answer>`` (R1-Zero template); a ``\\boxed{}`` inside it wins;
+2. the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces). Boxes *adjacent* to it (separated
+   only by commas, "and"/"or", spacing or at most four short words with a connective) are merged
+   into one list; other, earlier boxes are ignored (the last one is the answer);
+3. "the final answer is ...", "the answer is ...", "answer: ..." up to the end of the sentence;
+4. a short string (under 80 characters) as a whole, with ``$`` / ``\\( \\)`` stripped.
+Otherwise there is no answer and the reward is 0.
+
+Normalisation (`rewards.mathparse.normalize`): ``\\left``/``\\right``, spacing commands, ``\\dfrac``,
+``\\text{}`` wrappers, trailing unit words after a number ("125 miles", ``15\\mbox{ cm}^2``) and
+degree marks (``90^\\circ`` == 90) are dropped; thousands separators (``7,425,000``, ``1 000``,
+``14{,}916``) are removed, a single decimal comma (``1,22``) is a decimal point; unicode minus signs,
+``\\times``/``\\cdot`` and full-width digits are mapped to ASCII.
+
+Percent policy: a percent sign on one side only accepts either the same number or the number
+divided by 100 on the other (``28\\%`` matches ``28`` and ``0.28``).
+
+Comparison (`equivalent`): exact rational arithmetic first. When a decimal literal is involved, the
+tolerance follows the precision written: with ``d`` decimals (fewest on either side) the values
+must agree to within half a unit in the ``d``-th place (``3.14`` matches ``\\pi``, ``0.333`` matches
+``1/3``, ``5.001`` does not match ``5``); the ``float_rounding`` keyword instead rounds both to that
+many decimals. Irrational constants are compared at 50 significant digits with a *relative*
+tolerance of 1e-30, so ``1/2004!`` and ``1/2006!`` differ. Expressions with symbols are compared by
+exact expansion, then by evaluation at three points where every symbol is positive (``\\sqrt{1/n}``
+equals ``1/\\sqrt{n}``), then by `sympy.simplify` under the sandbox deadline. Different variable
+names are different (``f(x)`` is not ``f(y)``). Tuples are ordered, sets and bare lists are not
+(a tuple equals a set only when written in the set's sorted order); intervals compare endpoints and
+closedness; ``a \\pm b`` is the set ``{a+b, a-b}``; matrices compare element-wise. Equations:
+``x = 2`` matches ``2`` when the left side is only symbols (``k = 1``, ``f(x) = 1``, ``(p,q) = (3,2)``);
+two equations match when one side-difference is a constant multiple of the other; a chain
+``a = b = c`` is judged by its last part; ``\\approx`` keeps the value before it. Inequalities match
+when their normalised forms are positive multiples; a chain ``a < x < b`` is the interval ``(a, b)``.
+Several different answers where the gold has one (hedging: "3 or 4", ``\\pm`` for a single value)
+score 0; an empty answer scores 0.
+
+Where our parser cannot read an answer, math-verify's LaTeX parser is tried as a fallback (only
+inside the worker sandbox, never on the main process, and only if it is installed); its parse
+goes through our comparison, not through math-verify's ``verify``.
+"""
 
 from __future__ import annotations
 
 import re
-from fractions import Fraction
 
-MAX_ANSWER_CHARS = 2000
+import sympy
+
+from rewards.mathparse import (
+    MAX_CHARS,
+    Answer,
+    Interval,
+    Matrix,
+    ParseError,
+    PlusMinus,
+    Relation,
+    Seq,
+    Text,
+    TooBig,
+    Union,
+    parse_answer,
+)
+
+MAX_SCAN_CHARS = 20_000  # only the tail of a completion is searched for the final answer
+SHORT_ANSWER_CHARS = 80
+
+# ------------------------------------------------------------------ extraction
 
 
-def _last_braced(text: str, command: str) -> str | None:
-    """Content of the last ``command{...}`` with nested braces (linear scan)."""
-    start = text.rfind(command + "{")
-    while start != -1:
-        i = start + len(command) + 1
+def _braced_spans(text: str, commands=("\\boxed", "\\fbox")) -> list[tuple[int, int, str]]:
+    """(start, end, content) of every ``\\boxed{...}`` whose braces balance; one linear scan."""
+    spans = []
+    i = 0
+    n = len(text)
+    while True:
+        hits = [(text.find(c + "{", i), c) for c in commands]
+        hits = [(h, c) for h, c in hits if h != -1]
+        if not hits:
+            return spans
+        start, cmd = min(hits)
+        j = start + len(cmd) + 1
         depth = 1
-        j = i
-        while j < len(text) and depth:
-            c = text[j]
-            if c == "{":
+        while j < n and depth:
+            ch = text[j]
+            if ch == "{":
                 depth += 1
-            elif c == "}":
+            elif ch == "}":
                 depth -= 1
             j += 1
-        if depth == 0:
-            return text[i : j - 1]
-        start = text.rfind(command + "{", 0, start)
-    return None
+        if depth:
+            return spans
+        spans.append((start, j, text[start + len(cmd) + 1 : j - 1]))
+        i = start + len(cmd) + 1  # boxes nested inside boxes are found too; the outermost wins below
+
+
+_GAP_NOISE = re.compile(r"\\text\s*\{([^{}]*)\}|\\(?:quad|qquad|[,;:! ])|\$|\\[()\[\]]|[\s,;.]")
+
+
+def _adjacent(gap: str) -> bool:
+    words = _GAP_NOISE.sub(lambda m: " " + (m.group(1) or "") + " ", gap).split()
+    if not words:
+        return True
+    if len(words) > 4:
+        return False
+    return any(w.lower() in ("and", "or") for w in words)
+
+
+def _last_boxed(text: str) -> str | None:
+    spans = _braced_spans(text)
+    if not spans:
+        return None
+    outer = []  # drop boxes nested inside another box
+    for s in spans:
+        if outer and s[0] < outer[-1][1]:
+            continue
+        outer.append(s)
+    group = [outer[-1]]
+    for s in reversed(outer[:-1]):
+        if _adjacent(text[s[1] : group[0][0]]):
+            group.insert(0, s)
+        else:
+            break
+    if len(group) == 1:
+        return group[0][2]
+    return ", ".join(g[2] for g in group)
+
+
+_FINAL = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:)\s*", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<![\d\\])\.(?:\s|$)|\n|\bI hope\b")
+_MATH_DELIMS = re.compile(r"^\s*(?:\$\$|\$|\\\(|\\\[)(.*?)(?:\$\$|\$|\\\)|\\\])\s*\.?\s*$", re.DOTALL)
+
+
+def _strip_delims(s: str) -> str:
+    s = s.strip()
+    m = _MATH_DELIMS.match(s)
+    if m:
+        s = m.group(1)
+    return s.strip().strip("$").strip()
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer in a completion or gold string.
+    """The final answer in a completion or a gold string, or None.
 
     >>> extract_answer("<think>3+4 is 7</think><answer>7</answer>")
     '7'
-    >>> extract_answer("so \\\\boxed{\\\\frac{1}{2}}.")
+    >>> extract_answer("so the area is \\\\boxed{\\\\frac{1}{2}}.")
     '\\\\frac{1}{2}'
+    >>> extract_answer("\\\\boxed{1} and \\\\boxed{2}")
+    '1, 2'
+    >>> extract_answer("The final answer is $12$. I hope it is correct.")
+    '12'
+    >>> extract_answer("a long text without any marked answer " * 3) is None
+    True
     """
-    if "<answer>" in text:
-        start = text.rfind("<answer>") + len("<answer>")
-        end = text.find("</answer>", start)
-        inner = text[start:] if end == -1 else text[start:end]
-        boxed = _last_braced(inner, "\\boxed")
-        return (boxed if boxed is not None else inner).strip() or None
-    boxed = _last_braced(text, "\\boxed")
+    if len(text) > MAX_SCAN_CHARS:
+        text = text[-MAX_SCAN_CHARS:]
+    a = text.rfind("<answer>")
+    if a != -1:
+        inner = text[a + len("<answer>") :]
+        end = inner.find("</answer>")
+        if end != -1:
+            inner = inner[:end]
+        boxed = _last_boxed(inner)
+        out = _strip_delims(boxed if boxed is not None else inner)
+        return out or None
+    boxed = _last_boxed(text)
     if boxed is not None:
         return boxed.strip() or None
     m = None
-    for m in re.finditer(r"answer is[:\s]*", text):
+    for m in _FINAL.finditer(text):
         pass
     if m is not None:
-        return text[m.end():].strip().rstrip(".") or None
-    return text.strip() or None
-
-
-_NUM = re.compile(r"^([+-]?)(\d+(?:\.\d+)?|\.\d+)$")
-_FRAC = re.compile(r"^([+-]?)(\d+)\s*/\s*(\d+)$")
-_TEXFRAC = re.compile(r"^([+-]?)\\[dt]?frac\{\s*(\d+)\s*\}\{\s*(\d+)\s*\}$")
-
-
-def parse_number(s: str) -> Fraction | None:
-    s = s.strip().strip("$").replace("\u2212", "-").replace(",", "").replace(" ", "")
-    if len(s) > 200:
-        return None
-    if m := _NUM.match(s):
-        v = Fraction(m.group(2))
-        return -v if m.group(1) == "-" else v
-    if (m := _FRAC.match(s)) or (m := _TEXFRAC.match(s)):
-        if int(m.group(3)) == 0:
-            return None
-        v = Fraction(int(m.group(2)), int(m.group(3)))
-        return -v if m.group(1) == "-" else v
+        rest = text[m.end() :]
+        e = _SENTENCE_END.search(rest)
+        out = _strip_delims(rest[: e.start()] if e else rest)
+        if out:
+            return out
+    if len(text.strip()) <= SHORT_ANSWER_CHARS:
+        out = _strip_delims(text)
+        return out or None
     return None
 
 
-def math_answer(completion: str, example: dict, **context) -> float:
+# ------------------------------------------------------------------ comparison
+
+
+class _Ctx:
+    def __init__(self, gold: Answer, pred: Answer, float_rounding: int | None):
+        self.decimals = [d for d in (gold.decimals, pred.decimals) if d is not None]
+        self.float_rounding = float_rounding
+        self.percent = gold.percent != pred.percent
+
+
+def _is_symbolish(v) -> bool:
+    """Only symbols (no numbers): a name like x, f(x), |AB|, A:B, (p, q), NO/BO."""
+    if isinstance(v, Seq):
+        return all(_is_symbolish(i) for i in v.items)
+    if not isinstance(v, sympy.Basic):
+        return False
+    if isinstance(v, sympy.Symbol):
+        return True
+    if isinstance(v, sympy.core.function.AppliedUndef):
+        return all(isinstance(a, sympy.Symbol) for a in v.args)
+    if isinstance(v, (sympy.Mul, sympy.Abs)) or (isinstance(v, sympy.Pow) and v.exp == -1):
+        return all(_is_symbolish(a) or a == -1 for a in v.args)
+    return False
+
+
+def _canon(v):
+    """Policies that rewrite a value before comparison."""
+    if isinstance(v, Relation) and all(op == "=" for op in v.ops) and len(v.parts) > 2:
+        return _canon(v.parts[-1])  # a chain a = b = c is judged by its last value
+    if isinstance(v, PlusMinus):
+        return Seq("set", (v.center + v.delta, v.center - v.delta))
+    if isinstance(v, Relation) and len(v.parts) == 3 and v.ops[0] == v.ops[1] and v.ops[0] in ("<", "<="):
+        lo, mid, hi = v.parts
+        if _is_symbolish(mid):
+            return Interval(lo, hi, v.ops[0] == "<=", v.ops[1] == "<=")
+    if isinstance(v, Relation) and len(v.parts) == 3 and v.ops[0] == v.ops[1] and v.ops[0] in (">", ">="):
+        hi, mid, lo = v.parts
+        if _is_symbolish(mid):
+            return Interval(lo, hi, v.ops[0] == ">=", v.ops[1] == ">=")
+    if isinstance(v, Seq) and v.kind in ("list", "set"):
+        items = [_canon(i) for i in v.items]
+        items = _group_assignments(items)
+        return Seq(v.kind, tuple(items))
+    if isinstance(v, Seq):
+        return Seq(v.kind, tuple(_canon(i) for i in v.items))
+    return v
+
+
+def _assignment(v):
+    if isinstance(v, Relation) and v.ops == ("=",) and _is_symbolish(v.parts[0]):
+        return v.parts[0], v.parts[1]
+    return None
+
+
+def _group_assignments(items):
+    """[p=5, q=2, p=7, q=2] -> [(5, 2), (7, 2)]; [x=1, y=2] stays a list of values [1, 2]."""
+    pairs = [_assignment(i) for i in items]
+    if not items or any(p is None for p in pairs):
+        return [(_assignment(i)[1] if _assignment(i) else i) for i in items]
+    names = [p[0] for p in pairs]
+    k = len(names)
+    for period in range(2, len(names)):
+        if len(names) % period == 0 and len(set(names[:period])) == period and all(
+            names[i] == names[i % period] for i in range(len(names))
+        ):
+            k = period
+            break
+    if k == len(names):
+        return [p[1] for p in pairs]
+    return [Seq("tuple", tuple(p[1] for p in pairs[i : i + k])) for i in range(0, len(pairs), k)]
+
+
+def _points(symbols):
+    syms = sorted(symbols, key=lambda s: s.name)
+    return [
+        {s: sympy.Rational(37 * k + 61 * i + 50, 100) for i, s in enumerate(syms)}
+        for k in (1, 2, 3)
+    ]
+
+
+def _num(expr, prec=50):
+    try:
+        v = sympy.N(expr, prec)
+    except (TypeError, ValueError, ZeroDivisionError, RecursionError):
+        return None
+    if v.has(sympy.zoo, sympy.nan) or not v.is_number:
+        return None
+    try:
+        return complex(v) if not v.is_real else v
+    except (TypeError, ValueError):
+        return None
+
+
+def _round(x: sympy.Rational, d: int) -> sympy.Rational:
+    scale = sympy.Integer(10) ** d
+    return sympy.floor(x * scale + sympy.Rational(1, 2)) / scale
+
+
+def _numbers_equal(g, p, ctx: _Ctx) -> bool:
+    """Two constant expressions (no free symbols)."""
+    if g == p:
+        return True
+    if g.is_infinite or p.is_infinite:
+        return g == p
+    if ctx.decimals or ctx.float_rounding is not None:
+        if ctx.decimals and ctx.float_rounding is None:
+            d = min(ctx.decimals)
+        elif ctx.decimals:
+            d = ctx.float_rounding
+        else:
+            d = None
+        if d is not None:
+            gv, pv = _num(g, 60), _num(p, 60)
+            if gv is None or pv is None or isinstance(gv, complex) or isinstance(pv, complex):
+                return False
+            gr, pr = sympy.Rational(str(gv)), sympy.Rational(str(pv))
+            if ctx.float_rounding is not None:
+                return _round(gr, d) == _round(pr, d)
+            return abs(gr - pr) <= sympy.Rational(1, 2) * sympy.Rational(1, 10**d) * (1 + sympy.Rational(1, 10**9))
+    if g.is_Rational and p.is_Rational:
+        return False
+    gv, pv = _num(g), _num(p)
+    if gv is None or pv is None:
+        return sympy.simplify(g - p) == 0
+    if isinstance(gv, complex) or isinstance(pv, complex):
+        return abs(complex(gv) - complex(pv)) <= 1e-12 * max(abs(complex(gv)), 1e-300)
+    scale = max(abs(gv), abs(pv))
+    if scale == 0:
+        return True
+    return abs(gv - pv) <= scale * sympy.Float("1e-30", 50)
+
+
+def _exprs_equal(g, p, ctx: _Ctx) -> bool:
+    if g == p:
+        return True
+    if ctx.percent and g.is_number and p.is_number:
+        if any(_numbers_equal(g, q, _no_percent(ctx)) for q in (p, p * 100, p / 100)):
+            return True
+    free = g.free_symbols | p.free_symbols
+    if not free:
+        return _numbers_equal(g, p, ctx)
+    if any(s.name == "ELLIPSIS" for s in free):
+        return sympy.expand(g - p) == 0
+    try:
+        if sympy.expand(g - p) == 0:
+            return True
+    except (TypeError, ValueError, RecursionError):
+        pass
+    checked = 0
+    for point in _points(free):
+        gv, pv = _num(g.xreplace(point), 30), _num(p.xreplace(point), 30)
+        if gv is None or pv is None:
+            continue
+        if isinstance(gv, complex) or isinstance(pv, complex):
+            if abs(complex(gv) - complex(pv)) > 1e-15 * max(abs(complex(gv)), 1):
+                return False
+        elif abs(gv - pv) > sympy.Float("1e-20", 30) * max(abs(gv), abs(pv), 1):
+            if ctx.decimals and abs(gv - pv) <= 10 ** (-min(ctx.decimals)):
+                pass
+            else:
+                return False
+        checked += 1
+    if checked >= 2:
+        return True
+    if sympy.count_ops(g) + sympy.count_ops(p) > 80:
+        return False
+    return sympy.simplify(g - p) == 0
+
+
+def _no_percent(ctx):
+    c = _Ctx.__new__(_Ctx)
+    c.decimals, c.float_rounding, c.percent = ctx.decimals, ctx.float_rounding, False
+    return c
+
+
+def _relation_form(r: Relation):
+    """(f, op) with the relation meaning ``f op 0``, op in {'=', '<', '<=', '!='}."""
+    (op,), (a, b) = r.ops, r.parts
+    if op in (">", ">="):
+        return b - a, op.replace(">", "<")
+    return a - b, op
+
+
+def _proportional(f1, f2, positive: bool) -> bool:
+    if f1 == 0 or f2 == 0:
+        return f1 == f2
+    free = f1.free_symbols | f2.free_symbols
+    ratios = []
+    for point in _points(free):
+        a, b = _num(f1.xreplace(point), 30), _num(f2.xreplace(point), 30)
+        if a is None or b is None or isinstance(a, complex) or isinstance(b, complex) or b == 0:
+            continue
+        ratios.append(a / b)
+    if len(ratios) < 2:
+        return False
+    r0 = ratios[0]
+    if positive and r0 <= 0:
+        return False
+    return all(abs(r - r0) <= sympy.Float("1e-20", 30) * max(abs(r0), 1) for r in ratios)
+
+
+def _relations_equal(g: Relation, p: Relation, ctx) -> bool:
+    if len(g.parts) != 2 or len(p.parts) != 2:
+        return len(g.parts) == len(p.parts) and g.ops == p.ops and all(
+            _values_equal(a, b, ctx) for a, b in zip(g.parts, p.parts)
+        )
+    if not all(isinstance(x, sympy.Basic) for x in g.parts + p.parts):
+        if g.ops == p.ops == ("=",):
+            return _values_equal(g.parts[0], p.parts[0], ctx) and _values_equal(g.parts[1], p.parts[1], ctx)
+        return False
+    (fg, og), (fp, op) = _relation_form(g), _relation_form(p)
+    if og != op:
+        return False
+    if og == "=" and g.parts[0] == p.parts[0] and _is_symbolish(g.parts[0]):
+        return _values_equal(g.parts[1], p.parts[1], ctx)
+    return _proportional(fg, fp, positive=og in ("<", "<="))
+
+
+def _relation_to_interval(r: Relation):
+    if len(r.parts) != 2 or r.ops[0] not in ("<", "<=", ">", ">="):
+        return None
+    a, b = r.parts
+    op = r.ops[0]
+    if _is_symbolish(b) and not _is_symbolish(a):  # 5 >= x  ->  x <= 5
+        a, b = b, a
+        op = {"<": ">", "<=": ">=", ">": "<", ">=": "<="}[op]
+    if not _is_symbolish(a):
+        return None
+    if op in ("<", "<="):
+        return Interval(-sympy.oo, b, False, op == "<=")
+    return Interval(b, sympy.oo, op == ">=", False)
+
+
+def _match_unordered(gs, ps, ctx) -> bool:
+    if len(gs) != len(ps):
+        return False
+    used = [False] * len(ps)
+    for g in gs:
+        for j, p in enumerate(ps):
+            if not used[j] and _values_equal(g, p, ctx):
+                used[j] = True
+                break
+        else:
+            return False
+    return True
+
+
+def _sort_key(v):
+    try:
+        return (0, float(v))
+    except (TypeError, ValueError):
+        return (1, str(v))
+
+
+def _values_equal(g, p, ctx) -> bool:
+    g, p = _canon(g), _canon(p)
+    if isinstance(g, sympy.Basic) and isinstance(p, sympy.Basic):
+        return _exprs_equal(g, p, ctx)
+    if isinstance(g, Text) or isinstance(p, Text):
+        gt = g.text if isinstance(g, Text) else (str(g).lower() if isinstance(g, sympy.Symbol) else None)
+        pt = p.text if isinstance(p, Text) else (str(p).lower() if isinstance(p, sympy.Symbol) else None)
+        if isinstance(g, sympy.Basic) and not isinstance(g, sympy.Symbol) and gt is None:
+            gt = re.sub(r"\W", "", str(g)).lower() if isinstance(g, sympy.Mul) else None
+        if isinstance(p, sympy.Basic) and not isinstance(p, sympy.Symbol) and pt is None:
+            pt = "".join(sorted(str(p).lower())) if False else None
+        return gt is not None and pt is not None and gt == pt
+    if isinstance(g, Relation) and isinstance(p, Relation):
+        return _relations_equal(g, p, ctx)
+    if isinstance(g, Relation) or isinstance(p, Relation):
+        rel, other = (g, p) if isinstance(g, Relation) else (p, g)
+        if rel.ops == ("=",) and _is_symbolish(rel.parts[0]):
+            return _values_equal(rel.parts[1], other, ctx) if rel is g else _values_equal(other, rel.parts[1], ctx)
+        as_interval = _relation_to_interval(rel)
+        if as_interval is not None and isinstance(other, (Interval, Union)):
+            return _values_equal(as_interval, other, ctx)
+        return False
+    if isinstance(g, Seq) and g.kind == "tuple" and len(g.items) == 2 and isinstance(p, Interval):
+        g = Interval(g.items[0], g.items[1], False, False)
+    if isinstance(p, Seq) and p.kind == "tuple" and len(p.items) == 2 and isinstance(g, Interval):
+        p = Interval(p.items[0], p.items[1], False, False)
+    if isinstance(g, Interval) and isinstance(p, Interval):
+        return (
+            g.left_closed == p.left_closed
+            and g.right_closed == p.right_closed
+            and _values_equal(g.lo, p.lo, ctx)
+            and _values_equal(g.hi, p.hi, ctx)
+        )
+    if isinstance(g, (Union, Interval)) and isinstance(p, (Union, Interval)):
+        gp = g.parts if isinstance(g, Union) else (g,)
+        pp = p.parts if isinstance(p, Union) else (p,)
+        return _match_unordered(list(gp), list(pp), ctx)
+    if isinstance(g, Seq) and isinstance(p, Seq):
+        if g.kind == "ratio" or p.kind == "ratio":
+            return g.kind == p.kind and len(g.items) == len(p.items) and all(
+                _values_equal(a, b, ctx) for a, b in zip(g.items, p.items)
+            )
+        if g.kind == "tuple" and p.kind == "tuple":
+            return len(g.items) == len(p.items) and all(_values_equal(a, b, ctx) for a, b in zip(g.items, p.items))
+        if "tuple" in (g.kind, p.kind) and "set" in (g.kind, p.kind):
+            t, s = (g, p) if g.kind == "tuple" else (p, g)
+            ordered = sorted(s.items, key=_sort_key)
+            pairs = zip(t.items, ordered) if t is g else zip(ordered, t.items)
+            return len(t.items) == len(s.items) and all(_values_equal(a, b, ctx) for a, b in pairs)
+        return _match_unordered(list(g.items), list(p.items), ctx)
+    if isinstance(g, Matrix) or isinstance(p, Matrix):
+        gm = _as_matrix(g)
+        pm = _as_matrix(p)
+        if gm is None or pm is None or len(gm.rows) != len(pm.rows) or len(gm.rows[0]) != len(pm.rows[0]):
+            return False
+        return all(_values_equal(a, b, ctx) for r, s in zip(gm.rows, pm.rows) for a, b in zip(r, s))
+    return False
+
+
+def _as_matrix(v):
+    if isinstance(v, Matrix):
+        return v
+    if isinstance(v, Seq) and v.kind == "tuple" and len(v.items) == 1 and isinstance(v.items[0], Matrix):
+        return v.items[0]
+    return None
+
+
+def equivalent(gold: Answer, pred: Answer, float_rounding: int | None = None) -> bool:
+    """Whether a parsed prediction matches a parsed gold (see the module docstring for the policy).
+
+    >>> equivalent(parse_answer("\\\\frac{1}{2}"), parse_answer("0.5"))
+    True
+    >>> equivalent(parse_answer("1-\\\\frac{1}{e}"), parse_answer("1+\\\\frac{1}{e}"))
+    False
+    >>> equivalent(parse_answer("x \\\\geq 5"), parse_answer("5 \\\\leq x"))
+    True
+    """
+    ctx = _Ctx(gold, pred, float_rounding)
+    g, p = gold.value, pred.value
+    # hedging: several values where the gold has one scores 0
+    if isinstance(_canon(p), Seq) and _canon(p).kind in ("list", "set") and isinstance(g, sympy.Basic):
+        return False
+    return _values_equal(g, p, ctx)
+
+
+# ------------------------------------------------------------------ math-verify fallback
+
+
+def _mv_parse(text: str):
+    """math-verify's LaTeX-only parse (no `parse_expr` path), or None if unavailable/failed."""
+    try:
+        from math_verify import LatexExtractionConfig, parse
+    except ImportError:
+        return None
+    if len(text) > 4000:
+        text = text[-4000:]
+    try:
+        out = parse(text, extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
+    except Exception:  # noqa: BLE001 - a failed parse is "no answer"
+        return None
+    return out[0] if out else None
+
+
+def answers_match(gold_text: str, pred_text: str, float_rounding: int | None = None, fallback: bool = True) -> bool:
+    """Extract, parse and compare. The core of `math_answer`, usable on its own.
+
+    >>> answers_match("7", "<think>3+4 is 7</think><answer>7</answer>")
+    True
+    >>> answers_match("$\\\\frac{1}{2^{99}}$", "$\\\\frac{1}{2^{98}}$")
+    False
+    """
+    gold_s = extract_answer(gold_text)
+    pred_s = extract_answer(pred_text)
+    if pred_s is None or gold_s is None:
+        if not fallback or not gold_text.strip() or not pred_text.strip():
+            return False
+        return _fallback(gold_s or gold_text, pred_s or pred_text, float_rounding)
+    try:
+        gold = parse_answer(gold_s)
+    except TooBig:
+        return False
+    except (ParseError, RecursionError, TypeError, ValueError, AttributeError):
+        gold = None
+    try:
+        pred = parse_answer(pred_s)
+    except TooBig:
+        return False
+    except ParseError as e:
+        if "quantified" in str(e):
+            return False
+        pred = None
+    except (RecursionError, TypeError, ValueError, AttributeError):
+        pred = None
+    if gold is not None and pred is not None:
+        try:
+            return equivalent(gold, pred, float_rounding)
+        except (TypeError, ValueError, AttributeError, RecursionError, ZeroDivisionError):
+            return False
+    if not fallback:
+        return gold_s.strip() == pred_s.strip()
+    return _fallback(gold_s, pred_s, float_rounding)
+
+
+def _fallback(gold_s: str, pred_s: str, float_rounding) -> bool:
+    if len(gold_s) > MAX_CHARS * 20 or len(pred_s) > MAX_CHARS * 20:
+        return False
+    g = _mv_parse(gold_s if "$" in gold_s or "\\" in gold_s else f"${gold_s}$")
+    p = _mv_parse(pred_s if "$" in pred_s or "\\" in pred_s else f"${pred_s}$")
+    if g is None or p is None:
+        return False
+    if isinstance(g, sympy.Basic) and isinstance(p, sympy.Basic):
+        try:
+            ctx = _Ctx(Answer(g), Answer(p), float_rounding)
+            return _exprs_equal(g, p, ctx) if isinstance(g, sympy.Expr) and isinstance(p, sympy.Expr) else g == p
+        except Exception:  # noqa: BLE001
+            return False
+    return str(g) == str(p)
+
+
+def math_answer(completion: str, example: dict, float_rounding: int | None = None, fallback: bool = True,
+                **context) -> float:
     """1.0 when the completion's final answer equals the gold ``example["answer"]``, else 0.0.
+
+    ``float_rounding``: compare decimals after rounding both sides to this many places (default:
+    the tolerance follows the precision written). ``fallback``: try math-verify's LaTeX parser when
+    ours cannot read an answer.
 
     >>> math_answer("<think>3+4 is 7</think><answer>7</answer>", {"answer": "7"})
     1.0
     >>> math_answer("<think>3+4 is 7</think><answer>8</answer>", {"answer": "7"})
     0.0
-    >>> math_answer("no answer here", {"answer": "7"})
+    >>> math_answer("no answer here, just some words that go on and on and on and on and on", {"answer": "7"})
     0.0
+    >>> math_answer("... so \\\\boxed{\\\\dfrac{14}{3}}", {"answer": "$\\\\frac{14}{3}$"})
+    1.0
     """
-    gold = extract_answer(str(example.get("answer", "")))
-    pred = extract_answer(completion[-MAX_ANSWER_CHARS * 10:])
-    if gold is None or pred is None:
+    gold = example.get("answer")
+    if gold is None:
         return 0.0
-    g, p = parse_number(gold), parse_number(pred)
-    if g is None or p is None:
-        return float(gold.strip() == pred.strip() and gold.strip() != "")
-    return float(g == p)
+    return 1.0 if answers_match(str(gold), completion, float_rounding, fallback) else 0.0

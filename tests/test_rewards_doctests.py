@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["rewards.registry", "rewards.scorer", "rewards.math", "rewards.format", "rewards.countdown"]
+MODULES = ["rewards.registry", "rewards.scorer", "rewards.mathparse", "rewards.math", "rewards.format", "rewards.countdown"]
 
 
 @pytest.mark.parametrize("name", MODULES)
