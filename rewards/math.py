@@ -132,30 +132,72 @@ def _last_boxed(text: str) -> str | None:
 
 _FINAL = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:)\s*", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<![\d\\])\.(?:\s|$)|\n|\bI hope\b")
-_MATH_DELIMS = re.compile(r"^\s*(?:\$\$|\$|\\\(|\\\[)(.*?)(?:\$\$|\$|\\\)|\\\])\s*\.?\s*$", re.DOTALL)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?(?:\s*%)?")
+
+
+def math_segments(text: str) -> list[str]:
+    """Contents of ``$$..$$``, ``\\[..\\]``, ``$..$`` and ``\\(..\\)`` in order; one linear pass.
+
+    Inline ``$..$`` and ``\\(..\\)`` do not span lines (as in Markdown).
+
+    >>> math_segments("so $x=1$ and $$y = 2$$ or \\\\(z\\\\)")
+    ['x=1', 'y = 2', 'z']
+    """
+    out = []
+    i, n = 0, len(text)
+    while i < n:
+        j = min((k for k in (text.find("$", i), text.find("\\[", i), text.find("\\(", i)) if k != -1), default=-1)
+        if j == -1:
+            break
+        if text.startswith("$$", j):
+            close, width, inline = text.find("$$", j + 2), 2, False
+        elif text.startswith("$", j):
+            close, width, inline = text.find("$", j + 1), 1, True
+        elif text.startswith("\\[", j):
+            close, width, inline = text.find("\\]", j + 2), 2, False
+        else:
+            close, width, inline = text.find("\\)", j + 2), 2, True
+        if close == -1:
+            i = j + width
+            continue
+        body = text[j + width : close]
+        if inline and "\n" in body:
+            i = j + width if text[j] != "$" else close  # the closing $ may open the next segment
+            continue
+        if body.strip():
+            out.append(body.strip())
+        i = close + width
+    return out
 
 
 def _strip_delims(s: str) -> str:
-    s = s.strip()
-    m = _MATH_DELIMS.match(s)
-    if m:
-        s = m.group(1)
-    return s.strip().strip("$").strip()
+    s = s.strip().rstrip(".").strip()
+    segs = math_segments(s)
+    if len(segs) == 1 and s.startswith(("$", "\\(", "\\[")) and s.endswith(("$", "\\)", "\\]")):
+        return segs[0]
+    return s.strip()
 
 
-def extract_answer(text: str) -> str | None:
-    """The final answer in a completion or a gold string, or None.
+def _last_number(text: str) -> str | None:
+    m = None
+    for m in _NUMBER.finditer(text):
+        pass
+    return m.group().strip() if m else None
 
-    >>> extract_answer("<think>3+4 is 7</think><answer>7</answer>")
-    '7'
-    >>> extract_answer("so the area is \\\\boxed{\\\\frac{1}{2}}.")
-    '\\\\frac{1}{2}'
-    >>> extract_answer("\\\\boxed{1} and \\\\boxed{2}")
-    '1, 2'
-    >>> extract_answer("The final answer is $12$. I hope it is correct.")
-    '12'
-    >>> extract_answer("a long text without any marked answer " * 3) is None
-    True
+
+def answer_candidates(text: str) -> list[str]:
+    """Candidate answer strings, best first (see the module docstring for the order).
+
+    >>> answer_candidates("<think>3+4 is 7</think><answer>7</answer>")
+    ['7']
+    >>> answer_candidates("so the area is \\\\boxed{\\\\frac{1}{2}}.")
+    ['\\\\frac{1}{2}']
+    >>> answer_candidates("\\\\boxed{1} and \\\\boxed{2}")
+    ['1, 2']
+    >>> answer_candidates("The final answer is $12$. I hope it is correct.")
+    ['12']
+    >>> answer_candidates("Final Answer: The volume of $ABCD$ is 120.")
+    ['The volume of $ABCD$ is 120', 'ABCD', '120']
     """
     if len(text) > MAX_SCAN_CHARS:
         text = text[-MAX_SCAN_CHARS:]
@@ -166,23 +208,76 @@ def extract_answer(text: str) -> str | None:
         if end != -1:
             inner = inner[:end]
         boxed = _last_boxed(inner)
-        out = _strip_delims(boxed if boxed is not None else inner)
-        return out or None
-    boxed = _last_boxed(text)
-    if boxed is not None:
-        return boxed.strip() or None
+        strong = _strip_delims(boxed if boxed is not None else inner)
+        return [strong] if strong else []
+    strong = None
+    from_phrase = False
+    boxed_at = -1
+    spans = _braced_spans(text)
+    if spans:
+        boxed_at = spans[-1][0]
+        strong = _last_boxed(text)
     m = None
     for m in _FINAL.finditer(text):
         pass
-    if m is not None:
+    if m is not None and m.start() > boxed_at:
         rest = text[m.end() :]
         e = _SENTENCE_END.search(rest)
-        out = _strip_delims(rest[: e.start()] if e else rest)
-        if out:
+        phrase = _strip_delims(rest[: e.start()] if e else rest)
+        if phrase:
+            strong = phrase
+            from_phrase = True
+    if strong is not None:
+        strong = strong.strip()
+        out = [strong] if strong else []
+        if not from_phrase:
             return out
-    if len(text.strip()) <= SHORT_ANSWER_CHARS:
-        out = _strip_delims(text)
-        return out or None
+        segs = math_segments(strong)
+        if segs and segs[-1] != strong:
+            out.append(segs[-1])
+        num = _last_number(strong)
+        if num and num not in out:
+            out.append(num)
+        return out
+    out = []
+    stripped = text.strip()
+    segs = math_segments(stripped)
+    if len(segs) == 1 and _strip_delims(stripped) == segs[0]:
+        return [segs[0]]
+    if segs:
+        out.append(segs[-1])
+    if len(stripped) <= SHORT_ANSWER_CHARS and "$" not in stripped:
+        out.append(stripped)
+    num = _last_number(text)
+    if num:
+        out.append(num)
+    return out
+
+
+def extract_answer(text: str) -> str | None:
+    """The best candidate answer in a completion or a gold string, or None.
+
+    >>> extract_answer("<think>3+4 is 7</think><answer>7</answer>")
+    '7'
+    >>> extract_answer("a long text without any marked answer " * 3) is None
+    True
+    """
+    c = answer_candidates(text)
+    return c[0] if c else None
+
+
+def _parse_first(candidates: list[str]) -> Answer | None | bool:
+    """The first candidate that parses; False when a candidate is over a limit or a quantified claim."""
+    for c in candidates:
+        try:
+            return parse_answer(c)
+        except TooBig:
+            return False
+        except ParseError as e:
+            if "quantified" in str(e):
+                return False
+        except (RecursionError, TypeError, ValueError, AttributeError, ZeroDivisionError):
+            continue
     return None
 
 
@@ -551,36 +646,18 @@ def answers_match(gold_text: str, pred_text: str, float_rounding: int | None = N
     >>> answers_match("$\\\\frac{1}{2^{99}}$", "$\\\\frac{1}{2^{98}}$")
     False
     """
-    gold_s = extract_answer(gold_text)
-    pred_s = extract_answer(pred_text)
-    if pred_s is None or gold_s is None:
-        if not fallback or not gold_text.strip() or not pred_text.strip():
-            return False
-        return _fallback(gold_s or gold_text, pred_s or pred_text, float_rounding)
-    try:
-        gold = parse_answer(gold_s)
-    except TooBig:
+    gold = _parse_first(answer_candidates(gold_text))
+    pred = _parse_first(answer_candidates(pred_text))
+    if gold is False or pred is False:
         return False
-    except (ParseError, RecursionError, TypeError, ValueError, AttributeError):
-        gold = None
-    try:
-        pred = parse_answer(pred_s)
-    except TooBig:
-        return False
-    except ParseError as e:
-        if "quantified" in str(e):
-            return False
-        pred = None
-    except (RecursionError, TypeError, ValueError, AttributeError):
-        pred = None
     if gold is not None and pred is not None:
         try:
             return equivalent(gold, pred, float_rounding)
         except (TypeError, ValueError, AttributeError, RecursionError, ZeroDivisionError):
             return False
-    if not fallback:
-        return gold_s.strip() == pred_s.strip()
-    return _fallback(gold_s, pred_s, float_rounding)
+    if not fallback or not gold_text.strip() or not pred_text.strip():
+        return False
+    return _fallback(gold_text, pred_text, float_rounding)
 
 
 def _fallback(gold_s: str, pred_s: str, float_rounding) -> bool:
@@ -617,6 +694,6 @@ def math_answer(completion: str, example: dict, float_rounding: int | None = Non
     1.0
     """
     gold = example.get("answer")
-    if gold is None:
+    if gold is None or not isinstance(completion, str):
         return 0.0
     return 1.0 if answers_match(str(gold), completion, float_rounding, fallback) else 0.0

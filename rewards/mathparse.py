@@ -138,6 +138,8 @@ def normalize(s: str) -> str:
     s = s.replace("\\\\", " \\\\ ") if "\\begin" in s else s.replace("\\\\", "\\")
     for cmd in ("dfrac", "tfrac", "cfrac"):
         s = s.replace("\\" + cmd, "\\frac")
+    s = re.sub(r"(\d),\\!\s*(?=\d{3}(?!\d))", r"\1,", s)  # 11,\! 111 -> 11,111
+    s = s.replace("\\!", "").replace("$", " ").rstrip("\\")
     s = s.replace("{,}", "").replace("\\%", "%").replace("\\cdot", "*").replace("\\times", "*")
     s = s.replace("\\div", "/").replace("\\ast", "*")
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", s)
@@ -158,7 +160,7 @@ def normalize(s: str) -> str:
 _TOKEN = re.compile(
     r"""
     (?P<num>\d+(?:\.\d+)?|\.\d+)
-  | (?P<cmd>\\[a-zA-Z]+|\\[{}|])
+  | (?P<cmd>\\[a-zA-Z]+|\\[{}|]|\\\\)
   | (?P<op><=|>=|!=|==|[-+*/^_!=<>(),;:\[\]{}|'%.?&])
   | (?P<word>[a-zA-Z]+)
   | (?P<ws>\s+)
@@ -269,7 +271,7 @@ class _Parser:
             self.take()
             if self.peek()[0] == "eof" or self.at(")", "]", r"\}", "}"):
                 break
-            if self.peek()[0] == "word" and self.peek()[1] in ("and", "or"):
+            while (self.peek()[0] == "word" and self.peek()[1] in ("and", "or")) or self._text_sep():
                 self.take()
             items.append(self.relation())
         return items[0] if len(items) == 1 else Seq("list", tuple(items))
@@ -284,7 +286,9 @@ class _Parser:
         while self.peek()[1] in _RELOPS or self.at(r"\approx", r"\in", r"\equiv", r"\sim"):
             op = self.take()[1]
             if op == r"\approx":  # "x = 1/3 \approx 0.33": keep what stands before the approximation
-                self.union()
+                rhs = self.union()
+                if not ops and _symbol_only(parts[-1]):  # "x \approx 11": the value is 11
+                    parts[-1] = rhs
                 continue
             if op == r"\in":
                 rhs = self.union()
@@ -334,6 +338,14 @@ class _Parser:
 
     def term(self):
         value = self.unary()
+        if isinstance(value, sympy.Integer) and self.at(r"\frac") and self.peek(-1)[0] == "num":
+            start = self.pos
+            frac = self.unary()  # 918\frac{1}{2}: a mixed number
+            if isinstance(frac, sympy.Rational) and not isinstance(frac, sympy.Integer) and 0 < frac < 1:
+                value = value + frac if value >= 0 else value - frac
+            else:
+                value = _combine(value, frac, "*")
+            del start
         while True:
             if self.at("*", "/"):
                 op = self.take()[1]
@@ -439,12 +451,14 @@ class _Parser:
         raise ParseError("bad subscript")
 
     def group(self):
-        """``{ ... }`` holding one expression."""
+        """``{ ... }`` holding one expression (or a list, read as a set: ``{1,3}``)."""
         self.expect("{")
         self.enter()
         value = self.top()
         self.expect("}")
         self.leave()
+        if isinstance(value, Seq) and value.kind == "list":
+            return Seq("set", value.items)
         return value
 
     def number(self, text):
@@ -583,9 +597,13 @@ class _Parser:
             else:
                 inner = self.primary()
             return sympy.Symbol(f"{name}({inner})", real=True)
-        if name == "forall" or name == "exists":
+        if name in ("forall", "exists", "implies", "iff", "Rightarrow", "Leftrightarrow"):
             raise ParseError("quantified statement")
-        raise ParseError(f"unknown command {text}")
+        if name in ("end", "sum", "prod", "int", "lim", "to", "cup", "cap", "setminus"):
+            raise ParseError(f"unsupported command {text}")
+        if len(name) > 12:
+            raise ParseError("long command")
+        return _sym(name)  # an unknown command names a constant (\\zzz)
 
     def frac_arg(self):
         if self.at("{"):
@@ -700,6 +718,10 @@ class _Parser:
         return Matrix(tuple(rows))
 
 
+def _symbol_only(v) -> bool:
+    return isinstance(v, sympy.Symbol) or isinstance(v, sympy.core.function.AppliedUndef)
+
+
 def _raise(msg):
     raise ParseError(msg)
 
@@ -785,7 +807,11 @@ def _drop_units(tokens):
             out.append(("textsep", text))
             i += 1
             continue
-        if kind == "word" and text.lower() in _UNIT_WORDS and len(text) > 1 and out and (
+        if kind == "word" and text.lower() in ("percent", "pct", "percentage") and out:
+            out.append(("op", "%"))
+            i += 1
+            continue
+        if kind == "word" and len(text) > 1 and text not in _FUNCS and text not in ("pi", "sqrt", "inf", "infty") and out and (
             out[-1][0] == "num" or out[-1][1] in (")", "}", "%") or out[-1][0] == "unit"
         ):
             out.append(("unit", text))
@@ -823,9 +849,10 @@ def parse_answer(text: str) -> Answer:
     s = s.strip().rstrip(".").strip()
     if _SPACE_THOUSANDS.match(s):
         s = s.replace(" ", "")
-    s = _THOUSANDS.sub(lambda m: m.group().replace(",", ""), s)
+    if _THOUSANDS.fullmatch(s.lstrip("-")):
+        s = s.replace(",", "")
     m = _DEC_COMMA.match(s)
-    if m and (len(m.group(2)) != 3 or m.group(1).lstrip("-") == "0"):
+    if m and ((len(m.group(2)) >= 2 and len(m.group(2)) != 3) or m.group(1).lstrip("-") == "0"):
         s = f"{m.group(1)}.{m.group(2)}"
     if re.fullmatch(r"[A-Za-z]{2,}", s) and s.lower() not in ("pi", "inf", "infty", "infinity"):
         return Answer(Text(_norm_text(s)), source=text)
