@@ -12,8 +12,9 @@ Honouring the case notes: ``expected`` is used as given, except that a note star
 ``DISPUTED`` or ``KNOWN FALSE POSITIVE`` means the mathematically right answer is the expected one:
 for those the expected value is whether the two answers are mathematically equal (for the one
 DISPUTED case, ``1 - 1/e`` vs ``1 + 1/e``, that is false; the KNOWN FALSE POSITIVE cases already
-say false). Both checkers get the case's ``float_rounding`` option; math-verify also gets its
-extraction targets, ``strict`` and ``allow_set_relation_comp`` options.
+say false). Both checkers get the case's options: ``float_rounding``, ``strict``,
+``allow_set_relation_comp`` (ours: ``relation_as_set``) and the extraction targets (ours:
+``plain_numbers=False`` when the case extracts LaTeX only).
 
 Groups: ``math_verify_tests`` (Math-Verify's tests and example file), ``lighteval``,
 ``nemo_mindspeed`` (NeMo-Skills and MindSpeed-RL graders' tests), ``open_r1``, and
@@ -57,6 +58,17 @@ def expected_of(case: dict) -> bool:
     return bool(case["expected"])
 
 
+def case_options(case: dict) -> dict:
+    """The case's harness options, as `math_answer` keyword arguments (the same facts math-verify gets)."""
+    o = case["options"]
+    out = {k: o[k] for k in ("float_rounding", "strict") if k in o}
+    if "allow_set_relation_comp" in o:
+        out["relation_as_set"] = o["allow_set_relation_comp"]
+    if o.get("extraction") == ["latex"]:
+        out["plain_numbers"] = False
+    return out
+
+
 def run_math_verify(cases):
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
@@ -90,10 +102,7 @@ def run_ours(cases, workers: int):
 
     completions = [c["pred"] for c in cases]
     examples = [{"answer": c["gold"]} for c in cases]
-    contexts = [
-        {"sample_id": str(i), **({"float_rounding": c["options"]["float_rounding"]} if "float_rounding" in c["options"] else {})}
-        for i, c in enumerate(cases)
-    ]
+    contexts = [{"sample_id": str(i), **case_options(c)} for i, c in enumerate(cases)]
     with Scorer([RewardSpec("math_answer")], workers=workers, timeout_s=5.0) as scorer:
         scorer.score(completions[:8], examples[:8], contexts[:8])  # warm-up: imports in the workers
         t0 = time.perf_counter()

@@ -103,7 +103,7 @@ _GAP_NOISE = re.compile(r"\\text\s*\{([^{}]*)\}|\\(?:quad|qquad|[,;:! ])|\$|\\[(
 
 def _adjacent(gap: str) -> bool:
     words = _GAP_NOISE.sub(lambda m: " " + (m.group(1) or "") + " ", gap).split()
-    if not words:
+    if not words or not re.search(r"[A-Za-z0-9]", " ".join(words)):
         return True
     if len(words) > 4:
         return False
@@ -149,6 +149,9 @@ def math_segments(text: str) -> list[str]:
         j = min((k for k in (text.find("$", i), text.find("\\[", i), text.find("\\(", i)) if k != -1), default=-1)
         if j == -1:
             break
+        if text[j] == "$" and j > 0 and text[j - 1] == "\\":  # \$ is a dollar sign
+            i = j + 1
+            continue
         if text.startswith("$$", j):
             close, width, inline = text.find("$$", j + 2), 2, False
         elif text.startswith("$", j):
@@ -185,7 +188,7 @@ def _last_number(text: str) -> str | None:
     return m.group().strip() if m else None
 
 
-def answer_candidates(text: str) -> list[str]:
+def answer_candidates(text: str, with_strength: bool = False) -> list:
     """Candidate answer strings, best first (see the module docstring for the order).
 
     >>> answer_candidates("<think>3+4 is 7</think><answer>7</answer>")
@@ -196,9 +199,24 @@ def answer_candidates(text: str) -> list[str]:
     ['1, 2']
     >>> answer_candidates("The final answer is $12$. I hope it is correct.")
     ['12']
-    >>> answer_candidates("Final Answer: The volume of $ABCD$ is 120.")
-    ['The volume of $ABCD$ is 120', 'ABCD', '120']
+    >>> answer_candidates("Final Answer: The volume of $ABCD$ is 120.", with_strength=True)
+    [('The volume of $ABCD$ is 120', False), ('ABCD', False), ('120', False)]
     """
+    out = _candidates(text)
+    return out if with_strength else [c for c, _ in out]
+
+
+_PROSE_WORD = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{3,}")
+_MATH_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "log", "exp", "sqrt", "frac", "text", "and", "infty", "pmatrix",
+               "bmatrix", "begin", "end", "mbox", "mathrm", "cdot", "times", "left", "right", "quad", "circ", "pct",
+               "percent", "dfrac", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh", "matrix", "array"}
+
+
+def _is_prose(s: str) -> bool:
+    return sum(1 for w in _PROSE_WORD.findall(s) if w.lower() not in _MATH_WORDS) >= 2
+
+
+def _candidates(text: str) -> list[tuple[str, bool]]:
     if len(text) > MAX_SCAN_CHARS:
         text = text[-MAX_SCAN_CHARS:]
     a = text.rfind("<answer>")
@@ -209,7 +227,7 @@ def answer_candidates(text: str) -> list[str]:
             inner = inner[:end]
         boxed = _last_boxed(inner)
         strong = _strip_delims(boxed if boxed is not None else inner)
-        return [strong] if strong else []
+        return [(strong, True)] if strong else []
     strong = None
     from_phrase = False
     boxed_at = -1
@@ -229,28 +247,28 @@ def answer_candidates(text: str) -> list[str]:
             from_phrase = True
     if strong is not None:
         strong = strong.strip()
-        out = [strong] if strong else []
         if not from_phrase:
-            return out
+            return [(strong, True)] if strong else []
+        out = [(strong, not _is_prose(strong))] if strong else []
         segs = math_segments(strong)
         if segs and segs[-1] != strong:
-            out.append(segs[-1])
+            out.append((segs[-1], False))
         num = _last_number(strong)
-        if num and num not in out:
-            out.append(num)
+        if num and num != strong:
+            out.append((num, False))
         return out
     out = []
     stripped = text.strip()
     segs = math_segments(stripped)
     if len(segs) == 1 and _strip_delims(stripped) == segs[0]:
-        return [segs[0]]
+        return [(segs[0], True)]
+    if len(stripped) <= MAX_CHARS and "$" not in stripped.replace("\\$", "") and not _is_prose(stripped):
+        out.append((stripped, True))
     if segs:
-        out.append(segs[-1])
-    if len(stripped) <= SHORT_ANSWER_CHARS and "$" not in stripped:
-        out.append(stripped)
+        out.append((segs[-1], False))
     num = _last_number(text)
     if num:
-        out.append(num)
+        out.append((num, False))
     return out
 
 
@@ -266,18 +284,40 @@ def extract_answer(text: str) -> str | None:
     return c[0] if c else None
 
 
-def _parse_first(candidates: list[str]) -> Answer | None | bool:
-    """The first candidate that parses; False when a candidate is over a limit or a quantified claim."""
-    for c in candidates:
-        try:
-            return parse_answer(c)
-        except TooBig:
-            return False
-        except ParseError as e:
-            if "quantified" in str(e):
-                return False
-        except (RecursionError, TypeError, ValueError, AttributeError, ZeroDivisionError):
+def _parse(candidate: str):
+    """An `Answer`, None when it does not parse, False when over a limit or a quantified claim."""
+    try:
+        return parse_answer(candidate)
+    except TooBig:
+        return False
+    except ParseError as e:
+        return False if "quantified" in str(e) else None
+    except (RecursionError, TypeError, ValueError, AttributeError, ZeroDivisionError):
+        return None
+
+
+def read_answer(text: str, fallback: bool = True, plain_numbers: bool = True):
+    """The answer in a text: strong candidates with our parser, then (``fallback``) math-verify's
+    parse of the text, then weak candidates with our parser. None if nothing reads; False when an
+    input limit was hit.
+    """
+    cands = _candidates(text)
+    for c, strong in cands:
+        if strong:
+            a = _parse(c)
+            if a is not None:
+                return a
+    if fallback and _mv_available():
+        a = _mv_answer(text, plain_numbers)  # math-verify reads unmarked text (as its users expect)
+        if a is not None or not plain_numbers:
+            return a
+    for c, strong in cands:
+        if not plain_numbers and c == _last_number(c):
             continue
+        if not strong:
+            a = _parse(c)
+            if a is not None:
+                return a
     return None
 
 
@@ -285,9 +325,10 @@ def _parse_first(candidates: list[str]) -> Answer | None | bool:
 
 
 class _Ctx:
-    def __init__(self, gold: Answer, pred: Answer, float_rounding: int | None):
+    def __init__(self, gold: Answer, pred: Answer, float_rounding: int | None, strict: bool = True):
         self.decimals = [d for d in (gold.decimals, pred.decimals) if d is not None]
         self.float_rounding = float_rounding
+        self.strict = strict
         self.percent = gold.percent != pred.percent
 
 
@@ -312,8 +353,15 @@ def _canon(v):
         return _canon(v.parts[-1])  # a chain a = b = c is judged by its last value
     if isinstance(v, PlusMinus):
         return Seq("set", (v.center + v.delta, v.center - v.delta))
+    if (isinstance(v, Relation) and v.ops == ("=",) and all(isinstance(x, sympy.Basic) for x in v.parts)
+            and not v.parts[0].free_symbols and not v.parts[1].free_symbols):
+        return v.parts[1]  # "1/2 = 10/9": a computation, judged by its result
     if isinstance(v, Relation) and len(v.parts) == 3 and v.ops[0] == v.ops[1] and v.ops[0] in ("<", "<="):
         lo, mid, hi = v.parts
+        if (isinstance(mid, sympy.Abs) and isinstance(mid.args[0], sympy.Symbol) and isinstance(lo, sympy.Basic)
+                and lo.is_number and lo.is_nonnegative):  # a <= |z| <= b  is  [-b, -a] U [a, b]
+            closed = v.ops[0] == "<="
+            return Union((Interval(-hi, -lo, closed, closed), Interval(lo, hi, closed, closed)))
         if _is_symbolish(mid):
             return Interval(lo, hi, v.ops[0] == "<=", v.ops[1] == "<=")
     if isinstance(v, Relation) and len(v.parts) == 3 and v.ops[0] == v.ops[1] and v.ops[0] in (">", ">="):
@@ -422,6 +470,9 @@ def _exprs_equal(g, p, ctx: _Ctx) -> bool:
     free = g.free_symbols | p.free_symbols
     if not free:
         return _numbers_equal(g, p, ctx)
+    if not ctx.strict and len(g.free_symbols) == 1 and len(p.free_symbols) == 1 and g.free_symbols != p.free_symbols:
+        p = p.xreplace({next(iter(p.free_symbols)): next(iter(g.free_symbols))})  # f(x) ~ f(y) when not strict
+        free = g.free_symbols
     if any(s.name == "ELLIPSIS" for s in free):
         return sympy.expand(g - p) == 0
     try:
@@ -452,7 +503,7 @@ def _exprs_equal(g, p, ctx: _Ctx) -> bool:
 
 def _no_percent(ctx):
     c = _Ctx.__new__(_Ctx)
-    c.decimals, c.float_rounding, c.percent = ctx.decimals, ctx.float_rounding, False
+    c.decimals, c.float_rounding, c.percent, c.strict = ctx.decimals, ctx.float_rounding, False, ctx.strict
     return c
 
 
@@ -528,6 +579,15 @@ def _match_unordered(gs, ps, ctx) -> bool:
     return True
 
 
+def _match_as_sets(gs, ps, ctx) -> bool:
+    """Every gold item is matched by some prediction item and vice versa (repeats do not count)."""
+    if not gs or not ps or len(ps) > 4 * len(gs) + 4:
+        return not gs and not ps
+    return all(any(_values_equal(g, p, ctx) for p in ps) for g in gs) and all(
+        any(_values_equal(g, p, ctx) for g in gs) for p in ps
+    )
+
+
 def _sort_key(v):
     try:
         return (0, float(v))
@@ -584,7 +644,7 @@ def _values_equal(g, p, ctx) -> bool:
             ordered = sorted(s.items, key=_sort_key)
             pairs = zip(t.items, ordered) if t is g else zip(ordered, t.items)
             return len(t.items) == len(s.items) and all(_values_equal(a, b, ctx) for a, b in pairs)
-        return _match_unordered(list(g.items), list(p.items), ctx)
+        return _match_as_sets(list(g.items), list(p.items), ctx)
     if isinstance(g, Matrix) or isinstance(p, Matrix):
         gm = _as_matrix(g)
         pm = _as_matrix(p)
@@ -602,7 +662,7 @@ def _as_matrix(v):
     return None
 
 
-def equivalent(gold: Answer, pred: Answer, float_rounding: int | None = None) -> bool:
+def equivalent(gold: Answer, pred: Answer, float_rounding: int | None = None, strict: bool = True) -> bool:
     """Whether a parsed prediction matches a parsed gold (see the module docstring for the policy).
 
     >>> equivalent(parse_answer("\\\\frac{1}{2}"), parse_answer("0.5"))
@@ -612,7 +672,7 @@ def equivalent(gold: Answer, pred: Answer, float_rounding: int | None = None) ->
     >>> equivalent(parse_answer("x \\\\geq 5"), parse_answer("5 \\\\leq x"))
     True
     """
-    ctx = _Ctx(gold, pred, float_rounding)
+    ctx = _Ctx(gold, pred, float_rounding, strict)
     g, p = gold.value, pred.value
     # hedging: several values where the gold has one scores 0
     if isinstance(_canon(p), Seq) and _canon(p).kind in ("list", "set") and isinstance(g, sympy.Basic):
@@ -622,23 +682,112 @@ def equivalent(gold: Answer, pred: Answer, float_rounding: int | None = None) ->
 
 # ------------------------------------------------------------------ math-verify fallback
 
+MV_MAX_CHARS = 6000
 
-def _mv_parse(text: str):
-    """math-verify's LaTeX-only parse (no `parse_expr` path), or None if unavailable/failed."""
+
+def _mv_available() -> bool:
     try:
-        from math_verify import LatexExtractionConfig, parse
+        import math_verify  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _mv_answer(text: str, plain_numbers: bool = True):
+    """math-verify's parse of a text (LaTeX and plain-number targets), as an `Answer`, or None.
+
+    Only reached inside the worker sandbox (per-item deadline, memory limit). The plain-number
+    target hands math-verify's ``parse_expr`` strings that its own regular expression limits to
+    digits, ``.``, spaces, ``+ - * / ^ ( )``: no names, so nothing but arithmetic can run, and the
+    result is size-checked here before any evaluation.
+    """
+    try:
+        from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
     except ImportError:
         return None
-    if len(text) > 4000:
-        text = text[-4000:]
+    if len(text) > MV_MAX_CHARS:
+        text = text[-MV_MAX_CHARS:]
     try:
-        out = parse(text, extraction_config=[LatexExtractionConfig()], parsing_timeout=None)
+        targets = [LatexExtractionConfig()] + ([ExprExtractionConfig()] if plain_numbers else [])
+        out = parse(text, extraction_config=targets, parsing_timeout=None)
     except Exception:  # noqa: BLE001 - a failed parse is "no answer"
         return None
-    return out[0] if out else None
+    if not out:
+        return None
+    try:
+        value = _from_sympy(out[0], 0)
+    except (ParseError, TypeError, ValueError, AttributeError, RecursionError):
+        return None
+    ans = Answer(value, source=str(out[-1]) if len(out) > 1 else "")
+    src = ans.source
+    m = re.findall(r"\d+\.(\d+)", src)
+    if m:
+        ans.decimals = min(len(x) for x in m)
+    ans.percent = "%" in src
+    return ans
 
 
-def answers_match(gold_text: str, pred_text: str, float_rounding: int | None = None, fallback: bool = True) -> bool:
+def _check_size(e) -> None:
+    for node in sympy.preorder_traversal(e):
+        if isinstance(node, sympy.Pow) and node.exp.is_Number and abs(node.exp) > 2000:
+            raise TooBig("exponent too large")
+        if isinstance(node, sympy.Pow) and not node.exp.is_Number and node.exp.has(sympy.Pow):
+            raise TooBig("power tower")
+        if isinstance(node, sympy.factorial) and node.args[0].is_Integer and node.args[0] > 500:
+            raise TooBig("factorial too large")
+        if isinstance(node, sympy.Integer) and node.p.bit_length() > 20000:
+            raise TooBig("integer too large")
+
+
+def _from_sympy(v, depth):
+    """math-verify's SymPy values in our value structures."""
+    if depth > 30:
+        raise ParseError("nested too deeply")
+    if isinstance(v, str):
+        t = v.strip()
+        if not t:
+            raise ParseError("empty")
+        return Text(t.lower())
+    if isinstance(v, sympy.matrices.expressions.MatrixExpr) and not isinstance(v, sympy.MatrixBase):
+        v = v.as_explicit()
+    if isinstance(v, sympy.MatrixBase):
+        return Matrix(tuple(tuple(_from_sympy(x, depth + 1) for x in v.row(i)) for i in range(v.rows)))
+    if isinstance(v, sympy.FiniteSet):
+        return Seq("set", tuple(_from_sympy(x, depth + 1) for x in v.args))
+    if isinstance(v, sympy.Tuple):
+        return Seq("tuple", tuple(_from_sympy(x, depth + 1) for x in v.args))
+    if isinstance(v, sympy.Interval):
+        return Interval(_from_sympy(v.start, depth + 1), _from_sympy(v.end, depth + 1), not v.left_open, not v.right_open)
+    if isinstance(v, sympy.Union):
+        return Union(tuple(_from_sympy(x, depth + 1) for x in v.args))
+    if isinstance(v, sympy.Eq):
+        return Relation(("=",), (_from_sympy(v.lhs, depth + 1), _from_sympy(v.rhs, depth + 1)))
+    if isinstance(v, sympy.Ne):
+        return Relation(("!=",), (_from_sympy(v.lhs, depth + 1), _from_sympy(v.rhs, depth + 1)))
+    if isinstance(v, sympy.core.relational.Relational):
+        op = {"<": "<", "<=": "<=", ">": ">", ">=": ">="}.get(v.rel_op)
+        if op is None:
+            raise ParseError("relation")
+        return Relation((op,), (_from_sympy(v.lhs, depth + 1), _from_sympy(v.rhs, depth + 1)))
+    if isinstance(v, sympy.Expr):
+        _check_size(v)
+        if v.has(sympy.Float):
+            v = v.xreplace({f: sympy.Rational(str(f)) for f in v.atoms(sympy.Float)})
+        return v
+    raise ParseError(f"unsupported {type(v).__name__}")
+
+
+_CHOICE = re.compile(r"^\s*\(?([A-E])[.):]\s")
+
+
+def _choice_letter(v):
+    """The letter of a multiple-choice gold (``C``, ``\\text{(C)}``), else None."""
+    name = v.text.upper() if isinstance(v, Text) else (v.name if isinstance(v, sympy.Symbol) else "")
+    return name if len(name) == 1 and name in "ABCDE" else None
+
+
+def answers_match(gold_text: str, pred_text: str, float_rounding: int | None = None, fallback: bool = True,
+                  strict: bool = True, plain_numbers: bool = True, relation_as_set: bool = True) -> bool:
     """Extract, parse and compare. The core of `math_answer`, usable on its own.
 
     >>> answers_match("7", "<think>3+4 is 7</think><answer>7</answer>")
@@ -646,43 +795,36 @@ def answers_match(gold_text: str, pred_text: str, float_rounding: int | None = N
     >>> answers_match("$\\\\frac{1}{2^{99}}$", "$\\\\frac{1}{2^{98}}$")
     False
     """
-    gold = _parse_first(answer_candidates(gold_text))
-    pred = _parse_first(answer_candidates(pred_text))
-    if gold is False or pred is False:
+    if not gold_text.strip() or not pred_text.strip():
         return False
-    if gold is not None and pred is not None:
-        try:
-            return equivalent(gold, pred, float_rounding)
-        except (TypeError, ValueError, AttributeError, RecursionError, ZeroDivisionError):
-            return False
-    if not fallback or not gold_text.strip() or not pred_text.strip():
+    gold = read_answer(gold_text, fallback, plain_numbers)
+    if not gold:
         return False
-    return _fallback(gold_text, pred_text, float_rounding)
-
-
-def _fallback(gold_s: str, pred_s: str, float_rounding) -> bool:
-    if len(gold_s) > MAX_CHARS * 20 or len(pred_s) > MAX_CHARS * 20:
+    choice = _CHOICE.match(pred_text)
+    if choice and _choice_letter(gold.value) is not None:
+        return choice.group(1) == _choice_letter(gold.value)
+    pred = read_answer(pred_text, fallback, plain_numbers)
+    if not pred:
         return False
-    g = _mv_parse(gold_s if "$" in gold_s or "\\" in gold_s else f"${gold_s}$")
-    p = _mv_parse(pred_s if "$" in pred_s or "\\" in pred_s else f"${pred_s}$")
-    if g is None or p is None:
+    if not relation_as_set and isinstance(pred.value, Relation) and isinstance(gold.value, (Interval, Union)):
         return False
-    if isinstance(g, sympy.Basic) and isinstance(p, sympy.Basic):
-        try:
-            ctx = _Ctx(Answer(g), Answer(p), float_rounding)
-            return _exprs_equal(g, p, ctx) if isinstance(g, sympy.Expr) and isinstance(p, sympy.Expr) else g == p
-        except Exception:  # noqa: BLE001
-            return False
-    return str(g) == str(p)
+    try:
+        return equivalent(gold, pred, float_rounding, strict)
+    except (TypeError, ValueError, AttributeError, RecursionError, ZeroDivisionError):
+        return False
 
 
 def math_answer(completion: str, example: dict, float_rounding: int | None = None, fallback: bool = True,
-                **context) -> float:
+                strict: bool = True, plain_numbers: bool = True, relation_as_set: bool = True, **context) -> float:
     """1.0 when the completion's final answer equals the gold ``example["answer"]``, else 0.0.
 
     ``float_rounding``: compare decimals after rounding both sides to this many places (default:
-    the tolerance follows the precision written). ``fallback``: try math-verify's LaTeX parser when
-    ours cannot read an answer.
+    the tolerance follows the precision written). ``fallback``: let math-verify's parser read text
+    that has no marked answer (no ``<answer>``, ``\\boxed``, "final answer is" or bare answer).
+    ``strict=False``: a lone variable may be renamed (``f(x)`` matches ``f(y)``).
+    ``plain_numbers=False``: in unmarked text only LaTeX counts, not a bare last number.
+    ``relation_as_set=False``: a predicted relation (``-2 \\le x \\le 7``) does not match a gold
+    set (``[-2, 7]``); the other way round always matches.
 
     >>> math_answer("<think>3+4 is 7</think><answer>7</answer>", {"answer": "7"})
     1.0
@@ -696,4 +838,5 @@ def math_answer(completion: str, example: dict, float_rounding: int | None = Non
     gold = example.get("answer")
     if gold is None or not isinstance(completion, str):
         return 0.0
-    return 1.0 if answers_match(str(gold), completion, float_rounding, fallback) else 0.0
+    ok = answers_match(str(gold), completion, float_rounding, fallback, strict, plain_numbers, relation_as_set)
+    return 1.0 if ok else 0.0

@@ -781,7 +781,7 @@ def _from_base(digits: str, base: int):
 # ------------------------------------------------------------------ entry point
 
 _TEXT_RE = re.compile(r"\\(" + "|".join(_TEXT_CMDS) + r")\s*\{([^{}]*)\}")
-_THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])")
+_THOUSANDS = re.compile(r"(?<![\d.])[1-9]\d{0,2}(?:,\d{3})+(?:\.\d+)?(?![\d,])")
 _SPACE_THOUSANDS = re.compile(r"^-?\d{1,3}(?: \d{3})+(?:\.\d+)?$")
 _DEC_COMMA = re.compile(r"^(-?\d+),(\d+)$")
 

@@ -36,7 +36,8 @@ from multiprocessing.connection import Connection, wait
 
 from rewards.scorer import ERROR, OK, TIMEOUT
 
-PRELOAD = ["rewards.registry", "rewards.scorer", "rewards.math", "rewards.format", "rewards.countdown"]
+# imported once in the zygote, so a new worker starts warm; math_verify is optional (fallback parser)
+PRELOAD = ["rewards.registry", "rewards.scorer", "rewards.math", "rewards.format", "rewards.countdown", "math_verify"]
 CONNECT_TIMEOUT_S = 30.0
 
 
@@ -109,7 +110,10 @@ def _zygote_main() -> None:
     _die_with_parent()
     cfg = json.loads(sys.stdin.readline())
     for name in cfg["preload"]:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
     while True:
         line = sys.stdin.readline()
