@@ -308,7 +308,11 @@ def read_answer(text: str, fallback: bool = True, plain_numbers: bool = True):
             if a is not None:
                 return a
     if fallback and _mv_available():
-        a = _mv_answer(text, plain_numbers)  # math-verify reads unmarked text (as its users expect)
+        if "<answer>" in text:  # the tagged answer is the answer: math-verify may read it, not the rest
+            if not cands:
+                return None
+            text, plain_numbers = "$" + cands[0][0] + "$", False
+        a = _mv_answer(text, plain_numbers)  # math-verify reads what our parser cannot
         if a is not None or not plain_numbers:
             return a
     for c, strong in cands:

@@ -188,6 +188,8 @@ class WorkerPool:
         self.memory_mb = int(memory_mb)
         self.chunks_per_worker = chunks_per_worker
         self.replaced = 0  # workers killed on a deadline or found dead since start
+        self.spawned_pids: list[int] = []  # every worker ever started (for leak checks)
+        self.last_item_seconds: list[float] = []  # wall-clock seconds per item of the last `run`
         self._token = secrets.token_hex(16)
         tmpdir = tempfile.mkdtemp(prefix="grpo-rewards-")
         os.chmod(tmpdir, 0o700)
@@ -236,6 +238,7 @@ class WorkerPool:
         if token != self._token:
             conn.close()
             raise SandboxError("a process with the wrong token connected to the reward pool")
+        self.spawned_pids.append(pid)
         return _Worker(pid, conn)
 
     def _replace(self, w: _Worker) -> _Worker:
@@ -257,6 +260,8 @@ class WorkerPool:
         if not self._workers:
             raise RuntimeError("the pool is closed")
         results: list = [None] * len(items)
+        seconds = [0.0] * len(items)
+        self.last_item_seconds = seconds
         size = max(1, -(-len(items) // (len(self._workers) * self.chunks_per_worker)))
         todo: deque[list[int]] = deque(list(range(i, min(i + size, len(items)))) for i in range(0, len(items), size))
 
@@ -291,12 +296,15 @@ class WorkerPool:
                     while w.pending and w.conn.poll():
                         index, status, value, msg = w.conn.recv()
                         results[index] = (status, value, msg)
+                        now = time.monotonic()
+                        seconds[index] = now - w.started
                         if w.pending and w.pending[0] == index:
                             w.pending.popleft()
-                        w.started = time.monotonic()
+                        w.started = now
                 except (EOFError, OSError):  # the worker died: its current item is an error
                     lost = w.pending.popleft()
                     results[lost] = (ERROR, None, "the worker process died (crash or memory limit)")
+                    seconds[lost] = time.monotonic() - w.started
                     requeue_rest(w)
                     w = self._replace(w)
                 if not w.pending:
@@ -306,6 +314,7 @@ class WorkerPool:
                 if w.pending and now - w.started > self.timeout_s:
                     late = w.pending.popleft()
                     results[late] = (TIMEOUT, None, f"over the {self.timeout_s:g} s deadline")
+                    seconds[late] = now - w.started
                     requeue_rest(w)
                     feed(self._replace(w))
             for w in list(self._workers):  # resubmitted work goes to whoever is idle

@@ -48,3 +48,10 @@ def crash(completion, example, **context):
     if completion == "crash":
         os.kill(os.getpid(), signal.SIGKILL)
     return 1.0
+
+
+def huge_pow(completion, example, **context):
+    """One C-level integer operation that runs for minutes (signal.alarm could not stop it)."""
+    if completion == "pow":
+        return float(9 ** (9 ** 9) % 7)
+    return 1.0

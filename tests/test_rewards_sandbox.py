@@ -40,6 +40,15 @@ def test_pure_python_busy_loop_is_stopped():
         assert r.metrics[f"reward/{P}spin/timeouts"] == 2.0
 
 
+def test_single_huge_integer_operation_is_stopped():
+    with Scorer([RewardSpec(P + "huge_pow")], workers=1, timeout_s=0.5) as s:
+        t = time.monotonic()
+        r = s.score(["pow", "ok"], [{}, {}])
+        assert time.monotonic() - t < 0.5 + 0.5
+        assert r.per_function[P + "huge_pow"] == [0.0, 1.0]
+        assert r.metrics[f"reward/{P}huge_pow/timeouts"] == 1.0
+
+
 def test_errors_are_logged_counted_and_scored(caplog):
     n = 30
     with Scorer([RewardSpec(P + "raises_on_tenth")], workers=2, error_score=-0.5) as s:
