@@ -4,7 +4,8 @@ Roles: the *gold* is ``example["answer"]`` (a bare answer, LaTeX, or a worked so
 ``\\boxed{}``); the *prediction* is the completion. Both go through the same extraction and parser;
 where a policy is asymmetric it says so below.
 
-Extraction (`extract_answer`), first match wins:
+Extraction (`extract_answer`): text up to the last ``</think>`` is reasoning, never the answer
+(nothing after it: no answer). Then the first match wins:
 1. the last ``<answer>...</answer>`` (R1-Zero template); a ``\\boxed{}`` inside it wins;
 2. the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces). Boxes *adjacent* to it (separated
    only by commas, "and"/"or", spacing or at most four short words with a connective) are merged
@@ -47,6 +48,7 @@ goes through our comparison, not through math-verify's ``verify``.
 
 from __future__ import annotations
 
+import logging
 import re
 
 import sympy
@@ -301,6 +303,11 @@ def read_answer(text: str, fallback: bool = True, plain_numbers: bool = True):
     parse of the text, then weak candidates with our parser. None if nothing reads; False when an
     input limit was hit.
     """
+    close = text.rfind("</think>")
+    if close != -1:  # the thinking block is never the answer (the prompt may have opened it)
+        text = text[close + len("</think>") :]
+        if not text.strip():
+            return None
     cands = _candidates(text)
     for c, strong in cands:
         if strong:
@@ -709,6 +716,7 @@ def _mv_answer(text: str, plain_numbers: bool = True):
         from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
     except ImportError:
         return None
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that we disable its alarm
     if len(text) > MV_MAX_CHARS:
         text = text[-MV_MAX_CHARS:]
     try:

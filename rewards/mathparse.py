@@ -135,7 +135,7 @@ def normalize(s: str) -> str:
     '-12'
     """
     s = s.translate(_CHARMAP)
-    s = s.replace("\\\\", " \\\\ ") if "\\begin" in s else s.replace("\\\\", "\\")
+    s = s.replace("\\\\", " \\rowbreak ") if "\\begin" in s else s.replace("\\\\", "\\")
     for cmd in ("dfrac", "tfrac", "cfrac"):
         s = s.replace("\\" + cmd, "\\frac")
     s = re.sub(r"(\d),\\!\s*(?=\d{3}(?!\d))", r"\1,", s)  # 11,\! 111 -> 11,111
@@ -361,7 +361,7 @@ class _Parser:
             return not (kind == "word" and text in ("and", "or"))
         if kind == "cmd":
             return text not in (r"\pm", r"\mp", r"\approx", r"\in", r"\cup", r"\cap", r"\}", r"\equiv", r"\sim",
-                                r"\ldots", r"\cdots", r"\dots", r"\end", r"\\", r"\setminus", r"\to")
+                                r"\ldots", r"\cdots", r"\dots", r"\end", r"\rowbreak", r"\setminus", r"\to")
         return text in ("(", "{", r"\{")
 
     def unary(self):
@@ -698,7 +698,7 @@ class _Parser:
                 self.take()
                 self.expect("}")
                 break
-            if self.at(r"\\"):
+            if self.at(r"\rowbreak"):
                 self.take()
                 if row:
                     rows.append(tuple(row))
