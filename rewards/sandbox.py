@@ -256,12 +256,15 @@ class WorkerPool:
         """Process ids of the current workers and the zygote (for leak checks)."""
         return [w.pid for w in self._workers] + [self._zygote.pid]
 
-    def run(self, items: list) -> list[tuple[str, object, str]]:
+    def run(self, items: list, stop_on_error: bool = False) -> list[tuple[str, object, str]]:
+        """Results in item order. With ``stop_on_error`` the first error (or timeout) ends the run at
+        once: busy workers are replaced and the items not yet scored stay ``None``."""
         if not self._workers:
             raise RuntimeError("the pool is closed")
         results: list = [None] * len(items)
         seconds = [0.0] * len(items)
         self.last_item_seconds = seconds
+        failed = [False]
         size = max(1, -(-len(items) // (len(self._workers) * self.chunks_per_worker)))
         todo: deque[list[int]] = deque(list(range(i, min(i + size, len(items)))) for i in range(0, len(items), size))
 
@@ -296,6 +299,7 @@ class WorkerPool:
                     while w.pending and w.conn.poll():
                         index, status, value, msg = w.conn.recv()
                         results[index] = (status, value, msg)
+                        failed[0] = failed[0] or status == ERROR
                         now = time.monotonic()
                         seconds[index] = now - w.started
                         if w.pending and w.pending[0] == index:
@@ -304,6 +308,7 @@ class WorkerPool:
                 except (EOFError, OSError):  # the worker died: its current item is an error
                     lost = w.pending.popleft()
                     results[lost] = (ERROR, None, "the worker process died (crash or memory limit)")
+                    failed[0] = True
                     seconds[lost] = time.monotonic() - w.started
                     requeue_rest(w)
                     w = self._replace(w)
@@ -317,6 +322,13 @@ class WorkerPool:
                     seconds[late] = now - w.started
                     requeue_rest(w)
                     feed(self._replace(w))
+            if stop_on_error and failed[0]:
+                todo.clear()
+                for w in list(self._workers):
+                    if w.pending:
+                        w.pending.clear()
+                        self._replace(w)
+                break
             for w in list(self._workers):  # resubmitted work goes to whoever is idle
                 if not w.pending:
                     feed(w)

@@ -49,14 +49,16 @@ async def _await(awaitable):
     return await awaitable
 
 
-def run_items_inline(items):
+def run_items_inline(items, stop_on_error: bool = False):
     """In-process execution of (name, kwargs, completion, example, context) items: (status, value, msg)."""
-    out = []
-    for name, kwargs, completion, example, context in items:
+    out: list = [None] * len(items)
+    for k, (name, kwargs, completion, example, context) in enumerate(items):
         try:
-            out.append((OK, call_reward(resolve(name), completion, example, context, kwargs), ""))
+            out[k] = (OK, call_reward(resolve(name), completion, example, context, kwargs), "")
         except Exception as e:  # a reward that raises must not stop the run
-            out.append((ERROR, None, f"{type(e).__name__}: {e}"))
+            out[k] = (ERROR, None, f"{type(e).__name__}: {e}")
+            if stop_on_error:
+                break
     return out
 
 
@@ -104,7 +106,12 @@ class Scorer:
             for spec in self.specs
             for i in range(n)
         ]
-        results = self.pool.run(items) if self.pool is not None else run_items_inline(items)
+        if self.pool is not None:
+            results = self.pool.run(items, stop_on_error=self.fail_fast)
+        else:
+            results = run_items_inline(items, stop_on_error=self.fail_fast)
+        if self.fail_fast:
+            self._raise_first_failure(results, contexts, n)
 
         per_function: dict[str, list[float | None]] = {}
         metrics: dict[str, float] = {}
@@ -122,8 +129,6 @@ class Scorer:
                 elif status == ERROR:
                     errors += 1
                     sid = contexts[i].get("sample_id", i)
-                    if self.fail_fast:
-                        raise RewardError(f"reward {spec.name!r} failed on sample {sid}: {msg}")
                     log.error("reward %s failed on sample %s: %s", spec.name, sid, msg)
                     value = self.error_score
                 values.append(value)
@@ -135,6 +140,13 @@ class Scorer:
             metrics[f"reward/{spec.name}/timeouts"] = float(timeouts)
             metrics[f"reward/{spec.name}/errors"] = float(errors)
         return ScoreResult(total=total, per_function=per_function, metrics=metrics)
+
+    def _raise_first_failure(self, results, contexts, n) -> None:
+        for k, r in enumerate(results):
+            if r is not None and r[0] == ERROR:
+                spec, i = self.specs[k // n], k % n
+                sid = contexts[i].get("sample_id", i)
+                raise RewardError(f"reward {spec.name!r} failed on sample {sid}: {r[2]} (rewards.fail_fast is true)")
 
     def close(self) -> None:
         if self.pool is not None:

@@ -109,3 +109,21 @@ def test_pool_overhead_is_small_for_a_training_batch():
         per_batch = (time.perf_counter() - t) / 5
     assert r.total == [1.5] * 64
     assert per_batch < 0.25, per_batch  # a few ms on an idle 2-core machine; loose bound for CI noise
+
+
+def test_fail_fast_stops_at_once_and_the_pool_stays_usable():
+    specs = [RewardSpec(P + "raises_on_tenth")]
+    with Scorer(specs, workers=1, fail_fast=True) as s:
+        t = time.monotonic()
+        with pytest.raises(RewardError, match="sample s0"):
+            # item 0 raises; the nine sleepy-free items after it are not waited for
+            s.score(["x"] * 10, [{"i": 0}] + [{"i": 1}] * 9, [{"sample_id": f"s{i}"} for i in range(10)])
+        assert time.monotonic() - t < 1.0
+        r = s.score(["x"], [{"i": 1}])
+        assert r.per_function[P + "raises_on_tenth"] == [0.5]
+
+
+def test_fail_fast_does_not_stop_on_timeouts():
+    with Scorer([RewardSpec(P + "sleepy")], workers=1, timeout_s=0.3, fail_fast=True) as s:
+        r = s.score(["5", "0"], [{}, {}])
+        assert r.per_function[P + "sleepy"] == [0.0, 1.0]
