@@ -4,7 +4,8 @@ Run (CPU, from the repository root):
     python bench/rewards_vs_math_verify.py [--cases ../shared/bench/math_equiv_cases.jsonl] [--workers 2]
 On a GPU cluster it is the same command (the checker is CPU-only).
 
-Prints one JSON line: per source group, accuracy of ours and of math-verify; items/s of ours (the
+Prints one JSON line: per source group, accuracy of ours and of math-verify (and of ours with the
+math-verify fallback switched off, ``fallback=False``: our parser alone); items/s of ours (the
 sandboxed worker pool, ``--workers`` processes, start-up excluded) and of math-verify (single
 process, as it is normally called); and the known-failure cases.
 
@@ -97,13 +98,14 @@ def run_math_verify(cases):
     return verdicts, time.perf_counter() - t0
 
 
-def run_ours(cases, workers: int):
+def run_ours(cases, workers: int, fallback: bool = True):
     from rewards import RewardSpec, Scorer
 
     completions = [c["pred"] for c in cases]
     examples = [{"answer": c["gold"]} for c in cases]
     contexts = [{"sample_id": str(i), **case_options(c)} for i, c in enumerate(cases)]
-    with Scorer([RewardSpec("math_answer")], workers=workers, timeout_s=5.0) as scorer:
+    spec = RewardSpec("math_answer", 1.0, {} if fallback else {"fallback": False})
+    with Scorer([spec], workers=workers, timeout_s=5.0) as scorer:
         scorer.score(completions[:8], examples[:8], contexts[:8])  # warm-up: imports in the workers
         t0 = time.perf_counter()
         res = scorer.score(completions, examples, contexts)
@@ -121,20 +123,23 @@ def main(argv=None) -> int:
     cases = [json.loads(line) for line in open(args.cases, encoding="utf-8") if line.strip()]
     expected = [expected_of(c) for c in cases]
     ours, ours_s, metrics = run_ours(cases, args.workers)
+    alone, _, _ = run_ours(cases, args.workers, fallback=False)
     mv, mv_s = run_math_verify(cases)
 
-    groups = defaultdict(lambda: {"n": 0, "ours": 0, "math_verify": 0})
-    for c, e, o, m in zip(cases, expected, ours, mv):
+    groups = defaultdict(lambda: {"n": 0, "ours": 0, "math_verify": 0, "alone": 0})
+    for c, e, o, m, a in zip(cases, expected, ours, mv, alone):
         g = groups[group_of(c)]
         g["n"] += 1
         g["ours"] += o == e
         g["math_verify"] += m == e
+        g["alone"] += a == e
     report = {
         "bench": "rewards_vs_math_verify",
         "n": len(cases),
         "groups": {
             k: {"n": v["n"], "ours": round(v["ours"] / v["n"], 4), "math_verify": round(v["math_verify"] / v["n"], 4),
-                "ours_correct": v["ours"], "math_verify_correct": v["math_verify"]}
+                "ours_correct": v["ours"], "math_verify_correct": v["math_verify"],
+                "ours_without_math_verify": round(v["alone"] / v["n"], 4)}
             for k, v in sorted(groups.items())
         },
         "overall": {"ours": round(sum(o == e for o, e in zip(ours, expected)) / len(cases), 4),

@@ -613,10 +613,6 @@ def _values_equal(g, p, ctx) -> bool:
     if isinstance(g, Text) or isinstance(p, Text):
         gt = g.text if isinstance(g, Text) else (str(g).lower() if isinstance(g, sympy.Symbol) else None)
         pt = p.text if isinstance(p, Text) else (str(p).lower() if isinstance(p, sympy.Symbol) else None)
-        if isinstance(g, sympy.Basic) and not isinstance(g, sympy.Symbol) and gt is None:
-            gt = re.sub(r"\W", "", str(g)).lower() if isinstance(g, sympy.Mul) else None
-        if isinstance(p, sympy.Basic) and not isinstance(p, sympy.Symbol) and pt is None:
-            pt = "".join(sorted(str(p).lower())) if False else None
         return gt is not None and pt is not None and gt == pt
     if isinstance(g, Relation) and isinstance(p, Relation):
         return _relations_equal(g, p, ctx)

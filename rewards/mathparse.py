@@ -339,13 +339,11 @@ class _Parser:
     def term(self):
         value = self.unary()
         if isinstance(value, sympy.Integer) and self.at(r"\frac") and self.peek(-1)[0] == "num":
-            start = self.pos
             frac = self.unary()  # 918\frac{1}{2}: a mixed number
             if isinstance(frac, sympy.Rational) and not isinstance(frac, sympy.Integer) and 0 < frac < 1:
                 value = value + frac if value >= 0 else value - frac
             else:
                 value = _combine(value, frac, "*")
-            del start
         while True:
             if self.at("*", "/"):
                 op = self.take()[1]
