@@ -717,6 +717,8 @@ def _mv_answer(text: str, plain_numbers: bool = True):
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns that we disable its alarm
     if len(text) > MV_MAX_CHARS:
         text = text[-MV_MAX_CHARS:]
+    if not _mv_precheck(text):
+        return None
     try:
         targets = [LatexExtractionConfig()] + ([ExprExtractionConfig()] if plain_numbers else [])
         out = parse(text, extraction_config=targets, parsing_timeout=None)
@@ -737,13 +739,33 @@ def _mv_answer(text: str, plain_numbers: bool = True):
     return ans
 
 
+_MV_RISKY = re.compile(r"\\binom\s*\{[^{}]*(?:\d{4,}|\^)|\\binom\s*\{[^{}]*\}\s*\{[^{}]*(?:\d{4,}|\^)"
+                       r"|\^\s*\{?\s*\d{6,}|\d{5,}\s*!")
+
+
+def _mv_precheck(text: str) -> bool:
+    """Input limits before math-verify's parser runs: nesting depth, and constructs it would
+    evaluate eagerly (big binomials; its powers and factorials stay unevaluated and are checked
+    after parsing by `_check_size`)."""
+    depth = worst = 0
+    for ch in text:
+        if ch in "{([":
+            depth += 1
+            worst = max(worst, depth)
+        elif ch in "})]":
+            depth = max(0, depth - 1)
+    return worst <= 40 and not _MV_RISKY.search(text)
+
+
 def _check_size(e) -> None:
     for node in sympy.preorder_traversal(e):
         if isinstance(node, sympy.Pow) and node.exp.is_Number and abs(node.exp) > 2000:
             raise TooBig("exponent too large")
         if isinstance(node, sympy.Pow) and not node.exp.is_Number and node.exp.has(sympy.Pow):
             raise TooBig("power tower")
-        if isinstance(node, sympy.factorial) and node.args[0].is_Integer and node.args[0] > 500:
+        if isinstance(node, (sympy.factorial, sympy.factorial2, sympy.binomial, sympy.gamma)) and any(
+            a.is_Number and abs(a) > 500 for a in node.args
+        ):
             raise TooBig("factorial too large")
         if isinstance(node, sympy.Integer) and node.p.bit_length() > 20000:
             raise TooBig("integer too large")

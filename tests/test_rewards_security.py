@@ -51,7 +51,7 @@ def test_file_has_enough_hostile_entries():
     rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
     kinds = {r["id"].split("-", 1)[1].split("-")[0] for r in rows}
     assert len(rows) >= 40
-    assert {"inject", "power", "factorial", "nest", "1mb", "unicode"} <= kinds
+    assert {"inject", "power", "factorial", "nest", "1mb", "unicode", "prose"} <= kinds
 
 
 def test_hostile_inputs_are_contained(tmp_path):
@@ -87,7 +87,7 @@ def test_hostile_inputs_are_contained(tmp_path):
     assert res.per_function["math_answer"][legit] == 1.0
     assert res.per_function["math_answer"][wrong] == 0.0
     assert res.per_function["format"][legit] == 1.0
-    injected = [i for i, r in enumerate(rows) if r["id"].split("-", 1)[1].startswith("inject")]
+    injected = [i for i, r in enumerate(rows) if r["id"].split("-", 1)[1].startswith(("inject", "prose", "power", "factorial"))]
     assert all(res.per_function["math_answer"][i] == 0.0 for i in injected)
     print(f"\n{n} hostile completions x {len(REWARDS)} rewards in {wall:.2f} s; slowest item "
           f"{item_seconds[slowest]:.2f} s ({rows[slowest % n]['id']}); timeouts "
