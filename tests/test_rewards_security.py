@@ -87,7 +87,8 @@ def test_hostile_inputs_are_contained(tmp_path):
     assert res.per_function["math_answer"][legit] == 1.0
     assert res.per_function["math_answer"][wrong] == 0.0
     assert res.per_function["format"][legit] == 1.0
-    injected = [i for i, r in enumerate(rows) if r["id"].split("-", 1)[1].startswith(("inject", "prose", "power", "factorial"))]
+    # injection strings (gold 424242, a number they never contain) and huge factorials earn nothing
+    injected = [i for i, r in enumerate(rows) if "inject" in r["id"] or "factorial" in r["id"]]
     assert all(res.per_function["math_answer"][i] == 0.0 for i in injected)
     print(f"\n{n} hostile completions x {len(REWARDS)} rewards in {wall:.2f} s; slowest item "
           f"{item_seconds[slowest]:.2f} s ({rows[slowest % n]['id']}); timeouts "
