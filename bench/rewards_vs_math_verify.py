@@ -70,47 +70,67 @@ def case_options(case: dict) -> dict:
     return out
 
 
-def run_math_verify(cases):
+def math_verify_verdict(c: dict) -> bool:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-    verdicts = []
-    t0 = time.perf_counter()
-    for c in cases:
-        o = c["options"]
-        configs = []
-        for e in o.get("extraction", ["latex", "expr"]):
-            if e == "latex":
-                configs.append(LatexExtractionConfig(boxed_match_priority=o.get("boxed_match_priority", 55)))
-            else:
-                configs.append(ExprExtractionConfig())
-        try:
-            g = parse(c["gold"], extraction_config=configs)
-            p = parse(c["pred"], extraction_config=configs)
-            ok = verify(
-                g, p,
-                float_rounding=o.get("float_rounding", 6),
-                strict=o.get("strict", True),
-                allow_set_relation_comp=o.get("allow_set_relation_comp", False),
-            )
-        except Exception:  # noqa: BLE001 - a crash is a wrong verdict, not a stop
-            ok = False
-        verdicts.append(bool(ok))
-    return verdicts, time.perf_counter() - t0
+    o = c["options"]
+    configs = []
+    for e in o.get("extraction", ["latex", "expr"]):
+        if e == "latex":
+            configs.append(LatexExtractionConfig(boxed_match_priority=o.get("boxed_match_priority", 55)))
+        else:
+            configs.append(ExprExtractionConfig())
+    try:
+        g = parse(c["gold"], extraction_config=configs)
+        p = parse(c["pred"], extraction_config=configs)
+        return bool(verify(
+            g, p,
+            float_rounding=o.get("float_rounding", 6),
+            strict=o.get("strict", True),
+            allow_set_relation_comp=o.get("allow_set_relation_comp", False),
+        ))
+    except Exception:  # noqa: BLE001 - a crash is a wrong verdict, not a stop
+        return False
 
 
-def run_ours(cases, workers: int, fallback: bool = True):
+def run_both(cases, workers: int, chunks: int = 4):
+    """Verdicts of both checkers; timings interleaved chunk by chunk so that load from other
+    processes on the machine falls on both alike."""
     from rewards import RewardSpec, Scorer
 
-    completions = [c["pred"] for c in cases]
-    examples = [{"answer": c["gold"]} for c in cases]
-    contexts = [{"sample_id": str(i), **case_options(c)} for i, c in enumerate(cases)]
-    spec = RewardSpec("math_answer", 1.0, {} if fallback else {"fallback": False})
+    ours, mv = [], []
+    ours_s = mv_s = 0.0
+    spec = RewardSpec("math_answer")
     with Scorer([spec], workers=workers, timeout_s=5.0) as scorer:
-        scorer.score(completions[:8], examples[:8], contexts[:8])  # warm-up: imports in the workers
-        t0 = time.perf_counter()
-        res = scorer.score(completions, examples, contexts)
-        seconds = time.perf_counter() - t0
-    return [v == 1.0 for v in res.per_function["math_answer"]], seconds, res.metrics
+        warm = cases[:8]  # warm-up: first-use costs in the workers and in this process
+        scorer.score([c["pred"] for c in warm], [{"answer": c["gold"]} for c in warm])
+        for c in warm:
+            math_verify_verdict(c)
+        size = -(-len(cases) // chunks)
+        metrics = {"reward/math_answer/timeouts": 0.0, "reward/math_answer/errors": 0.0}
+        for k in range(0, len(cases), size):
+            part = cases[k : k + size]
+            t0 = time.perf_counter()
+            res = scorer.score([c["pred"] for c in part], [{"answer": c["gold"]} for c in part],
+                               [{"sample_id": str(k + i), **case_options(c)} for i, c in enumerate(part)])
+            ours_s += time.perf_counter() - t0
+            ours += [v == 1.0 for v in res.per_function["math_answer"]]
+            for key in metrics:
+                metrics[key] += res.metrics[key]
+            t0 = time.perf_counter()
+            mv += [math_verify_verdict(c) for c in part]
+            mv_s += time.perf_counter() - t0
+    return ours, ours_s, metrics, mv, mv_s
+
+
+def run_ours_alone(cases, workers: int):
+    """Our parser without the math-verify fallback (accuracy only)."""
+    from rewards import RewardSpec, Scorer
+
+    with Scorer([RewardSpec("math_answer", 1.0, {"fallback": False})], workers=workers, timeout_s=5.0) as scorer:
+        res = scorer.score([c["pred"] for c in cases], [{"answer": c["gold"]} for c in cases],
+                           [{"sample_id": str(i), **case_options(c)} for i, c in enumerate(cases)])
+    return [v == 1.0 for v in res.per_function["math_answer"]]
 
 
 def main(argv=None) -> int:
@@ -122,9 +142,8 @@ def main(argv=None) -> int:
 
     cases = [json.loads(line) for line in open(args.cases, encoding="utf-8") if line.strip()]
     expected = [expected_of(c) for c in cases]
-    ours, ours_s, metrics = run_ours(cases, args.workers)
-    alone, _, _ = run_ours(cases, args.workers, fallback=False)
-    mv, mv_s = run_math_verify(cases)
+    ours, ours_s, metrics, mv, mv_s = run_both(cases, args.workers)
+    alone = run_ours_alone(cases, args.workers)
 
     groups = defaultdict(lambda: {"n": 0, "ours": 0, "math_verify": 0, "alone": 0})
     for c, e, o, m, a in zip(cases, expected, ours, mv, alone):

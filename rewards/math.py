@@ -4,15 +4,17 @@ Roles: the *gold* is ``example["answer"]`` (a bare answer, LaTeX, or a worked so
 ``\\boxed{}``); the *prediction* is the completion. Both go through the same extraction and parser;
 where a policy is asymmetric it says so below.
 
-Extraction (`extract_answer`): text up to the last ``</think>`` is reasoning, never the answer
-(nothing after it: no answer). Then the first match wins:
-1. the last ``<answer>...</answer>`` (R1-Zero template); a ``\\boxed{}`` inside it wins;
-2. the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces). Boxes *adjacent* to it (separated
-   only by commas, "and"/"or", spacing or at most four short words with a connective) are merged
-   into one list; other, earlier boxes are ignored (the last one is the answer);
-3. "the final answer is ...", "the answer is ...", "answer: ..." up to the end of the sentence;
-4. a short string (under 80 characters) as a whole, with ``$`` / ``\\( \\)`` stripped.
-Otherwise there is no answer and the reward is 0.
+Extraction (`answer_candidates`, `read_answer`): text up to the last ``</think>`` is reasoning,
+never the answer (nothing after it: no answer). Then, first match wins:
+1. the last ``<answer>...</answer>`` (R1-Zero template); a ``\\boxed{}`` inside it wins; nothing
+   outside the tags is ever read when the tags are there;
+2. the last ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces), or a later "the final answer is ...",
+   "the answer is ...", "answer: ..." phrase (up to the end of the sentence). Boxes *adjacent* to
+   the last one (separated only by punctuation, spacing, or at most four words including "and" /
+   "or") are merged into one list; earlier, non-adjacent boxes are ignored;
+3. a text that is one math segment (``$...$``, ``\\(...\\)``, ...) or a bare answer (no prose, no ``$``).
+Otherwise the text is unmarked prose: math-verify's parser reads it (see below); without
+math-verify, the last math segment, then the last number. No answer scores 0.
 
 Normalisation (`rewards.mathparse.normalize`): ``\\left``/``\\right``, spacing commands, ``\\dfrac``,
 ``\\text{}`` wrappers, trailing unit words after a number ("125 miles", ``15\\mbox{ cm}^2``) and
@@ -41,9 +43,13 @@ when their normalised forms are positive multiples; a chain ``a < x < b`` is the
 Several different answers where the gold has one (hedging: "3 or 4", ``\\pm`` for a single value)
 score 0; an empty answer scores 0.
 
-Where our parser cannot read an answer, math-verify's LaTeX parser is tried as a fallback (only
-inside the worker sandbox, never on the main process, and only if it is installed); its parse
-goes through our comparison, not through math-verify's ``verify``.
+math-verify: when a marked answer does not parse with our parser, or the text is unmarked prose,
+math-verify's ``parse`` reads it (``fallback=True``, the default; ``fallback=False`` uses our parser
+alone). It runs only inside the worker sandbox: input limits first (nesting depth, big binomials,
+6000 characters), a size check on what it returns (exponents, factorials, integer size), and its
+result goes through our comparison, never through math-verify's ``verify``. Its plain-number
+target passes to SymPy's ``parse_expr`` only strings its regular expression limits to digits,
+spaces and ``. + - * / ^ ( )``: no names, so no code beyond arithmetic can run.
 """
 
 from __future__ import annotations
@@ -695,6 +701,11 @@ MV_MAX_CHARS = 6000
 
 
 def _mv_available() -> bool:
+    """math-verify is used only inside a sandbox worker (deadline, memory limit), and only if installed."""
+    from rewards import sandbox
+
+    if not sandbox.IN_WORKER:
+        return False
     try:
         import math_verify  # noqa: F401
     except ImportError:

@@ -41,6 +41,9 @@ PRELOAD = ["rewards.registry", "rewards.scorer", "rewards.math", "rewards.format
 CONNECT_TIMEOUT_S = 30.0
 
 
+IN_WORKER = False  # True inside a sandbox worker: code that must never run unbounded checks it
+
+
 class SandboxError(RuntimeError):
     """The worker pool could not start or replace a worker."""
 
@@ -61,6 +64,8 @@ def _serve(conn: Connection, memory_mb: int) -> None:
     """The worker loop: receive a chunk [(index, item)], answer (index, status, value, msg) each."""
     import resource
 
+    global IN_WORKER
+    IN_WORKER = True
     from rewards.registry import resolve
     from rewards.scorer import call_reward
 

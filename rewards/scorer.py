@@ -34,7 +34,8 @@ class ScoreResult:
 
 def call_reward(fn, completion: str, example: dict, context: dict, kwargs: dict):
     """Call one reward, sync or async; returns a float or None. Exceptions propagate."""
-    out = fn(completion, example, **{**context, **kwargs})
+    extra = {k: v for k, v in {**context, **kwargs}.items() if k not in ("completion", "example")}
+    out = fn(completion, example, **extra)
     if inspect.isawaitable(out):
         out = asyncio.run(_await(out))
     if out is None:
