@@ -221,7 +221,18 @@ _MATH_WORDS = {"sin", "cos", "tan", "cot", "sec", "csc", "log", "exp", "sqrt", "
 
 
 def _is_prose(s: str) -> bool:
+    """Two or more words (not math names), or any letter of a non-Latin, non-Greek script."""
+    if any(ch.isalpha() and ord(ch) > 0x3FF for ch in s):
+        return True
     return sum(1 for w in _PROSE_WORD.findall(s) if w.lower() not in _MATH_WORDS) >= 2
+
+
+def _is_bare(text: str) -> bool:
+    """A bare answer: short, no prose, no math delimiters (``-3``, ``x^2+1``, ``\\frac{1}{2}``)."""
+    text = text.strip()
+    return 0 < len(text) <= MAX_CHARS and "$" not in text.replace("\\$", "") and not _is_prose(text) and (
+        "\\boxed" not in text and "<answer>" not in text and _FINAL.search(text) is None
+    )
 
 
 def _candidates(text: str) -> list[tuple[str, bool]]:
@@ -235,7 +246,15 @@ def _candidates(text: str) -> list[tuple[str, bool]]:
             inner = inner[:end]
         boxed = _last_boxed(inner)
         strong = _strip_delims(boxed if boxed is not None else inner)
-        return [(strong, True)] if strong else []
+        if not strong:
+            return []
+        out = [(strong, True)]
+        if boxed is None:  # prose inside the tags: a final-answer phrase, or its only number
+            out += [(c, True) for c, _ in _candidates(strong)[:1] if c != strong and _FINAL.search(strong)]
+            numbers = _NUMBER.findall(strong)
+            if len(numbers) == 1 and numbers[0].strip() != strong:
+                out.append((numbers[0].strip(), True))
+        return out
     strong = None
     from_phrase = False
     boxed_at = -1
@@ -270,7 +289,7 @@ def _candidates(text: str) -> list[tuple[str, bool]]:
     segs = math_segments(stripped)
     if len(segs) == 1 and _strip_delims(stripped) == segs[0]:
         return [(segs[0], True)]
-    if len(stripped) <= MAX_CHARS and "$" not in stripped.replace("\\$", "") and not _is_prose(stripped):
+    if _is_bare(stripped):
         out.append((stripped, True))
     if segs:
         out.append((segs[-1], False))
@@ -321,8 +340,9 @@ def read_answer(text: str, fallback: bool = True, plain_numbers: bool = True):
             if a is not None:
                 return a
     if fallback and _mv_available():
-        if "<answer>" in text:  # the tagged answer is the answer: math-verify may read it, not the rest
-            if not cands:
+        bare = _is_bare(text)
+        if "<answer>" in text or bare:  # a tagged or bare answer is the answer: math-verify may read it
+            if not cands:  # as LaTeX, but not pick a number out of it
                 return None
             text, plain_numbers = "$" + cands[0][0] + "$", False
         a = _mv_answer(text, plain_numbers)  # math-verify reads what our parser cannot

@@ -200,6 +200,8 @@ _GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "e
           "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Sigma", "Phi", "Psi", "Omega"}
 _RELOPS = {"=": "=", "==": "=", "<": "<", ">": ">", "<=": "<=", ">=": ">=", "!=": "!="}
 _STOP = object()
+_PROSE_3 = {"the", "and", "not", "get", "are", "was", "for", "but", "has", "its", "our", "you", "all", "any",
+            "one", "two", "six", "ten", "yes", "can", "may", "now", "see", "let", "put", "use", "way", "thu"}
 
 
 def _sym(name: str) -> sympy.Symbol:
@@ -513,9 +515,10 @@ class _Parser:
         if text.lower() in ("percent", "pct", "percentage"):
             self.info.percent = True
             return sympy.Integer(1)
-        # a run of letters: implicit product of one-letter symbols ("xy", "ab")
-        if len(text) > 12:
-            raise ParseError("long word")
+        # a run of letters: implicit product of one-letter symbols ("xy", "abc"); a longer
+        # word in the middle of an answer is prose, not algebra ("The answer is 42")
+        if len(text) > 3 or (len(text) == 3 and text.lower() in _PROSE_3):
+            raise ParseError("prose in the answer")
         self.info.names.add(text)
         value = sympy.Integer(1)
         for c in text:

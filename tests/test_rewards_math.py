@@ -98,3 +98,19 @@ def test_integers_are_fast():
         math_answer(completion, ex)
     per_item = (time.perf_counter() - t) / 200
     assert per_item < 0.005, per_item  # well under a millisecond on an idle core
+
+
+@pytest.mark.parametrize(
+    "completion,expected",
+    [
+        ("<answer>The answer is 42</answer>", 1.0),  # a phrase inside the tags
+        ("<answer>So we get 42.</answer>", 1.0),  # the only number inside the tags
+        ("<answer>I think 41 or maybe 42</answer>", 0.0),  # hedging in prose: no number is picked
+        ("<answer>forty-two</answer>", 0.0),
+        ("<answer>42 apples</answer>", 1.0),
+        ("<answer>41</answer> but really 42", 0.0),  # nothing outside the tags counts
+        ("AZYUK42A", 0.0),  # digits inside a word are not an answer
+    ],
+)
+def test_answer_tag_contents(completion, expected):
+    assert math_answer(completion, {"answer": "42"}) == expected
