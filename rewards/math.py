@@ -339,15 +339,15 @@ def read_answer(text: str, fallback: bool = True, plain_numbers: bool = True):
             a = _parse(c)
             if a is not None:
                 return a
+    marked = "<answer>" in text or _is_bare(text)  # the tagged or bare answer is the whole answer
     if fallback and _mv_available():
-        bare = _is_bare(text)
-        if "<answer>" in text or bare:  # a tagged or bare answer is the answer: math-verify may read it
-            if not cands:  # as LaTeX, but not pick a number out of it
-                return None
-            text, plain_numbers = "$" + cands[0][0] + "$", False
-        a = _mv_answer(text, plain_numbers)  # math-verify reads what our parser cannot
+        if marked:  # math-verify may read it as LaTeX, but not pick a number out of it
+            return _mv_answer("$" + cands[0][0] + "$", False) if cands else None
+        a = _mv_answer(text, plain_numbers)  # math-verify reads unmarked text
         if a is not None or not plain_numbers:
             return a
+    if marked:
+        return None
     for c, strong in cands:
         if not plain_numbers and c == _last_number(c):
             continue
