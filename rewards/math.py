@@ -75,7 +75,6 @@ from rewards.mathparse import (
 )
 
 MAX_SCAN_CHARS = 20_000  # only the tail of a completion is searched for the final answer
-SHORT_ANSWER_CHARS = 80
 
 # ------------------------------------------------------------------ extraction
 

@@ -13,7 +13,7 @@ structures below (tuples, sets, intervals, matrices, equations, relations, text)
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 
 import sympy
@@ -90,7 +90,6 @@ class Answer:
     decimals: int | None = None  # fewest decimal places among decimal literals, None if none
     percent: bool = False
     source: str = ""
-    names: set = field(default_factory=set)
 
 
 # ------------------------------------------------------------------ normalisation
@@ -113,17 +112,6 @@ _TEXT_CMDS = ("text", "textbf", "textit", "textrm", "textnormal", "mbox", "mathr
 _DROP = [r"\left", r"\right", r"\bigl", r"\bigr", r"\Bigl", r"\Bigr", r"\big", r"\Big", r"\displaystyle",
          r"\textstyle", r"\limits", r"\!", r"\,", r"\;", r"\:", r"\>", r"\qquad", r"\quad", r"\ ", "~", r"\$",
          r"\dollar", r"\mathclose", r"\mathopen", r"\middle"]
-_UNIT_WORDS = {
-    "cm", "mm", "km", "m", "meter", "meters", "metre", "metres", "inch", "inches", "in", "ft", "feet", "foot",
-    "yard", "yards", "mile", "miles", "kg", "g", "gram", "grams", "mg", "lb", "lbs", "pound", "pounds", "oz",
-    "s", "sec", "second", "seconds", "min", "minute", "minutes", "h", "hr", "hour", "hours", "day", "days",
-    "week", "weeks", "month", "months", "year", "years", "dollar", "dollars", "cent", "cents", "yuan", "euro",
-    "euros", "unit", "units", "sq", "square", "cubic", "l", "liter", "liters", "litre", "litres", "ml",
-    "degree", "degrees", "deg", "radian", "radians", "rad", "point", "points", "people", "students", "times",
-    "ways", "page", "pages", "book", "books", "apples", "marbles", "candies", "bags", "percent", "pct",
-    "percentage", "mph", "cm^2", "m^2", "km/h", "m/s", "cents", "minutes", "items", "boxes", "rupees",
-}
-_WORD_OPS = {"and": ",", "or": ",", "und": ",", "et": ",", "y": None, "i": None}
 
 
 def normalize(s: str) -> str:
@@ -199,7 +187,6 @@ _GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "e
           "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi", "chi", "psi",
           "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Sigma", "Phi", "Psi", "Omega"}
 _RELOPS = {"=": "=", "==": "=", "<": "<", ">": ">", "<=": "<=", ">=": ">=", "!=": "!="}
-_STOP = object()
 _PROSE_3 = {"the", "and", "not", "get", "are", "was", "for", "but", "has", "its", "our", "you", "all", "any",
             "one", "two", "six", "ten", "yes", "can", "may", "now", "see", "let", "put", "use", "way", "thu"}
 
@@ -519,7 +506,6 @@ class _Parser:
         # word in the middle of an answer is prose, not algebra ("The answer is 42")
         if len(text) > 3 or (len(text) == 3 and text.lower() in _PROSE_3):
             raise ParseError("prose in the answer")
-        self.info.names.add(text)
         value = sympy.Integer(1)
         for c in text:
             value = value * _sym(c)
