@@ -28,8 +28,9 @@ divided by 100 on the other (``28\\%`` matches ``28`` and ``0.28``).
 Comparison (`equivalent`): exact rational arithmetic first. When a decimal literal is involved, the
 tolerance follows the precision written: with ``d`` decimals (fewest on either side) the values
 must agree to within half a unit in the ``d``-th place (``3.14`` matches ``\\pi``, ``0.333`` matches
-``1/3``, ``5.001`` does not match ``5``); the ``float_rounding`` keyword instead rounds both to that
-many decimals. Irrational constants are compared at 50 significant digits with a *relative*
+``1/3``, ``5.001`` does not match ``5``), and a prediction with one decimal never approximates an
+exact gold (``0.7`` is not ``2/3``, while gold ``3.1`` accepts ``\\pi``); the ``float_rounding``
+keyword instead rounds both to that many decimals. Irrational constants are compared at 50 significant digits with a *relative*
 tolerance of 1e-30, so ``1/2004!`` and ``1/2006!`` differ. Expressions with symbols are compared by
 exact expansion, then by evaluation at three points where every symbol is positive (``\\sqrt{1/n}``
 equals ``1/\\sqrt{n}``), then by `sympy.simplify` under the sandbox deadline. Different variable
@@ -363,6 +364,8 @@ def read_answer(text: str, fallback: bool = True, plain_numbers: bool = True):
 class _Ctx:
     def __init__(self, gold: Answer, pred: Answer, float_rounding: int | None, strict: bool = True):
         self.decimals = [d for d in (gold.decimals, pred.decimals) if d is not None]
+        # a one-decimal prediction is no approximation of an exact gold (0.7 for 2/3)
+        self.coarse_guess = gold.decimals is None and pred.decimals is not None and pred.decimals < 2
         self.float_rounding = float_rounding
         self.strict = strict
         self.percent = gold.percent != pred.percent
@@ -471,6 +474,8 @@ def _numbers_equal(g, p, ctx: _Ctx) -> bool:
         return g == p
     if ctx.decimals or ctx.float_rounding is not None:
         if ctx.decimals and ctx.float_rounding is None:
+            if ctx.coarse_guess:
+                return False
             d = min(ctx.decimals)
         elif ctx.decimals:
             d = ctx.float_rounding
@@ -542,6 +547,7 @@ def _exprs_equal(g, p, ctx: _Ctx) -> bool:
 def _no_percent(ctx):
     c = _Ctx.__new__(_Ctx)
     c.decimals, c.float_rounding, c.percent, c.strict = ctx.decimals, ctx.float_rounding, False, ctx.strict
+    c.coarse_guess = ctx.coarse_guess
     return c
 
 

@@ -114,3 +114,10 @@ def test_integers_are_fast():
 )
 def test_answer_tag_contents(completion, expected):
     assert math_answer(completion, {"answer": "42"}) == expected
+
+
+def test_decimal_approximations_of_exact_golds():
+    assert math_answer("<answer>0.67</answer>", {"answer": "2/3"}) == 1.0
+    assert math_answer("<answer>0.7</answer>", {"answer": "2/3"}) == 0.0  # one decimal is a guess
+    assert math_answer("<answer>\\pi</answer>", {"answer": "3.1"}) == 1.0  # the gold's precision rules
+    assert math_answer("<answer>0.5</answer>", {"answer": "1/2"}) == 1.0  # exact
