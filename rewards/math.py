@@ -236,14 +236,15 @@ def _is_bare(text: str) -> bool:
 
 
 def _candidates(text: str) -> list[tuple[str, bool]]:
-    if len(text) > MAX_SCAN_CHARS:
-        text = text[-MAX_SCAN_CHARS:]
     a = text.rfind("<answer>")
     if a != -1:
-        inner = text[a + len("<answer>") :]
-        end = inner.find("</answer>")
-        if end != -1:
-            inner = inner[:end]
+        end = text.find("</answer>", a)
+        inner = text[a + len("<answer>") : end if end != -1 else len(text)]
+        if len(inner) > MAX_SCAN_CHARS:
+            return [(inner[:MAX_CHARS + 1], True)]  # over the limit: the parser refuses it
+    if len(text) > MAX_SCAN_CHARS:
+        text = text[-MAX_SCAN_CHARS:]
+    if a != -1:
         boxed = _last_boxed(inner)
         strong = _strip_delims(boxed if boxed is not None else inner)
         if not strong:
@@ -776,7 +777,7 @@ def _mv_answer(text: str, plain_numbers: bool = True):
 
 
 _MV_RISKY = re.compile(r"\\binom\s*\{[^{}]*(?:\d{4,}|\^)|\\binom\s*\{[^{}]*\}\s*\{[^{}]*(?:\d{4,}|\^)"
-                       r"|\^\s*\{?\s*\d{6,}|\d{5,}\s*!")
+                       r"|\^\s*\{?\s*\d{6,}|\d{5,}\s*!|\d{401}")
 
 
 def _mv_precheck(text: str) -> bool:
