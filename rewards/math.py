@@ -144,6 +144,11 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?(?:\s*%)?")
 
 
 def math_segments(text: str) -> list[str]:
+    """Contents of the math segments of a text (see `_segment_spans`)."""
+    return [body for _, _, body in _segment_spans(text)]
+
+
+def _segment_spans(text: str) -> list[tuple[int, int, str]]:
     """Contents of ``$$..$$``, ``\\[..\\]``, ``$..$`` and ``\\(..\\)`` in order; one linear pass.
 
     Inline ``$..$`` and ``\\(..\\)`` do not span lines (as in Markdown).
@@ -176,7 +181,7 @@ def math_segments(text: str) -> list[str]:
             i = j + width if text[j] != "$" else close  # the closing $ may open the next segment
             continue
         if body.strip():
-            out.append(body.strip())
+            out.append((j, close + width, body.strip()))
         i = close + width
     return out
 
@@ -208,7 +213,7 @@ def answer_candidates(text: str, with_strength: bool = False) -> list:
     >>> answer_candidates("The final answer is $12$. I hope it is correct.")
     ['12']
     >>> answer_candidates("Final Answer: The volume of $ABCD$ is 120.", with_strength=True)
-    [('The volume of $ABCD$ is 120', False), ('ABCD', False), ('120', False)]
+    [('The volume of $ABCD$ is 120', False), ('120', 'number'), ('ABCD', False)]
     """
     out = _candidates(text)
     return out if with_strength else [c for c, _ in out]
@@ -227,11 +232,15 @@ def _is_prose(s: str) -> bool:
     return sum(1 for w in _PROSE_WORD.findall(s) if w.lower() not in _MATH_WORDS) >= 2
 
 
+NUMBER = "number"  # candidate kind: a number picked out of prose (weakest)
+
+
 def _is_bare(text: str) -> bool:
     """A bare answer: short, no prose, no math delimiters (``-3``, ``x^2+1``, ``\\frac{1}{2}``)."""
     text = text.strip()
     return 0 < len(text) <= MAX_CHARS and "$" not in text.replace("\\$", "") and not _is_prose(text) and (
         "\\boxed" not in text and "<answer>" not in text and _FINAL.search(text) is None
+        and "\\[" not in text and "\\(" not in text
     )
 
 
@@ -278,13 +287,7 @@ def _candidates(text: str) -> list[tuple[str, bool]]:
         if not from_phrase:
             return [(strong, True)] if strong else []
         out = [(strong, not _is_prose(strong))] if strong else []
-        segs = math_segments(strong)
-        if segs and segs[-1] != strong:
-            out.append((segs[-1], False))
-        num = _last_number(strong)
-        if num and num != strong:
-            out.append((num, False))
-        return out
+        return out + [c for c in _weak(strong) if c[0] != strong]
     out = []
     stripped = text.strip()
     segs = math_segments(stripped)
@@ -292,12 +295,32 @@ def _candidates(text: str) -> list[tuple[str, bool]]:
         return [(segs[0], True)]
     if _is_bare(stripped):
         out.append((stripped, True))
-    if segs:
-        out.append((segs[-1], False))
-    num = _last_number(text)
-    if num:
-        out.append((num, False))
-    return out
+    return out + _weak(text)
+
+
+def _weak(text: str) -> list[tuple[str, bool]]:
+    """Unmarked text: the last math segment (adjacent ones merged, like boxes) and the last number,
+    whichever comes later first."""
+    spans = _segment_spans(text)
+    seg = num = None
+    seg_end = num_end = -1
+    if spans:
+        group = [spans[-1]]
+        for sp in reversed(spans[:-1]):
+            if _adjacent(text[sp[1] : group[0][0]]) and text[sp[1] : group[0][0]].strip():
+                group.insert(0, sp)
+            else:
+                break
+        seg = ", ".join(g[2] for g in group)
+        seg_end = group[-1][1]
+    m = None
+    for m in _NUMBER.finditer(text):
+        pass
+    if m is not None:
+        num, num_end = m.group().strip(), m.end()
+    ordered = [(seg, seg_end, False), (num, num_end, NUMBER)]
+    ordered.sort(key=lambda x: -x[1])
+    return [(c, kind) for c, _, kind in ordered if c]
 
 
 def extract_answer(text: str) -> str | None:
@@ -324,19 +347,23 @@ def _parse(candidate: str):
         return None
 
 
+def _after_think(text: str) -> str:
+    """The thinking block is never the answer (the prompt may have opened it)."""
+    close = text.rfind("</think>")
+    return text[close + len("</think>") :] if close != -1 else text
+
+
 def read_answer(text: str, fallback: bool = True, plain_numbers: bool = True):
     """The answer in a text: strong candidates with our parser, then (``fallback``) math-verify's
     parse of the text, then weak candidates with our parser. None if nothing reads; False when an
     input limit was hit.
     """
-    close = text.rfind("</think>")
-    if close != -1:  # the thinking block is never the answer (the prompt may have opened it)
-        text = text[close + len("</think>") :]
-        if not text.strip():
-            return None
+    text = _after_think(text)
+    if not text.strip():
+        return None
     cands = _candidates(text)
     for c, strong in cands:
-        if strong:
+        if strong is True:
             a = _parse(c)
             if a is not None:
                 return a
@@ -350,9 +377,9 @@ def read_answer(text: str, fallback: bool = True, plain_numbers: bool = True):
     if marked:
         return None
     for c, strong in cands:
-        if not plain_numbers and c == _last_number(c):
+        if not plain_numbers and strong == NUMBER:
             continue
-        if not strong:
+        if strong is not True:
             a = _parse(c)
             if a is not None:
                 return a
@@ -409,12 +436,25 @@ def _canon(v):
         if _is_symbolish(mid):
             return Interval(lo, hi, v.ops[0] == ">=", v.ops[1] == ">=")
     if isinstance(v, Seq) and v.kind in ("list", "set"):
-        items = [_canon(i) for i in v.items]
-        items = _group_assignments(items)
+        items = _group_assignments([_canon(i) for i in _expand_pm(v.items)])
         return Seq(v.kind, tuple(items))
     if isinstance(v, Seq):
         return Seq(v.kind, tuple(_canon(i) for i in v.items))
     return v
+
+
+def _expand_pm(items) -> list:
+    """In a list, ``x = a \\pm b`` stands for two values."""
+    out = []
+    for it in items:
+        pair = _assignment(it)
+        val = pair[1] if pair else it
+        if isinstance(val, PlusMinus):
+            for v in (val.center + val.delta, val.center - val.delta):
+                out.append(Relation(("=",), (pair[0], v)) if pair else v)
+        else:
+            out.append(it)
+    return out
 
 
 def _assignment(v):
@@ -866,6 +906,11 @@ def answers_match(gold_text: str, pred_text: str, float_rounding: int | None = N
     """
     if not gold_text.strip() or not pred_text.strip():
         return False
+    gold_c, pred_c = _candidates(_after_think(gold_text)), _candidates(_after_think(pred_text))
+    if gold_c and pred_c and gold_c[0][1] is True and pred_c[0][1] is True and (
+        " ".join(gold_c[0][0].split()) == " ".join(pred_c[0][0].split())
+    ):
+        return True  # the same answer, written the same way (even if our parser cannot read it)
     gold = read_answer(gold_text, fallback, plain_numbers)
     if not gold:
         return False

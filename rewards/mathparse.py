@@ -611,7 +611,7 @@ class _Parser:
                 value = self.primary()
             else:
                 raise ParseError("bad \\frac argument")
-        if not isinstance(value, sympy.Basic):
+        if not isinstance(value, (sympy.Basic, PlusMinus)):
             raise ParseError("fraction of a non-expression")
         return value
 
@@ -731,6 +731,12 @@ def _combine(a, b, op):
     if isinstance(a, Matrix) and isinstance(b, Matrix) and op == "*":
         m = sympy.Matrix(a.rows) * sympy.Matrix(b.rows) if len(a.rows[0]) == len(b.rows) else _raise("shapes")
         return Matrix(tuple(tuple(m.row(i)) for i in range(m.rows)))
+    if isinstance(a, PlusMinus) and isinstance(b, sympy.Basic):  # (c \pm d) / 4
+        if op in "*/":
+            return PlusMinus(_combine(a.center, b, op), _combine(a.delta, b, op))
+        return PlusMinus(_combine(a.center, b, op), a.delta)
+    if isinstance(b, PlusMinus) and isinstance(a, sympy.Basic) and op in "+*":  # 1 + (\pm d)
+        return PlusMinus(_combine(a, b.center, op), b.delta if op == "+" else a * b.delta)
     if not isinstance(a, sympy.Basic) or not isinstance(b, sympy.Basic):
         raise ParseError("arithmetic on a non-expression")
     if op == "+":
