@@ -140,7 +140,7 @@ def _last_boxed(text: str) -> str | None:
 
 _FINAL = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:)\s*", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"(?<![\d\\])\.(?:\s|$)|\n|\bI hope\b")
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?(?:\s*%)?")
+_NUMBER = re.compile(r"-?\\[dtc]?frac\s*\{\s*-?\d+\s*\}\s*\{\s*\d+\s*\}|-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?(?:\s*%)?")
 
 
 def math_segments(text: str) -> list[str]:
@@ -169,6 +169,8 @@ def _segment_spans(text: str) -> list[tuple[int, int, str]]:
             close, width, inline = text.find("$$", j + 2), 2, False
         elif text.startswith("$", j):
             close, width, inline = text.find("$", j + 1), 1, True
+            while close != -1 and text[close - 1] == "\\":  # \$ inside is a dollar sign
+                close = text.find("$", close + 1)
         elif text.startswith("\\[", j):
             close, width, inline = text.find("\\]", j + 2), 2, False
         else:
