@@ -13,8 +13,9 @@ never the answer (nothing after it: no answer). Then, first match wins:
    the last one (separated only by punctuation, spacing, or at most four words including "and" /
    "or") are merged into one list; earlier, non-adjacent boxes are ignored;
 3. a text that is one math segment (``$...$``, ``\\(...\\)``, ...) or a bare answer (no prose, no ``$``).
-Otherwise the text is unmarked prose: math-verify's parser reads it (see below); without
-math-verify, the last math segment, then the last number. No answer scores 0.
+Otherwise the text is unmarked prose: the last math segment (adjacent ones merged) or the last
+number, whichever comes later; if neither reads, math-verify's parser (see below). No answer
+scores 0.
 
 Normalisation (`rewards.mathparse.normalize`): ``\\left``/``\\right``, spacing commands, ``\\dfrac``,
 ``\\text{}`` wrappers, trailing unit words after a number ("125 miles", ``15\\mbox{ cm}^2``) and
@@ -44,9 +45,9 @@ when their normalised forms are positive multiples; a chain ``a < x < b`` is the
 Several different answers where the gold has one (hedging: "3 or 4", ``\\pm`` for a single value)
 score 0; an empty answer scores 0.
 
-math-verify: when a marked answer does not parse with our parser, or the text is unmarked prose,
-math-verify's ``parse`` reads it (``fallback=True``, the default; ``fallback=False`` uses our parser
-alone). It runs only inside the worker sandbox: input limits first (nesting depth, big binomials,
+math-verify: when a marked answer does not parse with our parser, or nothing in unmarked prose
+does, math-verify's ``parse`` reads it (``fallback=True``, the default; ``fallback=False`` uses our
+parser alone). It runs only inside the worker sandbox: input limits first (nesting depth, big binomials,
 6000 characters), a size check on what it returns (exponents, factorials, integer size), and its
 result goes through our comparison, never through math-verify's ``verify``. Its plain-number
 target passes to SymPy's ``parse_expr`` only strings its regular expression limits to digits,
@@ -356,9 +357,10 @@ def _after_think(text: str) -> str:
 
 
 def read_answer(text: str, fallback: bool = True, plain_numbers: bool = True):
-    """The answer in a text: strong candidates with our parser, then (``fallback``) math-verify's
-    parse of the text, then weak candidates with our parser. None if nothing reads; False when an
-    input limit was hit.
+    """The answer in a text: marked candidates with our parser; for a tagged or bare answer that
+    does not parse, math-verify's LaTeX parser on it (``fallback``); for unmarked prose, our weak
+    candidates, then math-verify's parse of the text. None if nothing reads; False when an input
+    limit was hit.
     """
     text = _after_think(text)
     if not text.strip():
@@ -370,22 +372,16 @@ def read_answer(text: str, fallback: bool = True, plain_numbers: bool = True):
             if a is not None:
                 return a
     marked = "<answer>" in text or _is_bare(text)  # the tagged or bare answer is the whole answer
-    if fallback and _mv_available():
-        if marked:  # math-verify may read it as LaTeX, but not pick a number out of it
-            return _mv_answer("$" + cands[0][0] + "$", False) if cands else None
-        a = _mv_answer(text, plain_numbers)  # math-verify reads unmarked text
-        if a is not None or not plain_numbers:
-            return a
-    if marked:
-        return None
-    for c, strong in cands:
-        if not plain_numbers and strong == NUMBER:
+    use_mv = fallback and _mv_available()
+    if marked:  # math-verify may read it as LaTeX, but never pick a number out of it
+        return _mv_answer("$" + cands[0][0] + "$", False) if (use_mv and cands) else None
+    for c, kind in cands:  # unmarked text: our reading of it first ...
+        if kind is True or (kind == NUMBER and not plain_numbers):
             continue
-        if strong is not True:
-            a = _parse(c)
-            if a is not None:
-                return a
-    return None
+        a = _parse(c)
+        if a is not None:
+            return a
+    return _mv_answer(text, plain_numbers) if use_mv else None  # ... then math-verify's
 
 
 # ------------------------------------------------------------------ comparison
