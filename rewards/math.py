@@ -159,23 +159,38 @@ def _segment_spans(text: str) -> list[tuple[int, int, str]]:
     """
     out = []
     i, n = 0, len(text)
+    nxt = {"$": -2, "\\[": -2, "\\(": -2}  # next position of each opener, found lazily (linear)
+    seen: dict[str, tuple[int, int]] = {}  # closer -> (searched from, found at): reused, so linear
+
+    def find(key: str, start: int) -> int:
+        if key in seen:
+            frm, at = seen[key]
+            if frm <= start and (at == -1 or at >= start):
+                return at
+        at = text.find(key, start)
+        seen[key] = (start, at)
+        return at
+
     while i < n:
-        j = min((k for k in (text.find("$", i), text.find("\\[", i), text.find("\\(", i)) if k != -1), default=-1)
+        for key, pos in nxt.items():
+            if pos != -1 and pos < i:
+                nxt[key] = text.find(key, i)
+        j = min((k for k in nxt.values() if k != -1), default=-1)
         if j == -1:
             break
         if text[j] == "$" and j > 0 and text[j - 1] == "\\":  # \$ is a dollar sign
             i = j + 1
             continue
         if text.startswith("$$", j):
-            close, width, inline = text.find("$$", j + 2), 2, False
+            close, width, inline = find("$$", j + 2), 2, False
         elif text.startswith("$", j):
             close, width, inline = text.find("$", j + 1), 1, True
             while close != -1 and text[close - 1] == "\\":  # \$ inside is a dollar sign
                 close = text.find("$", close + 1)
         elif text.startswith("\\[", j):
-            close, width, inline = text.find("\\]", j + 2), 2, False
+            close, width, inline = find("\\]", j + 2), 2, False
         else:
-            close, width, inline = text.find("\\)", j + 2), 2, True
+            close, width, inline = find("\\)", j + 2), 2, True
         if close == -1:
             i = j + width
             continue
