@@ -83,3 +83,17 @@ def test_errors_from_a_plugin_reach_metrics_jsonl(tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [line[f"reward/{name}/errors"] for line in lines] == [2.0, 2.0, 2.0]
     assert all(line["reward/format"] == 1.0 for line in lines)
+
+
+def test_score_add_parser_wires_into_a_cli(tmp_path, capsys):
+    import argparse
+
+    from grpo import score
+
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps({"completion": "<think>x</think><answer>7</answer>", "answer": "7"}) + "\n")
+    parser = argparse.ArgumentParser(prog="grpo")
+    score.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["score", str(src), "--reward", "format", "--workers", "0"])
+    assert args.func(args) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mean"] == 1.0
