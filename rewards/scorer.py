@@ -27,6 +27,11 @@ class RewardError(RuntimeError):
 
 @dataclass
 class ScoreResult:
+    """``total``: weighted sum per completion over rewards that applied (not None);
+    ``per_function``: each reward's values (None: does not apply; timeouts and errors carry the
+    configured scores); ``metrics``: ``reward/<name>`` (mean over applicable samples),
+    ``reward/<name>/timeouts`` and ``reward/<name>/errors`` (counts in this call)."""
+
     total: list[float]
     per_function: dict[str, list[float | None]]
     metrics: dict[str, float] = field(default_factory=dict)
@@ -41,8 +46,8 @@ def call_reward(fn, completion: str, example: dict, context: dict, kwargs: dict)
     if out is None:
         return None
     value = float(out)
-    if math.isnan(value):
-        raise ValueError("reward returned NaN")
+    if not math.isfinite(value):
+        raise ValueError(f"reward returned {value}")
     return value
 
 
