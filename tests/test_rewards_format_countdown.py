@@ -38,7 +38,7 @@ def test_format_is_linear_on_repeated_tags():
         t = time.perf_counter()
         format_reward(text, {})
         format_partial(text, {})
-        assert time.perf_counter() - t < 0.5
+        assert time.perf_counter() - t < 1.0  # milliseconds in practice
 
 
 def test_arithmetic_evaluator_accepts_only_arithmetic():

@@ -27,7 +27,7 @@ def test_timeout_kills_only_the_late_item_and_counts_it():
         elapsed = time.monotonic() - t
         assert r.per_function[P + "sleepy"] == [1.0, -1.0, 1.0, 1.0, 1.0, 1.0]
         assert r.metrics[f"reward/{P}sleepy/timeouts"] == 1.0
-        assert elapsed < 0.5 + 0.5 + 0.3  # deadline + grace + start of a replacement
+        assert elapsed < 0.5 + 1.5  # deadline + generous grace for a loaded CI machine (the item sleeps 30 s)
         assert s.pool.replaced == 1
     time.sleep(0.2)
     assert not any(_alive(p) for p in before)
@@ -44,7 +44,7 @@ def test_single_huge_integer_operation_is_stopped():
     with Scorer([RewardSpec(P + "huge_pow")], workers=1, timeout_s=0.5) as s:
         t = time.monotonic()
         r = s.score(["pow", "ok"], [{}, {}])
-        assert time.monotonic() - t < 0.5 + 0.5
+        assert time.monotonic() - t < 0.5 + 1.5  # the operation itself runs for minutes
         assert r.per_function[P + "huge_pow"] == [0.0, 1.0]
         assert r.metrics[f"reward/{P}huge_pow/timeouts"] == 1.0
 
@@ -108,7 +108,7 @@ def test_pool_overhead_is_small_for_a_training_batch():
             r = s.score(comps, [{"answer": "7"}] * 64)
         per_batch = (time.perf_counter() - t) / 5
     assert r.total == [1.5] * 64
-    assert per_batch < 0.25, per_batch  # a few ms on an idle 2-core machine; loose bound for CI noise
+    assert per_batch < 0.5, per_batch  # a few ms on an idle 2-core machine; loose bound for CI noise
 
 
 def test_fail_fast_stops_at_once_and_the_pool_stays_usable():
@@ -118,7 +118,7 @@ def test_fail_fast_stops_at_once_and_the_pool_stays_usable():
         with pytest.raises(RewardError, match="sample s0"):
             # item 0 raises; the nine sleepy-free items after it are not waited for
             s.score(["x"] * 10, [{"i": 0}] + [{"i": 1}] * 9, [{"sample_id": f"s{i}"} for i in range(10)])
-        assert time.monotonic() - t < 1.0
+        assert time.monotonic() - t < 2.0
         r = s.score(["x"], [{"i": 1}])
         assert r.per_function[P + "raises_on_tenth"] == [0.5]
 
