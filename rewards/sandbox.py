@@ -36,8 +36,9 @@ from multiprocessing.connection import Connection, wait
 
 from rewards.scorer import ERROR, OK, TIMEOUT
 
-# imported once in the zygote, so a new worker starts warm; math_verify is optional (fallback parser)
+# imported once in the zygote, so a new worker starts warm (the default: every built-in reward)
 PRELOAD = ["rewards.registry", "rewards.scorer", "rewards.math", "rewards.format", "rewards.countdown", "math_verify"]
+NEEDS = {"rewards.math": ["math_verify"]}  # optional modules a reward module imports lazily
 CONNECT_TIMEOUT_S = 30.0
 
 
@@ -117,7 +118,7 @@ def _zygote_main() -> None:
     for name in cfg["preload"]:
         try:
             importlib.import_module(name)
-        except ImportError:
+        except Exception:  # noqa: BLE001 - a module that fails here fails again, reported, in the worker
             pass
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically
     while True:
@@ -186,12 +187,15 @@ class WorkerPool:
     ``"timeout"`` or ``"error"``.
     """
 
-    def __init__(self, workers: int = 2, timeout_s: float = 2.0, memory_mb: int = 1024, chunks_per_worker: int = 2):
+    def __init__(self, workers: int = 2, timeout_s: float = 2.0, memory_mb: int = 1024, chunks_per_worker: int = 2,
+                 preload: list[str] | None = None):
         if workers < 1:
             raise ValueError("a WorkerPool needs at least one worker")
         self.timeout_s = float(timeout_s)
         self.memory_mb = int(memory_mb)
         self.chunks_per_worker = chunks_per_worker
+        modules = list(PRELOAD if preload is None else preload)
+        self.preload = modules + [m for mod in modules for m in NEEDS.get(mod, []) if m not in modules]
         self.replaced = 0  # workers killed on a deadline or found dead since start
         self.spawned_pids: list[int] = []  # every worker ever started (for leak checks)
         self.last_item_seconds: list[float] = []  # wall-clock seconds per item of the last `run`
@@ -218,7 +222,7 @@ class WorkerPool:
         import json
 
         self._zygote.stdin.write(
-            json.dumps({"preload": PRELOAD, "address": self._address, "token": self._token, "memory_mb": self.memory_mb})
+            json.dumps({"preload": self.preload, "address": self._address, "token": self._token, "memory_mb": self.memory_mb})
             + "\n"
         )
         self._zygote.stdin.flush()

@@ -100,7 +100,8 @@ class Scorer:
         if workers > 0:
             from rewards.sandbox import WorkerPool
 
-            self.pool = WorkerPool(workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
+            modules = ["rewards.registry", "rewards.scorer"] + sorted({f.__module__ for f in self.functions.values()} - {"__main__"})
+            self.pool = WorkerPool(workers=workers, timeout_s=timeout_s, memory_mb=memory_mb, preload=modules)
 
     def score(self, completions: list[str], examples: list[dict], contexts: list[dict] | None = None) -> ScoreResult:
         n = len(completions)
