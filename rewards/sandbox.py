@@ -156,6 +156,8 @@ def _kill(pid: int) -> None:
 
 
 def _shutdown(state: dict) -> None:
+    if os.getpid() != state["owner"]:  # a forked child (a DataLoader worker, say) leaves the pool alone
+        return
     for w in state["workers"]:
         try:
             w.conn.send(None)
@@ -208,7 +210,7 @@ class WorkerPool:
         listener.listen(64)
         listener.settimeout(CONNECT_TIMEOUT_S)
         self._listener = listener
-        self._state = {"workers": [], "zygote": None, "listener": listener, "tmpdir": tmpdir}
+        self._state = {"workers": [], "zygote": None, "listener": listener, "tmpdir": tmpdir, "owner": os.getpid()}
         self._finalizer = weakref.finalize(self, _shutdown, self._state)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [os.getcwd()])

@@ -127,3 +127,14 @@ def test_fail_fast_does_not_stop_on_timeouts():
     with Scorer([RewardSpec(P + "sleepy")], workers=1, timeout_s=0.3, fail_fast=True) as s:
         r = s.score(["5", "0"], [{}, {}])
         assert r.per_function[P + "sleepy"] == [0.0, 1.0]
+
+
+def test_a_forked_child_exiting_does_not_stop_the_pool():
+    with Scorer([RewardSpec("format")], workers=1) as s:
+        pid = os.fork()
+        if pid == 0:  # e.g. a DataLoader worker: its exit runs finalizers
+            s.close()
+            os._exit(0)
+        os.waitpid(pid, 0)
+        r = s.score(["<think>a</think><answer>1</answer>"], [{}])
+        assert r.per_function["format"] == [1.0]
