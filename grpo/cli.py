@@ -1,6 +1,7 @@
 """The `grpo` command line.
 
     grpo train RECIPE [key=value ...] [--output-dir DIR]
+    grpo score FILE.jsonl --reward NAME [--out RESULTS.jsonl]
     grpo dashboard RUNS_DIR [--host 127.0.0.1] [--port 8050] [--export report.html]
 
 Recipe problems (unknown key, wrong type, missing file, malformed YAML) print one line naming the
@@ -65,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<recipe>-<time>)")
     train.set_defaults(func=cmd_train)
 
-    from grpo import dashboard
+    from grpo import dashboard, score
 
+    score.add_parser(verbs)
     dashboard.add_parser(verbs)
     return parser
 
