@@ -93,7 +93,7 @@ class TinyBaseSpec:
     max_first: int = 99  # the arithmetic the base is taught: a in [0, max_first] ...
     max_second: int = 9  # ... plus b in [0, max_second]
     seed: int = 0
-    version: int = 2  # bump when the corpus or the training code changes meaning
+    version: int = 3  # bump when the corpus or the training code changes meaning
 
 
 BUILTIN_BASES = {"tiny-arith-moe": TinyBaseSpec()}
@@ -146,6 +146,8 @@ def pretraining_document(rng: random.Random, task: ArithmeticTask, tagged_share:
     question = rng.choice(_QUESTIONS).format(q=q) + rng.choice(_INSTRUCTIONS)
     if rng.random() < tagged_share:
         return f"User: {question}\nAssistant: <think>{q}={a}</think><answer>{a}</answer>"
+    if rng.random() < 0.5:  # half of the plain answers restate the problem, as people often do
+        return f"User: {question}\nAssistant: {q}={a}"
     return f"User: {question}\nAssistant: {a}"
 
 
