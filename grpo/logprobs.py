@@ -28,10 +28,15 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits to float32 for the softmax; float32/float64 stay as they are."""
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float,
                     softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [B, c, H], targets [B, c] -> logprobs [B, c], entropy [B, c] (entropy without grad)."""
-    logits = head(hidden).float()  # [B, c, V]
+    logits = _upcast(head(hidden))  # [B, c, V]
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap  # [B, c, V]
     logits = logits / temperature  # [B, c, V]
@@ -81,7 +86,7 @@ def token_logprobs_plain(
 ) -> torch.Tensor:
     """The reference computation: full [B, S, V] logits, then log_softmax and gather; [B, S-1]."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask)).logits
-    logits = logits[:, :-1, :].float()  # [B, S-1, V]
+    logits = _upcast(logits[:, :-1, :])  # [B, S-1, V]
     if temperature != 1.0:
         logits = logits / temperature  # [B, S-1, V]
     return F.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, S-1]
