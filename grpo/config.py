@@ -122,7 +122,7 @@ class AlgorithmConfig(Section):
         0.0, ge=0, lt=1, description="soft overlong penalty buffer, a fraction of max_new_tokens (DAPO: 0.2; 0 disables)"
     )
     logprob_chunk: int = Field(
-        1024, ge=1, description="sequence positions per lm_head + log_softmax chunk (bounds logits memory; no effect on values)"
+        512, ge=1, description="sequence positions per lm_head + log_softmax chunk (bounds logits memory; no effect on values)"
     )
 
     @model_validator(mode="before")

@@ -39,11 +39,13 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.
     logits = _upcast(head(hidden))  # [B, c, V]
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap  # [B, c, V]
-    logits = logits / temperature  # [B, c, V]
+    if temperature != 1.0:
+        logits = logits / temperature  # [B, c, V]
     logp_all = F.log_softmax(logits, dim=-1)  # [B, c, V]
+    del logits  # log_softmax's backward needs only its output: at most two [B, c, V] tensors live below
     logprobs = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, c]
-    with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, c]
+    with torch.no_grad():  # H = -sum_v p_v log p_v as a batched dot product (no third [B, c, V] tensor)
+        entropy = -(logp_all.exp().unsqueeze(-2) @ logp_all.unsqueeze(-1)).squeeze(-1).squeeze(-1)  # [B, c]
     return logprobs, entropy
 
 
@@ -53,7 +55,7 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
-    chunk: int = 1024,
+    chunk: int = 512,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of input_ids[:, 1:] given the prefix, `chunk` positions of logits at a time.
 
