@@ -128,7 +128,8 @@ def rollout_stage(engine, scorer: Scorer, tokenizer, cfg: RunConfig, seed: int, 
 
 
 def with_advantages(rollouts: list[Rollout], cfg: RunConfig) -> tuple[list[Rollout], dict[str, float]]:
-    """Group advantages of the total reward plus DAPO's soft overlong penalty (when enabled)."""
+    """Group advantages of the total reward plus DAPO's soft overlong penalty (when enabled; it is
+    then added to each rollout's total and recorded under rewards["overlong_penalty"])."""
     G, max_tokens = cfg.rollout.group_size, cfg.rollout.max_new_tokens
     lengths = torch.tensor([r.num_completion_tokens for r in rollouts])  # [P*G]
     penalty = overlong_penalty(lengths, max_tokens, round(cfg.algorithm.overlong_buffer * max_tokens))  # [P*G]
@@ -138,7 +139,10 @@ def with_advantages(rollouts: list[Rollout], cfg: RunConfig) -> tuple[list[Rollo
     metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
                "reward/overlong_penalty": penalty.mean().item(),
                "train/zero_variance_groups": zero_variance_fraction(rewards)}
-    return [replace(r, reward=float(t), advantage=a) for r, t, a in zip(rollouts, rewards.flatten().tolist(), adv)], metrics
+    if cfg.algorithm.overlong_buffer == 0:
+        return [replace(r, advantage=a) for r, a in zip(rollouts, adv)], metrics
+    return [replace(r, reward=float(t), advantage=a, rewards={**r.rewards, "overlong_penalty": float(p)})
+            for r, t, a, p in zip(rollouts, rewards.flatten().tolist(), adv, penalty.tolist())], metrics
 
 
 def rollout_metrics(rollouts: list[Rollout], max_new_tokens: int, seconds: float) -> dict[str, float]:

@@ -63,3 +63,23 @@ def test_overlong_penalty():
     # L_max 20, L_cache 4: free up to 16 tokens; 18 -> (16 - 18) / 4 = -0.5; 20 -> -1; 25 -> -1 (clamped)
     close(overlong_penalty(torch.tensor([3, 16, 17, 18, 20, 25]), 20, 4), [0.0, 0.0, -0.25, -0.5, -1.0, -1.0])
     close(overlong_penalty(torch.tensor([20]), 20, 0), [0.0])  # buffer 0 disables it
+
+
+def test_loop_adds_the_soft_overlong_penalty_before_advantages():
+    from grpo.config import RunConfig
+    from grpo.train import with_advantages
+    from rollout.base import Rollout
+
+    # max_new_tokens 10, buffer 0.2 -> L_cache 2: lengths [4, 9, 10, 10] get penalties [0, -0.5, -1, -1]
+    # rewards [1, 1, 1, 0] + penalties = [1, 0.5, 0, -1]; scale none: mean 0.125 -> [0.875, 0.375, -0.125, -1.125]
+    cfg = RunConfig.model_validate({"rollout": {"group_size": 4, "max_new_tokens": 10},
+                                    "algorithm": {"advantage_scale": "none", "overlong_buffer": 0.2}})
+    rollouts = [Rollout(group=0, prompt_ids=(1,), completion_ids=(2,) * n, text="", logprobs=(0.0,) * n,
+                        finish_reason="stop", reward=r) for n, r in zip([4, 9, 10, 10], [1.0, 1.0, 1.0, 0.0])]
+    out, metrics = with_advantages(rollouts, cfg)
+    assert [r.advantage for r in out] == pytest.approx([0.875, 0.375, -0.125, -1.125])
+    assert [r.rewards["overlong_penalty"] for r in out] == [0.0, -0.5, -1.0, -1.0]
+    assert metrics["reward/overlong_penalty"] == pytest.approx(-2.5 / 4)
+    plain, _ = with_advantages(rollouts, cfg.model_copy(update={"algorithm": cfg.algorithm.model_copy(
+        update={"overlong_buffer": 0.0})}))
+    assert [r.advantage for r in plain] == pytest.approx([0.25, 0.25, 0.25, -0.75])  # r - 0.75
