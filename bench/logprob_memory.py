@@ -13,10 +13,11 @@ compares the two log-prob tensors and prints one JSON line:
     {"plain_peak_mb", "chunked_peak_mb", "ratio" (chunked / plain, at most 0.25 to pass),
      "max_abs_diff" (at most 1e-5 to pass), "chunk", "model_rss_mb", "seconds", "pass"}
 
-Both variants run under torch.no_grad (the plain one with grad would need about 15 GB here);
+Both variants run under torch.no_grad (the plain one with grad would need well over 15 GB here);
 grpo/logprobs.py applies activation checkpointing per chunk, so backward memory is bounded by the
-same chunk (tests/test_logprobs.py checks that autograd saves no full-size logits). Exit status 1
-if a bound is not met.
+same chunk (tests/test_logprobs.py checks that autograd saves no full-size logits; `--backward`
+also measures the chunked forward + backward, "chunked_fwd_bwd_peak_mb"). Exit status 1 if a
+bound is not met.
 """
 
 from __future__ import annotations
@@ -56,11 +57,16 @@ def run_variant(variant: str, chunk: int, out: str, threads: int) -> None:
     attention_mask = torch.ones(BATCH, SEQ, dtype=torch.long)  # [B, S]
     model_rss = rss_mb()
     start = time.perf_counter()
-    with torch.no_grad():
-        if variant == "plain":
-            logprobs = token_logprobs_plain(model, input_ids, attention_mask)  # [B, S-1]
-        else:
-            logprobs, _ = token_logprobs(model, input_ids, attention_mask, with_entropy=True, chunk=chunk)  # [B, S-1]
+    if variant == "chunked_backward":  # forward with autograd, then backward through the checkpointed chunks
+        logprobs, _ = token_logprobs(model, input_ids, attention_mask, with_entropy=True, chunk=chunk)  # [B, S-1]
+        logprobs.sum().backward()
+        logprobs = logprobs.detach()  # [B, S-1]
+    else:
+        with torch.no_grad():
+            if variant == "plain":
+                logprobs = token_logprobs_plain(model, input_ids, attention_mask)  # [B, S-1]
+            else:
+                logprobs, _ = token_logprobs(model, input_ids, attention_mask, with_entropy=True, chunk=chunk)
     seconds = time.perf_counter() - start
     torch.save(logprobs, out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MB on Linux
@@ -78,10 +84,12 @@ def measure(variant: str, chunk: int, out: str, threads: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=["plain", "chunked"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=["plain", "chunked", "chunked_backward"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--chunk", type=int, default=256, help="sequence positions per chunk")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per variant")
+    parser.add_argument("--backward", action="store_true",
+                        help="also measure the chunked forward + backward (reported, not part of the ratio)")
     args = parser.parse_args()
     if args.variant:
         run_variant(args.variant, args.chunk, args.out, args.threads)
@@ -93,12 +101,14 @@ def main() -> int:
         chunked = measure("chunked", args.chunk, f"{tmp}/chunked.pt", args.threads)
         plain = measure("plain", args.chunk, f"{tmp}/plain.pt", args.threads)
         diff = (torch.load(f"{tmp}/chunked.pt") - torch.load(f"{tmp}/plain.pt")).abs().max().item()
+        backward = measure("chunked_backward", args.chunk, f"{tmp}/backward.pt", args.threads) if args.backward else None
     ratio = chunked["peak_mb"] / plain["peak_mb"]
     ok = ratio <= 0.25 and diff <= 1e-5
     print(json.dumps({"plain_peak_mb": round(plain["peak_mb"], 1), "chunked_peak_mb": round(chunked["peak_mb"], 1),
                       "ratio": round(ratio, 4), "max_abs_diff": diff, "chunk": args.chunk,
                       "model_rss_mb": round(plain["model_rss_mb"], 1),
                       "seconds": {"plain": round(plain["seconds"], 1), "chunked": round(chunked["seconds"], 1)},
+                      **({"chunked_fwd_bwd_peak_mb": round(backward["peak_mb"], 1)} if backward else {}),
                       "pass": ok}))
     return 0 if ok else 1
 

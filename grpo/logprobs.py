@@ -88,7 +88,8 @@ def token_logprobs_plain(
 ) -> torch.Tensor:
     """The reference computation: full [B, S, V] logits, then log_softmax and gather; [B, S-1]."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask)).logits
-    logits = _upcast(logits[:, :-1, :])  # [B, S-1, V]
+    logits = _upcast(logits)  # [B, S, V]
     if temperature != 1.0:
-        logits = logits / temperature  # [B, S-1, V]
-    return F.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, S-1]
+        logits = logits / temperature  # [B, S, V]
+    logp_all = F.log_softmax(logits, dim=-1)  # [B, S, V]; on the contiguous tensor, so no extra copy
+    return logp_all[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, S-1]
