@@ -2,9 +2,12 @@
 
 R1-Zero is reinforcement learning on a *pretrained base*. The honest miniature that fits a laptop
 CPU is a tiny Mixture-of-Experts model that this module pretrains on synthetic text: mostly plain
-arithmetic (equations, question/answer exchanges), with the `<think>`/`<answer>` tags as rare as
-they are in web text (`TAGGED_SHARE` of the exchanges). The base therefore knows its sums but
-almost never answers in the R1 format unprompted; RL has to teach the format from rewards alone.
+arithmetic (blocks of equations, question/answer exchanges), where a minority of the exchanges
+(`tagged_share`, 15% of exchanges, about 4.5% of documents) answer in the R1 format. That is the
+small prior real base models have for the format (R1-Zero's bases had seen such text): greedy
+decoding never picks it, so the base answers plainly and scores ~0 in-format, but sampling finds it
+now and then, and RL has to make it the rule. With a rarer prior (5% of exchanges and below) the
+tiny model never learned to do its sums inside the tags, and RL had nothing correct to reinforce.
 
 The result is cached under `$GRPO_ZERO_CACHE` (default `~/.cache/grpo-zero`) keyed by a hash of
 everything that determines it, so it is built once per machine. Building it is deterministic for a
@@ -89,11 +92,11 @@ class TinyBaseSpec:
     batch_size: int = 16  # rows per step
     row_tokens: int = 128  # whole documents are packed into rows of this many tokens
     lr: float = 3e-3
-    tagged_share: float = 0.05  # share of question/answer exchanges written in the R1 format
+    tagged_share: float = 0.15  # share of question/answer exchanges written in the R1 format
     max_first: int = 99  # the arithmetic the base is taught: a in [0, max_first] ...
     max_second: int = 9  # ... plus b in [0, max_second]
     seed: int = 0
-    version: int = 4  # bump when the corpus or the training code changes meaning
+    version: int = 5  # bump when the corpus or the training code changes meaning
 
 
 BUILTIN_BASES = {"tiny-arith-moe": TinyBaseSpec()}
