@@ -1,8 +1,7 @@
 """Built-in synthetic tasks: problems generated from a seed, no download.
 
 A task yields rows `{"question": str, "answer": str}` (plus task fields: countdown adds `numbers`,
-`target`); the prompt
-template turns a row into the text the policy sees (see `grpo.data`).
+`target`); the prompt template turns a row into the text the policy sees (see `grpo.data`).
 """
 
 from __future__ import annotations
@@ -86,7 +85,7 @@ class CountdownTask:
             if len(items) == 1:
                 target, answer = items[0]
                 shown = ", ".join(map(str, numbers))
-                return {"question": f"Using the numbers {shown}, make {target}. Use {" ".join(self.ops)} and each number exactly once.",
+                return {"question": f"Using the numbers {shown}, make {target}. Use {' '.join(self.ops)} and each number exactly once.",
                         "answer": answer, "numbers": numbers, "target": target}
         raise ValueError("could not generate a countdown problem; widen max_target or the operators")
 
