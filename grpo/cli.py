@@ -1,6 +1,9 @@
 """The `grpo` command line.
 
     grpo train RECIPE [key=value ...] [--output-dir DIR]
+    grpo eval RECIPE --checkpoint PATH [--k 8] [--out DIR] [key=value ...]
+    grpo plan RECIPE --nodes N --gpus-per-node G --gpu h800|h100|h200|a100 [--price-per-gpu-hour P]
+    grpo recipes
     grpo dashboard RUNS_DIR [--host 127.0.0.1] [--port 8050] [--export report.html]
 
 Recipe problems (unknown key, wrong type, missing file, malformed YAML) print one line naming the
@@ -53,6 +56,72 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_label(checkpoint: Path, step: int | None) -> str:
+    """`step-N` from --step, a `step-N` directory name, or a run's summary (for `final`)."""
+    import json
+    import re
+
+    if step is not None:
+        return f"step-{step}"
+    match = re.fullmatch(r"(?:step|checkpoint)[-_]0*(\d+)", checkpoint.name)
+    if match:
+        return f"step-{int(match.group(1))}"
+    summary = checkpoint.parent / "summary.json"
+    if checkpoint.name == "final" and summary.is_file():
+        return f"step-{json.loads(summary.read_text())['train']['steps']}"
+    return checkpoint.name
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from grpo.config import ConfigError, load_recipe
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    overrides = list(args.overrides) + ([f"model.name_or_path={checkpoint}"] if checkpoint else [])
+    try:
+        cfg = load_recipe(args.recipe, overrides)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if checkpoint is not None and not (checkpoint / "config.json").is_file():
+        return _fail(f"{checkpoint}: not a model directory (no config.json)")
+    if args.k is not None and args.k < 1:
+        return _fail("--k must be at least 1")
+
+    import torch
+
+    from grpo.data import DataError, load_eval_sets, load_rows
+    from grpo.evaluate import evaluate_sets, format_table, make_eval_scorer, write_report
+    from grpo.train import load_policy
+    from rewards import UnknownRewardError
+    from rollout.hf import HFEngine
+
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        scorer = make_eval_scorer(cfg)
+    except UnknownRewardError as exc:
+        return _fail(f"{args.recipe}: eval.correct: {exc}")
+    try:
+        model, tokenizer = load_policy(cfg, device)
+        _, heldout = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)
+        sets = load_eval_sets(cfg, heldout)
+    except DataError as exc:
+        scorer.close()
+        return _fail(str(exc))
+    if not sets:
+        scorer.close()
+        return _fail(f"{args.recipe}: nothing to evaluate (eval.num_prompts is 0 and eval.datasets is empty)")
+    engine = HFEngine(model, tokenizer, device)
+    report = evaluate_sets(engine, tokenizer, cfg, sets, scorer, k=args.k, seed=cfg.trainer.seed)
+    scorer.close()
+    report["checkpoint"] = str(checkpoint or cfg.model.name_or_path)
+    print(format_table(report))
+    if args.out:
+        label = _checkpoint_label(checkpoint, args.step) if checkpoint else "base"
+        print(f"written: {write_report(args.out, label, report)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo", description="R1-Zero-style RL for language models (GRPO and relatives).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -64,6 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe field, e.g. trainer.steps=50")
     train.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<recipe>-<time>)")
     train.set_defaults(func=cmd_train)
+
+    ev = verbs.add_parser(
+        "eval", help="evaluate a checkpoint on the recipe's held-out problems and eval data sets",
+        description="Evaluate CHECKPOINT (a saved model directory, e.g. runs/x/final) on the recipe's held-out "
+        "problems (eval.num_prompts) and eval.datasets: greedy accuracy, and with --k N > 1 also avg@N, "
+        "unbiased pass@k and maj@N. Correct means every reward in eval.correct scores 1.0 (default: the right "
+        "answer inside the required format), as in the training summary.")
+    ev.add_argument("recipe", metavar="RECIPE", help="the recipe the checkpoint was trained with")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe field, e.g. eval.num_prompts=50")
+    ev.add_argument("--checkpoint", metavar="PATH", help="model directory to evaluate (default: the recipe's model.name_or_path)")
+    ev.add_argument("--k", type=int, metavar="N", help="samples per problem for avg@N/pass@k/maj@N (default: eval.k; 1 = greedy only)")
+    ev.add_argument("--out", metavar="DIR", help="also write DIR/eval/step-N.json (N from --step, the checkpoint's name or its run's summary)")
+    ev.add_argument("--step", type=int, metavar="N", help="step number to file the report under")
+    ev.set_defaults(func=cmd_eval)
 
     from grpo import dashboard
 
