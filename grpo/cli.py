@@ -122,6 +122,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from grpo.config import ConfigError, load_recipe
+    from grpo.plan import format_report, make_plan, resolve_arch, workload_from_recipe
+
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    for name in ("nodes", "gpus_per_node"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        arch = resolve_arch(cfg.model.name_or_path)
+    except ValueError as exc:
+        return _fail(str(exc))
+    work = workload_from_recipe(cfg, args.steps, args.prompt_tokens, args.response_tokens)
+    plan = make_plan(arch, args.gpu, args.nodes, args.gpus_per_node, work, sharding=args.sharding, tp=args.tp,
+                     mfu_train=args.mfu_train, mfu_gen=args.mfu_gen, price=args.price_per_gpu_hour)
+    print(format_report(plan, use_rich=not args.plain), end="")
+    if not plan.fits:
+        print(f"grpo plan: this configuration does not fit in {plan.gpu.name} memory (see 'does not fit' above)",
+              file=sys.stderr)
+    return 0 if plan.fits else 1
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    folder = Path(args.dir) if args.dir else Path(__file__).resolve().parent.parent / "recipes"
+    files = sorted(folder.glob("*.yaml"))
+    if not files:
+        return _fail(f"{folder}: no recipes found")
+    width = max(len(f.name) for f in files)
+    for f in files:
+        print(f"{f.name.ljust(width)}  {_recipe_summary(f)}")
+    return 0
+
+
+def _recipe_summary(path: Path) -> str:
+    """The first header comment line of a recipe (its one-line summary)."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if text:
+            return text
+    return "(no header comment)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo", description="R1-Zero-style RL for language models (GRPO and relatives).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -147,6 +194,35 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", metavar="DIR", help="also write DIR/eval/step-N.json (N from --step, the checkpoint's name or its run's summary)")
     ev.add_argument("--step", type=int, metavar="N", help="step number to file the report under")
     ev.set_defaults(func=cmd_eval)
+
+    plan = verbs.add_parser(
+        "plan", help="estimate memory per GPU, time and cost of a recipe on a cluster",
+        description="Estimate, for RECIPE on NODES x GPUS-PER-NODE GPUs: memory per GPU while training (weights, "
+        "gradients, optimizer states, activations) and while generating (engine weights, KV cache), whether it fits, "
+        "and the time, GPU-hours and money of a step and of the whole run from generation and training FLOPs at the "
+        "stated utilisation. Exit status 1 when it does not fit. The model's architecture comes from an embedded "
+        "table of known models, a local config.json, or the Hub.")
+    plan.add_argument("recipe", metavar="RECIPE", help="path of a YAML recipe")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe field, e.g. rollout.max_new_tokens=8192")
+    plan.add_argument("--nodes", type=int, required=True, metavar="N", help="number of nodes")
+    plan.add_argument("--gpus-per-node", type=int, required=True, metavar="G", help="GPUs per node")
+    plan.add_argument("--gpu", required=True, choices=["h800", "h100", "h200", "a100", "a100-40"], help="GPU model")
+    plan.add_argument("--price-per-gpu-hour", type=float, default=2.0, metavar="P", help="USD per GPU-hour (default 2)")
+    plan.add_argument("--sharding", choices=["full", "hybrid"], default="full",
+                      help="FSDP2 full shard over all GPUs, or hybrid: shard within a node, replicate across (default full)")
+    plan.add_argument("--tp", type=int, metavar="T", help="rollout engine tensor-parallel size (default: smallest that leaves room)")
+    plan.add_argument("--steps", type=int, metavar="S", help="steps of the whole run (default trainer.steps)")
+    plan.add_argument("--prompt-tokens", type=int, metavar="T", help="mean prompt length (default data.max_prompt_tokens/2, or 256)")
+    plan.add_argument("--response-tokens", type=int, metavar="T", help="mean completion length (default rollout.max_new_tokens/2)")
+    plan.add_argument("--mfu-train", type=float, metavar="U", help="training utilisation of bf16 peak (default 0.35 dense, 0.25 MoE)")
+    plan.add_argument("--mfu-gen", type=float, default=0.10, metavar="U", help="generation utilisation of bf16 peak (default 0.10)")
+    plan.add_argument("--plain", action="store_true", help="plain text instead of a rich table")
+    plan.set_defaults(func=cmd_plan)
+
+    rec = verbs.add_parser("recipes", help="list the shipped recipes, one line each",
+                           description="List the recipes shipped in recipes/ with the first line of each header comment.")
+    rec.add_argument("--dir", metavar="DIR", help="another folder of recipes")
+    rec.set_defaults(func=cmd_recipes)
 
     from grpo import dashboard
 
