@@ -313,7 +313,7 @@ def make_plan(arch: Arch, gpu: str, nodes: int, gpus_per_node: int, work: Worklo
     kv = max(0.0, min(need, free))
     plan.kv_share = kv / need if need else 1.0
     plan.memory_rollout = {"trainer shards kept (weights + optimizer)": resident,
-                           f"engine weights (bf16, TP={tp})": engine_weights, "KV cache": kv}
+                           f"engine weights (bf16, TP={tp})": engine_weights, "KV cache (what is free, up to the batch's need)": kv}
     if plan.kv_share < 1:
         plan.notes.append(f"KV cache holds {plan.kv_share:.0%} of a replica's {plan.sequences_per_replica} sequences at "
                           f"full length ({need:.1f} GiB wanted); the engine decodes them in waves")
@@ -327,7 +327,7 @@ def workload_from_recipe(cfg, steps: int | None = None, prompt_tokens: int | Non
     ro, tr = cfg.rollout, cfg.trainer
     return Workload(
         prompts_per_step=tr.prompts_per_step, group_size=ro.group_size,
-        prompt_tokens=prompt_tokens or (cfg.data.max_prompt_tokens // 2 if cfg.data.max_prompt_tokens else 256),
+        prompt_tokens=prompt_tokens or min(256, cfg.data.max_prompt_tokens or 256),
         response_tokens=response_tokens or max(1, ro.max_new_tokens // 2),
         max_new_tokens=ro.max_new_tokens, steps=steps or tr.steps, micro_batch_size=tr.micro_batch_size,
         extra_forwards=1 if cfg.algorithm.num_iterations > 1 else 0,
@@ -353,6 +353,10 @@ def _h(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
 def report_rows(plan: Plan) -> list[tuple[str, str]]:
     a, w = plan.arch, plan.work
     total, active = a.params()
@@ -362,7 +366,7 @@ def report_rows(plan: Plan) -> list[tuple[str, str]]:
     kind = (f"MoE {a.num_experts} experts top-{a.top_k}" + (f" + {a.shared_experts} shared" if a.shared_experts else "")
             if a.is_moe else "dense") + (", MLA" if a.is_mla else "")
     rows = [
-        ("model", f"{a.name} ({kind}); {total / 1e9:.2f}B params, {active / 1e9:.2f}B active per token"),
+        ("model", f"{a.name} ({kind}); {_count(total)} params, {_count(active)} active per token"),
         ("cluster", f"{plan.nodes} node(s) x {plan.gpus_per_node} {plan.gpu.name} = {plan.world} GPUs; "
                     f"sharding {plan.sharding} over {plan.shard_group}; rollout TP={plan.tp}"),
         ("step", f"{w.prompts_per_step} prompts x {w.group_size} = {w.prompts_per_step * w.group_size} completions; "
@@ -395,8 +399,9 @@ def _advice(plan: Plan) -> str:
     train, roll = sum(plan.memory_train.values()), sum(plan.memory_rollout.values())
     parts = []
     if train > plan.capacity_gib:
-        parts.append(f"training needs {train:.0f} GiB per GPU: shard over more GPUs (more nodes, or "
-                     f"--sharding full), or lower trainer.micro_batch_size")
+        more = "more nodes" if plan.sharding == "full" else "--sharding full or more GPUs per node"
+        parts.append(f"training needs {train:.0f} GiB per GPU: shard over more GPUs ({more}), a GPU with more "
+                     f"memory, or a lower trainer.micro_batch_size")
     if roll > plan.capacity_gib or plan.kv_share < 1 / max(1, plan.sequences_per_replica):
         parts.append(f"rollouts need {roll:.0f} GiB per GPU before any KV cache: raise --tp or add GPUs")
     return "; ".join(parts) or "peak memory exceeds the GPU"
@@ -421,4 +426,4 @@ def format_report(plan: Plan, use_rich: bool = True) -> str:
         except ImportError:
             pass
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows) + "\n"
