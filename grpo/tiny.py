@@ -85,7 +85,7 @@ class TinyBaseSpec:
     top_k: int = 2
     expert_width: int = 96
     max_positions: int = 256
-    pretrain_steps: int = 1200
+    pretrain_steps: int = 2000
     batch_size: int = 32
     lr: float = 3e-3
     tagged_share: float = 0.02  # share of question/answer exchanges written in the R1 format
@@ -126,7 +126,9 @@ def tiny_moe_config(spec: TinyBaseSpec, vocab_size: int, pad_id: int, eos_id: in
 # --- the synthetic pretraining corpus ---------------------------------------------------------
 
 _QUESTIONS = ("{q}=?", "What is {q}?", "{q}")
-_INSTRUCTIONS = ("", "", "", " Be brief.")
+# Base models have seen instructions they do not follow: the R1 instruction appears in the corpus
+# but the answer that follows it is tagged no more often than after any other question.
+_INSTRUCTIONS = ("", "", " Be brief.", " Show work in <think></think> then answer in <answer></answer>.")
 
 
 def pretraining_document(rng: random.Random, task: ArithmeticTask, tagged_share: float) -> str:
