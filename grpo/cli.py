@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe field, e.g. eval.num_prompts=50")
     ev.add_argument("--checkpoint", metavar="PATH", help="model directory to evaluate (default: the recipe's model.name_or_path)")
     ev.add_argument("--k", type=int, metavar="N", help="samples per problem for avg@N/pass@k/maj@N (default: eval.k; 1 = greedy only)")
-    ev.add_argument("--out", metavar="DIR", help="also write DIR/eval/step-N.json (N from --step, the checkpoint's name or its run's summary)")
+    ev.add_argument("--out", metavar="DIR", help="also write DIR/eval/step-N.json (N from --step, the checkpoint's name or its run's summary; replaces a report of the same step)")
     ev.add_argument("--step", type=int, metavar="N", help="step number to file the report under")
     ev.set_defaults(func=cmd_eval)
 
