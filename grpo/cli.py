@@ -4,6 +4,7 @@
     grpo eval RECIPE --checkpoint PATH [--k 8] [--out DIR] [key=value ...]
     grpo plan RECIPE --nodes N --gpus-per-node G --gpu h800|h100|h200|a100 [--price-per-gpu-hour P]
     grpo recipes
+    grpo score FILE.jsonl --reward NAME [--out RESULTS.jsonl]
     grpo dashboard RUNS_DIR [--host 127.0.0.1] [--port 8050] [--export report.html]
 
 Recipe problems (unknown key, wrong type, missing file, malformed YAML) print one line naming the
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="FSDP2 full shard over all GPUs, or hybrid: shard within a node, replicate across (default full)")
     plan.add_argument("--tp", type=int, metavar="T", help="rollout engine tensor-parallel size (default: smallest that leaves room)")
     plan.add_argument("--steps", type=int, metavar="S", help="steps of the whole run (default trainer.steps)")
-    plan.add_argument("--prompt-tokens", type=int, metavar="T", help="mean prompt length (default data.max_prompt_tokens/2, or 256)")
+    plan.add_argument("--prompt-tokens", type=int, metavar="T", help="mean prompt length (default 256, or data.max_prompt_tokens if smaller)")
     plan.add_argument("--response-tokens", type=int, metavar="T", help="mean completion length (default rollout.max_new_tokens/2)")
     plan.add_argument("--mfu-train", type=float, metavar="U", help="training utilisation of bf16 peak (default 0.35 dense, 0.25 MoE)")
     plan.add_argument("--mfu-gen", type=float, default=0.10, metavar="U", help="generation utilisation of bf16 peak (default 0.10)")
@@ -224,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--dir", metavar="DIR", help="another folder of recipes")
     rec.set_defaults(func=cmd_recipes)
 
-    from grpo import dashboard
+    from grpo import dashboard, score
 
+    score.add_parser(verbs)
     dashboard.add_parser(verbs)
     return parser
 

@@ -942,7 +942,8 @@ def answers_match(gold_text: str, pred_text: str, float_rounding: int | None = N
 
 
 def math_answer(completion: str, example: dict, float_rounding: int | None = None, fallback: bool = True,
-                strict: bool = True, plain_numbers: bool = True, relation_as_set: bool = True, **context) -> float:
+                strict: bool = True, plain_numbers: bool = True, relation_as_set: bool = True,
+                answer_tag: bool = False, **context) -> float:
     """1.0 when the completion's final answer equals the gold ``example["answer"]``, else 0.0.
 
     ``float_rounding``: compare decimals after rounding both sides to this many places (default:
@@ -952,6 +953,8 @@ def math_answer(completion: str, example: dict, float_rounding: int | None = Non
     ``plain_numbers=False``: in unmarked text only LaTeX counts, not a bare last number.
     ``relation_as_set=False``: a predicted relation (``-2 \\le x \\le 7``) does not match a gold
     set (``[-2, 7]``); the other way round always matches.
+    ``answer_tag=True``: R1-Zero's accuracy reward: only the last closed ``<answer>...</answer>``
+    is read, and a completion without one scores 0 however right its bare text is.
 
     >>> math_answer("<think>3+4 is 7</think><answer>7</answer>", {"answer": "7"})
     1.0
@@ -959,11 +962,19 @@ def math_answer(completion: str, example: dict, float_rounding: int | None = Non
     0.0
     >>> math_answer("no answer here, just some words that go on and on and on and on and on", {"answer": "7"})
     0.0
+    >>> math_answer(" 7", {"answer": "7"}), math_answer(" 7", {"answer": "7"}, answer_tag=True)
+    (1.0, 0.0)
     >>> math_answer("... so \\\\boxed{\\\\dfrac{14}{3}}", {"answer": "$\\\\frac{14}{3}$"})
     1.0
     """
     gold = example.get("answer")
     if gold is None or not isinstance(completion, str):
         return 0.0
+    if answer_tag:
+        start = completion.rfind("<answer>")
+        end = completion.find("</answer>", start + 1) if start != -1 else -1
+        if end == -1:
+            return 0.0
+        completion = completion[start : end + len("</answer>")]
     ok = answers_match(str(gold), completion, float_rounding, fallback, strict, plain_numbers, relation_as_set)
     return 1.0 if ok else 0.0
