@@ -86,10 +86,10 @@ def test_recipes_verb_lists_one_line_each():
 
 
 def test_every_verb_has_help():
-    for verb in ("train", "eval", "plan", "recipes", "dashboard"):
+    for verb in ("train", "eval", "plan", "recipes", "score", "dashboard"):
         done = subprocess.run([sys.executable, "-m", "grpo", verb, "--help"], cwd=REPO, capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 0 and "usage: grpo " + verb in done.stdout
     top = subprocess.run([sys.executable, "-m", "grpo", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
-    for verb in ("train", "eval", "plan", "recipes", "dashboard"):
+    for verb in ("train", "eval", "plan", "recipes", "score", "dashboard"):
         assert verb in top.stdout
