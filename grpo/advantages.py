@@ -1,20 +1,46 @@
-"""Group-relative advantages (GRPO 2402.03300; Dr. GRPO 2503.20783).
+"""Group-relative advantages (GRPO 2402.03300; Dr. GRPO 2503.20783; RLOO 2402.14740) and DAPO's soft
+overlong punishment (2503.14476, eq. 13).
 
 Rewards arrive as a `[num_prompts, group_size]` tensor: row i holds the rewards of the G
-completions of prompt i. A group's statistics never mix with another group's.
+completions of prompt i. A group's baseline never mixes with another group's.
 
     group: A_ij = (r_ij - mean_j r_ij) / (std_j r_ij + eps)          (GRPO)
+    batch: A_ij = (r_ij - mean_j r_ij) / (std over all P*G rewards + eps)
     none:  A_ij =  r_ij - mean_j r_ij                                 (Dr. GRPO: no std scaling)
+    rloo:  A_ij =  r_ij - mean_{k != j} r_ik = G/(G-1) (r_ij - mean_j r_ij)   (leave-one-out baseline)
 
-`std` is the sample standard deviation over the group (Bessel-corrected, as in the GRPO
-reference implementations).
+`std` is the sample standard deviation (Bessel-corrected, as in the GRPO reference implementations).
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 EPS = 1e-4
+
+
+def _group_std(rewards: torch.Tensor, centred: torch.Tensor, eps: float) -> torch.Tensor:
+    return centred / (rewards.std(dim=1, keepdim=True) + eps)  # [P, G]
+
+
+def _batch_std(rewards: torch.Tensor, centred: torch.Tensor, eps: float) -> torch.Tensor:
+    return centred / (rewards.std() + eps)  # [P, G]; one std over the whole batch
+
+
+def _no_scale(rewards: torch.Tensor, centred: torch.Tensor, eps: float) -> torch.Tensor:
+    return centred  # [P, G]
+
+
+def _leave_one_out(rewards: torch.Tensor, centred: torch.Tensor, eps: float) -> torch.Tensor:
+    G = rewards.shape[1]
+    return centred * G / (G - 1)  # [P, G]; r_j - (sum_k r_k - r_j) / (G - 1)
+
+
+SCALES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] = {
+    "group": _group_std, "batch": _batch_std, "none": _no_scale, "rloo": _leave_one_out,
+}
 
 
 def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = EPS) -> torch.Tensor:
@@ -25,14 +51,30 @@ def group_advantages(rewards: torch.Tensor, scale: str = "group", eps: float = E
     """
     if rewards.dim() != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be [num_prompts, group_size >= 2], got {tuple(rewards.shape)}")
+    if scale not in SCALES:
+        raise ValueError(f"unknown advantage scale {scale!r}; known: {', '.join(SCALES)}")
     centred = rewards - rewards.mean(dim=1, keepdim=True)  # [P, G]
-    if scale == "none":
-        return centred
-    if scale == "group":
-        return centred / (rewards.std(dim=1, keepdim=True) + eps)  # [P, G]
-    raise ValueError(f"unknown advantage scale {scale!r}; known: group, none")
+    return SCALES[scale](rewards, centred, eps)  # [P, G]
 
 
 def zero_variance_fraction(rewards: torch.Tensor) -> float:
     """Share of groups whose G rewards are all equal (they carry no learning signal)."""
     return (rewards.max(dim=1).values == rewards.min(dim=1).values).float().mean().item()
+
+
+def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer_tokens: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (2503.14476, eq. 13), added to the reward; same shape out.
+
+        0                                   if |y| <= L_max - L_cache
+        ((L_max - L_cache) - |y|) / L_cache if L_max - L_cache < |y| <= L_max
+        -1                                  if |y| > L_max
+
+    with L_max = max_tokens and L_cache = buffer_tokens.
+
+    >>> overlong_penalty(torch.tensor([10, 14, 16]), max_tokens=16, buffer_tokens=4)
+    tensor([ 0.0000, -0.5000, -1.0000])
+    """
+    if buffer_tokens <= 0:
+        return torch.zeros(lengths.shape)
+    free = max_tokens - buffer_tokens
+    return ((free - lengths.float()) / buffer_tokens).clamp(min=-1.0, max=0.0)  # same shape as lengths

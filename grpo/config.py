@@ -101,16 +101,77 @@ class RolloutConfig(Section):
     stop: list[str] = Field(["</answer>"], description="stop strings, kept in the completion")
 
 
+# Named algorithm presets. Each expands to the settings its paper describes; a field written in
+# the recipe (or as an override) wins over the preset, and config.yaml shows every field resolved.
+PRESETS: dict[str, dict[str, Any]] = {
+    # GRPO (DeepSeekMath, 2402.03300): group-std advantages, token ratio clipped at 0.2, per-sequence
+    # mean then mean over sequences, KL to the reference (k3 estimator) with beta 0.04.
+    "grpo": {"advantage_scale": "group", "ratio_level": "token", "clip_low": 0.2, "clip_high": 0.2,
+             "loss_agg": "seq_mean", "beta": 0.04, "kl_estimator": "k3"},
+    # Dr. GRPO (2503.20783): no std scaling, per-sequence sums over a constant (max completion
+    # tokens) so neither length nor difficulty biases the update; no KL.
+    "dr_grpo": {"advantage_scale": "none", "ratio_level": "token", "clip_low": 0.2, "clip_high": 0.2,
+                "loss_agg": "seq_sum", "beta": 0.0},
+    # DAPO (2503.14476): clip-higher (0.2 / 0.28), token mean over the batch, dynamic sampling,
+    # soft overlong punishment with a buffer of 4096/20480 = 0.2 of the length cap; no KL.
+    "dapo": {"advantage_scale": "group", "ratio_level": "token", "clip_low": 0.2, "clip_high": 0.28,
+             "loss_agg": "token_mean", "beta": 0.0, "dynamic_sampling": True, "overlong_buffer": 0.2},
+    # GSPO (2507.18071): sequence-level ratio (geometric mean of token ratios) clipped at
+    # 3e-4 / 4e-4, per-sequence mean; no KL.
+    "gspo": {"advantage_scale": "group", "ratio_level": "sequence", "clip_low": 3e-4, "clip_high": 4e-4,
+             "loss_agg": "seq_mean", "beta": 0.0},
+}
+
+
 class AlgorithmConfig(Section):
-    advantage_scale: Literal["group", "none"] = Field(
-        "group", description="divide group-centred rewards by the group std (GRPO) or not (Dr. GRPO)"
+    """The RL objective (grpo/advantages.py, grpo/loss.py, grpo/update.py). `preset` fills the
+    fields the recipe leaves out; `algorithm: dapo` is short for `algorithm: {preset: dapo}`."""
+
+    preset: Literal["grpo", "dr_grpo", "dapo", "gspo"] | None = Field(
+        None, description="named settings (see PRESETS); explicit fields override them"
+    )
+    advantage_scale: Literal["group", "batch", "none", "rloo"] = Field(
+        "group", description="group std (GRPO), batch std, none (Dr. GRPO) or leave-one-out baseline (RLOO)"
+    )
+    ratio_level: Literal["token", "sequence"] = Field(
+        "token", description="importance ratio per token (GRPO/DAPO) or per sequence, geometric mean (GSPO)"
     )
     clip_low: float = Field(0.2, ge=0, le=1, description="lower ratio clip epsilon: ratio >= 1 - clip_low")
     clip_high: float = Field(0.2, ge=0, description="upper ratio clip epsilon: ratio <= 1 + clip_high")
-    loss_agg: Literal["token_mean", "seq_mean"] = Field(
-        "token_mean", description="token_mean over the global batch (DAPO) or per-sequence mean then mean (GRPO)"
+    dual_clip: float | None = Field(
+        None, gt=1, description="dual clip c > 1: loss of a negative-advantage token is at most -c * A (None: off)"
     )
+    loss_agg: Literal["token_mean", "seq_mean", "seq_sum"] = Field(
+        "token_mean",
+        description="token mean over the batch (DAPO), per-sequence mean then mean (GRPO), "
+        "per-sequence sum over max_new_tokens (Dr. GRPO)",
+    )
+    beta: float = Field(0.0, ge=0, description="KL coefficient to a frozen reference policy (0: no reference is loaded)")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator (Schulman's k1, k2, k3)")
     num_iterations: int = Field(1, ge=1, description="optimisation passes over each batch of rollouts")
+    sampler_correction: Literal["none", "tis", "mis", "icepop"] = Field(
+        "none", description="sampler/trainer mismatch: truncated IS (tis), sequence masking (mis), two-sided token mask (icepop)"
+    )
+    correction_low: float = Field(0.5, gt=0, le=1, description="mis/icepop: lowest trainer/sampler ratio kept")
+    correction_high: float = Field(2.0, ge=1, description="tis: weight cap; mis/icepop: highest ratio kept")
+    dynamic_sampling: bool = Field(False, description="drop groups whose rewards are all equal and sample more (DAPO)")
+    max_sampling_attempts: int = Field(4, ge=1, description="dynamic sampling: generation rounds per step at most")
+    overlong_filter: bool = Field(False, description="mask the loss of truncated completions (DAPO overlong filtering)")
+    overlong_buffer: float = Field(
+        0.0, ge=0, lt=1, description="soft overlong penalty buffer, a fraction of max_new_tokens (DAPO: 0.2; 0 disables)"
+    )
+    logprob_chunk: int = Field(
+        512, ge=1, description="sequence positions per lm_head + log_softmax chunk (bounds logits memory; no effect on values)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, data: Any) -> Any:
+        if isinstance(data, str):  # `algorithm: dapo`
+            data = {"preset": data}
+        if isinstance(data, dict) and data.get("preset") in PRESETS:
+            data = {**PRESETS[data["preset"]], **data}
+        return data
 
 
 class RewardFunction(Section):

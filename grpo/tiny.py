@@ -85,7 +85,7 @@ class TinyBaseSpec:
     top_k: int = 2
     expert_width: int = 96
     max_positions: int = 256
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 1800
     batch_size: int = 16  # rows per step
     row_tokens: int = 128  # whole documents are packed into rows of this many tokens
     lr: float = 3e-3
@@ -93,7 +93,7 @@ class TinyBaseSpec:
     max_first: int = 99  # the arithmetic the base is taught: a in [0, max_first] ...
     max_second: int = 9  # ... plus b in [0, max_second]
     seed: int = 0
-    version: int = 3  # bump when the corpus or the training code changes meaning
+    version: int = 4  # bump when the corpus or the training code changes meaning
 
 
 BUILTIN_BASES = {"tiny-arith-moe": TinyBaseSpec()}
@@ -144,10 +144,8 @@ def pretraining_document(rng: random.Random, task: ArithmeticTask, tagged_share:
         return "\n".join(lines)
     q, a = task.sample_problem(rng)
     question = rng.choice(_QUESTIONS).format(q=q) + rng.choice(_INSTRUCTIONS)
-    if rng.random() < tagged_share:
-        return f"User: {question}\nAssistant: <think>{q}={a}</think><answer>{a}</answer>"
-    if rng.random() < 0.5:  # half of the plain answers restate the problem, as people often do
-        return f"User: {question}\nAssistant: {q}={a}"
+    if rng.random() < tagged_share:  # the tiny model's "reasoning" is the sum itself
+        return f"User: {question}\nAssistant: <think>{a}</think><answer>{a}</answer>"
     return f"User: {question}\nAssistant: {a}"
 
 

@@ -16,6 +16,7 @@ Where this departs from the papers, on purpose:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -26,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from grpo.advantages import group_advantages, zero_variance_fraction
+from grpo.advantages import group_advantages, overlong_penalty, zero_variance_fraction
 from grpo.config import RunConfig, dump_config
 from grpo.data import PromptSampler, load_eval_sets, load_rows, render_prompts
 from grpo.evaluate import evaluate_greedy, evaluate_step, make_eval_scorer
+from grpo.sampling import sample_batch
 from grpo.tracking import make_tracker
 from grpo.update import policy_update
 from rewards import RewardSpec, Scorer
@@ -106,12 +108,41 @@ def score_rollouts(scorer: Scorer, rollouts: list[Rollout], rows: list[dict], pr
     return scored, result.metrics
 
 
-def with_advantages(rollouts: list[Rollout], group_size: int, scale: str) -> tuple[list[Rollout], dict[str, float]]:
-    rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32).view(-1, group_size)  # [P, G]
-    adv = group_advantages(rewards, scale=scale).flatten().tolist()  # [P*G]
+def rollout_stage(engine, scorer: Scorer, tokenizer, cfg: RunConfig, seed: int, timing: dict):
+    """`generate_and_score(rows) -> (scored rollouts, reward metrics)` for one step; each call is a
+    new sampling round with its own seed, and adds its seconds to `timing`."""
+
+    def generate_and_score(rows: list[dict]) -> tuple[list[Rollout], dict[str, float]]:
+        tg = time.perf_counter()
+        prompts, prompt_ids = encode_prompts(tokenizer, cfg.data, rows)
+        sampling = sampling_params(cfg, seed=seed + 7_919 * timing["rounds"])
+        timing["rounds"] += 1
+        rollouts = engine.generate(prompt_ids, cfg.rollout.group_size, sampling)
+        ts = time.perf_counter()
+        scored = score_rollouts(scorer, rollouts, rows, prompts, cfg.rollout.max_new_tokens)
+        timing["generate"] += ts - tg
+        timing["score"] += time.perf_counter() - ts
+        return scored
+
+    return generate_and_score
+
+
+def with_advantages(rollouts: list[Rollout], cfg: RunConfig) -> tuple[list[Rollout], dict[str, float]]:
+    """Group advantages of the total reward plus DAPO's soft overlong penalty (when enabled; it is
+    then added to each rollout's total and recorded under rewards["overlong_penalty"])."""
+    G, max_tokens = cfg.rollout.group_size, cfg.rollout.max_new_tokens
+    lengths = torch.tensor([r.num_completion_tokens for r in rollouts])  # [P*G]
+    penalty = overlong_penalty(lengths, max_tokens, round(cfg.algorithm.overlong_buffer * max_tokens))  # [P*G]
+    rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32) + penalty  # [P*G]
+    rewards = rewards.view(-1, G)  # [P, G]
+    adv = group_advantages(rewards, scale=cfg.algorithm.advantage_scale).flatten().tolist()  # [P*G]
     metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+               "reward/overlong_penalty": penalty.mean().item(),
                "train/zero_variance_groups": zero_variance_fraction(rewards)}
-    return [replace(r, advantage=a) for r, a in zip(rollouts, adv)], metrics
+    if cfg.algorithm.overlong_buffer == 0:
+        return [replace(r, advantage=a) for r, a in zip(rollouts, adv)], metrics
+    return [replace(r, reward=float(t), advantage=a, rewards={**r.rewards, "overlong_penalty": float(p)})
+            for r, t, a, p in zip(rollouts, rewards.flatten().tolist(), adv, penalty.tolist())], metrics
 
 
 def rollout_metrics(rollouts: list[Rollout], max_new_tokens: int, seconds: float) -> dict[str, float]:
@@ -152,6 +183,8 @@ def train(cfg: RunConfig, output_dir: str | Path) -> dict:
     scorer = make_scorer(cfg)
     eval_scorer = make_eval_scorer(cfg)
     model, tokenizer = load_policy(cfg, device)
+    # a frozen copy of the initial policy, only when the KL term needs it
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.algorithm.beta > 0 else None
     engine = HFEngine(model, tokenizer, device)
     train_rows, eval_rows = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)
     eval_sets = load_eval_sets(cfg, eval_rows)
@@ -172,19 +205,19 @@ def train(cfg: RunConfig, output_dir: str | Path) -> dict:
     bar = tqdm(range(1, cfg.trainer.steps + 1), desc="grpo", disable=not cfg.logging.progress, dynamic_ncols=True)
     for step in bar:
         t0 = time.perf_counter()
-        # --- sample prompts ---
-        rows = prompts_sampler.next_batch(P)
-        prompts, prompt_ids = encode_prompts(tokenizer, cfg.data, rows)
-        # --- generate ---
-        rollouts = engine.generate(prompt_ids, G, sampling_params(cfg, seed=cfg.trainer.seed * 100_003 + step))
-        t1 = time.perf_counter()
-        # --- score ---
-        rollouts, reward_metrics = score_rollouts(scorer, rollouts, rows, prompts, cfg.rollout.max_new_tokens)
+        # --- sample prompts, generate, score (DAPO dynamic sampling: repeat until groups differ) ---
+        timing = {"generate": 0.0, "score": 0.0, "rounds": 0}
+        generate_and_score = rollout_stage(engine, scorer, tokenizer, cfg, cfg.trainer.seed * 100_003 + step, timing)
+        rows, rollouts, reward_metrics = sample_batch(generate_and_score, prompts_sampler.next_batch, P,
+                                                      dynamic=cfg.algorithm.dynamic_sampling,
+                                                      max_attempts=cfg.algorithm.max_sampling_attempts)
+        prompts = encode_prompts(tokenizer, cfg.data, rows)[0]
+        t1 = t0 + timing["generate"]
         t2 = time.perf_counter()
         # --- advantages ---
-        rollouts, adv_metrics = with_advantages(rollouts, G, cfg.algorithm.advantage_scale)
+        rollouts, adv_metrics = with_advantages(rollouts, cfg)
         # --- update ---
-        train_metrics = policy_update(model, optimizer, rollouts, cfg, pad_id, device)
+        train_metrics = policy_update(model, optimizer, rollouts, cfg, pad_id, device, ref_model=ref_model)
         schedule.step()
         t3 = time.perf_counter()
         # --- sync weights to the engine ---

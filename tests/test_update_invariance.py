@@ -1,0 +1,154 @@
+"""Invariants of the policy update (grpo/update.py) on a tiny real Qwen3-MoE, in float64:
+
+- the same parameter update whether a global batch of 8 sequences runs as 1x8, 2x4 or 8x1
+  micro-batches with gradient accumulation;
+- on policy (one pass, ratio 1) the gradient is the REINFORCE-with-group-baseline gradient;
+- with several passes the old log-probs are computed once.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+import grpo.update
+from grpo.advantages import group_advantages
+from grpo.config import RunConfig
+from grpo.logprobs import token_logprobs_plain
+from grpo.update import collate, policy_update
+from rollout.base import Rollout
+from tests.test_logprobs import VOCAB, tiny_moe
+
+CPU = torch.device("cpu")
+G = 4  # group size: 8 sequences are 2 groups of 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def rollouts(scale: str = "group") -> list[Rollout]:
+    """8 rollouts with prompts of 2-5 tokens, completions of 1-8 tokens (two truncated at 8)."""
+    g = torch.Generator().manual_seed(3)
+    rewards = torch.tensor([[1.0, 0.0, 0.5, 0.0], [0.0, 1.0, 1.0, 0.2]])  # [2, G]
+    adv = group_advantages(rewards, scale).flatten().tolist()  # [8]
+    out = []
+    for i in range(8):
+        prompt_len = 2 + i % 4
+        completion_len = [3, 8, 1, 5, 8, 2, 6, 4][i]
+        prompt = torch.randint(1, VOCAB, (prompt_len,), generator=g).tolist()
+        completion = torch.randint(1, VOCAB, (completion_len,), generator=g).tolist()
+        out.append(Rollout(group=i // G, prompt_ids=tuple(prompt), completion_ids=tuple(completion), text="",
+                           logprobs=(0.0,) * completion_len, finish_reason="length" if completion_len == 8 else "stop",
+                           reward=rewards.flatten()[i].item(), advantage=adv[i]))
+    # sampler log-probs: the policy's own, off by up to +-0.8 (ratios in [0.45, 2.2]: some get masked)
+    b = collate(out, pad_id=0)
+    with torch.no_grad():
+        true = token_logprobs_plain(tiny_moe(), b["input_ids"], b["attention_mask"])  # [8, S-1]
+    noisy = true + 1.6 * (torch.rand(true.shape, generator=g, dtype=true.dtype) - 0.5)  # [8, S-1]
+    return [replace(r, logprobs=tuple(noisy[i][b["mask"][i] > 0].tolist())) for i, r in enumerate(out)]
+
+
+def config(micro_batch: int, **algorithm) -> RunConfig:
+    return RunConfig.model_validate({
+        "rollout": {"group_size": G, "max_new_tokens": 8, "temperature": 1.0},
+        "algorithm": algorithm,
+        "trainer": {"micro_batch_size": micro_batch, "max_grad_norm": 1e9},
+    })
+
+
+def updated(micro_batch: int, lr: float = 0.5, **algorithm) -> tuple[list[torch.Tensor], dict[str, float]]:
+    model = tiny_moe()
+    ref = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():  # a reference that differs from the policy, so the KL term is not zero
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(p.numel())))
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    metrics = policy_update(model, optimizer, rollouts(), config(micro_batch, **algorithm), pad_id=0, device=CPU,
+                            ref_model=ref)
+    return [p.detach().clone() for p in model.parameters()], metrics
+
+
+ALGORITHMS = {
+    "token_mean": {"loss_agg": "token_mean"},
+    "token_mean_2_passes_tis": {"loss_agg": "token_mean", "num_iterations": 2, "sampler_correction": "tis",
+                                "clip_high": 0.28},
+    "dapo_overlong_filter": {"preset": "dapo", "overlong_filter": True, "num_iterations": 2},
+    "grpo_kl": {"preset": "grpo", "beta": 0.5},
+    "dr_grpo_icepop": {"preset": "dr_grpo", "sampler_correction": "icepop"},
+    "gspo_mis": {"preset": "gspo", "sampler_correction": "mis", "num_iterations": 2},
+}
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_update_is_invariant_to_micro_batching(name):
+    full, metrics = updated(8, **ALGORITHMS[name])
+    initial = [p.detach() for p in tiny_moe().parameters()]
+    moved = max((a - b).abs().max().item() for a, b in zip(full, initial))
+    assert moved > 1e-4, "the update must move the parameters, or the comparison proves nothing"
+    for micro_batch in (4, 1):
+        split, split_metrics = updated(micro_batch, **ALGORITHMS[name])
+        for a, b in zip(full, split):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)  # float64: far inside the 1e-6 asked for
+        assert split_metrics["train/loss"] == pytest.approx(metrics["train/loss"], abs=1e-9)
+
+
+def test_on_policy_gradient_is_reinforce_with_group_baseline():
+    """One pass, ratio 1: grad = -(1/N_tokens) sum_i (r_i - mean_group r) sum_t grad log pi(y_it)."""
+    batch = rollouts(scale="none")  # A_i = r_i - group mean
+    model = tiny_moe()
+    policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), batch, config(3, advantage_scale="none"),
+                  pad_id=0, device=CPU)  # micro-batches of 3, 3, 2 with accumulation
+    got = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    b = collate(batch, pad_id=0)
+    logprobs = token_logprobs_plain(model, b["input_ids"], b["attention_mask"])  # [8, S-1]
+    rewards = torch.tensor([r.reward for r in batch]).view(2, G)  # [2, G]
+    baseline = rewards.mean(dim=1, keepdim=True).expand(2, G).flatten()  # [8]
+    reinforce = -((rewards.flatten() - baseline).unsqueeze(-1) * logprobs * b["mask"]).sum() / b["mask"].sum()
+    reinforce.backward()
+    assert max(g.abs().max().item() for g in got) > 1e-6
+    for a, p in zip(got, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_old_logprobs_are_computed_once(monkeypatch):
+    calls = {"no_grad": 0, "grad": 0}
+    real = grpo.update.token_logprobs
+
+    def counting(*args, **kwargs):
+        calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpo.update, "token_logprobs", counting)
+    _, metrics = updated(4, lr=2.0, num_iterations=3, clip_low=0.01, clip_high=0.01)
+    assert calls == {"no_grad": 2, "grad": 6}  # old log-probs: once per micro-batch; 3 passes x 2 micro-batches
+    # later passes see ratios away from 1 (the old log-probs stayed fixed), so some tokens clip
+    assert metrics["train/clip_frac_low"] + metrics["train/clip_frac_high"] > 0
+    assert metrics["train/approx_kl_old"] > 0
+
+
+def test_overlong_filter_masks_truncated_completions():
+    batch = rollouts()
+    plain, filtered = collate(batch, 0), collate(batch, 0, overlong_filter=True)
+    lengths = [r.num_completion_tokens for r in batch]  # rows 1 and 4 are truncated at 8 tokens
+    assert plain["mask"].sum(-1).tolist() == lengths
+    assert filtered["mask"].sum(-1).tolist() == [0 if n == 8 else n for n in lengths]
+
+
+def test_reference_model_needed_only_with_beta():
+    model = tiny_moe()
+    with pytest.raises(ValueError, match="reference"):
+        policy_update(model, torch.optim.SGD(model.parameters(), lr=0.1), rollouts(), config(8, beta=0.1),
+                      pad_id=0, device=CPU)
+    metrics = policy_update(model, torch.optim.SGD(model.parameters(), lr=0.1), rollouts(), config(8), pad_id=0,
+                            device=CPU)  # beta 0: no reference anywhere
+    assert "train/kl" not in metrics
