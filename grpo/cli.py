@@ -1,6 +1,9 @@
 """The `grpo` command line.
 
     grpo train RECIPE [key=value ...] [--output-dir DIR]
+    grpo eval RECIPE --checkpoint PATH [--k 8] [--out DIR] [key=value ...]
+    grpo plan RECIPE --nodes N --gpus-per-node G --gpu h800|h100|h200|a100 [--price-per-gpu-hour P]
+    grpo recipes
     grpo score FILE.jsonl --reward NAME [--out RESULTS.jsonl]
     grpo dashboard RUNS_DIR [--host 127.0.0.1] [--port 8050] [--export report.html]
 
@@ -54,6 +57,119 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_label(checkpoint: Path, step: int | None) -> str:
+    """`step-N` from --step, a `step-N` directory name, or a run's summary (for `final`)."""
+    import json
+    import re
+
+    if step is not None:
+        return f"step-{step}"
+    match = re.fullmatch(r"(?:step|checkpoint)[-_]0*(\d+)", checkpoint.name)
+    if match:
+        return f"step-{int(match.group(1))}"
+    summary = checkpoint.parent / "summary.json"
+    if checkpoint.name == "final" and summary.is_file():
+        return f"step-{json.loads(summary.read_text())['train']['steps']}"
+    return checkpoint.name
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from grpo.config import ConfigError, load_recipe
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    overrides = list(args.overrides) + ([f"model.name_or_path={checkpoint}"] if checkpoint else [])
+    try:
+        cfg = load_recipe(args.recipe, overrides)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if checkpoint is not None and not (checkpoint / "config.json").is_file():
+        return _fail(f"{checkpoint}: not a model directory (no config.json)")
+    if args.k is not None and args.k < 1:
+        return _fail("--k must be at least 1")
+
+    import torch
+
+    from grpo.data import DataError, load_eval_sets, load_rows
+    from grpo.evaluate import evaluate_sets, format_table, make_eval_scorer, write_report
+    from grpo.train import load_policy
+    from rewards import UnknownRewardError
+    from rollout.hf import HFEngine
+
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        scorer = make_eval_scorer(cfg)
+    except UnknownRewardError as exc:
+        return _fail(f"{args.recipe}: eval.correct: {exc}")
+    try:
+        model, tokenizer = load_policy(cfg, device)
+        _, heldout = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)
+        sets = load_eval_sets(cfg, heldout)
+    except DataError as exc:
+        scorer.close()
+        return _fail(str(exc))
+    if not sets:
+        scorer.close()
+        return _fail(f"{args.recipe}: nothing to evaluate (eval.num_prompts is 0 and eval.datasets is empty)")
+    engine = HFEngine(model, tokenizer, device)
+    report = evaluate_sets(engine, tokenizer, cfg, sets, scorer, k=args.k, seed=cfg.trainer.seed)
+    scorer.close()
+    report["checkpoint"] = str(checkpoint or cfg.model.name_or_path)
+    print(format_table(report))
+    if args.out:
+        label = _checkpoint_label(checkpoint, args.step) if checkpoint else "base"
+        print(f"written: {write_report(args.out, label, report)}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from grpo.config import ConfigError, load_recipe
+    from grpo.plan import format_report, make_plan, resolve_arch, workload_from_recipe
+
+    try:
+        cfg = load_recipe(args.recipe, args.overrides)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    for name in ("nodes", "gpus_per_node"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name.replace('_', '-')} must be at least 1")
+    try:
+        arch = resolve_arch(cfg.model.name_or_path)
+    except ValueError as exc:
+        return _fail(str(exc))
+    work = workload_from_recipe(cfg, args.steps, args.prompt_tokens, args.response_tokens)
+    plan = make_plan(arch, args.gpu, args.nodes, args.gpus_per_node, work, sharding=args.sharding, tp=args.tp,
+                     mfu_train=args.mfu_train, mfu_gen=args.mfu_gen, price=args.price_per_gpu_hour)
+    print(format_report(plan, use_rich=not args.plain), end="")
+    if not plan.fits:
+        print(f"grpo plan: this configuration does not fit in {plan.gpu.name} memory (see 'does not fit' above)",
+              file=sys.stderr)
+    return 0 if plan.fits else 1
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    folder = Path(args.dir) if args.dir else Path(__file__).resolve().parent.parent / "recipes"
+    files = sorted(folder.glob("*.yaml"))
+    if not files:
+        return _fail(f"{folder}: no recipes found")
+    width = max(len(f.name) for f in files)
+    for f in files:
+        print(f"{f.name.ljust(width)}  {_recipe_summary(f)}")
+    return 0
+
+
+def _recipe_summary(path: Path) -> str:
+    """The first header comment line of a recipe (its one-line summary)."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if text:
+            return text
+    return "(no header comment)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo", description="R1-Zero-style RL for language models (GRPO and relatives).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -66,6 +182,49 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<recipe>-<time>)")
     train.set_defaults(func=cmd_train)
 
+    ev = verbs.add_parser(
+        "eval", help="evaluate a checkpoint on the recipe's held-out problems and eval data sets",
+        description="Evaluate CHECKPOINT (a saved model directory, e.g. runs/x/final) on the recipe's held-out "
+        "problems (eval.num_prompts) and eval.datasets: greedy accuracy, and with --k N > 1 also avg@N, "
+        "unbiased pass@k and maj@N. Correct means every reward in eval.correct scores 1.0 (default: the right "
+        "answer inside the required format), as in the training summary.")
+    ev.add_argument("recipe", metavar="RECIPE", help="the recipe the checkpoint was trained with")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe field, e.g. eval.num_prompts=50")
+    ev.add_argument("--checkpoint", metavar="PATH", help="model directory to evaluate (default: the recipe's model.name_or_path)")
+    ev.add_argument("--k", type=int, metavar="N", help="samples per problem for avg@N/pass@k/maj@N (default: eval.k; 1 = greedy only)")
+    ev.add_argument("--out", metavar="DIR", help="also write DIR/eval/step-N.json (N from --step, the checkpoint's name or its run's summary; replaces a report of the same step)")
+    ev.add_argument("--step", type=int, metavar="N", help="step number to file the report under")
+    ev.set_defaults(func=cmd_eval)
+
+    plan = verbs.add_parser(
+        "plan", help="estimate memory per GPU, time and cost of a recipe on a cluster",
+        description="Estimate, for RECIPE on NODES x GPUS-PER-NODE GPUs: memory per GPU while training (weights, "
+        "gradients, optimizer states, activations) and while generating (engine weights, KV cache), whether it fits, "
+        "and the time, GPU-hours and money of a step and of the whole run from generation and training FLOPs at the "
+        "stated utilisation. Exit status 1 when it does not fit. The model's architecture comes from an embedded "
+        "table of known models, a local config.json, or the Hub.")
+    plan.add_argument("recipe", metavar="RECIPE", help="path of a YAML recipe")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe field, e.g. rollout.max_new_tokens=8192")
+    plan.add_argument("--nodes", type=int, required=True, metavar="N", help="number of nodes")
+    plan.add_argument("--gpus-per-node", type=int, required=True, metavar="G", help="GPUs per node")
+    plan.add_argument("--gpu", required=True, choices=["h800", "h100", "h200", "a100", "a100-40"], help="GPU model")
+    plan.add_argument("--price-per-gpu-hour", type=float, default=2.0, metavar="P", help="USD per GPU-hour (default 2)")
+    plan.add_argument("--sharding", choices=["full", "hybrid"], default="full",
+                      help="FSDP2 full shard over all GPUs, or hybrid: shard within a node, replicate across (default full)")
+    plan.add_argument("--tp", type=int, metavar="T", help="rollout engine tensor-parallel size (default: smallest that leaves room)")
+    plan.add_argument("--steps", type=int, metavar="S", help="steps of the whole run (default trainer.steps)")
+    plan.add_argument("--prompt-tokens", type=int, metavar="T", help="mean prompt length (default 256, or data.max_prompt_tokens if smaller)")
+    plan.add_argument("--response-tokens", type=int, metavar="T", help="mean completion length (default rollout.max_new_tokens/2)")
+    plan.add_argument("--mfu-train", type=float, metavar="U", help="training utilisation of bf16 peak (default 0.35 dense, 0.25 MoE)")
+    plan.add_argument("--mfu-gen", type=float, default=0.10, metavar="U", help="generation utilisation of bf16 peak (default 0.10)")
+    plan.add_argument("--plain", action="store_true", help="plain text instead of a rich table")
+    plan.set_defaults(func=cmd_plan)
+
+    rec = verbs.add_parser("recipes", help="list the shipped recipes, one line each",
+                           description="List the recipes shipped in recipes/ with the first line of each header comment.")
+    rec.add_argument("--dir", metavar="DIR", help="another folder of recipes")
+    rec.set_defaults(func=cmd_recipes)
+
     from grpo import dashboard, score
 
     score.add_parser(verbs)
@@ -75,7 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may also follow the options (`grpo eval R --checkpoint C a.b=1`)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return args.func(args)
 

@@ -45,10 +45,49 @@ class ArithmeticOptions(Section):
     ops: list[Literal["+", "-"]] = Field(["+"], min_length=1, description="operators to draw from")
 
 
-class DataConfig(Section):
-    source: Literal["arithmetic"] = Field("arithmetic", description="where prompts come from (a built-in task)")
-    template: str = Field("r1_zero_tiny", description="prompt template name (see grpo.data.TEMPLATES)")
+class CountdownOptions(Section):
+    min_numbers: int = Field(3, ge=2, le=6, description="fewest numbers in a problem")
+    max_numbers: int = Field(4, ge=2, le=6, description="most numbers in a problem")
+    max_number: int = Field(99, ge=1, le=10_000, description="each number is drawn from [1, max_number]")
+    max_target: int = Field(100, ge=1, le=1_000_000, description="targets are whole numbers in [1, max_target]")
+    ops: list[Literal["+", "-", "*", "/"]] = Field(["+", "-", "*", "/"], min_length=1, description="operators a solution may use")
+    num_problems: int = Field(20_000, ge=2, description="problems generated (train plus held-out)")
+
+    @model_validator(mode="after")
+    def _range(self) -> "CountdownOptions":
+        if self.max_numbers < self.min_numbers:
+            raise ValueError("max_numbers must be >= min_numbers")
+        return self
+
+
+class SourceFields(Section):
+    """Where rows come from and which columns hold what (shared by training and evaluation sets)."""
+
+    source: str = Field(
+        "arithmetic",
+        description="built-in task (arithmetic, countdown), a local .jsonl/.json/.parquet/.csv file, "
+        "a `datasets` directory (save_to_disk or a folder of data files) or a Hub data set name",
+    )
+    config: str | None = Field(None, description="Hub data set configuration (subset) name")
+    split: str = Field("train", description="split to read (Hub data sets and data-set directories)")
+    revision: str | None = Field(None, description="Hub data set revision (branch, tag or commit)")
+    prompt_field: str | None = Field("question", description="column holding the problem text (None: the template needs none)")
+    answer_field: str | None = Field("answer", description="column holding the gold answer (None: the reward needs none)")
+    extra_fields: dict[str, str] = Field(
+        default_factory=dict, description="more row keys -> columns, e.g. {numbers: nums, target: target} for countdown"
+    )
+
+
+class DataConfig(SourceFields):
+    template: str = Field("r1_zero_tiny", description="prompt template name (see grpo.data.TEMPLATES) or `chat`")
+    chat_instruction: str = Field(
+        "Please reason step by step, and put your final answer within \\boxed{}.",
+        description="template `chat`: appended to the problem in the user turn of the tokenizer's chat template",
+    )
+    max_prompt_tokens: int | None = Field(None, ge=1, description="drop problems whose rendered prompt is longer (tokens)")
+    skip_bad_rows: bool = Field(False, description="skip and count rows with a missing or mistyped field instead of stopping")
     arithmetic: ArithmeticOptions = Field(default_factory=ArithmeticOptions, description="options of the arithmetic task")
+    countdown: CountdownOptions = Field(default_factory=CountdownOptions, description="options of the countdown task")
     seed: int = Field(0, description="seed of the train/held-out split and of prompt shuffling")
 
 
@@ -168,9 +207,22 @@ class TrainerConfig(Section):
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
 
 
+class EvalSet(SourceFields):
+    name: str = Field(description="data set name in reports and metric keys (eval/<name>/...)")
+    num_prompts: int | None = Field(None, ge=1, description="first N problems only (None: all)")
+
+
 class EvalConfig(Section):
-    num_prompts: int = Field(200, ge=1, description="held-out prompts, never used for training")
+    num_prompts: int = Field(200, ge=0, description="problems held out of the training source, never trained on (0: none)")
+    datasets: list[EvalSet] = Field(default_factory=list, description="more evaluation sets (held-out benchmarks)")
     before_and_after: bool = Field(True, description="greedy accuracy before the first and after the last step")
+    every: int = Field(0, ge=0, description="evaluate every N steps during training, written to eval/step-N.json (0: never)")
+    k: int = Field(1, ge=1, description="samples per problem for avg@k, pass@k and maj@k (1: greedy only)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the k samples (greedy accuracy is always at 0)")
+    correct: list[str] = Field(
+        ["math_answer", "format"], min_length=1,
+        description="rewards that must all score 1.0 for a completion to count as correct",
+    )
     max_new_tokens: int | None = Field(None, ge=1, description="generation cap (None: rollout.max_new_tokens)")
 
 
@@ -196,6 +248,9 @@ class RunConfig(Section):
     def _consistent(self) -> "RunConfig":
         if self.algorithm.clip_high < self.algorithm.clip_low:
             raise ValueError("algorithm.clip_high must be >= algorithm.clip_low (clip-higher never clips tighter)")
+        names = [s.name for s in self.eval.datasets]
+        if len(set(names)) != len(names) or "heldout" in names:
+            raise ValueError("eval.datasets: names must be unique and not `heldout` (the held-out split's name)")
         return self
 
     @field_validator("logging")

@@ -1,39 +1,362 @@
 """Prompts: where they come from, how they are rendered, and the order they are drawn in.
 
-A data row is a dict with at least `question` and `answer` (the gold answer, a string). The
-prompt template turns a row into the text the policy continues.
+A data row is a dict with `question` (the problem text) and `answer` (the gold answer, a string),
+plus any task fields the rewards need (countdown: `numbers`, `target`). Rows come from
+
+- a built-in synthetic task: `arithmetic`, `countdown` (generated from `data.seed`, no download);
+- a local file: `.jsonl`, `.json` (a list of objects), `.parquet`, `.csv`;
+- a `datasets` directory: what `Dataset.save_to_disk` wrote, or a folder of data files;
+- a Hub data set name, read with `datasets.load_dataset(name, config, split=, revision=)`.
+
+`prompt_field`/`answer_field`/`extra_fields` map the source's columns onto row keys. A row with a
+missing or mistyped field stops loading with an error naming the file and the row number, unless
+`data.skip_bad_rows` is set, in which case it is skipped and counted.
+
+The prompt template turns a row into the text the policy continues; `chat` renders the problem as
+the user turn of the tokenizer's own chat template (which may prefill `<think>`: see
+`prompt_prefills_think`).
+
+    train_rows, heldout = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)
+    prompts = render_prompts(cfg.data, train_rows[:8], tokenizer)
 """
 
 from __future__ import annotations
 
+import csv
+import json
+import logging
 import random
+import string
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
 
-from grpo.config import DataConfig
-from grpo.tasks import ArithmeticTask
+from grpo.config import DataConfig, EvalSet, SourceFields
+from grpo.tasks import SYNTHETIC_TASKS, ArithmeticTask, CountdownTask
 
-# R1-Zero's template (DeepSeek-R1 paper, table 1) asks for <think>..</think><answer>..</answer>
-# after "Assistant:". `r1_zero_tiny` keeps its shape in one line a tiny model can read.
+log = logging.getLogger(__name__)
+
+# --- templates ----------------------------------------------------------------------------------
+
+# `r1_zero` is the template of DeepSeek-R1-Zero (DeepSeek-R1 paper, arXiv 2501.12948, table 1),
+# with the problem in place of "prompt". `qwen_math_boxed` is the Qwen2.5-Math chat prompt asking
+# for a \boxed{} answer, the template Dr. GRPO (arXiv 2503.20783) found best for Qwen2.5-Math
+# bases. `countdown` asks for an equation from {numbers} and {target} and opens the thinking block
+# for the model (as TinyZero's base prompt does). The `*_tiny`/`short` templates keep the R1 shape
+# in the characters the built-in tiny base's tokenizer knows.
 TEMPLATES = {
+    "r1_zero": (
+        "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+        "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
+        "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+        "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+        "User: {question}. Assistant:"
+    ),
+    "qwen_math_boxed": (
+        "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{{}}.<|im_end|>\n"
+        "<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+    ),
+    "countdown": (
+        "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+        "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
+        "answer.\nUser: With the numbers {numbers}, write an equation equal to {target}. Only + - * / and "
+        "parentheses are allowed, and every number must be used exactly once. Reason inside <think> </think> and "
+        "give only the equation inside <answer> </answer>, e.g. <answer> (7 - 3) * 2 </answer>.\n"
+        "Assistant: I will work it out step by step.\n<think>"
+    ),
     "r1_zero_tiny": (
         "User: {question}=? Show work in <think></think> then answer in <answer></answer>.\n"
         "Assistant:"
     ),
+    "r1_zero_short": (
+        "User: {question} Show work in <think></think> then answer in <answer></answer>.\n"
+        "Assistant:"
+    ),
 }
+CHAT = "chat"
 
 
-def render_prompt(template: str, row: dict) -> str:
+def template_fields(template: str) -> set[str]:
+    """Row keys a template reads (`chat` reads `question`)."""
+    if template == CHAT:
+        return {"question"}
     if template not in TEMPLATES:
-        raise ValueError(f"unknown prompt template {template!r}; known: {sorted(TEMPLATES)}")
-    return TEMPLATES[template].format(question=row["question"])
+        raise ValueError(f"unknown prompt template {template!r}; known: {sorted(TEMPLATES) + [CHAT]}")
+    return {name for _, name, _, _ in string.Formatter().parse(TEMPLATES[template]) if name}
 
 
-def load_rows(cfg: DataConfig, num_eval: int) -> tuple[list[dict], list[dict]]:
-    """(training rows, held-out evaluation rows); the two never share a problem."""
+def render_prompt(template: str, row: dict, tokenizer=None, chat_instruction: str = "") -> str:
+    """The text the policy continues for one row."""
+    if template == CHAT:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template `chat` needs a tokenizer with a chat template")
+        content = f"{row['question']}\n{chat_instruction}".rstrip() if chat_instruction else row["question"]
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    template_fields(template)  # raises on an unknown name
+    values = {k: (", ".join(map(str, v)) if k == "numbers" and isinstance(v, list) else v) for k, v in row.items()}
+    return TEMPLATES[template].format(**values)
+
+
+def render_prompts(cfg: DataConfig, rows: list[dict], tokenizer=None) -> list[str]:
+    return [render_prompt(cfg.template, row, tokenizer, cfg.chat_instruction) for row in rows]
+
+
+def prompt_prefills_think(prompt: str) -> bool:
+    """True when the prompt already opens the thinking block (some chat templates and `countdown`):
+    the completion then starts inside `<think>` and must not open it again."""
+    return prompt.rstrip().endswith("<think>")
+
+
+# --- rows: reading and checking -----------------------------------------------------------------
+
+
+class DataError(ValueError):
+    """A data problem, phrased for a person: `where: row N: what is wrong`."""
+
+
+@dataclass
+class LoadStats:
+    """What loading dropped, so a run can report it."""
+
+    rows_read: int = 0
+    bad_rows: int = 0
+    first_bad: str | None = None
+    too_long: int = 0
+
+
+def _records(src: SourceFields) -> tuple[str, Iterator[tuple[int, Any]]]:
+    """(where, iterator of (row number, record)) for a file, a directory or a Hub name."""
+    path = Path(src.source).expanduser()
+    if path.is_file():
+        return str(path), _file_records(path)
+    if path.is_dir():
+        return str(path), enumerate(_directory_dataset(path, src), start=1)
+    if path.suffix.lower() in _READERS or src.source.startswith((".", "/", "~")):
+        raise DataError(f"{src.source}: data file not found")
+    import datasets
+
+    ds = datasets.load_dataset(src.source, src.config, split=src.split, revision=src.revision)
+    where = f"{src.source}" + (f" ({src.config})" if src.config else "") + f" [{src.split}]"
+    return where, enumerate(ds, start=1)
+
+
+def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield number, DataError(f"{path}: row {number}: not valid JSON ({exc.msg})")
+
+
+def _json(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from None
+    if isinstance(data, dict):  # {"data": [...]} or any one list of records
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataError(f"{path}: expected a list of objects (or an object holding one list of them)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of objects, got {type(data).__name__}")
+    return enumerate(data, start=1)
+
+
+def _parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq
+
+    return enumerate(pq.read_table(path).to_pylist(), start=1)
+
+
+def _csv(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        yield from enumerate(csv.DictReader(f), start=1)  # row 1 is the first line after the header
+
+
+_READERS = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet, ".csv": _csv}
+
+
+def _file_records(path: Path) -> Iterator[tuple[int, Any]]:
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unknown data file type (expected {', '.join(sorted(_READERS))})")
+    return reader(path)
+
+
+def _directory_dataset(path: Path, src: SourceFields):
+    import datasets
+
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if src.split not in ds:
+                raise DataError(f"{path}: no split {src.split!r} (splits: {sorted(ds)})")
+            ds = ds[src.split]
+        return ds
+    return datasets.load_dataset(str(path), src.config, split=src.split)
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
+def _check_field(key: str, value: Any) -> tuple[Any, str | None]:
+    """(converted value, problem or None) for one row key."""
+    if value is None:
+        return None, "is empty (null)"
+    if key == "question":
+        if not isinstance(value, str) or not value.strip():
+            return None, f"must be non-empty text, got {type(value).__name__} {str(value)[:40]!r}"
+        return value, None
+    if key == "answer":
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            return None, f"must be text or a number, got {type(value).__name__}"
+        text = str(value).strip()
+        return (text, None) if text else (None, "is empty")
+    if key == "target":
+        number = _as_int(value)
+        return (number, None) if number is not None else (None, f"must be a whole number, got {value!r}")
+    if key == "numbers":
+        if isinstance(value, str):  # csv: "[3, 5, 7]" or "3 5 7"
+            value = value.strip().strip("[]").replace(",", " ").split()
+        if not isinstance(value, (list, tuple)) or not value:
+            return None, f"must be a non-empty list of whole numbers, got {type(value).__name__}"
+        numbers = [_as_int(v) for v in value]
+        if any(n is None for n in numbers):
+            return None, f"must be a list of whole numbers, got {list(value)!r}"
+        return numbers, None
+    return value, None
+
+
+def _field_map(src: SourceFields) -> dict[str, str]:
+    mapping = {}
+    if src.prompt_field:
+        mapping["question"] = src.prompt_field
+    if src.answer_field:
+        mapping["answer"] = src.answer_field
+    mapping.update(src.extra_fields)
+    return mapping
+
+
+def read_rows(src: SourceFields, skip_bad_rows: bool = False, needed: Iterable[str] = ()) -> tuple[list[dict], LoadStats]:
+    """Every row of a file, directory or Hub source, mapped onto row keys and type-checked.
+
+    `needed` lists row keys the prompt template reads; each must be mapped by a field option.
+    """
+    mapping = _field_map(src)
+    missing_map = sorted(set(needed) - set(mapping))
+    if missing_map:
+        raise DataError(f"{src.source}: the template needs row key(s) {missing_map}; map them with "
+                        f"prompt_field or extra_fields")
+    where, records = _records(src)
+    rows, stats = [], LoadStats()
+    for number, record in records:
+        stats.rows_read += 1
+        problem = None
+        if isinstance(record, DataError):
+            problem = str(record)
+        elif not isinstance(record, dict):
+            problem = f"{where}: row {number}: expected an object with fields, got {type(record).__name__}"
+        else:
+            row = {}
+            for key, column in mapping.items():
+                if column not in record:
+                    problem = f"{where}: row {number}: field {column!r} is missing (fields: {sorted(record)[:12]})"
+                    break
+                value, why = _check_field(key, record[column])
+                if why:
+                    problem = f"{where}: row {number}: field {column!r} {why}"
+                    break
+                row[key] = value
+        if problem is None:
+            rows.append(row)
+            continue
+        if not skip_bad_rows:
+            raise DataError(problem + " (set data.skip_bad_rows: true to skip such rows)")
+        stats.bad_rows += 1
+        stats.first_bad = stats.first_bad or problem
+    if not rows:
+        raise DataError(f"{where}: no usable rows ({stats.rows_read} read, {stats.bad_rows} bad)")
+    if stats.bad_rows:
+        log.warning("%s: skipped %d bad row(s) of %d; first: %s", where, stats.bad_rows, stats.rows_read, stats.first_bad)
+    return rows, stats
+
+
+def synthetic_task(cfg: DataConfig) -> ArithmeticTask | CountdownTask:
     if cfg.source == "arithmetic":
-        task = ArithmeticTask(cfg.arithmetic.max_first, cfg.arithmetic.max_second, tuple(cfg.arithmetic.ops))
-        return task.split(num_eval, seed=cfg.seed)
-    raise ValueError(f"unknown data source {cfg.source!r}")
+        return ArithmeticTask(cfg.arithmetic.max_first, cfg.arithmetic.max_second, tuple(cfg.arithmetic.ops))
+    o = cfg.countdown
+    return CountdownTask(o.min_numbers, o.max_numbers, o.max_number, o.max_target, tuple(o.ops), o.num_problems)
+
+
+def filter_long_prompts(rows: list[dict], cfg: DataConfig, tokenizer) -> tuple[list[dict], int]:
+    """Rows whose rendered prompt fits in `cfg.max_prompt_tokens`, and how many were dropped."""
+    if cfg.max_prompt_tokens is None or tokenizer is None:
+        return rows, 0
+    prompts = render_prompts(cfg, rows, tokenizer)
+    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    kept = [row for row, n in zip(rows, lengths) if n <= cfg.max_prompt_tokens]
+    return kept, len(rows) - len(kept)
+
+
+def load_rows(cfg: DataConfig, num_eval: int, tokenizer=None, stats: LoadStats | None = None) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out evaluation rows); the two never share a problem.
+
+    The held-out rows are the first `num_eval` of a seeded shuffle, taken before any length
+    filtering, so they depend on the source and `data.seed` only. With a tokenizer and
+    `data.max_prompt_tokens`, prompts longer than that are dropped from both.
+    """
+    stats = stats if stats is not None else LoadStats()
+    if cfg.source in SYNTHETIC_TASKS:
+        train, heldout = synthetic_task(cfg).split(num_eval, seed=cfg.seed)
+    else:
+        rows, read = read_rows(cfg, cfg.skip_bad_rows, template_fields(cfg.template))
+        stats.rows_read, stats.bad_rows, stats.first_bad = read.rows_read, read.bad_rows, read.first_bad
+        if num_eval >= len(rows):
+            raise DataError(f"{cfg.source}: eval.num_prompts={num_eval} leaves no training rows (only {len(rows)})")
+        order = list(range(len(rows)))
+        random.Random(cfg.seed).shuffle(order)
+        heldout, train = [rows[i] for i in order[:num_eval]], [rows[i] for i in order[num_eval:]]
+    train, dropped_train = filter_long_prompts(train, cfg, tokenizer)
+    heldout, dropped_eval = filter_long_prompts(heldout, cfg, tokenizer)
+    stats.too_long = dropped_train + dropped_eval
+    if stats.too_long:
+        log.warning("dropped %d prompt(s) longer than data.max_prompt_tokens=%d", stats.too_long, cfg.max_prompt_tokens)
+    if not train:
+        raise DataError(f"{cfg.source}: no training rows left after filtering")
+    return train, heldout
+
+
+def load_eval_set(spec: EvalSet, data: DataConfig) -> list[dict]:
+    """Rows of one evaluation set (rendered with the training template, so read what it needs)."""
+    if spec.source in SYNTHETIC_TASKS:
+        raise DataError(f"eval.datasets.{spec.name}: a synthetic task is evaluated through eval.num_prompts")
+    rows, _ = read_rows(spec, data.skip_bad_rows, template_fields(data.template))
+    return rows[: spec.num_prompts] if spec.num_prompts else rows
+
+
+def load_eval_sets(cfg, heldout: list[dict]) -> dict[str, list[dict]]:
+    """{name: rows}: `heldout` (from the training source) first, then `eval.datasets` in order."""
+    sets = {"heldout": heldout} if heldout else {}
+    for spec in cfg.eval.datasets:
+        sets[spec.name] = load_eval_set(spec, cfg.data)
+    return sets
+
+
+# --- drawing ------------------------------------------------------------------------------------
 
 
 @dataclass

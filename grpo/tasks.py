@@ -1,7 +1,7 @@
 """Built-in synthetic tasks: problems generated from a seed, no download.
 
-A task yields rows `{"question": str, "answer": str}` (plus task-specific fields); the prompt
-template turns a row into the text the policy sees (see `grpo.data`).
+A task yields rows `{"question": str, "answer": str}` (plus task fields: countdown adds `numbers`,
+`target`); the prompt template turns a row into the text the policy sees (see `grpo.data`).
 """
 
 from __future__ import annotations
@@ -39,3 +39,75 @@ class ArithmeticTask:
             raise ValueError(f"num_eval={num_eval} leaves no training problems (only {len(rows)})")
         random.Random(seed).shuffle(rows)
         return rows[num_eval:], rows[:num_eval]
+
+
+@dataclass(frozen=True)
+class CountdownTask:
+    """TinyZero's Countdown: reach `target` from `numbers` with + - * /, each number used once.
+
+    Every generated problem is solvable: the target is the value of a random expression over the
+    numbers whose intermediate results are all positive whole numbers (division only when exact).
+    Rows carry `numbers`, `target`, a plain-text `question` and one solution as `answer`.
+    """
+
+    min_numbers: int = 3
+    max_numbers: int = 4
+    max_number: int = 99
+    max_target: int = 100
+    ops: tuple[str, ...] = ("+", "-", "*", "/")
+    num_problems: int = 20_000
+
+    def _combine(self, op: str, a: tuple[int, str], b: tuple[int, str]) -> tuple[int, str] | None:
+        (x, ex), (y, ey) = a, b
+        wrap = lambda e: f"({e})" if " " in e else e  # noqa: E731 - parenthesise compound operands
+        if op == "+":
+            return x + y, f"{ex} + {ey}"
+        if op == "-":
+            return (x - y, f"{ex} - {wrap(ey)}") if x > y else None
+        if op == "*":
+            return x * y, f"{wrap(ex)} * {wrap(ey)}"
+        return (x // y, f"{wrap(ex)} / {wrap(ey)}") if y > 1 and x % y == 0 else None
+
+    def sample_problem(self, rng: random.Random, attempts: int = 1000) -> dict:
+        """One solvable problem; intermediate values stay within [1, max_target]."""
+        for _ in range(attempts):
+            numbers = [rng.randint(1, self.max_number) for _ in range(rng.randint(self.min_numbers, self.max_numbers))]
+            items = [(n, str(n)) for n in numbers]
+            while len(items) > 1:
+                i, j = rng.sample(range(len(items)), 2)
+                ops = list(self.ops)
+                rng.shuffle(ops)
+                combined = next((c for c in (self._combine(op, items[i], items[j]) for op in ops)
+                                 if c is not None and 1 <= c[0] <= self.max_target), None)
+                if combined is None:
+                    break
+                items = [it for k, it in enumerate(items) if k not in (i, j)] + [combined]
+            if len(items) == 1:
+                target, answer = items[0]
+                shown = ", ".join(map(str, numbers))
+                return {"question": f"Using the numbers {shown}, make {target}. Use {' '.join(self.ops)} and each number exactly once.",
+                        "answer": answer, "numbers": numbers, "target": target}
+        raise ValueError("could not generate a countdown problem; widen max_target or the operators")
+
+    def all_rows(self, seed: int) -> list[dict]:
+        """`num_problems` distinct problems (by numbers and target), generated from `seed`."""
+        rng, seen, rows = random.Random(seed), set(), []
+        for _ in range(self.num_problems * 20):
+            row = self.sample_problem(rng)
+            key = (tuple(sorted(row["numbers"])), row["target"])
+            if key not in seen:
+                seen.add(key)
+                rows.append(row)
+                if len(rows) == self.num_problems:
+                    break
+        return rows
+
+    def split(self, num_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
+        """Disjoint (train, held-out) rows; no held-out (numbers, target) pair is trained on."""
+        rows = self.all_rows(seed)
+        if num_eval >= len(rows):
+            raise ValueError(f"num_eval={num_eval} leaves no training problems (only {len(rows)})")
+        return rows[num_eval:], rows[:num_eval]
+
+
+SYNTHETIC_TASKS = ("arithmetic", "countdown")

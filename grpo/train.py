@@ -29,8 +29,8 @@ import torch
 
 from grpo.advantages import group_advantages, overlong_penalty, zero_variance_fraction
 from grpo.config import RunConfig, dump_config
-from grpo.data import PromptSampler, load_rows, render_prompt
-from grpo.evaluate import EVAL_REWARDS, evaluate_greedy
+from grpo.data import PromptSampler, load_eval_sets, load_rows, render_prompts
+from grpo.evaluate import evaluate_greedy, evaluate_step, make_eval_scorer
 from grpo.sampling import sample_batch
 from grpo.tracking import make_tracker
 from grpo.update import policy_update
@@ -83,8 +83,8 @@ def sampling_params(cfg: RunConfig, seed: int | None) -> SamplingParams:
                           top_k=ro.top_k, stop=tuple(ro.stop), seed=seed)
 
 
-def encode_prompts(tokenizer, template: str, rows: list[dict]) -> tuple[list[str], list[list[int]]]:
-    texts = [render_prompt(template, row) for row in rows]
+def encode_prompts(tokenizer, data_cfg, rows: list[dict]) -> tuple[list[str], list[list[int]]]:
+    texts = render_prompts(data_cfg, rows, tokenizer)
     return texts, [tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
 
@@ -114,7 +114,7 @@ def rollout_stage(engine, scorer: Scorer, tokenizer, cfg: RunConfig, seed: int, 
 
     def generate_and_score(rows: list[dict]) -> tuple[list[Rollout], dict[str, float]]:
         tg = time.perf_counter()
-        prompts, prompt_ids = encode_prompts(tokenizer, cfg.data.template, rows)
+        prompts, prompt_ids = encode_prompts(tokenizer, cfg.data, rows)
         sampling = sampling_params(cfg, seed=seed + 7_919 * timing["rounds"])
         timing["rounds"] += 1
         rollouts = engine.generate(prompt_ids, cfg.rollout.group_size, sampling)
@@ -181,12 +181,13 @@ def train(cfg: RunConfig, output_dir: str | Path) -> dict:
 
     # --- set-up: rewards resolve before any model loads ---
     scorer = make_scorer(cfg)
-    eval_scorer = Scorer(EVAL_REWARDS, workers=0)
+    eval_scorer = make_eval_scorer(cfg)
     model, tokenizer = load_policy(cfg, device)
     # a frozen copy of the initial policy, only when the KL term needs it
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.algorithm.beta > 0 else None
     engine = HFEngine(model, tokenizer, device)
-    train_rows, eval_rows = load_rows(cfg.data, cfg.eval.num_prompts)
+    train_rows, eval_rows = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)
+    eval_sets = load_eval_sets(cfg, eval_rows)
     prompts_sampler = PromptSampler(train_rows, seed=cfg.data.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.lr, betas=cfg.trainer.betas,
                                   weight_decay=cfg.trainer.weight_decay)
@@ -197,7 +198,7 @@ def train(cfg: RunConfig, output_dir: str | Path) -> dict:
                            run_name=cfg.logging.run_name or output_dir.name, config=cfg.model_dump(mode="json"))
     pad_id = tokenizer.pad_token_id
     summary: dict = {"output_dir": str(output_dir)}
-    if cfg.eval.before_and_after:
+    if cfg.eval.before_and_after and eval_rows:
         summary["eval_before"] = evaluate_greedy(engine, tokenizer, cfg, eval_rows, eval_scorer)
 
     format_history: list[float] = []
@@ -210,7 +211,7 @@ def train(cfg: RunConfig, output_dir: str | Path) -> dict:
         rows, rollouts, reward_metrics = sample_batch(generate_and_score, prompts_sampler.next_batch, P,
                                                       dynamic=cfg.algorithm.dynamic_sampling,
                                                       max_attempts=cfg.algorithm.max_sampling_attempts)
-        prompts = encode_prompts(tokenizer, cfg.data.template, rows)[0]
+        prompts = encode_prompts(tokenizer, cfg.data, rows)[0]
         t1 = t0 + timing["generate"]
         t2 = time.perf_counter()
         # --- advantages ---
@@ -234,11 +235,13 @@ def train(cfg: RunConfig, output_dir: str | Path) -> dict:
             format_history.append(metrics["reward/format"])
         if step % cfg.logging.rollouts_every == 0 or step == cfg.trainer.steps:
             tracker.log_rollouts(rollout_rows(rollouts, prompts, step, G), step)
+        if cfg.eval.every and step % cfg.eval.every == 0:
+            evaluate_step(engine, tokenizer, cfg, eval_sets, eval_scorer, step, output_dir, tracker)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['rollout/accuracy']:.2f}",
                         tok_s=f"{metrics['rollout/tokens_per_s']:.0f}")
 
     # --- final evaluation, model, summary ---
-    if cfg.eval.before_and_after:
+    if cfg.eval.before_and_after and eval_rows:
         summary["eval_after"] = evaluate_greedy(engine, tokenizer, cfg, eval_rows, eval_scorer)
     tail = format_history[-max(1, math.ceil(len(format_history) / 10)) :]
     summary["train"] = {"steps": cfg.trainer.steps,
@@ -248,5 +251,6 @@ def train(cfg: RunConfig, output_dir: str | Path) -> dict:
     tokenizer.save_pretrained(output_dir / "final")
     tracker.close()
     scorer.close()
+    eval_scorer.close()
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

@@ -1,0 +1,141 @@
+"""`grpo plan`: architecture numbers, the compute model against published runs, memory verdicts, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from grpo.cli import main
+from grpo.plan import GPUS, KNOWN_ARCHS, Workload, arch_from_config, implied_mfu, make_plan, pretraining_flops, resolve_arch
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_RECIPES = {  # recipe -> (nodes, gpus per node, gpu) it is written for
+    "qwen2.5-math-1.5b-zero": (1, 8, "a100"),
+    "qwen2.5-math-7b-zero": (1, 8, "a100"),
+    "qwen3-30b-a3b-zero": (4, 8, "h800"),
+    "deepseek-v2-lite-zero": (1, 8, "h800"),
+    "olmoe-1b-7b-zero": (1, 8, "h100"),
+    "countdown-qwen2.5-3b": (1, 2, "h200"),
+}
+
+
+@pytest.mark.parametrize("name, total_b, activated_b, with_embedding", [
+    # Published sizes (model cards / papers). Qwen and OLMoE count the input embedding in the
+    # "activated" figure, DeepSeek does not; the planner leaves it out (a lookup costs no FLOPs), so
+    # it is added back where the publisher counts it.
+    ("Qwen/Qwen2.5-Math-1.5B", 1.54, None, False),
+    ("Qwen/Qwen2.5-Math-7B", 7.62, None, False),
+    ("Qwen/Qwen3-30B-A3B-Base", 30.5, 3.3, True),
+    ("deepseek-ai/DeepSeek-V2-Lite", 15.7, 2.4, False),
+    ("allenai/OLMoE-1B-7B-0924", 6.9, 1.3, True),
+    ("deepseek-ai/DeepSeek-V3-Base", 671, 37, False),
+])
+def test_parameter_counts_match_published_sizes(name, total_b, activated_b, with_embedding):
+    arch = KNOWN_ARCHS[name]
+    total, active = arch.params()
+    assert total / 1e9 == pytest.approx(total_b, rel=0.03)
+    if activated_b is not None:
+        embedding = arch.vocab_size * arch.hidden_size if with_embedding else 0
+        assert (active + embedding) / 1e9 == pytest.approx(activated_b, rel=0.05)
+
+
+def test_deepseek_v3_pretraining_gives_a_plausible_utilisation():
+    """DeepSeek-V3 technical report (arXiv 2412.19437): 14.8T training tokens, 2.788M H800 GPU-hours
+    for the full training (2.664M of them pre-training), USD 5.576M at USD 2 per GPU-hour, about 37B
+    activated parameters per token, sequence length 4K in pre-training.
+
+    Accepted range: 20-50% of the H800's dense bf16 peak (989 TFLOP/s). Large dense/MoE pre-training
+    runs report 30-45% bf16 MFU; V3 trained in FP8, so its utilisation of the FP8 peak is half this.
+    """
+    arch = KNOWN_ARCHS["deepseek-ai/DeepSeek-V3-Base"]
+    flops = pretraining_flops(arch, 14.8e12, seq_len=4096)
+    mfu = implied_mfu(flops, 2.788e6, "h800")
+    assert 0.20 <= mfu <= 0.50, mfu  # about 0.37
+    assert 2.788e6 * 2.0 == pytest.approx(5.576e6)
+    # and the other way: at that utilisation the planner's clock gives the reported GPU-hours
+    seconds_per_gpu = flops / (mfu * GPUS["h800"].bf16_tflops * 1e12)
+    assert seconds_per_gpu / 3600 == pytest.approx(2.788e6, rel=1e-6)
+
+
+def test_oat_zero_7b_rl_run_within_2x_of_published_gpu_hours():
+    """Oat-Zero-7B (Liu et al., arXiv 2503.20783; github.com/sail-sg/understand-r1-zero): Qwen2.5-Math-7B,
+    27 hours on 8 A100 = 216 A100-hours, as published in the README and the paper.
+
+    Published settings (examples/qwen2.5-math-7b.sh): 128 prompts x 8 samples a step, 3000 new
+    tokens, prompts up to 1024 tokens, MATH level 3-5 (~8.5k questions), --num_prompt_epoch 20.
+    Assumed (not published): the run went through those 20 passes, i.e. 20 x 8,523 / 128 = 1,332
+    steps; prompts average ~150 tokens with the Qwen-math template and completions ~700 tokens
+    (the paper's length curves for Dr. GRPO on the 7B stay well under 1,000). Utilisation: the
+    planner's defaults (10% generation, 35% training).
+    """
+    arch = KNOWN_ARCHS["Qwen/Qwen2.5-Math-7B"]
+    work = Workload(prompts_per_step=128, group_size=8, prompt_tokens=150, response_tokens=700, max_new_tokens=3000,
+                    steps=1332, micro_batch_size=1)
+    plan = make_plan(arch, "a100", nodes=1, gpus_per_node=8, work=work)
+    assert plan.fits
+    ratio = plan.gpu_hours() / 216
+    assert 0.5 <= ratio <= 2.0, plan.gpu_hours()  # about 252 GPU-hours, ratio ~1.17
+
+
+def test_does_not_fit_is_said_clearly(capsys):
+    recipe = REPO / "recipes" / "qwen3-30b-a3b-zero.yaml"
+    code = main(["plan", str(recipe), "--nodes", "1", "--gpus-per-node", "8", "--gpu", "a100-40", "--plain"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "fits" in out and "NO: peak" in out and "does not fit" in out and "training needs" in out
+    assert "does not fit in A100 SXM 40GB memory" in err
+    # the same recipe fits on the cluster it was written for
+    assert main(["plan", str(recipe), "--nodes", "4", "--gpus-per-node", "8", "--gpu", "h800", "--plain"]) == 0
+
+
+def test_memory_shrinks_with_more_gpus_and_tp_helps_rollouts():
+    arch = KNOWN_ARCHS["Qwen/Qwen3-30B-A3B-Base"]
+    work = Workload(128, 16, 256, 4096, 8192, 100, 2)
+    one = make_plan(arch, "h800", 1, 8, work, tp=1)
+    four = make_plan(arch, "h800", 4, 8, work, tp=1)
+    assert four.memory_train["optimizer (fp32 master + AdamW)"] == pytest.approx(
+        one.memory_train["optimizer (fp32 master + AdamW)"] / 4)
+    hybrid = make_plan(arch, "h800", 4, 8, work, sharding="hybrid", tp=1)
+    assert hybrid.shard_group == 8 and sum(hybrid.memory_train.values()) == pytest.approx(sum(one.memory_train.values()))
+    assert make_plan(arch, "h800", 4, 8, work, tp=4).kv_share > four.kv_share
+
+
+@pytest.mark.parametrize("recipe", sorted(REAL_RECIPES))
+def test_plan_prints_a_table_for_each_real_recipe(recipe, capsys):
+    nodes, gpus, gpu = REAL_RECIPES[recipe]
+    code = main(["plan", str(REPO / "recipes" / f"{recipe}.yaml"), "--nodes", str(nodes), "--gpus-per-node", str(gpus),
+                 "--gpu", gpu, "--price-per-gpu-hour", "2.5", "--plain"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for label in ("train: total per GPU", "rollout: KV cache", "fits", "time per step", "whole run", "USD"):
+        assert label in out
+
+
+def test_local_config_json_and_builtin_resolve(tmp_path):
+    config = {"model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "num_hidden_layers": 27,
+              "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 10944,
+              "moe_intermediate_size": 1408, "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6,
+              "first_k_dense_replace": 1, "q_lora_rank": None, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+              "qk_rope_head_dim": 64, "v_head_dim": 128, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    local = resolve_arch(str(tmp_path))
+    assert local.params() == KNOWN_ARCHS["deepseek-ai/DeepSeek-V2-Lite"].params()
+    assert local.kv_bytes_per_token() == 27 * 576 * 2  # MLA caches one 512+64 latent per token and layer
+    tiny = resolve_arch("builtin:tiny-arith-moe")
+    assert tiny.is_moe and tiny.params()[0] < 5e6
+    assert arch_from_config("x", {"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "intermediate_size": 16}).head_dim == 4
+
+
+def test_plan_cli_subprocess_rich_table_and_help():
+    cmd = [sys.executable, "-m", "grpo", "plan", "recipes/olmoe-1b-7b-zero.yaml", "--nodes", "1", "--gpus-per-node", "8",
+           "--gpu", "h100"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "grpo plan: allenai/OLMoE-1B-7B-0924" in done.stdout and "GPU-hours" in done.stdout
+    helped = subprocess.run([sys.executable, "-m", "grpo", "plan", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert "--price-per-gpu-hour" in helped.stdout and "--gpus-per-node" in helped.stdout
