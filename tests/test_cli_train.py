@@ -54,7 +54,7 @@ def test_shortened_recipe_learns(tmp_path, tiny_base):
     """RL alone must raise held-out greedy accuracy (answer in the format) by at least 0.3."""
     out = tmp_path / "run"
     started = time.perf_counter()
-    result = run_cli("train", "recipes/tiny-cpu.yaml", "trainer.steps=80", "eval.num_prompts=100",
+    result = run_cli("train", "recipes/tiny-cpu.yaml", "trainer.steps=60", "eval.num_prompts=100",
                      "logging.progress=false", "--output-dir", str(out))
     seconds = time.perf_counter() - started
     assert result.returncode == 0, result.stderr[-3000:]
