@@ -5,7 +5,8 @@ Layout (`OUTPUT_DIR/checkpoints/step-NNNNNN/`):
 - `optimizer.pt`  optimizer state (a full, unsharded state dict, also under FSDP2)
 - `scheduler.pt`  learning-rate scheduler state
 - `rng-rank{r}.pt` Python, NumPy, torch CPU (and CUDA) RNG states of every rank
-- `state.json`    step, prompt-sampler epoch/position, tracker run ids, consecutive skips, world size
+- `state.json`    step, prompt-sampler epoch/position, tracker run ids, skip counters, world size
+                  and every rank's parameter digest (sha256; equal on all ranks under DDP)
 
 Writing is atomic: rank 0 writes a hidden temporary directory next to the final one, fsyncs
 every file and the directory, then renames it into place; only then are old checkpoints beyond
@@ -105,6 +106,7 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model = getattr(model, "module", model)  # DDP wrapper: its module's names
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
@@ -123,6 +125,17 @@ def _load_optimizer_state(model, optimizer, state: dict) -> None:
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state)
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter's bytes, in name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _fsync_tree(root: Path) -> None:
@@ -144,6 +157,8 @@ def save(output_dir: Path, state: TrainState, *, model, unwrapped, tokenizer, op
          keep_last: int, is_main: bool) -> Path | None:
     """Write a checkpoint atomically (a collective: call on every rank). Returns its path on rank 0."""
     rngs = gather_objects(_rng_state())
+    # Replicated (DDP) parameters must be bit-identical on every rank: record each rank's digest.
+    digests = gather_objects(None if _sharded(model) else parameter_digest(model))
     weights = full_model_state(model)
     optim_state = _optimizer_state(model, optimizer)
     if not is_main:
@@ -159,7 +174,7 @@ def save(output_dir: Path, state: TrainState, *, model, unwrapped, tokenizer, op
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for rank, rng in enumerate(rngs):
             torch.save(rng, tmp / f"rng-rank{rank}.pt")
-        payload = {**state.__dict__, "world_size": len(rngs)}
+        payload = {**state.__dict__, "world_size": len(rngs), "parameter_digests": digests}
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2), encoding="utf-8")
         _fsync_tree(tmp)
         if final.exists():  # a checkpoint of the same step from a run that died after writing it
@@ -182,6 +197,7 @@ def save(output_dir: Path, state: TrainState, *, model, unwrapped, tokenizer, op
 def load_state(path: Path) -> TrainState:
     raw = json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
     raw.pop("world_size", None)
+    raw.pop("parameter_digests", None)
     return TrainState(**raw)
 
 
