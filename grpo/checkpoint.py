@@ -100,12 +100,14 @@ def _sharded(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP2 DTensor parameters
 
 
-def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unsharded model state on CPU (a collective under FSDP2: call it on every rank)."""
+def full_model_state(model: torch.nn.Module, every_rank: bool = False) -> dict[str, torch.Tensor]:
+    """The unsharded model state (a collective under FSDP2: call it on every rank). Under FSDP2
+    only rank 0 receives it (on CPU) unless `every_rank`."""
     if _sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not every_rank)
+        return get_model_state_dict(model, options=options)
     model = getattr(model, "module", model)  # DDP wrapper: its module's names
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 

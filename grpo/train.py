@@ -114,7 +114,7 @@ def sync_engine(engine: HFEngine, model, unwrapped) -> None:
     if engine.model is unwrapped:  # colocated, same tensors: nothing to copy
         return
     own = dict(engine.model.named_parameters())
-    full = checkpoint.full_model_state(model)  # a collective under FSDP2
+    full = checkpoint.full_model_state(model, every_rank=True)  # a collective under FSDP2
     engine.update_weights((k, v) for k, v in full.items() if k in own)
 
 
