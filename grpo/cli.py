@@ -3,6 +3,7 @@
     grpo train RECIPE [key=value ...] [--output-dir DIR] [--resume auto|PATH]
                [--accelerate-config NAME|PATH [--num_machines N --machine_rank R --main_process_ip IP
                                                --main_process_port PORT]]
+    grpo score FILE.jsonl --reward NAME [--out RESULTS.jsonl]
     grpo dashboard RUNS_DIR [--host 127.0.0.1] [--port 8050] [--export report.html]
 
 Recipe problems (unknown key, wrong type, missing file, malformed YAML) print one line naming the
@@ -106,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--main_process_port", type=int, help="port on machine 0 for the rendezvous")
     train.set_defaults(func=cmd_train)
 
-    from grpo import dashboard
+    from grpo import dashboard, score
 
+    score.add_parser(verbs)
     dashboard.add_parser(verbs)
     return parser
 

@@ -85,14 +85,15 @@ class TinyBaseSpec:
     top_k: int = 2
     expert_width: int = 96
     max_positions: int = 256
-    pretrain_steps: int = 2000
-    batch_size: int = 32
+    pretrain_steps: int = 1500
+    batch_size: int = 16  # rows per step
+    row_tokens: int = 128  # whole documents are packed into rows of this many tokens
     lr: float = 3e-3
-    tagged_share: float = 0.02  # share of question/answer exchanges written in the R1 format
+    tagged_share: float = 0.05  # share of question/answer exchanges written in the R1 format
     max_first: int = 99  # the arithmetic the base is taught: a in [0, max_first] ...
     max_second: int = 9  # ... plus b in [0, max_second]
     seed: int = 0
-    version: int = 1  # bump when the corpus or the training code changes meaning
+    version: int = 3  # bump when the corpus or the training code changes meaning
 
 
 BUILTIN_BASES = {"tiny-arith-moe": TinyBaseSpec()}
@@ -145,19 +146,46 @@ def pretraining_document(rng: random.Random, task: ArithmeticTask, tagged_share:
     question = rng.choice(_QUESTIONS).format(q=q) + rng.choice(_INSTRUCTIONS)
     if rng.random() < tagged_share:
         return f"User: {question}\nAssistant: <think>{q}={a}</think><answer>{a}</answer>"
+    if rng.random() < 0.5:  # half of the plain answers restate the problem, as people often do
+        return f"User: {question}\nAssistant: {q}={a}"
     return f"User: {question}\nAssistant: {a}"
 
 
-def _batch(docs: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ids = [tokenizer.encode(d, add_special_tokens=False) + [tokenizer.eos_token_id] for d in docs]
-    width = max(map(len, ids))
-    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
-    attention = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, row in enumerate(ids):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        attention[i, : len(row)] = 1
-    labels = input_ids.masked_fill(attention == 0, -100)
-    return input_ids, attention, labels
+class DocumentPacker:
+    """Packs whole synthetic documents, each ended by `<eos>`, into rows of `row_tokens` tokens.
+
+    A row starts at a document boundary (as prompts do at inference) and holds as many whole
+    documents as fit; a document that does not fit opens the next row. Packing instead of one
+    padded document per row spends the compute on text rather than padding.
+    """
+
+    def __init__(self, rng: random.Random, task: ArithmeticTask, tokenizer, spec: TinyBaseSpec):
+        self.rng, self.task, self.tokenizer, self.spec = rng, task, tokenizer, spec
+        self.pending: list[int] | None = None
+
+    def _document(self) -> list[int]:
+        text = pretraining_document(self.rng, self.task, self.spec.tagged_share)
+        return self.tokenizer.encode(text, add_special_tokens=False)[: self.spec.row_tokens - 1] + [
+            self.tokenizer.eos_token_id
+        ]
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        width, pad = self.spec.row_tokens, self.tokenizer.pad_token_id
+        input_ids = torch.full((self.spec.batch_size, width), pad)  # [B, L]
+        attention = torch.zeros((self.spec.batch_size, width), dtype=torch.long)  # [B, L]
+        for b in range(self.spec.batch_size):
+            row: list[int] = []
+            while True:
+                doc = self.pending if self.pending is not None else self._document()
+                self.pending = None
+                if len(row) + len(doc) > width:
+                    self.pending = doc
+                    break
+                row += doc
+            input_ids[b, : len(row)] = torch.tensor(row)
+            attention[b, : len(row)] = 1
+        labels = input_ids.masked_fill(attention == 0, -100)  # [B, L]
+        return input_ids, attention, labels
 
 
 def pretrain_tiny_base(spec: TinyBaseSpec, out_dir: Path, progress: bool = True) -> Path:
@@ -185,10 +213,10 @@ def pretrain_tiny_base(spec: TinyBaseSpec, out_dir: Path, progress: bool = True)
 
     from tqdm.auto import tqdm
 
+    packer = DocumentPacker(rng, task, tokenizer, spec)
     bar = tqdm(range(spec.pretrain_steps), desc="pretraining tiny base", disable=not progress)
     for step in bar:
-        docs = [pretraining_document(rng, task, spec.tagged_share) for _ in range(spec.batch_size)]
-        input_ids, attention, labels = _batch(docs, tokenizer)
+        input_ids, attention, labels = packer.batch()
         for group in optim.param_groups:
             group["lr"] = lr_at(step)
         loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss

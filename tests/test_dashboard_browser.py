@@ -1,9 +1,9 @@
 """The dashboard in real headless Chromium (Debian's /usr/bin/chromium driven by playwright).
 
 RUNS_DIR for these tests holds:
-- the run under test: a real run when GRPO_DASHBOARD_RUN_DIR points at one (e.g. made by
-  `grpo train recipes/tiny-cpu.yaml trainer.steps=20 --output-dir /tmp/run`), else a synthetic run
-  written through the training loop's JsonlSink (`grpo.dashboard.synthetic`);
+- the run under test: a real run of the embedded default made here by the CLI
+  (`grpo train recipes/tiny-cpu.yaml trainer.steps=4 ...`), or the run GRPO_DASHBOARD_RUN_DIR
+  points at;
 - a "hostile" run whose completions are HTML/script payloads, to show that nothing executes.
 To build it from a run made inside a fixture, call `build_runs_dir(tmp, real_run_dir=that_run)`.
 
@@ -60,7 +60,14 @@ def build_runs_dir(base: Path, real_run_dir: Path | None = None) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     real = os.environ.get("GRPO_DASHBOARD_RUN_DIR")
-    return build_runs_dir(tmp_path_factory.mktemp("dash"), Path(real) if real else None)
+    if not real:  # a real run of the embedded default, made by the CLI
+        from tests.conftest import run_cli
+
+        real = tmp_path_factory.mktemp("real") / "run"
+        done = run_cli("train", "recipes/tiny-cpu.yaml", "trainer.steps=4", "eval.num_prompts=8",
+                       "logging.rollouts_every=1", "logging.progress=false", "--output-dir", str(real))
+        assert done.returncode == 0, done.stderr[-3000:]
+    return build_runs_dir(tmp_path_factory.mktemp("dash"), Path(real))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,187 @@
+"""Our math-answer checker against math-verify on the labelled equivalence cases, in one run.
+
+Run (CPU, from the repository root):
+    python bench/rewards_vs_math_verify.py [--cases ../shared/bench/math_equiv_cases.jsonl] [--workers 2]
+On a GPU cluster it is the same command (the checker is CPU-only).
+
+Prints one JSON line: per source group, accuracy of ours and of math-verify (and of ours with the
+math-verify fallback switched off, ``fallback=False``: our parser alone); items/s of ours (the
+sandboxed worker pool, ``--workers`` processes, start-up excluded) and of math-verify (single
+process, as it is normally called); and the known-failure cases.
+
+Honouring the case notes: ``expected`` is used as given, except that a note starting with
+``DISPUTED`` or ``KNOWN FALSE POSITIVE`` means the mathematically right answer is the expected one:
+for those the expected value is whether the two answers are mathematically equal (for the one
+DISPUTED case, ``1 - 1/e`` vs ``1 + 1/e``, that is false; the KNOWN FALSE POSITIVE cases already
+say false). Both checkers get the case's options: ``float_rounding``, ``strict``,
+``allow_set_relation_comp`` (ours: ``relation_as_set``) and the extraction targets (ours:
+``plain_numbers=False`` when the case extracts LaTeX only).
+
+Groups: ``math_verify_tests`` (Math-Verify's tests and example file), ``lighteval``,
+``nemo_mindspeed`` (NeMo-Skills and MindSpeed-RL graders' tests), ``open_r1``, and
+``known_failures`` (the two tests commented out upstream and the ten issue reports).
+
+Departures: none from a paper; the harness for math-verify is a generic parse -> verify, so a few
+upstream harness quirks (lighteval's multilingual anchors) are not reproduced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DEFAULT_CASES = Path(__file__).resolve().parents[2] / "shared" / "bench" / "math_equiv_cases.jsonl"
+
+
+def group_of(case: dict) -> str:
+    src = case["source"]
+    if "issue" in src or "commented out" in case["test"]:
+        return "known_failures"
+    if src.startswith("huggingface/Math-Verify"):
+        return "math_verify_tests"
+    if src.startswith("huggingface/lighteval"):
+        return "lighteval"
+    if src.startswith("huggingface/open-r1"):
+        return "open_r1"
+    return "nemo_mindspeed"
+
+
+def expected_of(case: dict) -> bool:
+    note = case.get("note", "")
+    if note.startswith("DISPUTED"):
+        return not case["expected"]  # the upstream assertion is the mathematically wrong one
+    return bool(case["expected"])
+
+
+def case_options(case: dict) -> dict:
+    """The case's harness options, as `math_answer` keyword arguments (the same facts math-verify gets)."""
+    o = case["options"]
+    out = {k: o[k] for k in ("float_rounding", "strict") if k in o}
+    if "allow_set_relation_comp" in o:
+        out["relation_as_set"] = o["allow_set_relation_comp"]
+    if o.get("extraction") == ["latex"]:
+        out["plain_numbers"] = False
+    return out
+
+
+def math_verify_verdict(c: dict) -> bool:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    o = c["options"]
+    configs = []
+    for e in o.get("extraction", ["latex", "expr"]):
+        if e == "latex":
+            configs.append(LatexExtractionConfig(boxed_match_priority=o.get("boxed_match_priority", 55)))
+        else:
+            configs.append(ExprExtractionConfig())
+    try:
+        g = parse(c["gold"], extraction_config=configs)
+        p = parse(c["pred"], extraction_config=configs)
+        return bool(verify(
+            g, p,
+            float_rounding=o.get("float_rounding", 6),
+            strict=o.get("strict", True),
+            allow_set_relation_comp=o.get("allow_set_relation_comp", False),
+        ))
+    except Exception:  # noqa: BLE001 - a crash is a wrong verdict, not a stop
+        return False
+
+
+def run_both(cases, workers: int, chunks: int = 4):
+    """Verdicts of both checkers; timings interleaved chunk by chunk so that load from other
+    processes on the machine falls on both alike."""
+    from rewards import RewardSpec, Scorer
+
+    ours, mv = [], []
+    ours_s = mv_s = 0.0
+    spec = RewardSpec("math_answer")
+    with Scorer([spec], workers=workers, timeout_s=5.0) as scorer:
+        warm = cases[:8]  # warm-up: first-use costs in the workers and in this process
+        scorer.score([c["pred"] for c in warm], [{"answer": c["gold"]} for c in warm])
+        for c in warm:
+            math_verify_verdict(c)
+        size = -(-len(cases) // chunks)
+        metrics = {"reward/math_answer/timeouts": 0.0, "reward/math_answer/errors": 0.0}
+        for k in range(0, len(cases), size):
+            part = cases[k : k + size]
+            t0 = time.perf_counter()
+            res = scorer.score([c["pred"] for c in part], [{"answer": c["gold"]} for c in part],
+                               [{"sample_id": str(k + i), **case_options(c)} for i, c in enumerate(part)])
+            ours_s += time.perf_counter() - t0
+            ours += [v == 1.0 for v in res.per_function["math_answer"]]
+            for key in metrics:
+                metrics[key] += res.metrics[key]
+            t0 = time.perf_counter()
+            mv += [math_verify_verdict(c) for c in part]
+            mv_s += time.perf_counter() - t0
+    return ours, ours_s, metrics, mv, mv_s
+
+
+def run_ours_alone(cases, workers: int):
+    """Our parser without the math-verify fallback (accuracy only)."""
+    from rewards import RewardSpec, Scorer
+
+    with Scorer([RewardSpec("math_answer", 1.0, {"fallback": False})], workers=workers, timeout_s=5.0) as scorer:
+        res = scorer.score([c["pred"] for c in cases], [{"answer": c["gold"]} for c in cases],
+                           [{"sample_id": str(i), **case_options(c)} for i, c in enumerate(cases)])
+    return [v == 1.0 for v in res.per_function["math_answer"]]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default=str(DEFAULT_CASES))
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--show-disagreements", action="store_true", help="print cases where ours is wrong (stderr)")
+    args = ap.parse_args(argv)
+
+    cases = [json.loads(line) for line in open(args.cases, encoding="utf-8") if line.strip()]
+    expected = [expected_of(c) for c in cases]
+    ours, ours_s, metrics, mv, mv_s = run_both(cases, args.workers)
+    alone = run_ours_alone(cases, args.workers)
+
+    groups = defaultdict(lambda: {"n": 0, "ours": 0, "math_verify": 0, "alone": 0})
+    for c, e, o, m, a in zip(cases, expected, ours, mv, alone):
+        g = groups[group_of(c)]
+        g["n"] += 1
+        g["ours"] += o == e
+        g["math_verify"] += m == e
+        g["alone"] += a == e
+    report = {
+        "bench": "rewards_vs_math_verify",
+        "n": len(cases),
+        "groups": {
+            k: {"n": v["n"], "ours": round(v["ours"] / v["n"], 4), "math_verify": round(v["math_verify"] / v["n"], 4),
+                "ours_correct": v["ours"], "math_verify_correct": v["math_verify"],
+                "ours_without_math_verify": round(v["alone"] / v["n"], 4)}
+            for k, v in sorted(groups.items())
+        },
+        "overall": {"ours": round(sum(o == e for o, e in zip(ours, expected)) / len(cases), 4),
+                    "math_verify": round(sum(m == e for m, e in zip(mv, expected)) / len(cases), 4)},
+        "ours_items_per_s": round(len(cases) / ours_s, 1),
+        "ours_workers": args.workers,
+        "math_verify_items_per_s": round(len(cases) / mv_s, 1),
+        "speed_ratio": round(mv_s / ours_s, 2),
+        "ours_timeouts": metrics["reward/math_answer/timeouts"],
+        "ours_errors": metrics["reward/math_answer/errors"],
+    }
+    ours_ge = all(v["ours"] >= v["math_verify"] for v in groups.values())
+    kf = groups["known_failures"]
+    report["ours_at_least_math_verify_on_every_group"] = ours_ge
+    report["ours_higher_on_known_failures"] = kf["ours"] > kf["math_verify"]
+    if args.show_disagreements:
+        for i, (c, e, o, m) in enumerate(zip(cases, expected, ours, mv)):
+            if o != e:
+                print(f"[{i}] {group_of(c)} expected={e} ours={o} mv={m} gold={c['gold'][:80]!r} pred={c['pred'][-100:]!r}",
+                      file=sys.stderr)
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

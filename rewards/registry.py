@@ -1,0 +1,100 @@
+"""Where reward names become functions: built-in short names, `module:function`, entry points.
+
+A reward is a plain function ``(completion: str, example: dict, **context) -> float | None``
+(sync or ``async``); ``None`` means "does not apply to this sample". A recipe names rewards with
+`RewardSpec`; every name is resolved once, at start-up, in this order:
+
+1. a built-in short name (`BUILTIN_REWARDS`),
+2. ``package.module:function`` (imported with importlib),
+3. an entry point in the group ``grpo_zero.rewards`` (importlib.metadata).
+
+An unknown name raises `UnknownRewardError` listing every name it knows, before any model loads.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+ENTRY_POINT_GROUP = "grpo_zero.rewards"
+
+# short name -> "module:function"; the functions live in this package.
+BUILTIN_REWARDS: dict[str, str] = {
+    "math_answer": "rewards.math:math_answer",
+    "format": "rewards.format:format_reward",
+    "format_partial": "rewards.format:format_partial",
+    "countdown": "rewards.countdown:countdown",
+    "overlong_penalty": "rewards.countdown:overlong_penalty",
+}
+
+RewardFn = Callable[..., Any]
+
+
+class UnknownRewardError(ValueError):
+    """A reward name that is neither built in, nor an importable `module:function`, nor an entry point."""
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One reward in a recipe: which function, its weight in the total, and keyword options."""
+
+    name: str
+    weight: float = 1.0
+    kwargs: dict = field(default_factory=dict)
+
+    def __hash__(self) -> int:  # kwargs is a dict; hash on what identifies the reward
+        return hash((self.name, self.weight))
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def known_reward_names() -> list[str]:
+    """Built-in short names plus installed entry-point names (``module:function`` always works too)."""
+    return sorted(set(BUILTIN_REWARDS) | set(_entry_points()))
+
+
+def _import_target(target: str) -> RewardFn:
+    module_name, _, attr = target.partition(":")
+    module = importlib.import_module(module_name)
+    fn = module
+    for part in attr.split("."):
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise TypeError(f"{target} is not callable")
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def resolve(name: str) -> RewardFn:
+    """The function a reward name stands for; raises `UnknownRewardError` if there is none.
+
+    >>> resolve("format").__name__
+    'format_reward'
+    >>> resolve("rewards.math:math_answer") is resolve("math_answer")
+    True
+    """
+    if name in BUILTIN_REWARDS:
+        return _import_target(BUILTIN_REWARDS[name])
+    if ":" in name:
+        try:
+            return _import_target(name)
+        except (ImportError, AttributeError, TypeError, ValueError) as e:
+            raise UnknownRewardError(
+                f"reward {name!r} could not be imported ({type(e).__name__}: {e}); "
+                f"known names: {', '.join(known_reward_names())}, or any 'package.module:function'"
+            ) from None
+    eps = _entry_points()
+    if name in eps:
+        fn = eps[name].load()
+        if not callable(fn):
+            raise UnknownRewardError(f"entry point {name!r} ({eps[name].value}) is not callable")
+        return fn
+    raise UnknownRewardError(
+        f"unknown reward {name!r}; known names: {', '.join(known_reward_names())}, "
+        f"or any 'package.module:function', or an entry point in group {ENTRY_POINT_GROUP!r}"
+    )

@@ -1,0 +1,23 @@
+"""Runs the doctests of every rewards module, so `pytest tests/` covers them."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["rewards.registry", "rewards.scorer", "rewards.mathparse", "rewards.math", "rewards.format", "rewards.countdown"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_doctests(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0, f"{result.failed} doctest(s) failed in {name}"
+
+
+def test_every_builtin_reward_has_a_doctest():
+    from rewards.registry import BUILTIN_REWARDS, resolve
+
+    for name in BUILTIN_REWARDS:
+        fn = resolve(name)
+        assert fn.__doc__ and ">>>" in fn.__doc__, f"built-in reward {name} has no doctest"
