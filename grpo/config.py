@@ -1,4 +1,4 @@
-"""The typed recipe: one validated tree (model, data, rollout, algorithm, rewards, trainer, eval,
+"""The typed recipe: one validated tree (model, data, rollout, algorithm, rewards, trainer, moe, eval,
 logging).
 
 A recipe is YAML. Every field below has a one-line doc and its default; defaults live here only.
@@ -154,7 +154,7 @@ class AlgorithmConfig(Section):
     )
     correction_low: float = Field(0.5, gt=0, le=1, description="mis/icepop: lowest trainer/sampler ratio kept")
     correction_high: float = Field(2.0, ge=1, description="tis: weight cap; mis/icepop: highest ratio kept")
-    dynamic_sampling: bool = Field(False, description="drop groups whose rewards are all equal and sample more (DAPO)")
+    dynamic_sampling: bool = Field(False, description="drop groups whose rewards are all equal and sample more (DAPO; one process only for now)")
     max_sampling_attempts: int = Field(4, ge=1, description="dynamic sampling: generation rounds per step at most")
     overlong_filter: bool = Field(False, description="mask the loss of truncated completions (DAPO overlong filtering)")
     overlong_buffer: float = Field(
@@ -203,8 +203,25 @@ class TrainerConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps (constant after)")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient-norm clip")
-    seed: int = Field(0, description="seed of sampling and initialisation")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
+    seed: int = Field(0, description="seed of sampling and initialisation (ranks derive theirs from it)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads per process (None: torch's default)")
+    save_every: int = Field(0, ge=0, description="write a checkpoint to OUTPUT_DIR/checkpoints every N steps (0: never)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept (the oldest are deleted)")
+    max_consecutive_skips: int = Field(
+        3, ge=1, description="stop the run after this many consecutive steps with a non-finite loss or grad norm"
+    )
+
+
+class MoEConfig(Section):
+    aux_loss_coef: float = Field(
+        0.0, ge=0, description="router load-balancing loss weight (Switch-style); 0 for RL, as peers found it hurts"
+    )
+    router_float32: bool = Field(False, description="compute router logits and top-k weights in float32")
+    routing_replay: Literal["none", "R2", "R3"] = Field(
+        "none",
+        description="train with recorded experts: R2 = those of the old-logprob forward, R3 = those the sampler used",
+    )
+    metrics: bool = Field(True, description="log per-layer expert load under moe/ each step (MoE models only)")
 
 
 class EvalSet(SourceFields):
@@ -241,6 +258,7 @@ class RunConfig(Section):
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     rewards: RewardsConfig = Field(default_factory=RewardsConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    moe: MoEConfig = Field(default_factory=MoEConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 

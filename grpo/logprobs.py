@@ -14,7 +14,9 @@ full-logits computation (`token_logprobs_plain`, kept as the reference for tests
 
 Works for transformers causal LMs whose forward is `lm_head(decoder(...).last_hidden_state)`
 (Llama, Qwen2/3, Qwen3-MoE, Mistral, ...), and applies Gemma-2-style final logit soft-capping when
-the config asks for it. MoE router logits are not requested here.
+the config asks for it. MoE router logits are not requested here. A wrapped model (DDP, FSDP2,
+DeepSpeed) runs its own forward with `output_hidden_states=True` and one position of logits, so
+the wrapper's hooks see the pass; the head is then applied in chunks as above.
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.
     return logprobs, entropy
 
 
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # older torch: no FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def token_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -62,10 +72,20 @@ def token_logprobs(
     input_ids, attention_mask: [B, S] (right-padded: row b is prompt + completion + padding)
     Returns logprobs [B, S-1] (entry t scores token t+1) and, if asked, entropy [B, S-1].
     """
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask))
-    hidden = out.last_hidden_state[:, :-1, :]  # [B, S-1, H]
+    inner = model.module if hasattr(model, "module") and not hasattr(model, "get_decoder") else model  # DDP, DeepSpeed
+    head = inner.get_output_embeddings()
+    softcap = getattr(inner.config, "final_logit_softcapping", None)
+    positions = _positions(attention_mask)
+    if inner is not model or _is_fsdp(model):
+        # through the wrapper's forward (DDP's gradient bookkeeping, FSDP's unsharding), with logits
+        # for one position only; the last hidden state (after the final norm) is the decoder's
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    output_hidden_states=True, logits_to_keep=1)
+        last = out.hidden_states[-1]  # [B, S, H]
+    else:
+        last = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=positions).last_hidden_state  # [B, S, H]
+    hidden = last[:, :-1, :]  # [B, S-1, H]
     targets = input_ids[:, 1:]  # [B, S-1]
     use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
     logprobs, entropy = [], []

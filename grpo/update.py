@@ -3,15 +3,22 @@
 The normaliser of the loss counts the whole batch, so every micro-batch contributes exactly its
 share and the update does not depend on how the batch is split. With num_iterations > 1 the old
 log-probs are computed once, before the first pass; reference log-probs (beta > 0) likewise.
+Under several processes the normaliser is summed over ranks and divided by the world size (DDP and
+FSDP average gradients), so the averaged gradient is the global-batch gradient.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import torch
 
 from grpo.config import RunConfig
+from grpo.distributed import all_reduce_sum, world_size
 from grpo.logprobs import token_logprobs
 from grpo.loss import objective_from_config
+from grpo.moe import RouterControl, replay_from_rollouts
 from rollout.base import Rollout
 
 
@@ -57,10 +64,14 @@ def _merge(sums: dict[str, float], metrics: dict[str, float], weight: float) -> 
 
 
 def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad_id: int,
-                  device: torch.device, ref_model=None) -> dict[str, float]:
+                  device: torch.device, ref_model=None, moe: RouterControl | None = None) -> dict[str, float]:
     """One or more optimisation passes over the batch, in micro-batches with accumulation.
 
     `ref_model` is the frozen reference policy, needed only when `algorithm.beta > 0`.
+    Under several processes `rollouts` is this rank's share; the normaliser counts the global
+    batch divided by the world size, because DDP/FSDP average gradients over ranks. With `moe`,
+    each forward runs inside a routing scope (replay R2/R3, aux loss, expert-load counts). A
+    non-finite loss or gradient norm skips the optimizer step (`train/skipped` = 1).
     """
     algo, tr = cfg.algorithm, cfg.trainer
     temperature, chunk_tokens = cfg.rollout.temperature, algo.logprob_chunk
@@ -68,10 +79,38 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
     batch = {k: v.to(device) for k, v in collate(rollouts, pad_id, algo.overlong_filter).items()}
     size = len(rollouts)
     chunks = [slice(i, min(i + tr.micro_batch_size, size)) for i in range(0, size, tr.micro_batch_size)]
-    normalizer = normalizer_of(batch["mask"], cfg.rollout.max_new_tokens)
+    # every normaliser is additive over rows (tokens, sequences, sequences x L_max): sum over ranks,
+    # clamp once, divide by the world size (gradients are averaged over ranks)
+    local = normalizer_of(batch["mask"], cfg.rollout.max_new_tokens) if bool(batch["mask"].any()) else 0.0
+    normalizer = max(all_reduce_sum(local), 1.0) / world_size()
     total_tokens = max(batch["mask"].sum().item(), 1.0)
+    moe = moe if moe is not None and moe.is_moe else None
+    replay = None  # [B, S, L, k] experts to impose and [B, S] where they are known
+    if moe is not None and moe.cfg.routing_replay == "R3":
+        replay = replay_from_rollouts(rollouts, batch["input_ids"].shape[1])
+        if replay is None:
+            raise ValueError("moe.routing_replay=R3 needs the rollout engine to record routing")
+        replay = tuple(t.to(device) for t in replay)
 
-    old = frozen_logprobs(model, batch, chunks, temperature, chunk_tokens) if algo.num_iterations > 1 else None
+    def scope(c, **kw):  # routing scope of one micro-batch forward (a no-op for dense models)
+        if moe is None:
+            return contextlib.nullcontext(None)
+        rep = (replay[0][c], replay[1][c]) if replay is not None else (None, None)
+        return moe.scope(batch["attention_mask"][c], *rep, keep_logits=moe.cfg.aux_loss_coef > 0, **kw)
+
+    old = None
+    if algo.num_iterations > 1:  # old log-probs once, before the first pass
+        olds, recorded = [], []
+        with torch.no_grad():
+            for c in chunks:
+                with scope(c, count=False) as sc:
+                    olds.append(token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c], temperature,
+                                               chunk=chunk_tokens)[0])
+                if sc is not None:
+                    recorded.append(sc.used_experts().view(*batch["input_ids"][c].shape, len(moe.routers), -1))
+        old = torch.cat(olds)  # [B, S-1]
+        if moe is not None and moe.cfg.routing_replay == "R2":  # R2: later passes use these experts
+            replay = (torch.cat(recorded), torch.ones_like(batch["attention_mask"], dtype=torch.bool))
     ref = None
     if algo.beta > 0:
         if ref_model is None:
@@ -79,24 +118,37 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
         ref = frozen_logprobs(ref_model, batch, chunks, temperature, chunk_tokens)
 
     sums: dict[str, float] = {}
+    skipped = 0.0
     for _ in range(algo.num_iterations):
         optimizer.zero_grad(set_to_none=True)
         for c in chunks:
             mask = batch["mask"][c]  # [b, S-1]
-            logprobs, entropy = token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c],
-                                               temperature, with_entropy=True, chunk=chunk_tokens)  # [b, S-1] x2
+            with scope(c) as sc:
+                logprobs, entropy = token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c],
+                                                   temperature, with_entropy=True, chunk=chunk_tokens)  # [b, S-1] x2
             old_lp = old[c] if old is not None else logprobs.detach()  # [b, S-1]
             loss, metrics = loss_fn(logprobs, old_lp, batch["advantages"][c], mask, normalizer=normalizer,
                                     sampler_logprobs=batch["sampler_logprobs"][c],
                                     ref_logprobs=ref[c] if ref is not None else None)
+            aux = moe.aux_loss(sc) if sc is not None else None
+            if aux is not None:  # weighted by this micro-batch's share of the rank's tokens
+                share = batch["attention_mask"][c].sum() / batch["attention_mask"].sum()
+                loss = loss + moe.cfg.aux_loss_coef * aux * share
+                metrics["train/moe_aux_loss"] = aux.item()
             loss.backward()
             metrics["train/loss"] = loss.item()
             metrics["train/entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
             _merge(sums, metrics, mask.sum().item() / total_tokens)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.max_grad_norm).item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.max_grad_norm)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP2
+        if not (math.isfinite(grad_norm) and math.isfinite(all_reduce_sum(sums.get("train/loss", 0.0)))):
+            optimizer.zero_grad(set_to_none=True)  # every rank sees the same all-reduced values
+            skipped = 1.0
+            break
         optimizer.step()
     sums = {k: v if k.endswith(("_min", "_max")) else v / algo.num_iterations for k, v in sums.items()}
     sums["train/grad_norm"] = grad_norm
     sums["train/overlong_filtered_frac"] = 1.0 - batch["mask"].sum().item() / max(
         sum(r.num_completion_tokens for r in rollouts), 1)
+    sums["train/skipped"] = skipped
     return sums

@@ -30,6 +30,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra stop ids besides the tokenizer's EOS
     ignore_eos: bool = False  # keep sampling through EOS (benchmarks with fixed lengths)
     seed: int | None = None
+    # One seed per prompt: each completion then draws from its own generator (seeded by its
+    # prompt's seed and its index in the group), so what a prompt samples does not depend on the
+    # other prompts in the batch (1 process and N processes sample the same rollouts).
+    prompt_seeds: tuple[int, ...] = ()
     record_routing: bool = False  # capture the experts each token was routed to (MoE)
 
 

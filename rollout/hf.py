@@ -135,7 +135,10 @@ class HFEngine:
     ) -> list[Rollout]:
         rows = [list(p) for p in prompts for _ in range(n)]
         groups = [i for i in range(len(prompts)) for _ in range(n)]
-        completions, logprobs, reasons, routing = self._decode(rows, sampling)
+        if sampling.prompt_seeds and len(sampling.prompt_seeds) != len(prompts):
+            raise ValueError(f"{len(sampling.prompt_seeds)} prompt seeds for {len(prompts)} prompts")
+        row_seeds = [sampling.prompt_seeds[g] * 1_000_003 + b % n for b, g in enumerate(groups)] if sampling.prompt_seeds else None
+        completions, logprobs, reasons, routing = self._decode(rows, sampling, row_seeds)
         out = []
         for b, (prompt, completion) in enumerate(zip(rows, completions)):
             out.append(
@@ -166,7 +169,7 @@ class HFEngine:
     # -- decoding ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _decode(self, rows: list[list[int]], sampling: SamplingParams):
+    def _decode(self, rows: list[list[int]], sampling: SamplingParams, row_seeds: list[int] | None = None):
         model, device = self.model, self.device
         was_training = model.training
         model.eval()
@@ -175,6 +178,9 @@ class HFEngine:
             generator.manual_seed(sampling.seed)
         else:
             generator.seed()
+        row_generators = None
+        if row_seeds is not None:
+            row_generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
         stopper = _StopChecker(self.tokenizer, sampling)
         batch = len(rows)
         width = max(map(len, rows))
@@ -205,6 +211,11 @@ class HFEngine:
                 lp = sampling_logprobs(logits, sampling)  # [A, V]
                 if sampling.temperature == 0.0:
                     token = lp.argmax(-1, keepdim=True)  # [A, 1]
+                elif row_generators is not None:  # inverse CDF with one uniform per row, from the row's generator
+                    cdf = lp.exp().cumsum(-1)  # [A, V]
+                    u = torch.cat([torch.rand(1, generator=row_generators[b], device=device) for b in alive.tolist()])
+                    token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)  # [A, 1]
+                    token = token.clamp(max=cdf.shape[-1] - 1)
                 else:
                     token = torch.multinomial(lp.exp(), 1, generator=generator)  # [A, 1]
                 token_lp = lp.gather(-1, token).squeeze(-1).tolist()  # [A]

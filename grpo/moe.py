@@ -1,0 +1,212 @@
+"""Mixture-of-Experts stability: routing replay, float32 routers, the load-balancing loss and
+expert-load metrics.
+
+Every MoE family transformers 5 ships with a top-k router module at `...mlp.gate` returning
+`(router_logits, top_k_weights, top_k_indices)` (Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral). One
+forward hook per router does all of the following, so nothing here subclasses a model:
+
+- **Routing replay** (R2/R3, "Stabilizing MoE RL by aligning training and inference routers",
+  2510.11370): the hook replaces the router's top-k indices with recorded ones and recomputes the
+  top-k weights from the router's own probabilities at those indices, renormalised exactly as the
+  family does (`norm_topk_prob`, always for Mixtral). The experts that run are the recorded ones;
+  the router still gets gradients through the recorded experts' weights.
+  - R3 replays what the rollout engine recorded while sampling (`Rollout.routed_experts`).
+  - R2 replays what the old-logprob forward chose (only differs from no replay when
+    `algorithm.num_iterations > 1`: with one pass the old forward *is* the training forward).
+- **Float32 router**: logits, softmax and top-k in float32 even when the model runs in bf16.
+- **Load-balancing loss** (Switch Transformer, 2101.03961): per layer
+  `E * sum_e f_e * P_e` over attended tokens, `f_e` the share of (token, slot) assignments to
+  expert e times top_k and `P_e` the mean router probability; equal to top_k when perfectly
+  balanced, mean over layers. Weighted by `moe.aux_loss_coef` (0 by default: RL peers found it
+  hurts, and replayed routing should not be pushed around by it).
+- **Expert-load metrics** under `moe/`: `moe/layer_{l}/expert_{e}/share` (share of the layer's
+  token slots), `moe/layer_{l}/entropy` (entropy of the shares divided by log E: 1 = balanced),
+  `moe/layer_{l}/max_share`, `moe/layer_{l}/min_share`.
+
+Parallelism (what was checked, what was not): replay hooks act on the router module and so work
+under DDP and FSDP2 (`fully_shard` per decoder layer keeps the router a normal submodule; checked
+on CPU over gloo) and under DeepSpeed ZeRO-3 in principle (parameters are gathered before the
+module's forward, hooks run after; not run here: deepspeed is not installed). transformers'
+expert parallelism (`distributed_config` / `tp_plan` with `"ep"`) replaces the experts module's
+forward with a sharded one that still consumes the router's indices, so replay composes with it
+by construction, but it is untested here (needs several GPUs); FSDP2 + EP together is not
+supported by transformers 5.24 for training, as far as we know, and is refused nowhere: don't.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from grpo.config import MoEConfig
+
+
+def find_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The top-k router of every MoE layer, in layer order (empty for a dense model)."""
+    return [m for name, m in model.named_modules()
+            if name.endswith("mlp.gate") and hasattr(m, "top_k") and hasattr(m, "num_experts") and hasattr(m, "weight")]
+
+
+def _normalises(router: torch.nn.Module) -> bool:
+    # Qwen3-MoE / Qwen2-MoE / OLMoE carry `norm_topk_prob`; Mixtral always renormalises.
+    return getattr(router, "norm_topk_prob", True)
+
+
+@dataclass
+class RoutingScope:
+    """What one forward's routers did: used experts per layer and, for the aux loss, logits."""
+
+    attention_mask: torch.Tensor | None  # [B, S] or None (all tokens count)
+    replay: torch.Tensor | None = None  # [B, S, L, k] long: experts to use
+    replay_valid: torch.Tensor | None = None  # [B, S] bool: positions that have a recording
+    keep_logits: bool = False
+    count: bool = True  # add this forward's routing to the expert-load metrics
+    used: list[torch.Tensor] = field(default_factory=list)  # per layer [T, k]
+    logits: list[torch.Tensor] = field(default_factory=list)  # per layer [T, E] (float32)
+
+    def used_experts(self) -> torch.Tensor:
+        """[T, L, k] experts that ran for every token of the forward (T = B * S)."""
+        return torch.stack(self.used, dim=1)
+
+    def token_mask(self) -> torch.Tensor | None:
+        return None if self.attention_mask is None else self.attention_mask.reshape(-1).bool()  # [T]
+
+
+class RouterControl:
+    """Installs one hook per router; `scope(...)` turns on recording/replay for one forward."""
+
+    def __init__(self, model: torch.nn.Module, cfg: MoEConfig):
+        self.cfg = cfg
+        self.routers = find_routers(model)
+        self.num_experts = self.routers[0].num_experts if self.routers else 0
+        self.top_k = self.routers[0].top_k if self.routers else 0
+        self._layer = {id(r): i for i, r in enumerate(self.routers)}
+        self._scope: RoutingScope | None = None
+        self._handles = [r.register_forward_hook(self._hook) for r in self.routers]
+        self._counts: torch.Tensor | None = None  # [L, E] slots per expert since the last metrics()
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.routers)
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # -- one forward -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def scope(self, attention_mask: torch.Tensor | None = None, replay: torch.Tensor | None = None,
+              replay_valid: torch.Tensor | None = None, keep_logits: bool = False, count: bool = True):
+        """Record (and, with `replay`, impose) the routing of the forwards run inside."""
+        if replay is not None and replay_valid is None:
+            replay_valid = torch.ones(replay.shape[:2], dtype=torch.bool, device=replay.device)
+        self._scope = RoutingScope(attention_mask, replay, replay_valid, keep_logits, count)
+        try:
+            yield self._scope
+        finally:
+            self._scope = None
+
+    def _hook(self, module, args, output):
+        scope = self._scope
+        if scope is None and not self.cfg.router_float32:
+            return None  # leave the model exactly as it is (e.g. the sampler without fp32 routers)
+        hidden = args[0].reshape(-1, module.weight.shape[-1])  # [T, H]
+        logits, weights, indices = output  # [T, E], [T, k], [T, k]
+        if self.cfg.router_float32:
+            logits = F.linear(hidden.float(), module.weight.float())  # [T, E]
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
+        layer = self._layer[id(module)]
+        if scope is not None and scope.replay is not None:
+            recorded = scope.replay[:, :, layer].reshape(-1, indices.shape[-1]).to(indices.device)  # [T, k]
+            valid = scope.replay_valid.reshape(-1, 1).to(indices.device)  # [T, 1]
+            indices = torch.where(valid, recorded.to(indices.dtype), indices)  # [T, k]
+        elif self.cfg.router_float32:
+            indices = torch.topk(probs, indices.shape[-1], dim=-1).indices  # [T, k]
+        if self.cfg.router_float32 or (scope is not None and scope.replay is not None):
+            weights = probs.gather(-1, indices)  # [T, k]
+            if _normalises(module):
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            if not self.cfg.router_float32:
+                weights = weights.to(output[1].dtype)
+        if scope is not None:
+            scope.used.append(indices.detach())
+            if scope.keep_logits:
+                scope.logits.append(logits.float())
+            if scope.count:
+                self._count(layer, indices.detach(), scope.token_mask())
+        return logits, weights, indices
+
+    def _count(self, layer: int, indices: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if not self.cfg.metrics:
+            return
+        if self._counts is None:
+            self._counts = torch.zeros(len(self.routers), self.num_experts, dtype=torch.float64)
+        if mask is not None:
+            indices = indices[mask.to(indices.device)]
+        self._counts[layer] += torch.bincount(indices.reshape(-1).cpu().long(), minlength=self.num_experts).double()
+
+    # -- losses and metrics ----------------------------------------------------------------
+
+    def aux_loss(self, scope: RoutingScope) -> torch.Tensor | None:
+        """Switch load-balancing loss of one scoped forward (needs `keep_logits=True`)."""
+        if not scope.logits:
+            return None
+        mask = scope.token_mask()
+        losses = []
+        for logits, used in zip(scope.logits, scope.used):
+            if mask is not None:
+                keep = mask.to(logits.device)
+                logits, used = logits[keep], used[keep]  # [T', E], [T', k]
+            probs = logits.softmax(-1)  # [T', E]
+            slots = F.one_hot(used, self.num_experts).float().sum(1)  # [T', E] (k ones per token)
+            f = slots.mean(0)  # [E], sums to top_k
+            p = probs.mean(0)  # [E], sums to 1
+            losses.append(self.num_experts * (f * p).sum())
+        return torch.stack(losses).mean()
+
+    def take_counts(self) -> torch.Tensor | None:
+        """[L, E] expert slot counts since the last call (this process only), then reset."""
+        counts, self._counts = self._counts, None
+        return counts
+
+
+def load_metrics(counts: torch.Tensor) -> dict[str, float]:
+    """Expert-load metrics from [L, E] slot counts (summed over processes by the caller)."""
+    metrics: dict[str, float] = {}
+    num_experts = counts.shape[1]
+    for layer, row in enumerate(counts):
+        share = row / row.sum().clamp(min=1)  # [E]
+        nz = share[share > 0]
+        entropy = -(nz * nz.log()).sum().item() / math.log(num_experts) if num_experts > 1 else 1.0
+        for e in range(num_experts):
+            metrics[f"moe/layer_{layer}/expert_{e}/share"] = share[e].item()
+        metrics[f"moe/layer_{layer}/entropy"] = entropy
+        metrics[f"moe/layer_{layer}/max_share"] = share.max().item()
+        metrics[f"moe/layer_{layer}/min_share"] = share.min().item()
+    return metrics
+
+
+def replay_from_rollouts(rollouts, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """R3 tensors for a right-padded batch of `width` positions: ([B, S, L, k] experts, [B, S] valid).
+
+    A rollout records prompt + completion - 1 positions (the last token is never fed back); the
+    positions without a recording (that last token, padding) keep the trainer's own routing,
+    which only affects logits no log-probability reads.
+    """
+    records = [r.routed_experts for r in rollouts]
+    if any(rec is None for rec in records):
+        return None
+    _, layers, k = records[0].shape
+    experts = torch.zeros((len(records), width, layers, k), dtype=torch.long)
+    valid = torch.zeros((len(records), width), dtype=torch.bool)
+    for b, rec in enumerate(records):
+        n = min(rec.shape[0], width)
+        experts[b, :n] = rec[:n].long()
+        valid[b, :n] = True
+    return experts, valid

@@ -1,0 +1,200 @@
+"""Checkpoints and resume (the real CLI on the embedded default, a few short steps), failed
+checkpoint writes, and non-finite steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_cli
+
+SHORT = ["trainer.threads=1", "trainer.prompts_per_step=4", "rollout.group_size=4", "eval.before_and_after=false",
+         "logging.progress=false", "rewards.workers=0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_base():
+    from grpo.tiny import ensure_tiny_base
+
+    return ensure_tiny_base("tiny-arith-moe", progress=False)
+
+
+def final_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "final" / "model.safetensors")
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_base):
+    """SIGKILL at a random moment after the first checkpoint, `--resume auto`, same final bits."""
+    args = ["train", "recipes/tiny-cpu.yaml", "trainer.steps=10", "trainer.save_every=2", *SHORT]
+    reference = tmp_path / "uninterrupted"
+    result = run_cli(*args, "--output-dir", str(reference))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for attempt in range(3):  # the kill must land before the run ends; retry with a shorter delay if not
+        proc = subprocess.Popen([sys.executable, "-m", "grpo", *args, "--output-dir", str(run), "--resume", "auto"],
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while not any(run.glob("checkpoints/step-*/state.json")):
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.0, 1.5 / (attempt + 1)))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.returncode == -signal.SIGKILL and not (run / "final").exists():
+            break
+    else:
+        pytest.skip("the run always finished before the kill landed")
+    killed_at = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    print("checkpoints when killed:", killed_at)
+
+    result = run_cli(*args, "--output-dir", str(run), "--resume", "auto")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from"] is not None
+    a, b = final_weights(reference), final_weights(run)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))  # the rows the killed run logged after its checkpoint were dropped
+
+
+def test_output_dir_refusal_allows_resume(tmp_path, tiny_base):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "something").write_text("x")
+    result = run_cli("train", "recipes/tiny-cpu.yaml", "trainer.steps=1", *SHORT, "--output-dir", str(out))
+    assert result.returncode == 2 and "not empty" in result.stderr
+    result = run_cli("train", "recipes/tiny-cpu.yaml", "--resume", "auto")
+    assert result.returncode == 2 and "--resume auto needs --output-dir" in result.stderr
+
+
+def _tiny_model_and_friends():
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from grpo.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                         num_experts=4, num_experts_per_tok=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return model, tok, opt, sched
+
+
+def test_checkpoint_write_failing_half_way_keeps_the_previous_one(tmp_path, monkeypatch):
+    """The second save dies after the model files are written (an OSError, as from a read-only or
+    full disk; chmod cannot make a directory read-only for root, so the error is injected). The
+    first checkpoint stays the latest and loads; no partial directory is left behind."""
+    from transformers import AutoModelForCausalLM
+
+    from grpo import checkpoint
+
+    model, tok, opt, sched = _tiny_model_and_friends()
+    first = checkpoint.save(tmp_path, checkpoint.TrainState(step=1, sampler_position=4), model=model, unwrapped=model,
+                            tokenizer=tok, optimizer=opt, scheduler=sched, keep_last=2, is_main=True)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    real_save = torch.save
+
+    def failing_save(obj, path, *a, **k):
+        if str(path).endswith("scheduler.pt"):
+            raise OSError(30, "Read-only file system")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="Read-only"):
+        checkpoint.save(tmp_path, checkpoint.TrainState(step=2), model=model, unwrapped=model, tokenizer=tok,
+                        optimizer=opt, scheduler=sched, keep_last=2, is_main=True)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert checkpoint.latest(tmp_path) == first
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001"]
+    assert checkpoint.load_state(first).sampler_position == 4
+    AutoModelForCausalLM.from_pretrained(first / "model")
+    fresh_model, _, fresh_opt, fresh_sched = _tiny_model_and_friends()
+    checkpoint.restore(first, model=fresh_model, optimizer=fresh_opt, scheduler=fresh_sched, rank=0)
+
+    # a write killed mid-way (SIGKILL) leaves a hidden temporary directory: ignored
+    partial = tmp_path / "checkpoints" / ".tmp-step-000003-abc"
+    (partial / "model").mkdir(parents=True)
+    assert checkpoint.latest(tmp_path) == first
+
+
+def test_keeps_only_the_last_n(tmp_path):
+    from grpo import checkpoint
+
+    model, tok, opt, sched = _tiny_model_and_friends()
+    for step in (2, 4, 6):
+        checkpoint.save(tmp_path, checkpoint.TrainState(step=step), model=model, unwrapped=model, tokenizer=tok,
+                        optimizer=opt, scheduler=sched, keep_last=2, is_main=True)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+
+
+# --- non-finite steps ---------------------------------------------------------------------------
+
+NAN_DRIVER = """
+import sys
+import grpo.train as t
+from dataclasses import replace
+real = t.score_rollouts
+calls = {"n": 0}
+bad_steps = {int(s) for s in sys.argv[1].split(",")}
+def nan_scores(*args, **kwargs):  # injected fault: the rewards (hence advantages and loss) of some steps are NaN
+    calls["n"] += 1
+    rollouts, metrics = real(*args, **kwargs)
+    if calls["n"] in bad_steps:
+        rollouts = [replace(r, reward=float("nan")) for r in rollouts]
+    return rollouts, metrics
+t.score_rollouts = nan_scores
+from grpo.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def run_with_nan(bad_steps: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", NAN_DRIVER, bad_steps, *args], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path, tiny_base):
+    out = tmp_path / "run"
+    result = run_with_nan("2", "train", "recipes/tiny-cpu.yaml", "trainer.steps=3", "trainer.save_every=1",
+                          "trainer.keep_checkpoints=5", *SHORT, "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/skipped_steps"] for r in rows] == [0, 1, 1]
+    from safetensors.torch import load_file
+
+    w1 = load_file(out / "checkpoints/step-000001/model/model.safetensors")
+    w2 = load_file(out / "checkpoints/step-000002/model/model.safetensors")
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)  # the skipped step left the weights alone
+    assert all(torch.isfinite(v).all() for v in w2.values())
+
+
+def test_k_consecutive_non_finite_steps_stop_the_run(tmp_path, tiny_base):
+    out = tmp_path / "run"
+    result = run_with_nan("2,3,4,5,6", "train", "recipes/tiny-cpu.yaml", "trainer.steps=8",
+                          "trainer.max_consecutive_skips=2", *SHORT, "--output-dir", str(out))
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "2 consecutive steps had a non-finite loss or gradient norm" in result.stderr
+    assert "trainer.max_consecutive_skips=2" in result.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["train/skipped_steps"] == 2
+    assert not (out / "final").exists()
