@@ -220,16 +220,14 @@ class _GenericStepper:
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as transformers' Qwen3 computes it (float32 statistics, cast back, then weight)."""
+    """RMSNorm over the last dimension as transformers' Qwen3 computes it (float32 statistics,
+    cast back, then weight). `weight` is [D] or broadcastable to x ([heads, D] for per-head norms)."""
     if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
+        if weight.dim() == 1:
+            return F.rms_norm(x, weight.shape, weight, eps)
+        return F.rms_norm(x, x.shape[-1:], None, eps) * weight
     xf = x.float()
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class _FastQwen3Stepper:
@@ -239,7 +237,12 @@ class _FastQwen3Stepper:
     rotary embedding -> write k/v into a preallocated [A, kv_heads, W+N, head_dim] buffer ->
     scaled-dot-product attention over the valid positions (GQA) -> output projection -> residual
     -> RMSNorm -> MoE (router softmax, top-k, optional renormalisation; experts) or dense MLP ->
-    residual. The same operations, in the same order, as the transformers modules.
+    residual: the operations of the transformers modules, in their order.
+
+    To keep the number of kernel launches per step low, a few weights are laid out once per
+    `generate` call (fused q/k/v rows; router rows stacked on the experts' gate/up rows; the
+    experts' down projections side by side), so a dense-experts MoE block is two matmuls. These
+    are copies made at the start of each call, so they always reflect the current weights.
     """
 
     SUPPORTED = ("qwen3_moe", "qwen3")
@@ -257,12 +260,13 @@ class _FastQwen3Stepper:
             attn = getattr(layer, "self_attn", None)
             if attn is None or getattr(attn, "sliding_window", None) or not hasattr(attn, "q_norm"):
                 return False
-            if getattr(attn.q_proj, "bias", None) is not None or getattr(attn.o_proj, "bias", None) is not None:
+            if any(getattr(getattr(attn, n), "bias", None) is not None for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
                 return False
             mlp = layer.mlp
             moe = hasattr(mlp, "experts") and hasattr(mlp, "gate")
             if moe and (getattr(mlp.experts, "gate_up_proj", None) is None or getattr(mlp.experts, "has_bias", False)
-                        or getattr(mlp.experts, "is_transposed", False)):
+                        or getattr(mlp.experts, "is_transposed", False)
+                        or not getattr(mlp.experts, "is_concatenated", True)):
                 return False
             if not moe and not hasattr(mlp, "gate_proj"):
                 return False
@@ -273,21 +277,31 @@ class _FastQwen3Stepper:
         self.model, self.record = model, record
         self.dense_experts_max_rows = dense_experts_max_rows
         inner = model.model
-        self.layers = list(inner.layers)
-        self.eps = model.config.rms_norm_eps
+        cfg = model.config
+        self.eps = cfg.rms_norm_eps
         batch, width = attention.shape
         self.width, self.steps = width, 0
-        first = self.layers[0].self_attn
-        self.head_dim = first.head_dim
+        first = inner.layers[0].self_attn
+        self.head_dim = hd = first.head_dim
         self.scaling = first.scaling
-        dtype = next(model.parameters()).dtype
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
         device = attention.device
+        self.embed = inner.embed_tokens.weight
+        self.final_norm = inner.norm.weight
+        self.lm_head = model.lm_head.weight
+        self.layers = [self._plan(layer) for layer in inner.layers]
         # Rotary table for every position any row can reach; rows index it by their own position.
         table_pos = torch.arange(width + max_new, device=device)[None]  # [1, W+N]
-        probe = torch.empty(1, dtype=dtype, device=device)
-        cos, sin = inner.rotary_emb(probe, table_pos)  # [1, W+N, hd] each
+        cos, sin = inner.rotary_emb(self.embed[:1], table_pos)  # [1, W+N, hd] each
         self.cos, self.sin = cos[0], sin[0]  # [W+N, hd]
         self.next_pos = positions[:, -1] + 1  # [B]
+        # rotate_half(x) == x @ rot: [-x2, x1] as one small matmul
+        half = hd // 2
+        rot = torch.zeros(hd, hd, dtype=self.embed.dtype, device=device)
+        rot[half:, :half] = -torch.eye(half, dtype=rot.dtype, device=device)
+        rot[:half, half:] = torch.eye(half, dtype=rot.dtype, device=device)
+        self.rot = rot
         # Static KV buffers, prompt part copied from the prefill cache.
         self.keys, self.values = [], []
         for i in range(len(self.layers)):
@@ -301,67 +315,90 @@ class _FastQwen3Stepper:
         self.valid = torch.zeros(batch, width + max_new, dtype=torch.bool, device=device)  # [B, W+N]
         self.valid[:, :width] = attention.bool()
 
+    def _plan(self, layer) -> dict:
+        attn, mlp = layer.self_attn, layer.mlp
+        plan = {
+            "ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
+            "qkv": torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),  # [(h+2kvh)*hd, H]
+            "qk_norm": torch.cat([attn.q_norm.weight.expand(self.heads, -1),
+                                  attn.k_norm.weight.expand(self.kv_heads, -1)]),  # [h+kvh, hd]
+            "o": attn.o_proj.weight,
+        }
+        if hasattr(mlp, "experts"):
+            experts, gate = mlp.experts, mlp.gate
+            num, inter2, hidden = experts.gate_up_proj.shape
+            plan.update(
+                moe=mlp, top_k=gate.top_k, norm_topk=gate.norm_topk_prob, num_experts=num,
+                # router rows first, then every expert's [gate; up] rows: [E + E*2I, H]
+                router_gate_up=torch.cat([gate.weight, experts.gate_up_proj.reshape(num * inter2, hidden)]),
+                # every expert's down projection side by side: [H, E*I]
+                down=experts.down_proj.permute(1, 0, 2).reshape(hidden, -1),
+            )
+        else:
+            plan["mlp"] = mlp
+        return plan
+
     def select(self, keep: torch.Tensor) -> None:
         self.keys = [k[keep] for k in self.keys]
         self.values = [v[keep] for v in self.values]
         self.valid, self.next_pos = self.valid[keep], self.next_pos[keep]
 
-    def _attention(self, i: int, attn, x: torch.Tensor, cos, sin, slot: int) -> torch.Tensor:
-        rows = x.shape[0]
-        hd = self.head_dim
-        q = _rms_norm(F.linear(x, attn.q_proj.weight).view(rows, -1, 1, hd), attn.q_norm.weight, self.eps)  # [A, h, 1, hd]
-        k = _rms_norm(F.linear(x, attn.k_proj.weight).view(rows, -1, 1, hd), attn.k_norm.weight, self.eps)  # [A, kvh, 1, hd]
-        v = F.linear(x, attn.v_proj.weight).view(rows, -1, 1, hd)  # [A, kvh, 1, hd]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        self.keys[i][:, :, slot : slot + 1] = k
-        self.values[i][:, :, slot : slot + 1] = v
-        span = slot + 1
-        mask = self.valid[:, None, None, :span]  # [A, 1, 1, span]
-        out = F.scaled_dot_product_attention(q, self.keys[i][:, :, :span], self.values[i][:, :, :span],
-                                             attn_mask=mask, scale=self.scaling, enable_gqa=True)  # [A, h, 1, hd]
-        return F.linear(out.reshape(rows, -1), attn.o_proj.weight)  # [A, H]
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(x, weight, self.eps)
 
-    def _moe(self, mlp, x: torch.Tensor):
-        gate, experts = mlp.gate, mlp.experts
-        router_logits = F.linear(x, gate.weight)  # [A, E]
+    def _attention(self, i: int, p: dict, x: torch.Tensor, cos, sin, slot: int) -> torch.Tensor:
+        rows, h, kvh = x.shape[0], self.heads, self.kv_heads
+        qkv = F.linear(x, p["qkv"]).view(rows, h + 2 * kvh, self.head_dim)  # [A, h+2kvh, hd]
+        qk = self._norm(qkv[:, : h + kvh], p["qk_norm"])  # [A, h+kvh, hd]
+        qk = qk * cos + torch.matmul(qk, self.rot) * sin  # rotary embedding
+        q = qk[:, :h].unsqueeze(2)  # [A, h, 1, hd]
+        self.keys[i][:, :, slot] = qk[:, h:]
+        self.values[i][:, :, slot] = qkv[:, h + kvh :]
+        span = slot + 1
+        out = F.scaled_dot_product_attention(q, self.keys[i][:, :, :span], self.values[i][:, :, :span],
+                                             attn_mask=self.valid[:, None, None, :span], scale=self.scaling,
+                                             enable_gqa=True)  # [A, h, 1, hd]
+        return F.linear(out.reshape(rows, -1), p["o"])  # [A, H]
+
+    def _moe(self, p: dict, x: torch.Tensor):
+        rows, num = x.shape[0], p["num_experts"]
+        if rows > self.dense_experts_max_rows:  # sparse: the model's own experts kernel
+            router_logits = F.linear(x, p["router_gate_up"][:num])  # [A, E]
+        else:
+            fused = F.linear(x, p["router_gate_up"])  # [A, E + E*2I]
+            router_logits = fused[:, :num]  # [A, E]
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float)  # [A, E]
-        top_w, top_i = torch.topk(probs, gate.top_k, dim=-1)  # [A, k]
-        if gate.norm_topk_prob:
+        top_w, top_i = torch.topk(probs, p["top_k"], dim=-1)  # [A, k]
+        if p["norm_topk"]:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         top_w = top_w.to(x.dtype)
-        if x.shape[0] > self.dense_experts_max_rows:
-            return experts(x, top_i, top_w), top_i
-        weights = torch.zeros_like(router_logits).scatter_(1, top_i, top_w)  # [A, E]
-        gate_up = torch.matmul(x, experts.gate_up_proj.transpose(1, 2))  # [E, A, 2I]
-        g, u = gate_up.chunk(2, dim=-1)  # [E, A, I] each
-        down = torch.matmul(F.silu(g) * u, experts.down_proj.transpose(1, 2))  # [E, A, H]
-        return (down * weights.t().unsqueeze(-1)).sum(0), top_i  # [A, H], [A, k]
-
-    @staticmethod
-    def _mlp(mlp, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight), mlp.down_proj.weight)
+        if rows > self.dense_experts_max_rows:
+            return p["moe"].experts(x, top_i, top_w), top_i
+        weights = torch.zeros_like(router_logits).scatter_(1, top_i, top_w)  # [A, E], 0 off the top-k
+        gate_up = fused[:, num:].view(rows, num, -1)  # [A, E, 2I]
+        g, u = gate_up.chunk(2, dim=-1)  # [A, E, I] each
+        act = F.silu(g) * u * weights.unsqueeze(-1)  # [A, E, I]
+        return F.linear(act.reshape(rows, -1), p["down"]), top_i  # [A, H], [A, k]
 
     def step(self, token: torch.Tensor):
         """token: [A]. Returns logits [A, V] and routes [A, L, k] (int16) or None."""
         slot = self.width + self.steps
         self.steps += 1
         self.valid[:, slot] = True
-        cos = self.cos[self.next_pos][:, None, None, :]  # [A, 1, 1, hd]
-        sin = self.sin[self.next_pos][:, None, None, :]
-        h = F.embedding(token, self.model.model.embed_tokens.weight)  # [A, H]
+        cos = self.cos[self.next_pos][:, None, :]  # [A, 1, hd]
+        sin = self.sin[self.next_pos][:, None, :]
+        h = F.embedding(token, self.embed)  # [A, H]
         routes = []
-        for i, layer in enumerate(self.layers):
-            h = h + self._attention(i, layer.self_attn, _rms_norm(h, layer.input_layernorm.weight, self.eps), cos, sin, slot)
-            x = _rms_norm(h, layer.post_attention_layernorm.weight, self.eps)
-            if hasattr(layer.mlp, "experts"):
-                y, top_i = self._moe(layer.mlp, x)
+        for i, p in enumerate(self.layers):
+            h = h + self._attention(i, p, self._norm(h, p["ln1"]), cos, sin, slot)
+            x = self._norm(h, p["ln2"])
+            if "moe" in p:
+                y, top_i = self._moe(p, x)
                 routes.append(top_i)
             else:
-                y = self._mlp(layer.mlp, x)
+                y = p["mlp"](x)
             h = h + y
-        h = _rms_norm(h, self.model.model.norm.weight, self.eps)
-        logits = F.linear(h, self.model.lm_head.weight)  # [A, V]
+        logits = F.linear(self._norm(h, self.final_norm), self.lm_head)  # [A, V]
         self.next_pos = self.next_pos + 1
         recorded = torch.stack(routes, dim=1).to(torch.int16) if self.record and routes else None  # [A, L, k]
         return logits, recorded
