@@ -36,7 +36,7 @@ from grpo.tracking import make_tracker
 from grpo.update import policy_update
 from rewards import RewardSpec, Scorer
 from rollout.base import Rollout, SamplingParams
-from rollout.hf import HFEngine
+from rollout import make_engine
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ def train(cfg: RunConfig, output_dir: str | Path) -> dict:
     model, tokenizer = load_policy(cfg, device)
     # a frozen copy of the initial policy, only when the KL term needs it
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.algorithm.beta > 0 else None
-    engine = HFEngine(model, tokenizer, device)
+    engine = make_engine(cfg, model, tokenizer, device)
     train_rows, eval_rows = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)
     eval_sets = load_eval_sets(cfg, eval_rows)
     prompts_sampler = PromptSampler(train_rows, seed=cfg.data.seed)
