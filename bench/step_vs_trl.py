@@ -25,8 +25,9 @@ Fairness notes for TRL's side (each choice makes TRL's side faster or equal, nev
 - no vLLM; generation by transformers' `model.generate` as TRL does it on CPU;
 - gradient checkpointing off (TRL's GRPOConfig default is on, which FACTS.md measured ~10% slower
   on this model);
-- `router_aux_loss_coef=0`: TRL would otherwise add the MoE load-balancing loss (and compute
-  router logits for it); grpo-zero's RL update has no aux loss by default, so neither side does;
+- `router_aux_loss_coef=0`: TRL would otherwise add the MoE load-balancing loss; grpo-zero's RL
+  update has no aux loss by default, so neither side does. TRL's model copy has router logits off,
+  since transformers 5.24's `generate` fails with them on (see `run`); ours keeps them on;
 - TRL's model uses the experts kernel given by `--trl-experts` (default: transformers' own default
   for the device); ours uses `eager` for training as `grpo.train.load_policy` does on CPU and the
   engine's fast decode path for generation.
@@ -145,6 +146,11 @@ def run(size: str, steps: int, warmup: int, trl_experts: str | None) -> dict:
 
     trl_tokenizer = build_char_tokenizer()
     trl_model = build_model(hidden, layers, trl_tokenizer, trl_experts)
+    # transformers 5.24's `generate` fails on Qwen3-MoE with router logits on (the load-balancing
+    # loss meets a decode step's full-length attention mask), and with `router_aux_loss_coef=0`
+    # TRL never reads them: switch them off on TRL's copy only (ours keeps them on in training
+    # forwards, computing an aux loss it does not use: extra work on our side only).
+    trl_model.config.output_router_logits = False
     scorer = Scorer([RewardSpec("math_answer", 1.0), RewardSpec("format", 0.5)], workers=0)
 
     def reward(prompts, completions, answer, **kwargs):  # the same scorer, the same example fields
