@@ -83,31 +83,51 @@ def prompt_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 class OurStep:
-    """One step of grpo-zero's loop, made of the functions `grpo.train.train` calls."""
+    """One step of grpo-zero's loop, made of the functions `grpo.train.train` calls.
 
-    def __init__(self, hidden: int, layers: int):
+    Also used by bench/gpu_check.sh (CUDA, bf16, either engine): `device`, `dtype`, `engine`,
+    `checkpoint` (a saved model directory, needed by vLLM) and the batch shape are parameters.
+    """
+
+    def __init__(self, hidden: int, layers: int, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 engine: str = "hf", checkpoint: str | None = None, prompts_per_step: int = PROMPTS_PER_STEP,
+                 group: int = GROUP, new_tokens: int = NEW_TOKENS, vllm: dict | None = None):
         from grpo.config import RunConfig
         from grpo.data import PromptSampler
         from grpo.tiny import build_char_tokenizer
         from rewards import RewardSpec, Scorer
         from rollout import make_engine
 
+        self.device = torch.device(device)
+        self.prompts_per_step, self.group, self.new_tokens = prompts_per_step, group, new_tokens
         self.tokenizer = build_char_tokenizer()
-        self.model = build_model(hidden, layers, self.tokenizer, "eager")
+        experts = "eager" if self.device.type == "cpu" else None  # as grpo.train.load_policy picks
+        if checkpoint:
+            from transformers import AutoModelForCausalLM
+
+            kwargs = {"experts_implementation": experts} if experts else {}
+            self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, **kwargs)
+        else:
+            self.model = build_model(hidden, layers, self.tokenizer, experts).to(dtype)
+        self.model.to(self.device)
         self.cfg = RunConfig.model_validate({
-            "rollout": {"group_size": GROUP, "max_new_tokens": NEW_TOKENS, "temperature": 1.0, "top_p": 1.0,
-                        "top_k": 0, "stop": []},
+            "rollout": {"engine": engine, "group_size": group, "max_new_tokens": new_tokens, "temperature": 1.0,
+                        "top_p": 1.0, "top_k": 0, "stop": [], "vllm": vllm or {}},
             "algorithm": {"advantage_scale": "group", "clip_low": 0.2, "clip_high": 0.2, "loss_agg": "token_mean",
                           "num_iterations": 1},
-            "trainer": {"prompts_per_step": PROMPTS_PER_STEP, "micro_batch_size": 64, "lr": LR,
+            "trainer": {"prompts_per_step": prompts_per_step, "micro_batch_size": 64, "lr": LR,
                         "max_grad_norm": 1.0, "weight_decay": 0.0},
         })
-        self.device = torch.device("cpu")
         self.engine = make_engine(self.cfg, self.model, self.tokenizer, self.device)
         self.scorer = Scorer([RewardSpec("math_answer", 1.0), RewardSpec("format", 0.5)], workers=0)
         self.sampler = PromptSampler(prompt_rows(512), seed=0)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=0.0)
         self.step_index = 0
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def __call__(self) -> dict[str, float]:
         from grpo.train import encode_prompts, score_rollouts, with_advantages
@@ -115,21 +135,28 @@ class OurStep:
         from rollout.base import SamplingParams
 
         self.step_index += 1
-        t0 = time.perf_counter()
-        rows = self.sampler.next_batch(PROMPTS_PER_STEP)
+        t0 = self._sync()
+        rows = self.sampler.next_batch(self.prompts_per_step)
         prompts, prompt_ids = encode_prompts(self.tokenizer, self.cfg.data.template, rows)
-        sampling = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, ignore_eos=True, seed=self.step_index)
-        rollouts = self.engine.generate(prompt_ids, GROUP, sampling)
-        t1 = time.perf_counter()
-        rollouts, _ = score_rollouts(self.scorer, rollouts, rows, prompts, NEW_TOKENS)
-        rollouts, _ = with_advantages(rollouts, GROUP, self.cfg.algorithm.advantage_scale)
-        t2 = time.perf_counter()
+        sampling = SamplingParams(max_new_tokens=self.new_tokens, temperature=1.0, ignore_eos=True,
+                                  seed=self.step_index)
+        rollouts = self.engine.generate(prompt_ids, self.group, sampling)
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()
+        t1 = self._sync()
+        rollouts, _ = score_rollouts(self.scorer, rollouts, rows, prompts, self.new_tokens)
+        rollouts, _ = with_advantages(rollouts, self.group, self.cfg.algorithm.advantage_scale)
+        t2 = self._sync()
         policy_update(self.model, self.optimizer, rollouts, self.cfg, self.tokenizer.pad_token_id, self.device)
-        t3 = time.perf_counter()
+        t3 = self._sync()
+        if hasattr(self.engine, "wake"):
+            self.engine.wake()
         self.engine.update_weights(self.model.named_parameters())
-        t4 = time.perf_counter()
-        assert all(len(r.completion_ids) == NEW_TOKENS for r in rollouts)
-        return {"step": t4 - t0, "generate": t1 - t0, "score": t2 - t1, "train": t3 - t2, "sync": t4 - t3}
+        t4 = self._sync()
+        assert all(len(r.completion_ids) == self.new_tokens for r in rollouts)
+        tokens = sum(len(r.completion_ids) for r in rollouts)
+        return {"step": t4 - t0, "generate": t1 - t0, "score": t2 - t1, "train": t3 - t2, "sync": t4 - t3,
+                "tokens_per_s": tokens / max(t1 - t0, 1e-9)}
 
 
 def run(size: str, steps: int, warmup: int, trl_experts: str | None) -> dict:
