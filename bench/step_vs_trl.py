@@ -44,6 +44,7 @@ average (other processes on a shared machine inflate both sides).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -214,7 +215,8 @@ def run(size: str, steps: int, warmup: int, trl_experts: str | None) -> dict:
 
     trainer = GRPOTrainer(model=trl_model, reward_funcs=reward, args=args, train_dataset=data,
                           processing_class=trl_tokenizer, callbacks=[Alternate()])
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # TRL prints its final metrics; stdout is one JSON line
+        trainer.train()
     med = {k: statistics.median(v[warmup:]) for k, v in times.items()}
     return {
         "bench": "step_vs_trl", "size": size, "hidden": hidden, "layers": layers,
