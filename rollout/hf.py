@@ -246,6 +246,7 @@ class _FastQwen3Stepper:
     """
 
     SUPPORTED = ("qwen3_moe", "qwen3")
+    DENSE_EXPERTS_MAX_PARAMS = 16 * 2**20  # per MoE layer; above it, no dense path and no weight copies
 
     @classmethod
     def supports(cls, model) -> bool:
@@ -327,13 +328,18 @@ class _FastQwen3Stepper:
         if hasattr(mlp, "experts"):
             experts, gate = mlp.experts, mlp.gate
             num, inter2, hidden = experts.gate_up_proj.shape
-            plan.update(
-                moe=mlp, top_k=gate.top_k, norm_topk=gate.norm_topk_prob, num_experts=num,
-                # router rows first, then every expert's [gate; up] rows: [E + E*2I, H]
-                router_gate_up=torch.cat([gate.weight, experts.gate_up_proj.reshape(num * inter2, hidden)]),
-                # every expert's down projection side by side: [H, E*I]
-                down=experts.down_proj.permute(1, 0, 2).reshape(hidden, -1),
-            )
+            plan.update(moe=mlp, top_k=gate.top_k, norm_topk=gate.norm_topk_prob, num_experts=num,
+                        router_gate_up=gate.weight, dense=False)
+            # Dense evaluation (and its per-call weight copies) only for small expert tensors; large
+            # MoE layers always go through the model's own (sparse) experts kernel.
+            if experts.gate_up_proj.numel() + experts.down_proj.numel() <= self.DENSE_EXPERTS_MAX_PARAMS:
+                plan.update(
+                    dense=True,
+                    # router rows first, then every expert's [gate; up] rows: [E + E*2I, H]
+                    router_gate_up=torch.cat([gate.weight, experts.gate_up_proj.reshape(num * inter2, hidden)]),
+                    # every expert's down projection side by side: [H, E*I]
+                    down=experts.down_proj.permute(1, 0, 2).reshape(hidden, -1),
+                )
         else:
             plan["mlp"] = mlp
         return plan
@@ -362,7 +368,8 @@ class _FastQwen3Stepper:
 
     def _moe(self, p: dict, x: torch.Tensor):
         rows, num = x.shape[0], p["num_experts"]
-        if rows > self.dense_experts_max_rows:  # sparse: the model's own experts kernel
+        sparse = not p["dense"] or rows > self.dense_experts_max_rows
+        if sparse:  # the model's own experts kernel
             router_logits = F.linear(x, p["router_gate_up"][:num])  # [A, E]
         else:
             fused = F.linear(x, p["router_gate_up"])  # [A, E + E*2I]
@@ -372,7 +379,7 @@ class _FastQwen3Stepper:
         if p["norm_topk"]:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)
         top_w = top_w.to(x.dtype)
-        if rows > self.dense_experts_max_rows:
+        if sparse:
             return p["moe"].experts(x, top_i, top_w), top_i
         weights = torch.zeros_like(router_logits).scatter_(1, top_i, top_w)  # [A, E], 0 off the top-k
         gate_up = fused[:, num:].view(rows, num, -1)  # [A, E, 2I]

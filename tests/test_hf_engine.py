@@ -187,10 +187,11 @@ def test_seeds_reproduce(moe, tokenizer, prompts, fast):
     assert [r.completion_ids for r in a] != [r.completion_ids for r in c]
 
 
-def test_fast_and_generic_paths_agree(moe, tokenizer, prompts):
+@pytest.mark.parametrize("dense_rows", [64, 0], ids=["dense-experts", "sparse-experts"])
+def test_fast_and_generic_paths_agree(moe, tokenizer, prompts, dense_rows):
     stop = stop_id_for(HFEngine(moe, tokenizer), prompts, 3, max_new_tokens=16, seed=11)
     s = SamplingParams(max_new_tokens=16, seed=11, stop_token_ids=(stop,), record_routing=True)
-    fast = HFEngine(moe, tokenizer, fast_decode=True).generate(prompts, 3, s)
+    fast = HFEngine(moe, tokenizer, fast_decode=True, dense_experts_max_rows=dense_rows).generate(prompts, 3, s)
     assert any(r.finish_reason == "stop" for r in fast)
     generic = HFEngine(moe, tokenizer, fast_decode=False).generate(prompts, 3, s)
     for a, b in zip(fast, generic):
