@@ -13,8 +13,9 @@ calling `model.generate`, because on small models per-token framework overhead d
     records, hooks, cache-object bookkeeping, dynamic KV concatenation). At decode batch sizes the
     MoE block evaluates every expert densely and weights the outputs with the router's top-k
     weights (exact: unselected experts get weight 0), which at a few dozen rows is cheaper than
-    any sparse dispatch; above `dense_experts_max_rows` rows it calls the model's own experts
-    module (whatever `experts_implementation` is set);
+    any sparse dispatch; above `dense_experts_max_rows` rows, or for MoE layers larger than
+    `_FastQwen3Stepper.DENSE_EXPERTS_MAX_PARAMS`, it calls the model's own experts module
+    (whatever `experts_implementation` is set);
   * `_GenericStepper` for everything else: the model's forward with a transformers cache and a
     preallocated attention mask.
 - finished rows are dropped from the batch (and the cache); bookkeeping is tensor-side, with one
