@@ -138,7 +138,7 @@ class OurStep:
         self.step_index += 1
         t0 = self._sync()
         rows = self.sampler.next_batch(self.prompts_per_step)
-        prompts, prompt_ids = encode_prompts(self.tokenizer, self.cfg.data.template, rows)
+        prompts, prompt_ids = encode_prompts(self.tokenizer, self.cfg.data, rows)
         sampling = SamplingParams(max_new_tokens=self.new_tokens, temperature=1.0, ignore_eos=True,
                                   seed=self.step_index)
         rollouts = self.engine.generate(prompt_ids, self.group, sampling)
@@ -146,7 +146,7 @@ class OurStep:
             self.engine.sleep()
         t1 = self._sync()
         rollouts, _ = score_rollouts(self.scorer, rollouts, rows, prompts, self.new_tokens)
-        rollouts, _ = with_advantages(rollouts, self.group, self.cfg.algorithm.advantage_scale)
+        rollouts, _ = with_advantages(rollouts, self.cfg)
         t2 = self._sync()
         policy_update(self.model, self.optimizer, rollouts, self.cfg, self.tokenizer.pad_token_id, self.device)
         t3 = self._sync()
