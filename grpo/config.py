@@ -91,8 +91,37 @@ class DataConfig(SourceFields):
     seed: int = Field(0, description="seed of the train/held-out split and of prompt shuffling")
 
 
+class HFEngineOptions(Section):
+    fast_decode: bool = Field(
+        True, description="hand-written decode step for Qwen3/Qwen3-MoE (other models always use their own forward)"
+    )
+    dense_experts_max_rows: int = Field(
+        64, ge=0, description="fast decode evaluates all experts densely up to this many rows, sparse above"
+    )
+
+
+class VLLMOptions(Section):
+    mode: Literal["colocate", "server"] = Field(
+        "colocate", description="colocate: one vllm.LLM per training process; server: a client of `vllm serve`"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per colocated vLLM engine (divides the world size)")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share vLLM may take (weights + KV cache)")
+    enable_sleep_mode: bool = Field(True, description="free vLLM's GPU memory during the training phase")
+    sleep_level: Literal[1, 2] = Field(1, description="1: offload weights, drop KV cache; 2: drop both")
+    dtype: str = Field("auto", description="vLLM model dtype (auto follows the checkpoint)")
+    max_model_len: int | None = Field(None, ge=1, description="context length vLLM reserves (None: the model's)")
+    enable_prefix_caching: bool = Field(True, description="share KV cache across the G completions of a prompt")
+    enforce_eager: bool = Field(False, description="disable CUDA graphs (faster start, slower decode)")
+    max_num_seqs: int | None = Field(None, ge=1, description="vLLM's concurrent sequence cap (None: vLLM's default)")
+    server_url: str = Field("http://127.0.0.1:8000", description="server mode: base URL of `vllm serve`")
+    server_group_port: int = Field(51216, ge=1, le=65535, description="server mode: NCCL rendezvous port for weight pushes")
+    server_timeout_s: float = Field(600.0, gt=0, description="server mode: HTTP timeout")
+
+
 class RolloutConfig(Section):
-    engine: Literal["hf"] = Field("hf", description="rollout engine: hf (transformers)")
+    engine: Literal["hf", "vllm"] = Field("hf", description="rollout engine: hf (transformers, CPU/GPU) or vllm (GPU)")
+    hf: HFEngineOptions = Field(default_factory=HFEngineOptions, description="options of the transformers engine")
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions, description="options of the vLLM engine")
     group_size: int = Field(8, ge=2, description="completions sampled per prompt (G); GRPO needs at least 2")
     max_new_tokens: int = Field(24, ge=1, description="completion length cap in tokens")
     temperature: float = Field(1.0, gt=0, description="sampling temperature")

@@ -48,7 +48,7 @@ from grpo.tracking import make_tracker
 from grpo.update import policy_update
 from rewards import RewardSpec, Scorer
 from rollout.base import Rollout, SamplingParams
-from rollout.hf import HFEngine
+from rollout import make_engine
 
 log = logging.getLogger(__name__)
 
@@ -119,16 +119,20 @@ def prepare_training(cfg: RunConfig, accelerator, model, tokenizer):
     if not sharded:
         model, optimizer = accelerator.prepare(model, optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (tr.warmup_steps + 1)))
-    engine = HFEngine(engine_model, tokenizer, accelerator.device)
+    engine = make_engine(cfg, engine_model, tokenizer, accelerator.device,
+                         record_routing=cfg.moe.routing_replay == "R3")
     return model, accelerator.unwrap_model(model), optimizer, schedule, engine
 
 
-def sync_engine(engine: HFEngine, model, unwrapped) -> None:
-    if engine.model is unwrapped:  # colocated, same tensors: nothing to copy
+def sync_engine(engine, model, unwrapped) -> None:
+    engine_model = getattr(engine, "model", None)  # the HF engine decodes with a module; vLLM has its own
+    if engine_model is unwrapped:  # colocated, same tensors: nothing to copy
         return
-    own = dict(engine.model.named_parameters())
     full = checkpoint.full_model_state(model, every_rank=True)  # a collective under FSDP2
-    engine.update_weights((k, v) for k, v in full.items() if k in own)
+    if engine_model is not None:
+        own = dict(engine_model.named_parameters())
+        full = {k: v for k, v in full.items() if k in own}
+    engine.update_weights(full.items())
 
 
 class _NoTracker:

@@ -1,0 +1,51 @@
+"""Rollout engines behind one Protocol (`rollout.base.RolloutEngine`); `make_engine` picks one.
+
+`vllm` is imported only inside `rollout.vllm`, and only when the vLLM engine is chosen, so this
+package imports on machines without it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rollout.base import Rollout, RolloutEngine, SamplingParams
+
+__all__ = ["Rollout", "RolloutEngine", "SamplingParams", "make_engine"]
+
+
+def make_engine(cfg, model: torch.nn.Module, tokenizer, device: torch.device | str | None = None,
+                *, record_routing: bool = False) -> RolloutEngine:
+    """The engine `cfg.rollout.engine` names, built from `cfg.rollout.hf` / `cfg.rollout.vllm`.
+
+    cfg: a `grpo.config.RunConfig`. model: the policy (the HF engine decodes with it directly;
+    vLLM starts from its checkpoint, `model.name_or_path`, then receives weights through
+    `update_weights`). record_routing: build the vLLM engine so it can return routed experts
+    (the HF engine records them per call, on `SamplingParams.record_routing`).
+    """
+    ro = cfg.rollout
+    if ro.engine == "hf":
+        from rollout.hf import HFEngine
+
+        return HFEngine(model, tokenizer, device, fast_decode=ro.hf.fast_decode,
+                        dense_experts_max_rows=ro.hf.dense_experts_max_rows)
+    if ro.engine == "vllm":
+        from rollout.vllm import VLLMEngine, VLLMServerClient
+
+        v = ro.vllm
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        tied = getattr(config, "tie_word_embeddings", None)
+        if v.mode == "server":
+            return VLLMServerClient(v.server_url, group_port=v.server_group_port, timeout=v.server_timeout_s,
+                                    model_type=model_type or "qwen3_moe", tie_word_embeddings=bool(tied),
+                                    device=device)
+        checkpoint = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
+        if not checkpoint:
+            raise ValueError("rollout.engine=vllm needs a model loaded from a checkpoint directory or Hub id")
+        return VLLMEngine(checkpoint, tensor_parallel_size=v.tensor_parallel_size,
+                          gpu_memory_utilization=v.gpu_memory_utilization, enable_sleep_mode=v.enable_sleep_mode,
+                          sleep_level=v.sleep_level, seed=cfg.trainer.seed, dtype=v.dtype,
+                          max_model_len=v.max_model_len, enable_prefix_caching=v.enable_prefix_caching,
+                          enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs,
+                          record_routing=record_routing, model_type=model_type, tie_word_embeddings=tied)
+    raise ValueError(f"unknown rollout engine {ro.engine!r}; known: hf, vllm")

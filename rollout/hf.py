@@ -1,13 +1,32 @@
 """The transformers rollout engine: batched sampling with a KV cache, on CPU or GPU.
 
 All prompts x group size are decoded as one batch. The decode loop is written here rather than
-calling `model.generate`, because on small models per-token framework overhead dominates: the
-loop keeps left-padded prompts in one cache, never re-pads, drops finished rows from the batch,
-and records, for every drawn token, its log-probability under the distribution it was actually
-drawn from (after temperature, top-k and top-p), which is what sampler-mismatch corrections need.
+calling `model.generate`, because on small models per-token framework overhead dominates:
 
-For MoE models it can record the experts every token was routed to (forward hooks on the
-routers), for routing replay in the trainer.
+- the prompt batch (left-padded once) is prefilled by the transformers model itself, so routing
+  capture and every architecture transformers supports work unchanged;
+- decode steps then run through one of two steppers:
+  * `_FastQwen3Stepper` for Qwen3 and Qwen3-MoE (the models this project ships and benchmarks): a
+    decode-step forward written with the model's own parameters (no copies, so weight updates are
+    seen at once) and a preallocated (static) KV buffer. It does what the transformers modules do
+    for one new token per row, minus their per-call framework work (mask construction, output
+    records, hooks, cache-object bookkeeping, dynamic KV concatenation). At decode batch sizes the
+    MoE block evaluates every expert densely and weights the outputs with the router's top-k
+    weights (exact: unselected experts get weight 0), which at a few dozen rows is cheaper than
+    any sparse dispatch; above `dense_experts_max_rows` rows, or for MoE layers larger than
+    `_FastQwen3Stepper.DENSE_EXPERTS_MAX_PARAMS`, it calls the model's own experts module
+    (whatever `experts_implementation` is set);
+  * `_GenericStepper` for everything else: the model's forward with a transformers cache and a
+    preallocated attention mask.
+- finished rows are dropped from the batch (and the cache); bookkeeping is tensor-side, with one
+  host transfer at the end.
+
+For every drawn token it records its log-probability under the distribution it was actually drawn
+from (after temperature, top-k and top-p), which is what sampler-mismatch corrections need; tests
+check the logprobs against a teacher-forced forward pass of the model to 1e-4.
+
+For MoE models it can record the experts every token was routed to (forward hooks on the routers
+during prefill; the fast stepper records its own top-k choices), for routing replay in the trainer.
 
 CPU:  HFEngine(model, tokenizer).generate(prompt_ids, n=8, sampling=SamplingParams(32))
 GPU:  the same, with the model on CUDA (bf16 works; logprobs are computed in float32).
@@ -15,7 +34,6 @@ GPU:  the same, with the model on CUDA (bf16 works; logprobs are computed in flo
 
 from __future__ import annotations
 
-import contextlib
 from typing import Iterable, Sequence
 
 import torch
@@ -33,31 +51,54 @@ def sampling_logprobs(logits: torch.Tensor, sampling: SamplingParams) -> torch.T
     """
     if sampling.temperature == 0.0:  # greedy: report the model's own log-probabilities
         return F.log_softmax(logits.float(), dim=-1)  # [B, V]
-    scores = logits.float() / sampling.temperature  # [B, V]
+    scores = logits.float()
+    if sampling.temperature != 1.0:
+        scores = scores / sampling.temperature  # [B, V]
     if sampling.top_k and sampling.top_k < scores.shape[-1]:
         kth = torch.topk(scores, sampling.top_k, dim=-1).values[..., -1:]  # [B, 1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if sampling.top_p < 1.0:
         sorted_scores, order = torch.sort(scores, dim=-1, descending=True)  # [B, V]
-        cumulative = sorted_scores.softmax(-1).cumsum(-1)  # [B, V]
+        sorted_probs = sorted_scores.softmax(-1)  # [B, V]
         # drop a token when the mass before it already reaches top_p (the first token always stays)
-        drop_sorted = (cumulative - sorted_scores.softmax(-1)) >= sampling.top_p  # [B, V]
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= sampling.top_p  # [B, V]
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # [B, V]
         scores = scores.masked_fill(drop, float("-inf"))
     return F.log_softmax(scores, dim=-1)  # [B, V]
+
+
+def draw(logprobs: torch.Tensor, sampling: SamplingParams, generator: torch.Generator,
+         row_generators: list[torch.Generator] | None = None, alive: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row from [B, V] log-probs: argmax when greedy, else a categorical draw.
+
+    The draw is argmax(p / E) with E ~ Exponential(1) i.i.d. per entry, which picks token i with
+    probability p_i (the exponential-race form of the Gumbel-max trick) and needs no host sync.
+    With `row_generators` (one per batch row, `alive` mapping the current rows to them), each row
+    draws from its own generator, so a completion does not depend on which other rows share the
+    batch (same rollouts whatever the process layout). Returns [B] token ids.
+    """
+    if sampling.temperature == 0.0:
+        return logprobs.argmax(-1)  # [B]
+    probs = logprobs.exp()  # [B, V]
+    if row_generators is None:
+        race = torch.empty_like(probs).exponential_(1.0, generator=generator)  # [B, V]
+    else:
+        rows = alive.tolist() if alive is not None else range(probs.shape[0])
+        race = torch.stack([torch.empty_like(probs[0]).exponential_(1.0, generator=row_generators[b])
+                            for b in rows])  # [B, V]
+    return (probs / race).argmax(-1)  # [B]
 
 
 class RoutingRecorder:
     """Collects, per forward call, the top-k expert indices every MoE router chose.
 
     Works with transformers MoE blocks whose router module returns `(logits, weights, indices)`
-    (Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral in transformers >= 5). Each call appends one tensor
-    [tokens_in_call, num_layers, top_k].
+    (Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral in transformers >= 5). `end_call` returns one tensor
+    [tokens_in_call, num_layers, top_k] per forward.
     """
 
     def __init__(self, model: torch.nn.Module):
         self.routers = [m for name, m in model.named_modules() if _is_router(name, m)]
-        self.calls: list[torch.Tensor] = []
         self._current: list[torch.Tensor] = []
         self._handles: list = []
 
@@ -69,7 +110,7 @@ class RoutingRecorder:
     def _hook(self, module, args, output) -> None:
         indices = output[2] if isinstance(output, tuple) else None
         if indices is not None:
-            self._current.append(indices.detach().to("cpu", torch.int16))
+            self._current.append(indices.detach().to(torch.int16))
 
     def end_call(self) -> torch.Tensor | None:
         """Stack what the routers recorded during the last forward: [tokens, layers, top_k]."""
@@ -90,43 +131,315 @@ def _is_router(name: str, module: torch.nn.Module) -> bool:
 
 
 class _StopChecker:
-    """Decides, after each drawn token, whether a sequence has finished.
+    """Decides, after each drawn token, which rows have finished.
 
-    Stop strings that are one token become stop ids (a set lookup); longer ones are matched
-    against the decoded tail of the sequence, which is bounded by the stop string's length.
+    Stop ids (EOS unless ignored, `stop_token_ids`, and stop strings that are exactly one token)
+    are checked on the device with one `isin`. Longer stop strings are matched against the decoded
+    tail of each live row, bounded by the stop string's length in characters (a token decodes to at
+    least one character); only done when such strings exist.
     """
 
-    def __init__(self, tokenizer, sampling: SamplingParams):
+    def __init__(self, tokenizer, sampling: SamplingParams, device: torch.device):
         self.tokenizer = tokenizer
-        self.stop_ids = set(sampling.stop_token_ids)
+        stop_ids = set(sampling.stop_token_ids)
         if not sampling.ignore_eos and tokenizer.eos_token_id is not None:
-            self.stop_ids.add(tokenizer.eos_token_id)
+            stop_ids.add(tokenizer.eos_token_id)
         self.text_stops: list[str] = []
         for stop in sampling.stop:
             ids = tokenizer.encode(stop, add_special_tokens=False)
             if len(ids) == 1 and tokenizer.decode(ids) == stop:
-                self.stop_ids.add(ids[0])
+                stop_ids.add(ids[0])
             else:
                 self.text_stops.append(stop)
+        self.stop_ids = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device) if stop_ids else None
         self.tail_tokens = max((len(s) for s in self.text_stops), default=0)
+        self.active = self.stop_ids is not None or bool(self.text_stops)
 
-    def finished(self, completion: list[int]) -> bool:
-        if completion[-1] in self.stop_ids:
-            return True
+    def finished(self, token: torch.Tensor, tokens: torch.Tensor, alive: torch.Tensor, t: int) -> torch.Tensor:
+        """token: [A] just drawn; tokens: [B, N] completions so far (column t holds `token`).
+        Returns [A] bool."""
+        done = torch.isin(token, self.stop_ids) if self.stop_ids is not None else torch.zeros_like(token, dtype=torch.bool)
         if self.text_stops:
-            tail = self.tokenizer.decode(completion[-self.tail_tokens :], skip_special_tokens=False)
-            return any(stop in tail for stop in self.text_stops)
-        return False
+            tails = tokens[alive, max(0, t + 1 - self.tail_tokens) : t + 1].tolist()  # [A, <=tail]
+            text_done = [any(s in self.tokenizer.decode(tail, skip_special_tokens=False) for s in self.text_stops)
+                         for tail in tails]
+            done = done | torch.tensor(text_done, dtype=torch.bool, device=done.device)
+        return done
+
+
+# --- steppers: one decode step for the rows still alive -------------------------------------------
+
+
+def _prefill(model, input_ids, attention, positions, record: bool):
+    """Run the prompt batch through the transformers model.
+
+    Returns logits of the last position [B, V], the transformers cache, and, when recording,
+    the routed experts of every prompt position [B, W, layers, top_k] (int16).
+    """
+    recorder = RoutingRecorder(model) if record else None
+    if recorder is not None:
+        recorder.__enter__()
+    try:
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                    output_router_logits=False, logits_to_keep=1)
+    finally:
+        if recorder is not None:
+            recorder.__exit__()
+    routes = None
+    if recorder is not None:
+        flat = recorder.end_call()  # [B*W, L, k] or None for a dense model
+        if flat is None:
+            raise ValueError("record_routing was requested but the model has no MoE routers")
+        routes = flat.view(input_ids.shape[0], input_ids.shape[1], *flat.shape[1:])  # [B, W, L, k]
+    return out.logits[:, -1, :], out.cache, routes
+
+
+class _GenericStepper:
+    """Decode steps through the model's own forward and a transformers cache (any architecture)."""
+
+    def __init__(self, model, cache, attention: torch.Tensor, positions: torch.Tensor, max_new: int, record: bool):
+        self.model, self.cache, self.record = model, cache, record
+        width = attention.shape[1]
+        self.width = width
+        self.attention = torch.cat([attention, attention.new_ones(attention.shape[0], max_new)], dim=1)  # [B, W+N]
+        self.next_pos = positions[:, -1:] + 1  # [B, 1]
+        self.steps = 0
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.attention, self.next_pos = self.attention[keep], self.next_pos[keep]
+        self.cache.batch_select_indices(keep)
+
+    def step(self, token: torch.Tensor):
+        """token: [A]. Returns logits [A, V] and routes [A, L, k] (int16) or None."""
+        self.steps += 1
+        recorder = RoutingRecorder(self.model) if self.record else None
+        if recorder is not None:
+            recorder.__enter__()
+        try:
+            out = self.model(input_ids=token[:, None], attention_mask=self.attention[:, : self.width + self.steps],
+                             position_ids=self.next_pos, cache=self.cache, use_cache=True,
+                             output_router_logits=False)
+        finally:
+            if recorder is not None:
+                recorder.__exit__()
+        self.cache = out.cache
+        self.next_pos = self.next_pos + 1
+        routes = recorder.end_call() if recorder is not None else None
+        return out.logits[:, -1, :], routes
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension as transformers' Qwen3 computes it (float32 statistics,
+    cast back, then weight). `weight` is [D] or broadcastable to x ([heads, D] for per-head norms)."""
+    if x.dtype == torch.float32:
+        if weight.dim() == 1:
+            return F.rms_norm(x, weight.shape, weight, eps)
+        return F.rms_norm(x, x.shape[-1:], None, eps) * weight
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+class _FastQwen3Stepper:
+    """Decode steps for Qwen3 / Qwen3-MoE written with the model's own parameters.
+
+    Per layer, for one new token per row: RMSNorm -> q/k/v projections -> per-head q/k RMSNorm ->
+    rotary embedding -> write k/v into a preallocated [A, kv_heads, W+N, head_dim] buffer ->
+    scaled-dot-product attention over the valid positions (GQA) -> output projection -> residual
+    -> RMSNorm -> MoE (router softmax, top-k, optional renormalisation; experts) or dense MLP ->
+    residual: the operations of the transformers modules, in their order.
+
+    To keep the number of kernel launches per step low, a few weights are laid out once per
+    `generate` call (fused q/k/v rows; router rows stacked on the experts' gate/up rows; the
+    experts' down projections side by side), so a dense-experts MoE block is two matmuls. These
+    are copies made at the start of each call, so they always reflect the current weights.
+    """
+
+    SUPPORTED = ("qwen3_moe", "qwen3")
+    DENSE_EXPERTS_MAX_PARAMS = 16 * 2**20  # per MoE layer; above it, no dense path and no weight copies
+
+    @classmethod
+    def supports(cls, model) -> bool:
+        cfg = model.config
+        if getattr(cfg, "model_type", None) not in cls.SUPPORTED or getattr(cfg, "hidden_act", None) != "silu":
+            return False
+        try:
+            layers = model.model.layers
+        except AttributeError:
+            return False
+        for layer in layers:
+            attn = getattr(layer, "self_attn", None)
+            if attn is None or getattr(attn, "sliding_window", None) or not hasattr(attn, "q_norm"):
+                return False
+            if any(getattr(getattr(attn, n), "bias", None) is not None for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+                return False
+            mlp = layer.mlp
+            moe = hasattr(mlp, "experts") and hasattr(mlp, "gate")
+            if moe and (getattr(mlp.experts, "gate_up_proj", None) is None or getattr(mlp.experts, "has_bias", False)
+                        or getattr(mlp.experts, "is_transposed", False)
+                        or not getattr(mlp.experts, "is_concatenated", True)):
+                return False
+            if not moe and not hasattr(mlp, "gate_proj"):
+                return False
+        return True
+
+    def __init__(self, model, cache, attention: torch.Tensor, positions: torch.Tensor, max_new: int,
+                 record: bool, dense_experts_max_rows: int = 64):
+        self.model, self.record = model, record
+        self.dense_experts_max_rows = dense_experts_max_rows
+        inner = model.model
+        cfg = model.config
+        self.eps = cfg.rms_norm_eps
+        batch, width = attention.shape
+        self.width, self.steps = width, 0
+        first = inner.layers[0].self_attn
+        self.head_dim = hd = first.head_dim
+        self.scaling = first.scaling
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        device = attention.device
+        self.embed = inner.embed_tokens.weight
+        self.final_norm = inner.norm.weight
+        self.lm_head = model.lm_head.weight
+        self.layers = [self._plan(layer) for layer in inner.layers]
+        # Rotary table for every position any row can reach; rows index it by their own position.
+        table_pos = torch.arange(width + max_new, device=device)[None]  # [1, W+N]
+        cos, sin = inner.rotary_emb(self.embed[:1], table_pos)  # [1, W+N, hd] each
+        self.cos, self.sin = cos[0], sin[0]  # [W+N, hd]
+        self.next_pos = positions[:, -1] + 1  # [B]
+        # rotate_half(x) == x @ rot: [-x2, x1] as one small matmul
+        half = hd // 2
+        rot = torch.zeros(hd, hd, dtype=self.embed.dtype, device=device)
+        rot[half:, :half] = -torch.eye(half, dtype=rot.dtype, device=device)
+        rot[:half, half:] = torch.eye(half, dtype=rot.dtype, device=device)
+        self.rot = rot
+        # Static KV buffers, prompt part copied from the prefill cache.
+        self.keys, self.values = [], []
+        for i in range(len(self.layers)):
+            k, v = cache.layers[i].keys, cache.layers[i].values  # [B, kvh, W, hd]
+            kb = k.new_empty(batch, k.shape[1], width + max_new, k.shape[3])
+            vb = v.new_empty(batch, v.shape[1], width + max_new, v.shape[3])
+            kb[:, :, :width] = k
+            vb[:, :, :width] = v
+            self.keys.append(kb)
+            self.values.append(vb)
+        self.valid = torch.zeros(batch, width + max_new, dtype=torch.bool, device=device)  # [B, W+N]
+        self.valid[:, :width] = attention.bool()
+
+    def _plan(self, layer) -> dict:
+        attn, mlp = layer.self_attn, layer.mlp
+        plan = {
+            "ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
+            "qkv": torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),  # [(h+2kvh)*hd, H]
+            "qk_norm": torch.cat([attn.q_norm.weight.expand(self.heads, -1),
+                                  attn.k_norm.weight.expand(self.kv_heads, -1)]),  # [h+kvh, hd]
+            "o": attn.o_proj.weight,
+        }
+        if hasattr(mlp, "experts"):
+            experts, gate = mlp.experts, mlp.gate
+            num, inter2, hidden = experts.gate_up_proj.shape
+            plan.update(moe=mlp, top_k=gate.top_k, norm_topk=gate.norm_topk_prob, num_experts=num,
+                        router_gate_up=gate.weight, dense=False)
+            # Dense evaluation (and its per-call weight copies) only for small expert tensors; large
+            # MoE layers always go through the model's own (sparse) experts kernel.
+            if experts.gate_up_proj.numel() + experts.down_proj.numel() <= self.DENSE_EXPERTS_MAX_PARAMS:
+                plan.update(
+                    dense=True,
+                    # router rows first, then every expert's [gate; up] rows: [E + E*2I, H]
+                    router_gate_up=torch.cat([gate.weight, experts.gate_up_proj.reshape(num * inter2, hidden)]),
+                    # every expert's down projection side by side: [H, E*I]
+                    down=experts.down_proj.permute(1, 0, 2).reshape(hidden, -1),
+                )
+        else:
+            plan["mlp"] = mlp
+        return plan
+
+    def select(self, keep: torch.Tensor) -> None:
+        self.keys = [k[keep] for k in self.keys]
+        self.values = [v[keep] for v in self.values]
+        self.valid, self.next_pos = self.valid[keep], self.next_pos[keep]
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return _rms_norm(x, weight, self.eps)
+
+    def _attention(self, i: int, p: dict, x: torch.Tensor, cos, sin, slot: int) -> torch.Tensor:
+        rows, h, kvh = x.shape[0], self.heads, self.kv_heads
+        qkv = F.linear(x, p["qkv"]).view(rows, h + 2 * kvh, self.head_dim)  # [A, h+2kvh, hd]
+        qk = self._norm(qkv[:, : h + kvh], p["qk_norm"])  # [A, h+kvh, hd]
+        qk = qk * cos + torch.matmul(qk, self.rot) * sin  # rotary embedding
+        q = qk[:, :h].unsqueeze(2)  # [A, h, 1, hd]
+        self.keys[i][:, :, slot] = qk[:, h:]
+        self.values[i][:, :, slot] = qkv[:, h + kvh :]
+        span = slot + 1
+        out = F.scaled_dot_product_attention(q, self.keys[i][:, :, :span], self.values[i][:, :, :span],
+                                             attn_mask=self.valid[:, None, None, :span], scale=self.scaling,
+                                             enable_gqa=True)  # [A, h, 1, hd]
+        return F.linear(out.reshape(rows, -1), p["o"])  # [A, H]
+
+    def _moe(self, p: dict, x: torch.Tensor):
+        rows, num = x.shape[0], p["num_experts"]
+        sparse = not p["dense"] or rows > self.dense_experts_max_rows
+        if sparse:  # the model's own experts kernel
+            router_logits = F.linear(x, p["router_gate_up"][:num])  # [A, E]
+        else:
+            fused = F.linear(x, p["router_gate_up"])  # [A, E + E*2I]
+            router_logits = fused[:, :num]  # [A, E]
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float)  # [A, E]
+        top_w, top_i = torch.topk(probs, p["top_k"], dim=-1)  # [A, k]
+        if p["norm_topk"]:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        top_w = top_w.to(x.dtype)
+        if sparse:
+            return p["moe"].experts(x, top_i, top_w), top_i
+        weights = torch.zeros_like(router_logits).scatter_(1, top_i, top_w)  # [A, E], 0 off the top-k
+        gate_up = fused[:, num:].view(rows, num, -1)  # [A, E, 2I]
+        g, u = gate_up.chunk(2, dim=-1)  # [A, E, I] each
+        act = F.silu(g) * u * weights.unsqueeze(-1)  # [A, E, I]
+        return F.linear(act.reshape(rows, -1), p["down"]), top_i  # [A, H], [A, k]
+
+    def step(self, token: torch.Tensor):
+        """token: [A]. Returns logits [A, V] and routes [A, L, k] (int16) or None."""
+        slot = self.width + self.steps
+        self.steps += 1
+        self.valid[:, slot] = True
+        cos = self.cos[self.next_pos][:, None, :]  # [A, 1, hd]
+        sin = self.sin[self.next_pos][:, None, :]
+        h = F.embedding(token, self.embed)  # [A, H]
+        routes = []
+        for i, p in enumerate(self.layers):
+            h = h + self._attention(i, p, self._norm(h, p["ln1"]), cos, sin, slot)
+            x = self._norm(h, p["ln2"])
+            if "moe" in p:
+                y, top_i = self._moe(p, x)
+                routes.append(top_i)
+            else:
+                y = p["mlp"](x)
+            h = h + y
+        logits = F.linear(self._norm(h, self.final_norm), self.lm_head)  # [A, V]
+        self.next_pos = self.next_pos + 1
+        recorded = torch.stack(routes, dim=1).to(torch.int16) if self.record and routes else None  # [A, L, k]
+        return logits, recorded
 
 
 class HFEngine:
-    """Rollout engine over a transformers causal LM (the policy itself when colocated on CPU)."""
+    """Rollout engine over a transformers causal LM (the policy itself when colocated on CPU).
 
-    def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device | str | None = None):
+    Args:
+        model, tokenizer: the policy and its tokenizer.
+        device: where decoding runs (default: the model's device).
+        fast_decode: use the hand-written decode step for Qwen3 / Qwen3-MoE when the model is one
+            (`_FastQwen3Stepper.supports`); False always uses the model's own forward.
+        dense_experts_max_rows: in the fast path, MoE blocks evaluate all experts densely while at
+            most this many rows decode, and call the model's experts module above it.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device | str | None = None,
+                 fast_decode: bool = True, dense_experts_max_rows: int = 64):
         self.model = model
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.fast_decode = fast_decode and _FastQwen3Stepper.supports(model)
+        self.dense_experts_max_rows = dense_experts_max_rows
 
     # -- Protocol ------------------------------------------------------------------------------
 
@@ -134,16 +447,18 @@ class HFEngine:
         self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams
     ) -> list[Rollout]:
         rows = [list(p) for p in prompts for _ in range(n)]
-        groups = [i for i in range(len(prompts)) for _ in range(n)]
+        if any(len(r) == 0 for r in rows):
+            raise ValueError("every prompt needs at least one token")
         if sampling.prompt_seeds and len(sampling.prompt_seeds) != len(prompts):
             raise ValueError(f"{len(sampling.prompt_seeds)} prompt seeds for {len(prompts)} prompts")
-        row_seeds = [sampling.prompt_seeds[g] * 1_000_003 + b % n for b, g in enumerate(groups)] if sampling.prompt_seeds else None
+        row_seeds = ([sampling.prompt_seeds[b // n] * 1_000_003 + b % n for b in range(len(rows))]
+                     if sampling.prompt_seeds else None)
         completions, logprobs, reasons, routing = self._decode(rows, sampling, row_seeds)
         out = []
         for b, (prompt, completion) in enumerate(zip(rows, completions)):
             out.append(
                 Rollout(
-                    group=groups[b],
+                    group=b // n,
                     prompt_ids=tuple(prompt),
                     completion_ids=tuple(completion),
                     text=self.tokenizer.decode(completion, skip_special_tokens=True),
@@ -173,16 +488,22 @@ class HFEngine:
         model, device = self.model, self.device
         was_training = model.training
         model.eval()
+        try:
+            return self._decode_eval(rows, sampling, row_seeds)
+        finally:
+            model.train(was_training)
+
+    def _decode_eval(self, rows: list[list[int]], sampling: SamplingParams, row_seeds: list[int] | None = None):
+        model, device = self.model, self.device
         generator = torch.Generator(device=device)
         if sampling.seed is not None:
             generator.manual_seed(sampling.seed)
         else:
             generator.seed()
-        row_generators = None
-        if row_seeds is not None:
-            row_generators = [torch.Generator(device=device).manual_seed(s) for s in row_seeds]
-        stopper = _StopChecker(self.tokenizer, sampling)
-        batch = len(rows)
+        row_generators = ([torch.Generator(device=device).manual_seed(s) for s in row_seeds]
+                          if row_seeds is not None else None)
+        stopper = _StopChecker(self.tokenizer, sampling, device)
+        batch, max_new = len(rows), sampling.max_new_tokens
         width = max(map(len, rows))
         input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((batch, width), dtype=torch.long)
@@ -192,63 +513,61 @@ class HFEngine:
         input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [B, W]
 
-        completions: list[list[int]] = [[] for _ in range(batch)]
-        logprobs: list[list[float]] = [[] for _ in range(batch)]
-        reasons = ["length"] * batch
-        alive = torch.arange(batch, device=device)  # rows still decoding, as indices into the batch
-        routes: list[list[torch.Tensor]] | None = [[] for _ in range(batch)] if sampling.record_routing else None
+        record = sampling.record_routing
+        logits, cache, prefill_routes = _prefill(model, input_ids, attention, positions, record)
+        stepper_cls = _FastQwen3Stepper if self.fast_decode else _GenericStepper
+        kwargs = {"dense_experts_max_rows": self.dense_experts_max_rows} if self.fast_decode else {}
+        stepper = stepper_cls(model, cache, attention, positions, max_new, record, **kwargs)
+        del cache
 
-        recorder = RoutingRecorder(model) if sampling.record_routing else None
-        with recorder if recorder is not None else contextlib.nullcontext():
-            out = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True)
-            cache, logits = out.past_key_values, out.logits[:, -1, :]  # logits: [B, V]
-            if recorder is not None:
-                prefill = recorder.end_call().view(batch, width, -1, recorder.routers[0].top_k)
-                for b, row in enumerate(rows):
-                    routes[b].append(prefill[b, width - len(row) :])
-            next_pos = positions[:, -1:] + 1  # [B, 1]
-            for _ in range(sampling.max_new_tokens):
-                lp = sampling_logprobs(logits, sampling)  # [A, V]
-                if sampling.temperature == 0.0:
-                    token = lp.argmax(-1, keepdim=True)  # [A, 1]
-                elif row_generators is not None:  # inverse CDF with one uniform per row, from the row's generator
-                    cdf = lp.exp().cumsum(-1)  # [A, V]
-                    u = torch.cat([torch.rand(1, generator=row_generators[b], device=device) for b in alive.tolist()])
-                    token = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True)  # [A, 1]
-                    token = token.clamp(max=cdf.shape[-1] - 1)
+        tokens = torch.full((batch, max_new), self.pad_id, dtype=torch.long, device=device)  # [B, N]
+        token_lps = torch.zeros((batch, max_new), dtype=torch.float32, device=device)  # [B, N]
+        lengths = torch.full((batch,), max_new, dtype=torch.long, device=device)  # [B]
+        stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
+        routes = None
+        if record:
+            layers, top_k = prefill_routes.shape[2:]
+            routes = torch.full((batch, max_new, layers, top_k), -1, dtype=torch.int16, device=device)  # [B, N, L, k]
+        alive = torch.arange(batch, device=device)  # rows still decoding, as indices into the batch
+        all_alive = True  # while no row has finished, index with slices instead of `alive`
+        for t in range(max_new):
+            lp = sampling_logprobs(logits, sampling)  # [A, V]
+            token = draw(lp, sampling, generator, row_generators, alive)  # [A]
+            token_lp = lp.gather(-1, token[:, None]).squeeze(-1)  # [A]
+            if all_alive:
+                tokens[:, t], token_lps[:, t] = token, token_lp
+            else:
+                tokens[alive, t], token_lps[alive, t] = token, token_lp
+            if stopper.active:
+                done = stopper.finished(token, tokens, alive, t)  # [A]
+                if bool(done.any()):
+                    finished = alive[done]
+                    lengths[finished] = t + 1
+                    stopped[finished] = True
+                    keep = (~done).nonzero().squeeze(-1)  # [A']
+                    if keep.numel() == 0:
+                        break
+                    alive, token, all_alive = alive[keep], token[keep], False
+                    stepper.select(keep)
+            if t == max_new - 1:
+                break
+            logits, step_routes = stepper.step(token)
+            if routes is not None:
+                if all_alive:
+                    routes[:, t] = step_routes
                 else:
-                    token = torch.multinomial(lp.exp(), 1, generator=generator)  # [A, 1]
-                token_lp = lp.gather(-1, token).squeeze(-1).tolist()  # [A]
-                token_list = token.squeeze(-1).tolist()
-                keep = []
-                for j, b in enumerate(alive.tolist()):
-                    completions[b].append(token_list[j])
-                    logprobs[b].append(token_lp[j])
-                    if stopper.finished(completions[b]):
-                        reasons[b] = "stop"
-                    else:
-                        keep.append(j)
-                if not keep or len(completions[alive[0].item()]) >= sampling.max_new_tokens:
-                    break
-                if len(keep) < len(alive):  # drop finished rows from the batch and the cache
-                    idx = torch.tensor(keep, device=device)
-                    alive, token, attention, next_pos = alive[idx], token[idx], attention[idx], next_pos[idx]
-                    cache.batch_select_indices(idx)
-                attention = torch.cat([attention, attention.new_ones(len(alive), 1)], dim=1)  # [A, W+t]
-                out = model(
-                    input_ids=token, attention_mask=attention, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True,
-                )
-                cache, logits = out.past_key_values, out.logits[:, -1, :]
-                if recorder is not None:
-                    step_routes = recorder.end_call()  # [A, L, k]
-                    for j, b in enumerate(alive.tolist()):
-                        routes[b].append(step_routes[j : j + 1])
-                next_pos = next_pos + 1
-        model.train(was_training)
+                    routes[alive, t] = step_routes
+
+        lengths_list = lengths.tolist()
+        tokens_list, lps_list = tokens.tolist(), token_lps.tolist()
+        completions = [tokens_list[b][: lengths_list[b]] for b in range(batch)]
+        logprobs = [lps_list[b][: lengths_list[b]] for b in range(batch)]
+        reasons = ["stop" if s else "length" for s in stopped.tolist()]
         routing = None
         if routes is not None:
-            # The last drawn token of each row was never fed back, so it has no routing yet:
-            # record up to (prompt + completion - 1) tokens, the positions a training forward sees.
-            routing = [torch.cat(r, dim=0) for r in routes]
+            # The last drawn token of each row was never fed back, so it has no routing:
+            # (prompt + completion - 1) rows, the positions a training forward scores.
+            prefill_routes, routes = prefill_routes.cpu(), routes.cpu()
+            routing = [torch.cat([prefill_routes[b, width - len(rows[b]) :], routes[b, : lengths_list[b] - 1]])
+                       for b in range(batch)]
         return completions, logprobs, reasons, routing

@@ -1,0 +1,257 @@
+"""One full GRPO step of grpo-zero vs TRL's GRPOTrainer on identical work, in the same run.
+
+CPU (what `make bench` runs):
+    python bench/step_vs_trl.py                 # tiny model (hidden 128, 4 layers)
+    python bench/step_vs_trl.py --size small    # hidden 512, 8 layers
+    python bench/step_vs_trl.py --size both     # both, one JSON line each
+GPU: not meant for one (it compares CPU step times; see bench/gpu_check.sh for the GPU check).
+
+The work, identical on both sides:
+- the same random-init Qwen3-MoE built locally from a config (hidden 128, 4 layers, 4 heads /
+  2 KV heads, 8 experts, top-2, expert width 128, router logits on, float32; or the `small` size:
+  hidden 512, 8 layers), the same initial weights (same seed), and the character-level tokenizer
+  of `grpo.tiny` (no download);
+- 2 prompts x 8 completions per step from the arithmetic task's R1-Zero prompt template, exactly
+  32 new tokens each (EOS suppressed: our `ignore_eos`, TRL's `min_new_tokens=32`), temperature 1,
+  no top-k / top-p;
+- the same rewards, computed by the project's own `Scorer` (math_answer + 0.5 * format,
+  in-process) on both sides;
+- GRPO with group-std advantages, beta 0 (no reference model), one pass per batch
+  (num_iterations 1), clip 0.2, token-mean loss over the batch (TRL's `loss_type="dapo"`),
+  AdamW at lr 1e-5 (TRL's default scheduler decays it linearly; irrelevant to speed), gradient
+  clip 1.0, float32, 2 torch threads.
+
+Fairness notes for TRL's side (each choice makes TRL's side faster or equal, never slower):
+- no vLLM; generation by transformers' `model.generate` as TRL does it on CPU;
+- gradient checkpointing off (TRL's GRPOConfig default is on, which FACTS.md measured ~10% slower
+  on this model);
+- `router_aux_loss_coef=0`: TRL would otherwise add the MoE load-balancing loss; grpo-zero's RL
+  update has no aux loss by default, so neither side does. TRL's model copy has router logits off,
+  since transformers 5.24's `generate` fails with them on (see `run`); ours keeps them on;
+- TRL's model uses the experts kernel given by `--trl-experts` (default: transformers' own default
+  for the device); ours uses `eager` for training as `grpo.train.load_policy` does on CPU and the
+  engine's fast decode path for generation.
+
+Timing: TRL's `train()` runs the loop; after each of its optimizer steps a callback runs one step of
+ours, so the two alternate step by step under the same machine load. A TRL step is the wall time
+between consecutive callbacks minus the time spent in our step; ours is timed around the calls
+of the project's functions (sample prompts -> encode -> engine.generate -> score_rollouts ->
+with_advantages -> policy_update -> engine.update_weights), as `grpo.train.train` makes them.
+The first 3 steps of each are warm-up; medians of the next 30 are reported, with the 1-minute load
+average (other processes on a shared machine inflate both sides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+SIZES = {"tiny": (128, 4), "small": (512, 8)}
+PROMPTS_PER_STEP, GROUP, NEW_TOKENS, LR = 2, 8, 32, 1e-5
+
+
+def build_model(hidden: int, layers: int, tokenizer, experts: str | None, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    from grpo.tiny import TinyBaseSpec, tiny_moe_config
+
+    spec = TinyBaseSpec(hidden_size=hidden, num_layers=layers, num_heads=4, num_kv_heads=2, num_experts=8,
+                        top_k=2, expert_width=128)
+    config = tiny_moe_config(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+    config.output_router_logits = True
+    torch.manual_seed(seed)
+    kwargs = {"experts_implementation": experts} if experts else {}
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+
+
+def prompt_rows(n: int, seed: int = 0) -> list[dict]:
+    from grpo.tasks import ArithmeticTask
+
+    rows = ArithmeticTask(99, 9).all_rows()
+    random.Random(seed).shuffle(rows)
+    return rows[:n]
+
+
+class OurStep:
+    """One step of grpo-zero's loop, made of the functions `grpo.train.train` calls.
+
+    Also used by bench/gpu_check.sh (CUDA, bf16, either engine): `device`, `dtype`, `engine`,
+    `checkpoint` (a saved model directory, needed by vLLM) and the batch shape are parameters.
+    """
+
+    def __init__(self, hidden: int, layers: int, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 engine: str = "hf", checkpoint: str | None = None, prompts_per_step: int = PROMPTS_PER_STEP,
+                 group: int = GROUP, new_tokens: int = NEW_TOKENS, vllm: dict | None = None):
+        from grpo.config import RunConfig
+        from grpo.data import PromptSampler
+        from grpo.tiny import build_char_tokenizer
+        from rewards import RewardSpec, Scorer
+        from rollout import make_engine
+
+        self.device = torch.device(device)
+        self.prompts_per_step, self.group, self.new_tokens = prompts_per_step, group, new_tokens
+        self.tokenizer = build_char_tokenizer()
+        experts = "eager" if self.device.type == "cpu" else None  # as grpo.train.load_policy picks
+        if checkpoint:
+            from transformers import AutoModelForCausalLM
+
+            kwargs = {"experts_implementation": experts} if experts else {}
+            self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, **kwargs)
+        else:
+            self.model = build_model(hidden, layers, self.tokenizer, experts).to(dtype)
+        self.model.to(self.device)
+        self.cfg = RunConfig.model_validate({
+            "rollout": {"engine": engine, "group_size": group, "max_new_tokens": new_tokens, "temperature": 1.0,
+                        "top_p": 1.0, "top_k": 0, "stop": [], "vllm": vllm or {}},
+            "algorithm": {"advantage_scale": "group", "clip_low": 0.2, "clip_high": 0.2, "loss_agg": "token_mean",
+                          "num_iterations": 1},
+            "trainer": {"prompts_per_step": prompts_per_step, "micro_batch_size": 64, "lr": LR,
+                        "max_grad_norm": 1.0, "weight_decay": 0.0},
+        })
+        self.engine = make_engine(self.cfg, self.model, self.tokenizer, self.device)
+        self.scorer = Scorer([RewardSpec("math_answer", 1.0), RewardSpec("format", 0.5)], workers=0)
+        self.sampler = PromptSampler(prompt_rows(512), seed=0)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=0.0)
+        self.step_index = 0
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def __call__(self) -> dict[str, float]:
+        from grpo.train import encode_prompts, score_rollouts, with_advantages
+        from grpo.update import policy_update
+        from rollout.base import SamplingParams
+
+        self.step_index += 1
+        t0 = self._sync()
+        rows = self.sampler.next_batch(self.prompts_per_step)
+        prompts, prompt_ids = encode_prompts(self.tokenizer, self.cfg.data, rows)
+        sampling = SamplingParams(max_new_tokens=self.new_tokens, temperature=1.0, ignore_eos=True,
+                                  seed=self.step_index)
+        rollouts = self.engine.generate(prompt_ids, self.group, sampling)
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()
+        t1 = self._sync()
+        rollouts, _ = score_rollouts(self.scorer, rollouts, rows, prompts, self.new_tokens)
+        rollouts, _ = with_advantages(rollouts, self.cfg)
+        t2 = self._sync()
+        policy_update(self.model, self.optimizer, rollouts, self.cfg, self.tokenizer.pad_token_id, self.device)
+        t3 = self._sync()
+        if hasattr(self.engine, "wake"):
+            self.engine.wake()
+        self.engine.update_weights(self.model.named_parameters())
+        t4 = self._sync()
+        assert all(len(r.completion_ids) == self.new_tokens for r in rollouts)
+        tokens = sum(len(r.completion_ids) for r in rollouts)
+        return {"step": t4 - t0, "generate": t1 - t0, "score": t2 - t1, "train": t3 - t2, "sync": t4 - t3,
+                "tokens_per_s": tokens / max(t1 - t0, 1e-9)}
+
+
+def run(size: str, steps: int, warmup: int, trl_experts: str | None) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from grpo.data import render_prompt
+    from grpo.tiny import build_char_tokenizer
+    from rewards import RewardSpec, Scorer
+
+    hidden, layers = SIZES[size]
+    ours = OurStep(hidden, layers)
+
+    trl_tokenizer = build_char_tokenizer()
+    trl_model = build_model(hidden, layers, trl_tokenizer, trl_experts)
+    # transformers 5.24's `generate` fails on Qwen3-MoE with router logits on (the load-balancing
+    # loss meets a decode step's full-length attention mask), and with `router_aux_loss_coef=0`
+    # TRL never reads them: switch them off on TRL's copy only (ours keeps them on in training
+    # forwards, computing an aux loss it does not use: extra work on our side only).
+    trl_model.config.output_router_logits = False
+    scorer = Scorer([RewardSpec("math_answer", 1.0), RewardSpec("format", 0.5)], workers=0)
+
+    def reward(prompts, completions, answer, **kwargs):  # the same scorer, the same example fields
+        return scorer.score(list(completions), [{"answer": a} for a in answer]).total
+
+    rows = prompt_rows(512, seed=1)
+    data = Dataset.from_list([{"prompt": render_prompt("r1_zero_tiny", r), "answer": r["answer"]} for r in rows])
+    total = warmup + steps
+    args = GRPOConfig(
+        output_dir=str(Path(os.environ.get("TMPDIR", "/tmp")) / "grpo-zero-bench-trl"),
+        per_device_train_batch_size=PROMPTS_PER_STEP * GROUP, num_generations=GROUP, max_steps=total,
+        max_completion_length=NEW_TOKENS, generation_kwargs={"min_new_tokens": NEW_TOKENS},
+        temperature=1.0, top_p=1.0, top_k=0, beta=0.0, num_iterations=1, epsilon=0.2, loss_type="dapo",
+        scale_rewards="group", learning_rate=LR, max_grad_norm=1.0, weight_decay=0.0,
+        gradient_checkpointing=False, router_aux_loss_coef=0.0, use_vllm=False, use_cpu=True, bf16=False,
+        report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True, seed=0,
+        dataloader_num_workers=0, log_completions=False,
+    )
+    times: dict[str, list[float]] = {"trl": [], "ours": [], "ours_generate": [], "ours_train": []}
+
+    class Alternate(TrainerCallback):
+        resumed = None
+
+        def on_train_begin(self, *a, **k):
+            self.resumed = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times["trl"].append(time.perf_counter() - self.resumed)
+            split = ours()
+            times["ours"].append(split["step"])
+            times["ours_generate"].append(split["generate"])
+            times["ours_train"].append(split["train"])
+            self.resumed = time.perf_counter()
+
+    trainer = GRPOTrainer(model=trl_model, reward_funcs=reward, args=args, train_dataset=data,
+                          processing_class=trl_tokenizer, callbacks=[Alternate()])
+    with contextlib.redirect_stdout(sys.stderr):  # TRL prints its final metrics; stdout is one JSON line
+        trainer.train()
+    med = {k: statistics.median(v[warmup:]) for k, v in times.items()}
+    return {
+        "bench": "step_vs_trl", "size": size, "hidden": hidden, "layers": layers,
+        "prompts_x_completions": f"{PROMPTS_PER_STEP}x{GROUP}", "new_tokens": NEW_TOKENS,
+        "steps_measured": len(times["ours"]) - warmup,
+        "trl_s_per_step": round(med["trl"], 4), "ours_s_per_step": round(med["ours"], 4),
+        "ratio_trl_over_ours": round(med["trl"] / med["ours"], 3),
+        "ours_generate_s": round(med["ours_generate"], 4), "ours_train_s": round(med["ours_train"], 4),
+        "trl_experts": trl_experts or "default", "threads": torch.get_num_threads(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "torch": torch.__version__, "trl": __import__("trl").__version__,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["tiny", "small", "both"], default="tiny")
+    parser.add_argument("--steps", type=int, default=30, help="measured steps (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--trl-experts", default=None,
+                        help="experts kernel of TRL's model (eager, grouped_mm; default: transformers' choice)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import logging
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    for size in (["tiny", "small"] if args.size == "both" else [args.size]):
+        print(json.dumps(run(size, args.steps, args.warmup, args.trl_experts)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
