@@ -163,12 +163,15 @@ class DocumentPacker:
     def __init__(self, rng: random.Random, task: ArithmeticTask, tokenizer, spec: TinyBaseSpec):
         self.rng, self.task, self.tokenizer, self.spec = rng, task, tokenizer, spec
         self.pending: list[int] | None = None
+        self._ready: list[list[int]] = []  # encoded documents, next one last
 
     def _document(self) -> list[int]:
-        text = pretraining_document(self.rng, self.task, self.spec.tagged_share)
-        return self.tokenizer.encode(text, add_special_tokens=False)[: self.spec.row_tokens - 1] + [
-            self.tokenizer.eos_token_id
-        ]
+        if not self._ready:  # documents are drawn in order and encoded 256 at a time (one fast call)
+            texts = [pretraining_document(self.rng, self.task, self.spec.tagged_share) for _ in range(256)]
+            encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+            eos, cap = self.tokenizer.eos_token_id, self.spec.row_tokens - 1
+            self._ready = [ids[:cap] + [eos] for ids in reversed(encoded)]
+        return self._ready.pop()
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         width, pad = self.spec.row_tokens, self.tokenizer.pad_token_id
