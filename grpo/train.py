@@ -376,4 +376,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
     eval_scorer.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Join the process group's threads now: left to interpreter exit, a rank sometimes aborted
+        # ("terminate called without an active exception") after the run had finished.
+        torch.distributed.destroy_process_group()
     return summary
