@@ -26,12 +26,7 @@ CPU = torch.device("cpu")
 G = 4  # group size: 8 sequences are 2 groups of 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rollouts(scale: str = "group") -> list[Rollout]:
