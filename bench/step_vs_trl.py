@@ -95,6 +95,9 @@ class OurStep:
                  group: int = GROUP, new_tokens: int = NEW_TOKENS, vllm: dict | None = None):
         from grpo.config import RunConfig
         from grpo.data import PromptSampler
+        from grpo.experts import experts_implementation
+        from grpo.moe import RouterControl
+        from grpo.train import make_optimizer
         from grpo.tiny import build_char_tokenizer
         from rewards import RewardSpec, Scorer
         from rollout import make_engine
@@ -102,7 +105,7 @@ class OurStep:
         self.device = torch.device(device)
         self.prompts_per_step, self.group, self.new_tokens = prompts_per_step, group, new_tokens
         self.tokenizer = build_char_tokenizer()
-        experts = "eager" if self.device.type == "cpu" else None  # as grpo.train.load_policy picks
+        experts = experts_implementation(None, self.device)  # as grpo.train.load_policy picks
         if checkpoint:
             from transformers import AutoModelForCausalLM
 
@@ -117,12 +120,13 @@ class OurStep:
             "algorithm": {"advantage_scale": "group", "clip_low": 0.2, "clip_high": 0.2, "loss_agg": "token_mean",
                           "num_iterations": 1},
             "trainer": {"prompts_per_step": prompts_per_step, "micro_batch_size": 64, "lr": LR,
-                        "max_grad_norm": 1.0, "weight_decay": 0.0},
+                        "betas": (0.9, 0.999), "max_grad_norm": 1.0, "weight_decay": 0.0},
         })
         self.engine = make_engine(self.cfg, self.model, self.tokenizer, self.device)
         self.scorer = Scorer([RewardSpec("math_answer", 1.0), RewardSpec("format", 0.5)], workers=0)
         self.sampler = PromptSampler(prompt_rows(512), seed=0)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=0.0)
+        self.optimizer = make_optimizer(self.model, self.cfg.trainer)
+        self.moe = RouterControl(self.model, self.cfg.moe)  # expert-load metrics, as in every MoE run
         self.step_index = 0
 
     def _sync(self) -> float:
@@ -131,6 +135,7 @@ class OurStep:
         return time.perf_counter()
 
     def __call__(self) -> dict[str, float]:
+        from grpo.moe import load_metrics
         from grpo.train import encode_prompts, score_rollouts, with_advantages
         from grpo.update import policy_update
         from rollout.base import SamplingParams
@@ -148,7 +153,11 @@ class OurStep:
         rollouts, _ = score_rollouts(self.scorer, rollouts, rows, prompts, self.new_tokens)
         rollouts, _ = with_advantages(rollouts, self.cfg)
         t2 = self._sync()
-        policy_update(self.model, self.optimizer, rollouts, self.cfg, self.tokenizer.pad_token_id, self.device)
+        policy_update(self.model, self.optimizer, rollouts, self.cfg, self.tokenizer.pad_token_id, self.device,
+                      moe=self.moe)
+        counts = self.moe.take_counts()
+        if counts is not None:
+            load_metrics(counts)
         t3 = self._sync()
         if hasattr(self.engine, "wake"):
             self.engine.wake()

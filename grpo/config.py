@@ -35,7 +35,7 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="allow model code from the Hub repository")
     attn_implementation: str | None = Field(None, description="transformers attention kernel (sdpa, flash_attention_2, eager)")
     experts_implementation: str | None = Field(
-        None, description="transformers MoE expert kernel (eager, grouped_mm); None picks per device"
+        None, description="MoE expert kernel: transformers' eager / grouped_mm / batched_mm, or grpo_sorted; None: grpo_sorted on CPU, transformers' default elsewhere"
     )
 
 
@@ -227,6 +227,11 @@ class TrainerConfig(Section):
     steps: int = Field(300, ge=1, description="optimizer steps (one batch of rollouts each)")
     prompts_per_step: int = Field(8, ge=1, description="prompts per step; each gets group_size completions")
     micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward (gradient accumulation above it)")
+    shared_prompt_forward: bool = Field(
+        True, description="training forwards run each distinct prompt of a micro-batch once and its completions on "
+        "copies of its KV cache (same values, less work; falls back to one full forward under DDP/FSDP wrappers, "
+        "gradient checkpointing or sliding-window attention)",
+    )
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas")

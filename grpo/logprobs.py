@@ -21,6 +21,8 @@ the wrapper's hooks see the pass; the head is then applied in chunks as above.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -59,6 +61,27 @@ def _is_fsdp(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") and not hasattr(model, "get_decoder") else model  # DDP, DeepSpeed
+
+
+def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float,
+                   softcap: float | None, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [B, T, H] scoring targets [B, T] -> logprobs [B, T], entropy [B, T], `chunk` positions of
+    logits at a time (each chunk under activation checkpointing when grad flows)."""
+    use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
+    logprobs, entropy = [], []
+    for start in range(0, hidden.shape[1], chunk):
+        h, y = hidden[:, start : start + chunk], targets[:, start : start + chunk]  # [B, c, H], [B, c]
+        if use_checkpoint:
+            lp, ent = checkpoint(_chunk_logprobs, h, y, head, temperature, softcap, use_reentrant=False)
+        else:
+            lp, ent = _chunk_logprobs(h, y, head, temperature, softcap)
+        logprobs.append(lp)  # [B, c]
+        entropy.append(ent)  # [B, c]
+    return torch.cat(logprobs, dim=1), torch.cat(entropy, dim=1)  # [B, T] x2
+
+
 def token_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -66,13 +89,23 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk: int = 512,
+    prompt_lens: torch.Tensor | None = None,
+    routing=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probabilities of input_ids[:, 1:] given the prefix, `chunk` positions of logits at a time.
 
     input_ids, attention_mask: [B, S] (right-padded: row b is prompt + completion + padding)
+    prompt_lens: [B] prompt lengths; when given and the model allows it (`shared_prompt_supported`),
+        rows with the same prompt share one forward of it (`shared_prompt_logprobs`); the returned
+        values are then defined at completion positions only (zeros elsewhere).
+    routing: the MoE `RoutingScope` of this forward, told which tokens each forward runs
+        (only needed with shared prompts).
     Returns logprobs [B, S-1] (entry t scores token t+1) and, if asked, entropy [B, S-1].
     """
-    inner = model.module if hasattr(model, "module") and not hasattr(model, "get_decoder") else model  # DDP, DeepSpeed
+    if prompt_lens is not None and shared_prompt_supported(model):
+        return shared_prompt_logprobs(model, input_ids, attention_mask, prompt_lens, temperature, with_entropy,
+                                      chunk, routing)
+    inner = _unwrapped(model)
     head = inner.get_output_embeddings()
     softcap = getattr(inner.config, "final_logit_softcapping", None)
     positions = _positions(attention_mask)
@@ -87,17 +120,139 @@ def token_logprobs(
                                    position_ids=positions).last_hidden_state  # [B, S, H]
     hidden = last[:, :-1, :]  # [B, S-1, H]
     targets = input_ids[:, 1:]  # [B, S-1]
-    use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
-    logprobs, entropy = [], []
-    for start in range(0, hidden.shape[1], chunk):
-        h, y = hidden[:, start : start + chunk], targets[:, start : start + chunk]  # [B, c, H], [B, c]
-        if use_checkpoint:
-            lp, ent = checkpoint(_chunk_logprobs, h, y, head, temperature, softcap, use_reentrant=False)
-        else:
-            lp, ent = _chunk_logprobs(h, y, head, temperature, softcap)
-        logprobs.append(lp)  # [B, c]
-        entropy.append(ent)  # [B, c]
-    return torch.cat(logprobs, dim=1), (torch.cat(entropy, dim=1) if with_entropy else None)  # [B, S-1]
+    logprobs, entropy = _head_logprobs(hidden, targets, head, temperature, softcap, chunk)  # [B, S-1] x2
+    return logprobs, (entropy if with_entropy else None)
+
+
+# --- shared prompts: one forward per distinct prompt, completions on copies of its KV cache --------
+
+
+def shared_prompt_supported(model: torch.nn.Module) -> bool:
+    """Whether `shared_prompt_logprobs` can run this model: an unwrapped transformers decoder (a
+    DDP or FSDP wrapper must see exactly one forward per backward) without gradient checkpointing
+    (which turns the cache off), whose every layer attends over the full context (no sliding
+    windows or linear-attention layers, whose caches do not keep every position)."""
+    if _unwrapped(model) is not model or _is_fsdp(model) or not hasattr(model, "get_decoder"):
+        return False
+    checkpointing = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else (
+        "is_gradient_checkpointing")
+    if getattr(model, checkpointing, False):
+        return False
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "is_encoder_decoder", False):
+        return False
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        return all(t == "full_attention" for t in layer_types)
+    return getattr(cfg, "sliding_window", None) is None
+
+
+@dataclass
+class TokenPart:
+    """The tokens one forward of a shared-prompt pass runs, mapped onto the right-padded full layout
+    [B, S] (flattened to B*S positions) that routing replay and expert-load counts are defined on.
+
+    position: [T] the full-layout position each token stands for (its first row's, for a prompt
+        token shared by several rows); padding tokens point at position 0 with weight 0
+    weight: [T] how many full-layout positions the token stands for (rows sharing the prompt; 0 for
+        padding), so counts and the load-balancing loss equal those of the full layout
+    src, dst: [N] token `src[i]` fills full-layout position `dst[i]` (every covered position once)
+    """
+
+    position: torch.Tensor
+    weight: torch.Tensor
+    src: torch.Tensor
+    dst: torch.Tensor
+
+
+def shared_prompt_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk: int = 512,
+    routing=None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`token_logprobs` at completion positions, each distinct prompt run once.
+
+    In GRPO every prompt is sampled n times, so a right-padded batch repeats each prompt n times.
+    Here the distinct prompts run once (left-padded, [P, Wp]) with a KV cache; the cache is copied
+    to the rows (differentiably: gradients from every completion flow back into the prompt's
+    keys and values) and the completions run on it ([B, Wc], positions continuing the prompt's).
+    The first completion token is scored by the prompt's last hidden state, the others by the
+    completion forward's. Same values as the full forward up to float rounding (tests check
+    values and gradients); the prompt's share of the work drops from n copies to one.
+
+    input_ids, attention_mask: [B, S] right-padded; prompt_lens: [B]
+    Returns logprobs [B, S-1] and, if asked, entropy [B, S-1], at completion positions (entry
+    t scores token t+1); zeros at prompt and padding positions.
+    """
+    device = input_ids.device
+    batch, width = input_ids.shape
+    prompt_lens = prompt_lens.to(device)
+    seq_lens = attention_mask.sum(-1)  # [B]
+    # distinct prompts, in order of first appearance
+    distinct: dict[tuple[int, ...], int] = {}
+    rows_ids = input_ids.tolist()
+    lens = prompt_lens.tolist()
+    row_prompt = torch.tensor([distinct.setdefault(tuple(rows_ids[b][: lens[b]]), len(distinct))
+                               for b in range(batch)], device=device)  # [B]
+    num_prompts = len(distinct)
+    first_row = torch.zeros(num_prompts, dtype=torch.long, device=device)
+    first_row.scatter_reduce_(0, row_prompt, torch.arange(batch, device=device), "amin", include_self=False)
+    p_lens = prompt_lens[first_row]  # [P]
+    wp = int(p_lens.max())
+    cols = torch.arange(wp, device=device)[None]  # [1, Wp]
+    src_col = cols - (wp - p_lens[:, None])  # [P, Wp] full-layout column of each left-padded prompt column
+    prompt_mask = (src_col >= 0).long()  # [P, Wp]
+    prompt_ids = input_ids[first_row].gather(1, src_col.clamp(min=0)) * prompt_mask  # [P, Wp]
+    comp_lens = seq_lens - prompt_lens  # [B]
+    wc = max(int(comp_lens.max()), 1)
+    ccols = torch.arange(wc, device=device)[None]  # [1, Wc]
+    comp_mask = (ccols < comp_lens[:, None]).long()  # [B, Wc]
+    comp_col = (prompt_lens[:, None] + ccols).clamp(max=width - 1)  # [B, Wc] full-layout column
+    comp_ids = input_ids.gather(1, comp_col) * comp_mask  # [B, Wc]
+
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    if routing is not None:
+        sharing = torch.bincount(row_prompt, minlength=num_prompts).to(torch.float32)  # [P] rows per prompt
+        position = (first_row[:, None] * width + src_col.clamp(min=0)).reshape(-1)  # [P*Wp]
+        weight = (prompt_mask * sharing[:, None]).reshape(-1)  # [P*Wp]
+        # every row's prompt positions, filled from its prompt's token
+        row_cols = torch.arange(width, device=device)[None]  # [1, S]
+        in_prompt = row_cols < prompt_lens[:, None]  # [B, S]
+        src = (row_prompt[:, None] * wp + (wp - prompt_lens[:, None]) + row_cols)[in_prompt]  # [N]
+        dst = (torch.arange(batch, device=device)[:, None] * width + row_cols)[in_prompt]  # [N]
+        routing.set_part(TokenPart(position, weight, src, dst))
+    out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
+                  use_cache=True)
+    cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+    first_hidden = out.last_hidden_state[:, -1][row_prompt]  # [B, H] scores each completion's first token
+    cache.batch_select_indices(row_prompt)  # [P, ...] -> [B, ...], differentiable
+    if routing is not None:
+        flat = (torch.arange(batch, device=device)[:, None] * width + comp_col).reshape(-1)  # [B*Wc]
+        valid = comp_mask.reshape(-1).bool()  # [B*Wc]
+        routing.set_part(TokenPart(flat, valid.to(torch.float32), torch.nonzero(valid).squeeze(-1), flat[valid]))
+    try:
+        comp_hidden = decoder(input_ids=comp_ids, attention_mask=torch.cat([prompt_mask[row_prompt], comp_mask], 1),
+                              position_ids=prompt_lens[:, None] + ccols, cache=cache,
+                              use_cache=True).last_hidden_state  # [B, Wc, H]
+    finally:
+        if routing is not None:
+            routing.set_part(None)
+    hidden = torch.cat([first_hidden[:, None], comp_hidden[:, :-1]], dim=1)  # [B, Wc, H]
+    lp, ent = _head_logprobs(hidden, comp_ids, head, temperature, softcap, chunk)  # [B, Wc] x2
+    # back to the full layout: completion token j of row b is scored at entry prompt_len + j - 1;
+    # padding entries go to an extra column that is cut off
+    entry = torch.where(comp_mask.bool(), prompt_lens[:, None] - 1 + ccols, torch.full_like(ccols, width - 1))  # [B, Wc]
+    logprobs = lp.new_zeros(batch, width).scatter(1, entry, lp)[:, : width - 1]  # [B, S-1]
+    entropy = ent.new_zeros(batch, width).scatter(1, entry, ent)[:, : width - 1] if with_entropy else None
+    return logprobs, entropy
 
 
 def token_logprobs_plain(

@@ -58,19 +58,43 @@ def _normalises(router: torch.nn.Module) -> bool:
 
 @dataclass
 class RoutingScope:
-    """What one forward's routers did: used experts per layer and, for the aux loss, logits."""
+    """What one forward's routers did: used experts per layer and, for the aux loss, logits.
+
+    Positions are those of the right-padded batch [B, S] the scope was opened for. A scope may
+    span several forwards over other token layouts (shared prompts: `set_part` before each one,
+    see `grpo.logprobs.TokenPart`); replay, counts, the aux loss and `used_experts` then map
+    every token back onto [B, S].
+    """
 
     attention_mask: torch.Tensor | None  # [B, S] or None (all tokens count)
     replay: torch.Tensor | None = None  # [B, S, L, k] long: experts to use
     replay_valid: torch.Tensor | None = None  # [B, S] bool: positions that have a recording
     keep_logits: bool = False
     count: bool = True  # add this forward's routing to the expert-load metrics
-    used: list[torch.Tensor] = field(default_factory=list)  # per layer [T, k]
-    logits: list[torch.Tensor] = field(default_factory=list)  # per layer [T, E] (float32)
+    used: list[torch.Tensor] = field(default_factory=list)  # per router call [T, k]
+    logits: list[torch.Tensor] = field(default_factory=list)  # per router call [T, E] (float32)
+    parts: list = field(default_factory=list)  # per router call: the TokenPart it ran on (None: [B, S])
+    layer_of: list[int] = field(default_factory=list)  # per router call: its MoE layer
+    part: object = None  # the TokenPart of the forward now running (None: the [B, S] batch itself)
+
+    def set_part(self, part) -> None:
+        self.part = part
 
     def used_experts(self) -> torch.Tensor:
         """[T, L, k] experts that ran for every token of the forward (T = B * S)."""
-        return torch.stack(self.used, dim=1)
+        if not any(p is not None for p in self.parts):
+            return torch.stack(self.used, dim=1)
+        batch, width = self.attention_mask.shape
+        full = self.used[0].new_zeros(batch * width, max(self.layer_of) + 1, self.used[0].shape[-1])  # [B*S, L, k]
+        for used, part, layer in zip(self.used, self.parts, self.layer_of):
+            full[part.dst, layer] = used[part.src]
+        return full
+
+    def token_weight(self, part=None) -> torch.Tensor | None:
+        """[T] weight of every token of a forward (full-layout positions it stands for; None: all 1)."""
+        if part is not None:
+            return part.weight
+        return None if self.attention_mask is None else self.attention_mask.reshape(-1).to(torch.float32)
 
     def token_mask(self) -> torch.Tensor | None:
         return None if self.attention_mask is None else self.attention_mask.reshape(-1).bool()  # [T]
@@ -122,9 +146,12 @@ class RouterControl:
             logits = F.linear(hidden.float(), module.weight.float())  # [T, E]
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
         layer = self._layer[id(module)]
+        part = scope.part if scope is not None else None
         if scope is not None and scope.replay is not None:
-            recorded = scope.replay[:, :, layer].reshape(-1, indices.shape[-1]).to(indices.device)  # [T, k]
-            valid = scope.replay_valid.reshape(-1, 1).to(indices.device)  # [T, 1]
+            recorded = scope.replay[:, :, layer].reshape(-1, indices.shape[-1]).to(indices.device)  # [B*S, k]
+            valid = scope.replay_valid.reshape(-1, 1).to(indices.device)  # [B*S, 1]
+            if part is not None:  # this forward's tokens stand for these full-layout positions
+                recorded, valid = recorded[part.position], valid[part.position] & (part.weight[:, None] > 0)
             indices = torch.where(valid, recorded.to(indices.dtype), indices)  # [T, k]
         elif self.cfg.router_float32:
             indices = torch.topk(probs, indices.shape[-1], dim=-1).indices  # [T, k]
@@ -136,37 +163,49 @@ class RouterControl:
                 weights = weights.to(output[1].dtype)
         if scope is not None:
             scope.used.append(indices.detach())
+            scope.parts.append(part)
+            scope.layer_of.append(layer)
             if scope.keep_logits:
                 scope.logits.append(logits.float())
             if scope.count:
-                self._count(layer, indices.detach(), scope.token_mask())
+                self._count(layer, indices.detach(), scope.token_weight(part))
         return logits, weights, indices
 
-    def _count(self, layer: int, indices: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def _count(self, layer: int, indices: torch.Tensor, weight: torch.Tensor | None) -> None:
+        """Add a forward's (token, slot) assignments; `weight` [T]: positions each token stands for."""
         if not self.cfg.metrics:
             return
         if self._counts is None:
             self._counts = torch.zeros(len(self.routers), self.num_experts, dtype=torch.float64)
-        if mask is not None:
-            indices = indices[mask.to(indices.device)]
-        self._counts[layer] += torch.bincount(indices.reshape(-1).cpu().long(), minlength=self.num_experts).double()
+        slot_weight = None
+        if weight is not None:
+            slot_weight = weight.to(indices.device, torch.float64)[:, None].expand(indices.shape).reshape(-1).cpu()
+        self._counts[layer] += torch.bincount(indices.reshape(-1).cpu().long(), weights=slot_weight,
+                                              minlength=self.num_experts).double()
 
     # -- losses and metrics ----------------------------------------------------------------
 
     def aux_loss(self, scope: RoutingScope) -> torch.Tensor | None:
-        """Switch load-balancing loss of one scoped forward (needs `keep_logits=True`)."""
+        """Switch load-balancing loss of one scoped forward (needs `keep_logits=True`); tokens are
+        weighted by the full-layout positions they stand for (1 each without shared prompts)."""
         if not scope.logits:
             return None
-        mask = scope.token_mask()
+        calls = len(scope.logits)
+        parts = scope.parts or [None] * calls  # a hand-built scope: one forward, one entry per layer
+        layer_of = scope.layer_of or list(range(calls))
+        sums: dict[int, list] = {}  # layer -> [weighted slot counts [E], weighted probabilities [E], weight]
+        for logits, used, part, layer in zip(scope.logits, scope.used, parts, layer_of):
+            weight = scope.token_weight(part)  # [T] or None
+            weight = torch.ones(logits.shape[0], device=logits.device) if weight is None else weight.to(logits.device)
+            probs = logits.softmax(-1)  # [T, E]
+            slots = F.one_hot(used, self.num_experts).float().sum(1)  # [T, E] (k ones per token)
+            acc = sums.setdefault(layer, [0.0, 0.0, 0.0])
+            acc[0] = acc[0] + (weight[:, None] * slots).sum(0)
+            acc[1] = acc[1] + (weight[:, None] * probs).sum(0)
+            acc[2] = acc[2] + weight.sum()
         losses = []
-        for logits, used in zip(scope.logits, scope.used):
-            if mask is not None:
-                keep = mask.to(logits.device)
-                logits, used = logits[keep], used[keep]  # [T', E], [T', k]
-            probs = logits.softmax(-1)  # [T', E]
-            slots = F.one_hot(used, self.num_experts).float().sum(1)  # [T', E] (k ones per token)
-            f = slots.mean(0)  # [E], sums to top_k
-            p = probs.mean(0)  # [E], sums to 1
+        for f_sum, p_sum, w_sum in sums.values():
+            f, p = f_sum / w_sum, p_sum / w_sum  # [E] summing to top_k, [E] summing to 1
             losses.append(self.num_experts * (f * p).sum())
         return torch.stack(losses).mean()
 

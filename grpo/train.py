@@ -42,6 +42,7 @@ from grpo.data import PromptSampler, load_eval_sets, load_rows, render_prompts
 from grpo.distributed import (all_reduce_tensor, broadcast_object, check_supported, fsdp_on_cpu, fully_shard_cpu,
                               gather_objects, group_seed, make_accelerator, rank_slice, reduce_metrics)
 from grpo.evaluate import evaluate_greedy, evaluate_step, make_eval_scorer
+from grpo.experts import experts_implementation
 from grpo.moe import RouterControl, load_metrics
 from grpo.sampling import sample_batch
 from grpo.tracking import make_tracker
@@ -75,10 +76,9 @@ def load_policy(cfg: RunConfig, device: torch.device, path: str | Path | None = 
         kwargs["revision"] = cfg.model.revision
     if cfg.model.attn_implementation:
         kwargs["attn_implementation"] = cfg.model.attn_implementation
-    if cfg.model.experts_implementation:
-        kwargs["experts_implementation"] = cfg.model.experts_implementation
-    elif device.type == "cpu":
-        kwargs["experts_implementation"] = "eager"  # faster than grouped_mm for training on CPU
+    experts = experts_implementation(cfg.model.experts_implementation, device)
+    if experts:
+        kwargs["experts_implementation"] = experts
     revision = cfg.model.revision if path is None else None
     tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=cfg.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
@@ -103,6 +103,15 @@ def make_scorer(cfg: RunConfig) -> Scorer:
                   timeout_score=r.timeout_score, error_score=r.error_score, fail_fast=r.fail_fast)
 
 
+def make_optimizer(model, tr, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over the model's parameters; the fused kernel (one pass over all parameters) where
+    torch has one for their device and dtype, unless `fused` is False (sharded DTensor params)."""
+    params = list(model.parameters())
+    fused = fused and all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64, torch.float16,
+                                                                              torch.bfloat16) for p in params)
+    return torch.optim.AdamW(params, lr=tr.lr, betas=tr.betas, weight_decay=tr.weight_decay, fused=fused or None)
+
+
 def prepare_training(cfg: RunConfig, accelerator, model, tokenizer):
     """(trainer model, unwrapped model, optimizer, scheduler, engine) for this process layout.
 
@@ -115,7 +124,7 @@ def prepare_training(cfg: RunConfig, accelerator, model, tokenizer):
     tr = cfg.trainer
     if sharded:
         model = fully_shard_cpu(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, betas=tr.betas, weight_decay=tr.weight_decay)
+    optimizer = make_optimizer(model, tr, fused=not (sharded or accelerator.is_fsdp2))
     if not sharded:
         model, optimizer = accelerator.prepare(model, optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (tr.warmup_steps + 1)))

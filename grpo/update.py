@@ -38,16 +38,19 @@ def collate(rollouts: list[Rollout], pad_id: int, overlong_filter: bool = False)
         mask[b, start:end] = 0.0 if overlong_filter and r.finish_reason == "length" else 1.0
         sampler_lp[b, start:end] = torch.tensor(r.logprobs, dtype=torch.float32)
     advantages = torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)  # [B]
+    prompt_lens = torch.tensor([len(r.prompt_ids) for r in rollouts], dtype=torch.long)  # [B]
     return {"input_ids": input_ids, "attention_mask": attention, "mask": mask,
-            "sampler_logprobs": sampler_lp, "advantages": advantages}
+            "sampler_logprobs": sampler_lp, "advantages": advantages, "prompt_lens": prompt_lens}
 
 
 @torch.no_grad()
 def frozen_logprobs(model, batch: dict[str, torch.Tensor], chunks: list[slice], temperature: float,
-                    chunk_tokens: int) -> torch.Tensor:
+                    chunk_tokens: int, shared_prompts: bool = False) -> torch.Tensor:
     """Log-probs of the whole batch without grad (old policy, or the reference model); [B, S-1]."""
     return torch.cat([token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c], temperature,
-                                     chunk=chunk_tokens)[0] for c in chunks])
+                                     chunk=chunk_tokens,
+                                     prompt_lens=batch["prompt_lens"][c] if shared_prompts else None)[0]
+                      for c in chunks])
 
 
 def _merge(sums: dict[str, float], metrics: dict[str, float], weight: float) -> None:
@@ -75,6 +78,7 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
     """
     algo, tr = cfg.algorithm, cfg.trainer
     temperature, chunk_tokens = cfg.rollout.temperature, algo.logprob_chunk
+    shared = tr.shared_prompt_forward
     loss_fn, normalizer_of = objective_from_config(algo)
     batch = {k: v.to(device) for k, v in collate(rollouts, pad_id, algo.overlong_filter).items()}
     size = len(rollouts)
@@ -105,7 +109,8 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
             for c in chunks:
                 with scope(c, count=False) as sc:
                     olds.append(token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c], temperature,
-                                               chunk=chunk_tokens)[0])
+                                               chunk=chunk_tokens, prompt_lens=batch["prompt_lens"][c] if shared else None,
+                                               routing=sc)[0])
                 if sc is not None:
                     recorded.append(sc.used_experts().view(*batch["input_ids"][c].shape, len(moe.routers), -1))
         old = torch.cat(olds)  # [B, S-1]
@@ -115,7 +120,7 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
     if algo.beta > 0:
         if ref_model is None:
             raise ValueError("algorithm.beta > 0 needs a reference model")
-        ref = frozen_logprobs(ref_model, batch, chunks, temperature, chunk_tokens)
+        ref = frozen_logprobs(ref_model, batch, chunks, temperature, chunk_tokens, shared)
 
     sums: dict[str, float] = {}
     skipped = 0.0
@@ -125,7 +130,9 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
             mask = batch["mask"][c]  # [b, S-1]
             with scope(c) as sc:
                 logprobs, entropy = token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c],
-                                                   temperature, with_entropy=True, chunk=chunk_tokens)  # [b, S-1] x2
+                                                   temperature, with_entropy=True, chunk=chunk_tokens,
+                                                   prompt_lens=batch["prompt_lens"][c] if shared else None,
+                                                   routing=sc)  # [b, S-1] x2
             old_lp = old[c] if old is not None else logprobs.detach()  # [b, S-1]
             loss, metrics = loss_fn(logprobs, old_lp, batch["advantages"][c], mask, normalizer=normalizer,
                                     sampler_logprobs=batch["sampler_logprobs"][c],

@@ -4,7 +4,8 @@ All prompts x group size are decoded as one batch. The decode loop is written he
 calling `model.generate`, because on small models per-token framework overhead dominates:
 
 - the prompt batch (left-padded once) is prefilled by the transformers model itself, so routing
-  capture and every architecture transformers supports work unchanged;
+  capture and every architecture transformers supports work unchanged; each distinct prompt is
+  prefilled once and its cache copied to the group's rows (a group of n shares one prefill);
 - decode steps then run through one of two steppers:
   * `_FastQwen3Stepper` for Qwen3 and Qwen3-MoE (the models this project ships and benchmarks): a
     decode-step forward written with the model's own parameters (no copies, so weight updates are
@@ -197,7 +198,10 @@ def _prefill(model, input_ids, attention, positions, record: bool):
 class _GenericStepper:
     """Decode steps through the model's own forward and a transformers cache (any architecture)."""
 
-    def __init__(self, model, cache, attention: torch.Tensor, positions: torch.Tensor, max_new: int, record: bool):
+    def __init__(self, model, cache, attention: torch.Tensor, positions: torch.Tensor, max_new: int, record: bool,
+                 cache_rows: torch.Tensor | None = None):
+        if cache_rows is not None:  # the prefill ran once per distinct prompt: one cache row per decode row
+            cache.batch_select_indices(cache_rows)
         self.model, self.cache, self.record = model, cache, record
         width = attention.shape[1]
         self.width = width
@@ -283,7 +287,7 @@ class _FastQwen3Stepper:
         return True
 
     def __init__(self, model, cache, attention: torch.Tensor, positions: torch.Tensor, max_new: int,
-                 record: bool, dense_experts_max_rows: int = 64):
+                 record: bool, cache_rows: torch.Tensor | None = None, dense_experts_max_rows: int = 64):
         self.model, self.record = model, record
         self.dense_experts_max_rows = dense_experts_max_rows
         inner = model.model
@@ -315,7 +319,9 @@ class _FastQwen3Stepper:
         # Static KV buffers, prompt part copied from the prefill cache.
         self.keys, self.values = [], []
         for i in range(len(self.layers)):
-            k, v = cache.layers[i].keys, cache.layers[i].values  # [B, kvh, W, hd]
+            k, v = cache.layers[i].keys, cache.layers[i].values  # [P, kvh, W, hd]
+            if cache_rows is not None:  # one prefill row per distinct prompt -> one per decode row
+                k, v = k[cache_rows], v[cache_rows]  # [B, kvh, W, hd]
             kb = k.new_empty(batch, k.shape[1], width + max_new, k.shape[3])
             vb = v.new_empty(batch, v.shape[1], width + max_new, v.shape[3])
             kb[:, :, :width] = k
@@ -505,19 +511,28 @@ class HFEngine:
         stopper = _StopChecker(self.tokenizer, sampling, device)
         batch, max_new = len(rows), sampling.max_new_tokens
         width = max(map(len, rows))
-        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((batch, width), dtype=torch.long)
-        for b, row in enumerate(rows):  # left padding keeps every row's last token at column -1
-            input_ids[b, width - len(row) :] = torch.tensor(row)
-            attention[b, width - len(row) :] = 1
+        # Each distinct prompt is prefilled once (a group's n rows share it); the cache, the last
+        # logits and the routing record are then copied out to the rows.
+        distinct: dict[tuple[int, ...], int] = {}
+        row_of = torch.tensor([distinct.setdefault(tuple(row), len(distinct)) for row in rows], device=device)  # [B]
+        input_ids = torch.full((len(distinct), width), self.pad_id, dtype=torch.long)  # [P, W]
+        attention = torch.zeros((len(distinct), width), dtype=torch.long)  # [P, W]
+        for p, row in enumerate(distinct):  # left padding keeps every row's last token at column -1
+            input_ids[p, width - len(row) :] = torch.tensor(row)
+            attention[p, width - len(row) :] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [B, W]
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [P, W]
 
         record = sampling.record_routing
         logits, cache, prefill_routes = _prefill(model, input_ids, attention, positions, record)
+        shared = len(distinct) < batch
+        if shared:
+            logits, attention, positions = logits[row_of], attention[row_of], positions[row_of]  # [B, ...]
+            prefill_routes = prefill_routes[row_of] if prefill_routes is not None else None
         stepper_cls = _FastQwen3Stepper if self.fast_decode else _GenericStepper
         kwargs = {"dense_experts_max_rows": self.dense_experts_max_rows} if self.fast_decode else {}
-        stepper = stepper_cls(model, cache, attention, positions, max_new, record, **kwargs)
+        stepper = stepper_cls(model, cache, attention, positions, max_new, record,
+                              cache_rows=row_of if shared else None, **kwargs)
         del cache
 
         tokens = torch.full((batch, max_new), self.pad_id, dtype=torch.long, device=device)  # [B, N]

@@ -42,22 +42,24 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_base):
     result = run_cli(*args, "--output-dir", str(reference))
     assert result.returncode == 0, result.stderr[-3000:]
 
-    run = tmp_path / "killed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for attempt in range(3):  # the kill must land before the run ends; retry with a shorter delay if not
+    # The kill must land between the first checkpoint and the end of the run: each attempt starts
+    # afresh with a shorter random delay, the last one kills as soon as a checkpoint exists.
+    for attempt, longest_delay in enumerate((1.0, 0.3, 0.0)):
+        run = tmp_path / f"killed-{attempt}"
         proc = subprocess.Popen([sys.executable, "-m", "grpo", *args, "--output-dir", str(run), "--resume", "auto"],
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 300
         while not any(run.glob("checkpoints/step-*/state.json")):
             assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-        time.sleep(random.uniform(0.0, 1.5 / (attempt + 1)))
+            time.sleep(0.01)
+        time.sleep(random.uniform(0.0, longest_delay))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if proc.returncode == -signal.SIGKILL and not (run / "final").exists():
             break
     else:
-        pytest.skip("the run always finished before the kill landed")
+        pytest.fail("every run finished before the kill landed")
     killed_at = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
     print("checkpoints when killed:", killed_at)
 

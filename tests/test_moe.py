@@ -150,22 +150,27 @@ def test_r3_lowers_the_trainer_sampler_logprob_mismatch(sampler_kind):
         assert on < 0.5 * off
 
 
-def test_r2_later_passes_use_the_old_forwards_experts():
+@pytest.mark.parametrize("shared", [True, False], ids=["shared_prompts", "full_forward"])
+def test_r2_later_passes_use_the_old_forwards_experts(shared):
     from grpo.update import policy_update
 
     model, tok = tiny_moe("qwen3_moe")
     rollouts = sample_with_bf16_sampler(model, tok)
     routed = {}
     for replay in ("none", "R2"):
-        cfg = RunConfig.model_validate({"moe": {"routing_replay": replay},
-                                        "algorithm": {"num_iterations": 2}, "trainer": {"lr": 0.05}})
+        cfg = RunConfig.model_validate({"moe": {"routing_replay": replay}, "algorithm": {"num_iterations": 2},
+                                        "trainer": {"lr": 0.05, "shared_prompt_forward": shared}})
         m = copy.deepcopy(model)
         control = RouterControl(m, cfg.moe)
         spy = ExpertsSpy(m)
         policy_update(m, torch.optim.SGD(m.parameters(), lr=cfg.trainer.lr), rollouts, cfg, tok.pad_token_id,
                       torch.device("cpu"), moe=control)
         spy.close()
-        old, first, second = (torch.stack(c, 1) for c in spy.calls)  # old-logprob forward, pass 1, pass 2
+        # old-logprob pass, pass 1, pass 2: one forward each, or two with shared prompts (prompts, completions)
+        per_pass = 2 if shared else 1
+        assert len(spy.calls) == 3 * per_pass
+        old, second = (torch.cat([torch.stack(c, 1) for c in calls]) for calls in
+                       (spy.calls[:per_pass], spy.calls[2 * per_pass:]))
         routed[replay] = (old, second)
     old, second = routed["R2"]
     assert torch.equal(old, second)

@@ -1,0 +1,180 @@
+"""Shared-prompt training forwards (grpo.logprobs.shared_prompt_logprobs): each distinct prompt of a
+micro-batch runs once and its completions run on copies of its KV cache. Everything the update
+computes must equal the one-forward-per-row path: log-probs, entropy, gradients, the loss and its
+metrics, expert-load counts, the load-balancing loss, and routing replay (R2, R3)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from grpo.config import RunConfig
+from grpo.logprobs import shared_prompt_logprobs, shared_prompt_supported, token_logprobs
+from grpo.moe import RouterControl
+from grpo.update import collate, policy_update
+from rollout.base import Rollout
+from tests.test_moe import ExpertsSpy, sample_with_bf16_sampler, tiny_moe
+
+FAMILIES = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral"]
+
+
+def mixed_rollouts(tok, seed: int = 0) -> list[Rollout]:
+    """Three prompts of different lengths, 1 to 4 rows each, rows interleaved, completions of
+    different lengths (so both layouts need padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [tok.encode(t, add_special_tokens=False) for t in ("User: 12+3=? Assistant:", "7+4=", "Q: 45+6? A:")]
+    plan = [0, 1, 0, 2, 0, 1, 0, 2, 2]  # prompt of each row, interleaved
+    rollouts = []
+    for b, p in enumerate(plan):
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        completion = torch.randint(3, len(tok), (n,), generator=gen).tolist()
+        rollouts.append(Rollout(group=p, prompt_ids=tuple(prompts[p]), completion_ids=tuple(completion), text="",
+                                logprobs=tuple(torch.rand(n, generator=gen).neg().tolist()), finish_reason="stop",
+                                advantage=float(torch.randn(1, generator=gen))))
+    return rollouts
+
+
+def completion_entries(rollouts) -> list[tuple[int, int]]:
+    return [(b, len(r.prompt_ids) - 1 + j) for b, r in enumerate(rollouts) for j in range(len(r.completion_ids))]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logprobs_and_entropy_equal_the_full_forward(family):
+    model, tok = tiny_moe(family)
+    model = model.double()
+    rollouts = mixed_rollouts(tok)
+    batch = collate(rollouts, tok.pad_token_id)
+    assert shared_prompt_supported(model)
+    full_lp, full_ent = token_logprobs(model, batch["input_ids"], batch["attention_mask"], 0.7, with_entropy=True)
+    lp, ent = shared_prompt_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["prompt_lens"], 0.7,
+                                     with_entropy=True, chunk=3)
+    entries = completion_entries(rollouts)
+    rows, cols = zip(*entries)
+    torch.testing.assert_close(lp[rows, cols], full_lp[rows, cols], atol=1e-10, rtol=0)
+    torch.testing.assert_close(ent[rows, cols], full_ent[rows, cols], atol=1e-10, rtol=0)
+    outside = torch.ones_like(lp, dtype=torch.bool)
+    outside[rows, cols] = False
+    assert torch.equal(lp[outside], torch.zeros_like(lp[outside]))  # zeros at prompt and padding entries
+
+
+def test_prompts_run_once():
+    model, tok = tiny_moe("qwen3_moe")
+    rollouts = mixed_rollouts(tok)
+    batch = collate(rollouts, tok.pad_token_id)
+    shapes = []
+    handle = model.get_decoder().register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)),
+                                                           with_kwargs=True)
+    token_logprobs(model, batch["input_ids"], batch["attention_mask"], prompt_lens=batch["prompt_lens"])
+    handle.remove()
+    longest_prompt = max(len(r.prompt_ids) for r in rollouts)
+    longest_completion = max(len(r.completion_ids) for r in rollouts)
+    assert shapes == [(3, longest_prompt), (len(rollouts), longest_completion)]
+
+
+def _update(model, rollouts, tok, cfg_dict, shared: bool):
+    cfg = RunConfig.model_validate({**cfg_dict, "trainer": {**cfg_dict.get("trainer", {}), "shared_prompt_forward": shared}})
+    m = copy.deepcopy(model)
+    control = RouterControl(m, cfg.moe)
+    metrics = policy_update(m, torch.optim.SGD(m.parameters(), lr=0.0), rollouts, cfg, tok.pad_token_id,
+                            torch.device("cpu"), moe=control)
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    counts = control.take_counts()
+    control.close()
+    return metrics, grads, counts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("setting", ["grpo", "aux_loss", "r2_two_passes", "micro_batches_of_2"])
+def test_update_equals_the_full_forward(family, setting):
+    """Same gradients, loss, metrics and expert-load counts (float64), with the MoE scope on."""
+    model, tok = tiny_moe(family)
+    model = model.double()
+    rollouts = mixed_rollouts(tok, seed=1)
+    cfg = {"moe": {"metrics": True}}
+    if setting == "aux_loss":
+        cfg = {"moe": {"aux_loss_coef": 0.5}}
+    elif setting == "r2_two_passes":
+        cfg = {"moe": {"routing_replay": "R2"}, "algorithm": {"num_iterations": 2}}
+    elif setting == "micro_batches_of_2":
+        cfg = {"trainer": {"micro_batch_size": 2}}
+    full_metrics, full_grads, full_counts = _update(model, rollouts, tok, cfg, shared=False)
+    metrics, grads, counts = _update(model, rollouts, tok, cfg, shared=True)
+    assert full_grads.keys() == grads.keys() and grads
+    # transformers' RMSNorm computes its statistics in float32 even in a float64 model, so gradients
+    # that sum over a shared prompt agree with per-row ones to float32 rounding (~1e-7 measured);
+    # losing one row's contribution to a prompt would be off by ~1e-1
+    for name, grad in full_grads.items():
+        assert ((grads[name] - grad).norm() / grad.norm().clamp(min=1e-30)).item() < 1e-6, name
+    assert metrics.keys() == full_metrics.keys()
+    for key, value in full_metrics.items():
+        assert metrics[key] == pytest.approx(value, rel=1e-6, abs=1e-10), key  # (router logits: float32)
+    if setting == "aux_loss":
+        assert metrics["train/moe_aux_loss"] > 0
+    assert torch.equal(counts, full_counts)
+
+
+def test_r3_replays_the_engines_experts_with_shared_prompts():
+    """The engine prefills a group's prompt once, so a group's rows carry the same prompt routing;
+    the shared forward runs exactly the recorded experts at every position."""
+    model, tok = tiny_moe("qwen3_moe")
+    rollouts = sample_with_bf16_sampler(model, tok)
+    for r in rollouts[1:4]:  # rows of group 0 recorded identical prompt routing
+        n = len(r.prompt_ids)
+        assert torch.equal(r.routed_experts[:n], rollouts[0].routed_experts[:n])
+    cfg = RunConfig.model_validate({"moe": {"routing_replay": "R3"}})
+    control = RouterControl(model, cfg.moe)
+    spy = ExpertsSpy(model)
+    policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), rollouts, cfg, tok.pad_token_id,
+                  torch.device("cpu"), moe=control)
+    spy.close()
+    prompt_call, completion_call = (torch.stack(c, 1) for c in spy.calls)  # [P*Wp, L, k], [B*Wc, L, k]
+    prompts = list(dict.fromkeys(r.prompt_ids for r in rollouts))
+    wp = max(map(len, prompts))
+    wc = max(len(r.completion_ids) for r in rollouts)
+    prompt_call = prompt_call.view(len(prompts), wp, *prompt_call.shape[1:])
+    completion_call = completion_call.view(len(rollouts), wc, *completion_call.shape[1:])
+    checked = 0
+    for b, r in enumerate(rollouts):
+        n, rec = len(r.prompt_ids), r.routed_experts.long()  # [n + m - 1, L, k]
+        p = prompts.index(r.prompt_ids)
+        assert torch.equal(prompt_call[p, wp - n :], rec[:n])
+        m = rec.shape[0] - n  # completion tokens fed back (all but the last)
+        assert torch.equal(completion_call[b, :m], rec[n:])
+        checked += n + m
+    assert checked > 100
+    control.close()
+
+
+def test_unsupported_models_fall_back_to_one_forward():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    model, tok = tiny_moe("qwen3_moe")
+    assert shared_prompt_supported(model)
+    ddp_like = torch.nn.Module()
+    ddp_like.module = model
+    assert not shared_prompt_supported(ddp_like)
+    model.activation_checkpointing_enable()
+    assert not shared_prompt_supported(model)
+    sliding = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                           use_sliding_window=True, sliding_window=4, max_window_layers=1))
+    assert not shared_prompt_supported(sliding)
+    rollouts = mixed_rollouts(tok)
+    batch = collate(rollouts, tok.pad_token_id)
+    full, _ = token_logprobs(sliding, batch["input_ids"], batch["attention_mask"])
+    again, _ = token_logprobs(sliding, batch["input_ids"], batch["attention_mask"], prompt_lens=batch["prompt_lens"])
+    assert torch.equal(full, again)  # the full forward, prompt positions included
+
+
+def test_advantages_are_kept_per_row():
+    """Rows sharing a prompt keep their own completions and advantages (no mixing across rows)."""
+    model, tok = tiny_moe("qwen3_moe")
+    model = model.double()
+    rollouts = mixed_rollouts(tok, seed=2)
+    flipped = [replace(r, advantage=-r.advantage) if i == 2 else r for i, r in enumerate(rollouts)]
+    _, grads_a, _ = _update(model, rollouts, tok, {}, shared=True)
+    _, grads_b, _ = _update(model, flipped, tok, {}, shared=True)
+    assert any(not torch.allclose(grads_a[n], grads_b[n]) for n in grads_a)
