@@ -12,10 +12,12 @@ whole [E, 2I, H] gradient; the others move far more memory than the products nee
 
 1. sorts the T x k (token, slot) pairs by expert (a stable argsort), counts pairs per expert;
 2. gathers the hidden states once in that order;
-3. runs each expert's gate/up and down projections on its contiguous slice, with the weight
-   tensors split once per call (`unbind`, whose backward stacks the per-expert gradients into one
-   tensor instead of E zero-filled ones);
-4. weights the outputs by their routing weights and adds them back per token (`index_add_`).
+3. runs the experts' gate/up and down projections: while the load is even enough
+   (`PADDED_MAX_WASTE`), as two batched products over slots padded to the busiest expert's count
+   (few operations, which is what small models on CPU pay for); otherwise each expert on its
+   contiguous slice, with the weight tensors split once per call (`unbind`, whose backward stacks
+   the per-expert gradients into one tensor instead of E zero-filled ones);
+4. weights the outputs by their routing weights and adds them back per token (`index_add`).
 
 The arithmetic is the eager module's (same products, same order of summation per token up to
 the k-way add), so it matches `eager` to float rounding; tests check values and gradients for
@@ -37,6 +39,12 @@ def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, t
     return out + bias if bias is not None else out
 
 
+# Pad to a per-expert capacity (one batched product) while that wastes at most this factor of the
+# routed pairs' work and the padded activations stay under PADDED_MAX_BYTES.
+PADDED_MAX_WASTE = 2.0
+PADDED_MAX_BYTES = 256 * 2**20
+
+
 def sorted_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                            top_k_weights: torch.Tensor) -> torch.Tensor:
     """hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
@@ -44,35 +52,58 @@ def sorted_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
     top_k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)  # [T*k]
     order = flat.argsort(stable=True)  # [T*k] pairs grouped by expert
-    counts = torch.bincount(flat, minlength=num_experts).tolist()  # pairs per expert (+ EP sentinels)
+    counts_t = torch.bincount(flat, minlength=num_experts)  # pairs per expert (+ EP sentinels)
+    counts = counts_t.tolist()
     routed = sum(counts[:num_experts])
     order = order[:routed]  # sentinel ids (>= num_experts) sort last and are dropped
     token_of = order // top_k  # [R] token of each pair
     x = hidden_states.index_select(0, token_of)  # [R, H]
     has_gate = getattr(self, "has_gate", True)
     transposed = getattr(self, "is_transposed", False)
-    first = self.gate_up_proj if has_gate else self.up_proj
-    first_bias = (self.gate_up_proj_bias if has_gate else self.up_proj_bias) if getattr(self, "has_bias", False) else None
-    down_bias = self.down_proj_bias if getattr(self, "has_bias", False) else None
-    firsts, downs = first.unbind(0), self.down_proj.unbind(0)
-    first_biases = first_bias.unbind(0) if first_bias is not None else None
-    down_biases = down_bias.unbind(0) if down_bias is not None else None
-    outputs = []
-    for e, xs in enumerate(x.split(counts[:num_experts])):
-        if xs.shape[0] == 0:
-            continue
-        h = _project(xs, firsts[e], first_biases[e] if first_biases else None, transposed)  # [n, 2I] or [n, I]
-        h = self._apply_gate(h) if has_gate else self.act_fn(h)  # [n, I]
-        h = _project(h, downs[e], down_biases[e] if down_biases else None, transposed)  # [n, H]
+    has_bias = getattr(self, "has_bias", False)
+    first = self.gate_up_proj if has_gate else self.up_proj  # [E, out, H] ([E, H, out] when transposed)
+    first_bias = (self.gate_up_proj_bias if has_gate else self.up_proj_bias) if has_bias else None
+    down_bias = self.down_proj_bias if has_bias else None
+    out = torch.zeros_like(hidden_states)  # [T, H]
+    if routed == 0:
+        return out
+    capacity = max(counts[:num_experts])
+    width = max(first.shape[1:])
+    padded = (num_experts * capacity <= PADDED_MAX_WASTE * routed
+              and num_experts * capacity * width * hidden_states.element_size() <= PADDED_MAX_BYTES)
+    if padded:  # one batched product per projection over [E, capacity, .] slots
+        starts = counts_t[:num_experts].cumsum(0) - counts_t[:num_experts]  # [E]
+        expert_of = flat[order]  # [R]
+        slot = expert_of * capacity + (torch.arange(routed, device=flat.device) - starts[expert_of])  # [R]
+        xs = x.new_zeros(num_experts * capacity, x.shape[-1]).index_copy(0, slot, x)  # [E*C, H]
+        xs = xs.view(num_experts, capacity, -1)  # [E, C, H]
+        h = torch.bmm(xs, first if transposed else first.transpose(1, 2))  # [E, C, out]
+        if first_bias is not None:
+            h = h + first_bias[:, None, :]
+        h = self._apply_gate(h) if has_gate else self.act_fn(h)  # [E, C, I]
+        h = torch.bmm(h, self.down_proj if transposed else self.down_proj.transpose(1, 2))  # [E, C, H]
+        if down_bias is not None:
+            h = h + down_bias[:, None, :]
         if getattr(self, "has_post_expert_norm", False):
             h = self.post_expert_norm(h)
-        outputs.append(h)
-    out = torch.zeros_like(hidden_states)  # [T, H]
-    if not outputs:
-        return out
+        y = h.reshape(num_experts * capacity, -1).index_select(0, slot)  # [R, H]
+    else:  # per-expert products on contiguous slices
+        firsts, downs = first.unbind(0), self.down_proj.unbind(0)
+        first_biases = first_bias.unbind(0) if first_bias is not None else None
+        down_biases = down_bias.unbind(0) if down_bias is not None else None
+        outputs = []
+        for e, xe in enumerate(x.split(counts[:num_experts])):
+            if xe.shape[0] == 0:
+                continue
+            h = _project(xe, firsts[e], first_biases[e] if first_biases else None, transposed)  # [n, out]
+            h = self._apply_gate(h) if has_gate else self.act_fn(h)  # [n, I]
+            h = _project(h, downs[e], down_biases[e] if down_biases else None, transposed)  # [n, H]
+            if getattr(self, "has_post_expert_norm", False):
+                h = self.post_expert_norm(h)
+            outputs.append(h)
+        y = torch.cat(outputs)  # [R, H]
     weights = top_k_weights.reshape(-1)[order].unsqueeze(-1)  # [R, 1]
-    y = torch.cat(outputs) * weights.to(hidden_states.dtype)  # [R, H]
-    return out.index_add(0, token_of, y)
+    return out.index_add(0, token_of, y * weights.to(hidden_states.dtype))
 
 
 def register() -> str:

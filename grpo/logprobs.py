@@ -9,7 +9,8 @@ Memory: the full logits tensor is [B, S, V] (2 x 4096 x 151936 float32 is 5 GB, 
 doubles it). Here the output head is applied to `chunk` positions at a time; log_softmax, the
 gather and the entropy are taken per chunk, and each chunk runs under activation checkpointing, so
 backward recomputes that chunk's logits instead of keeping them. Peak logits memory is then
-proportional to B x chunk x V, in forward and in backward. The values are the same as the plain
+proportional to B x chunk x V, in forward and in backward. (When the whole batch's logits are
+small, under CHECKPOINT_ABOVE_BYTES, they are kept instead: recomputing would cost more.) The values are the same as the plain
 full-logits computation (`token_logprobs_plain`, kept as the reference for tests and the bench).
 
 Works for transformers causal LMs whose forward is `lm_head(decoder(...).last_hidden_state)`
@@ -26,6 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+
+# Below this size of batch logits (float32 bytes) keeping them for backward costs less than
+# recomputing them chunk by chunk (tiny vocabularies, short batches).
+CHECKPOINT_ABOVE_BYTES = 64 * 2**20
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -68,8 +74,10 @@ def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 def _head_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, temperature: float,
                    softcap: float | None, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [B, T, H] scoring targets [B, T] -> logprobs [B, T], entropy [B, T], `chunk` positions of
-    logits at a time (each chunk under activation checkpointing when grad flows)."""
-    use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad
+    logits at a time (each chunk under activation checkpointing when grad flows and the logits of
+    the whole batch would take more than CHECKPOINT_ABOVE_BYTES)."""
+    logits_bytes = hidden.shape[0] * hidden.shape[1] * head.weight.shape[0] * 4  # float32 log-softmax output
+    use_checkpoint = torch.is_grad_enabled() and hidden.requires_grad and logits_bytes > CHECKPOINT_ABOVE_BYTES
     logprobs, entropy = [], []
     for start in range(0, hidden.shape[1], chunk):
         h, y = hidden[:, start : start + chunk], targets[:, start : start + chunk]  # [B, c, H], [B, c]
@@ -231,7 +239,7 @@ def shared_prompt_logprobs(
         routing.set_part(TokenPart(position, weight, src, dst))
     out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
                   use_cache=True)
-    cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+    cache = out.cache if "cache" in out else out.past_key_values  # (named past_key_values before transformers 5)
     first_hidden = out.last_hidden_state[:, -1][row_prompt]  # [B, H] scores each completion's first token
     cache.batch_select_indices(row_prompt)  # [P, ...] -> [B, ...], differentiable
     if routing is not None:

@@ -67,3 +67,21 @@ def test_policy_loads_with_sorted_experts_on_cpu_only():
     assert experts_implementation(None, torch.device("cpu")) == NAME
     assert experts_implementation(None, torch.device("cuda")) is None  # transformers' default there
     assert experts_implementation("eager", torch.device("cpu")) == "eager"  # the recipe's choice wins
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_per_expert_loop_matches_eager_too(family, monkeypatch):
+    """With padding ruled out, the per-expert loop runs; same values and gradients."""
+    import grpo.experts
+
+    monkeypatch.setattr(grpo.experts, "PADDED_MAX_WASTE", 0.0)
+    test_sorted_matches_eager_values_and_gradients(family)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_padded_products_match_eager(family, monkeypatch):
+    """With any padding allowed, the batched (padded) products run; same values and gradients."""
+    import grpo.experts
+
+    monkeypatch.setattr(grpo.experts, "PADDED_MAX_WASTE", float("inf"))
+    test_sorted_matches_eager_values_and_gradients(family)

@@ -74,8 +74,12 @@ def test_no_grad_path_and_entropy_off():
     torch.testing.assert_close(lp, ref, rtol=0, atol=1e-12)
 
 
-def test_backward_keeps_no_full_logits():
-    """Autograd saves nothing of size [B, S-1, V] or [B, chunk > 4, V]: the chunks are recomputed."""
+def test_backward_keeps_no_full_logits(monkeypatch):
+    """Autograd saves nothing of size [B, S-1, V] or [B, chunk > 4, V]: the chunks are recomputed
+    (when the batch's logits are over CHECKPOINT_ABOVE_BYTES; here the threshold is set to 0)."""
+    import grpo.logprobs
+
+    monkeypatch.setattr(grpo.logprobs, "CHECKPOINT_ABOVE_BYTES", 0)
     model = tiny_moe()
     ids, am = batch()
     saved: list[tuple[int, ...]] = []
@@ -93,3 +97,19 @@ def test_backward_keeps_no_full_logits():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         token_logprobs_plain(model, ids, am)
     assert any(s[-1] == VOCAB and len(s) == 3 and s[1] >= 10 for s in saved)  # the test can fail: plain keeps them
+
+
+def test_small_logits_are_kept_rather_than_recomputed():
+    """Under CHECKPOINT_ABOVE_BYTES (3 x 10 x 50 float32 here) the chunk's log-softmax is saved
+    for backward instead of being recomputed."""
+    model = tiny_moe()
+    ids, am = batch()
+    saved: list[tuple[int, ...]] = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        token_logprobs(model, ids, am, chunk=4)
+    assert (3, 4, VOCAB) in saved
