@@ -35,7 +35,8 @@ class ModelConfig(Section):
     trust_remote_code: bool = Field(False, description="allow model code from the Hub repository")
     attn_implementation: str | None = Field(None, description="transformers attention kernel (sdpa, flash_attention_2, eager)")
     experts_implementation: str | None = Field(
-        None, description="MoE expert kernel: transformers' eager / grouped_mm / batched_mm, or grpo_sorted; None: grpo_sorted on CPU, transformers' default elsewhere"
+        None, description="MoE expert kernel: transformers' eager / grouped_mm / batched_mm, or grpo_sorted "
+        "(None: grpo_sorted on CPU, transformers' default elsewhere)",
     )
 
 

@@ -18,6 +18,11 @@ Works for transformers causal LMs whose forward is `lm_head(decoder(...).last_hi
 the config asks for it. MoE router logits are not requested here. A wrapped model (DDP, FSDP2,
 DeepSpeed) runs its own forward with `output_hidden_states=True` and one position of logits, so
 the wrapper's hooks see the pass; the head is then applied in chunks as above.
+
+Shared prompts (`prompt_lens`, on by default through `trainer.shared_prompt_forward`): a GRPO
+batch repeats every prompt group-size times. `shared_prompt_logprobs` runs each distinct prompt
+once, copies its KV cache to the rows (differentiably) and runs the completions on it: the same
+log-probabilities and gradients (to float rounding) for 1/n of the prompt's work.
 """
 
 from __future__ import annotations
@@ -138,8 +143,9 @@ def token_logprobs(
 def shared_prompt_supported(model: torch.nn.Module) -> bool:
     """Whether `shared_prompt_logprobs` can run this model: an unwrapped transformers decoder (a
     DDP or FSDP wrapper must see exactly one forward per backward) without gradient checkpointing
-    (which turns the cache off), whose every layer attends over the full context (no sliding
-    windows or linear-attention layers, whose caches do not keep every position)."""
+    (which turns the cache off), with sdpa or eager attention, whose every layer attends over the
+    full context (no sliding windows or linear-attention layers, whose caches do not keep every
+    position)."""
     if _unwrapped(model) is not model or _is_fsdp(model) or not hasattr(model, "get_decoder"):
         return False
     checkpointing = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else (
@@ -149,6 +155,8 @@ def shared_prompt_supported(model: torch.nn.Module) -> bool:
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "is_encoder_decoder", False):
         return False
+    if getattr(cfg, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False  # flash-attention / flex kernels: their padding handling with a cache is not checked here
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types is not None:
         return all(t == "full_attention" for t in layer_types)

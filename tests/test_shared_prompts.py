@@ -158,6 +158,9 @@ def test_unsupported_models_fall_back_to_one_forward():
     assert not shared_prompt_supported(ddp_like)
     model.activation_checkpointing_enable()
     assert not shared_prompt_supported(model)
+    model.activation_checkpointing_disable()
+    model.config._attn_implementation = "flash_attention_2"
+    assert not shared_prompt_supported(model)
     sliding = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=32, num_hidden_layers=2,
                                            num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                                            use_sliding_window=True, sliding_window=4, max_window_layers=1))
