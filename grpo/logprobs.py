@@ -249,7 +249,7 @@ def shared_prompt_logprobs(
                   use_cache=True)
     cache = out.cache if "cache" in out else out.past_key_values  # (named past_key_values before transformers 5)
     first_hidden = out.last_hidden_state[:, -1][row_prompt]  # [B, H] scores each completion's first token
-    cache.batch_select_indices(row_prompt)  # [P, ...] -> [B, ...], differentiable
+    cache.reorder_cache(row_prompt)  # [P, ...] -> [B, ...] by index_select (differentiable; backward is index_add)
     if routing is not None:
         flat = (torch.arange(batch, device=device)[:, None] * width + comp_col).reshape(-1)  # [B*Wc]
         valid = comp_mask.reshape(-1).bool()  # [B*Wc]
