@@ -367,9 +367,13 @@ class _FastQwen3Stepper:
         self.valid = torch.zeros(batch, width + max_new, dtype=torch.bool, device=device)  # [B, W+N]
         self.valid[:, :width] = attention.bool()
 
-    def _layout(self, weight: torch.Tensor) -> torch.Tensor:
-        """A linear weight [out, in] in the layout `_linear` takes ([in, out] copy when transposed)."""
-        return weight.t().contiguous() if self.transposed else weight
+    def _layout(self, *weights: torch.Tensor) -> torch.Tensor:
+        """Linear weights [out_i, in] stacked along out, in the layout `_linear` takes: [sum out_i, in],
+        or its [in, sum out_i] transpose when transposed (one copy either way; a single weight
+        that needs no copy is returned as is)."""
+        if self.transposed:
+            return torch.cat([w.t() for w in weights], dim=1) if len(weights) > 1 else weights[0].t().contiguous()
+        return torch.cat(weights) if len(weights) > 1 else weights[0]
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x @ weight if self.transposed else F.linear(x, weight)
@@ -378,8 +382,7 @@ class _FastQwen3Stepper:
         attn, mlp = layer.self_attn, layer.mlp
         plan = {
             "ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
-            "qkv": self._layout(torch.cat([attn.q_proj.weight, attn.k_proj.weight,
-                                           attn.v_proj.weight])),  # [(h+2kvh)*hd, H] (or transposed)
+            "qkv": self._layout(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),  # [(h+2kvh)*hd, H]
             "qk_norm": torch.cat([attn.q_norm.weight.expand(self.heads, -1),
                                   attn.k_norm.weight.expand(self.kv_heads, -1)]),  # [h+kvh, hd]
             "o": self._layout(attn.o_proj.weight),
@@ -395,15 +398,15 @@ class _FastQwen3Stepper:
                 plan.update(
                     dense=True,
                     # router rows first, then every expert's [gate; up] rows: [E + E*2I, H]
-                    router_gate_up=self._layout(torch.cat([gate.weight,
-                                                           experts.gate_up_proj.reshape(num * inter2, hidden)])),
-                    # every expert's down projection side by side: [H, E*I]
-                    down=self._layout(experts.down_proj.permute(1, 0, 2).reshape(hidden, -1)),
+                    router_gate_up=self._layout(gate.weight, experts.gate_up_proj.reshape(num * inter2, hidden)),
+                    # every expert's down projection side by side: [H, E*I] ([E*I, H] when transposed)
+                    down=(experts.down_proj.transpose(1, 2).reshape(-1, hidden) if self.transposed
+                          else experts.down_proj.permute(1, 0, 2).reshape(hidden, -1)),
                 )
         elif all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")) and not any(
                 getattr(getattr(mlp, n), "bias", None) is not None for n in ("gate_proj", "up_proj", "down_proj")):
             # dense SwiGLU MLP: [gate; up] as one product, then down
-            plan.update(gate_up=self._layout(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])),
+            plan.update(gate_up=self._layout(mlp.gate_proj.weight, mlp.up_proj.weight),
                         mlp_down=self._layout(mlp.down_proj.weight))
         else:
             plan["mlp"] = mlp
