@@ -53,6 +53,19 @@ def frozen_logprobs(model, batch: dict[str, torch.Tensor], chunks: list[slice], 
                       for c in chunks])
 
 
+def prompt_routing_agrees(rollouts: list[Rollout]) -> bool:
+    """Whether every row recorded the same experts for the prompt it shares with other rows (the
+    HF engine prefills a prompt once, so its rows always agree; another sampler may not). A
+    shared-prompt forward replays one routing per prompt, so it needs this to be exact."""
+    first: dict[tuple[int, ...], torch.Tensor] = {}
+    for r in rollouts:
+        n = len(r.prompt_ids)
+        seen = first.setdefault(r.prompt_ids, r.routed_experts[:n])
+        if seen is not r.routed_experts[:n] and not torch.equal(seen, r.routed_experts[:n]):
+            return False
+    return True
+
+
 def _merge(sums: dict[str, float], metrics: dict[str, float], weight: float) -> None:
     """Loss adds up over micro-batches; *_min / *_max keep the extreme; the rest are token-weighted means."""
     for key, value in metrics.items():
@@ -95,6 +108,8 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
         if replay is None:
             raise ValueError("moe.routing_replay=R3 needs the rollout engine to record routing")
         replay = tuple(t.to(device) for t in replay)
+        if shared and not prompt_routing_agrees(rollouts):
+            shared = False  # the sampler routed a shared prompt differently per row: replay each row's own
 
     def scope(c, **kw):  # routing scope of one micro-batch forward (a no-op for dense models)
         if moe is None:

@@ -181,3 +181,24 @@ def test_advantages_are_kept_per_row():
     _, grads_a, _ = _update(model, rollouts, tok, {}, shared=True)
     _, grads_b, _ = _update(model, flipped, tok, {}, shared=True)
     assert any(not torch.allclose(grads_a[n], grads_b[n]) for n in grads_a)
+
+
+def test_r3_falls_back_to_one_forward_when_rows_disagree_on_a_prompt():
+    """A sampler that routed a shared prompt differently per row (not the HF engine, which
+    prefills it once): each row's own recording is replayed through the one-forward path."""
+    model, tok = tiny_moe("qwen3_moe")
+    rollouts = sample_with_bf16_sampler(model, tok)
+    record = rollouts[1].routed_experts.clone()
+    record[0, 0] = (record[0, 0] + 1) % 8  # first prompt token, first layer: other experts
+    record[0, 0, 1] = (record[0, 0, 0] + 1) % 8
+    rollouts[1] = replace(rollouts[1], routed_experts=record)
+    cfg = RunConfig.model_validate({"moe": {"routing_replay": "R3"}})
+    control = RouterControl(model, cfg.moe)
+    spy = ExpertsSpy(model)
+    policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), rollouts, cfg, tok.pad_token_id,
+                  torch.device("cpu"), moe=control)
+    spy.close()
+    assert len(spy.calls) == 1  # one forward over prompt + completion rows
+    ran = torch.stack(spy.calls[0], 1).view(len(rollouts), -1, 2, 2)  # [B, S, L, k]
+    assert torch.equal(ran[1, 0], record[0].long())
+    control.close()
