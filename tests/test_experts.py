@@ -85,3 +85,28 @@ def test_padded_products_match_eager(family, monkeypatch):
 
     monkeypatch.setattr(grpo.experts, "PADDED_MAX_WASTE", float("inf"))
     test_sorted_matches_eager_values_and_gradients(family)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_grouped_products_match_eager_in_float32(family, monkeypatch):
+    """Uneven load in float32 on CPU: torch._grouped_mm runs (counted) and matches eager to float32
+    rounding, values and gradients."""
+    import grpo.experts
+
+    if not grpo.experts._grouped_mm_works(torch.zeros(1, dtype=torch.float32)):
+        pytest.skip("torch._grouped_mm does not run here")
+    monkeypatch.setattr(grpo.experts, "PADDED_MAX_WASTE", 0.0)
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, _ = tiny_moe(family)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 11), generator=gen)
+    mask = torch.ones_like(ids)
+    eager_out, eager_grads = _loss_and_grads(model, ids, mask)
+    model.set_experts_implementation(register())
+    sorted_out, sorted_grads = _loss_and_grads(model, ids, mask)
+    assert len(calls) == 2 * model.config.num_hidden_layers  # gate/up and down, every layer
+    torch.testing.assert_close(sorted_out, eager_out, atol=1e-5, rtol=1e-5)
+    for name, grad in eager_grads.items():
+        assert ((sorted_grads[name] - grad).norm() / grad.norm().clamp(min=1e-30)).item() < 1e-5, name
