@@ -209,15 +209,19 @@ def shared_prompt_logprobs(
     batch, width = input_ids.shape
     prompt_lens = prompt_lens.to(device)
     seq_lens = attention_mask.sum(-1)  # [B]
-    # distinct prompts, in order of first appearance
-    distinct: dict[tuple[int, ...], int] = {}
-    rows_ids = input_ids.tolist()
-    lens = prompt_lens.tolist()
-    row_prompt = torch.tensor([distinct.setdefault(tuple(rows_ids[b][: lens[b]]), len(distinct))
-                               for b in range(batch)], device=device)  # [B]
-    num_prompts = len(distinct)
+    # distinct prompts: rows whose prompt tokens (and length) are equal share one
+    longest = int(prompt_lens.max())
+    in_prompt = torch.arange(longest, device=device)[None] < prompt_lens[:, None]  # [B, Lp]
+    keys = torch.where(in_prompt, input_ids[:, :longest], torch.full_like(input_ids[:, :longest], -1))  # [B, Lp]
+    _, row_prompt = torch.unique(keys, dim=0, return_inverse=True)  # [B] index of each row's prompt
+    num_prompts = int(row_prompt.max()) + 1
     first_row = torch.zeros(num_prompts, dtype=torch.long, device=device)
     first_row.scatter_reduce_(0, row_prompt, torch.arange(batch, device=device), "amin", include_self=False)
+    # number the prompts in order of first appearance (unique sorts them by value)
+    first_row, order = first_row.sort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(num_prompts, device=device)
+    row_prompt = rank[row_prompt]  # [B]
     p_lens = prompt_lens[first_row]  # [P]
     wp = int(p_lens.max())
     cols = torch.arange(wp, device=device)[None]  # [1, Wp]

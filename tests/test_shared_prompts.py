@@ -53,8 +53,12 @@ def test_logprobs_and_entropy_equal_the_full_forward(family):
                                      with_entropy=True, chunk=3)
     entries = completion_entries(rollouts)
     rows, cols = zip(*entries)
-    torch.testing.assert_close(lp[rows, cols], full_lp[rows, cols], atol=1e-10, rtol=0)
-    torch.testing.assert_close(ent[rows, cols], full_ent[rows, cols], atol=1e-10, rtol=0)
+    # Often bit-identical; but transformers' RMSNorm rounds to float32 inside a float64 model, and
+    # the one-forward reference itself is not bit-reproducible on 2 threads (30 repeats of it gave 2
+    # distinct results): up to 2.4e-5 was seen on log-probs of about -4.4. A wrong position or mask
+    # is ~1e-1.
+    torch.testing.assert_close(lp[rows, cols], full_lp[rows, cols], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ent[rows, cols], full_ent[rows, cols], atol=1e-6, rtol=1e-5)
     outside = torch.ones_like(lp, dtype=torch.bool)
     outside[rows, cols] = False
     assert torch.equal(lp[outside], torch.zeros_like(lp[outside]))  # zeros at prompt and padding entries
