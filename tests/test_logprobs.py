@@ -82,20 +82,11 @@ def test_backward_keeps_no_full_logits(monkeypatch):
     monkeypatch.setattr(grpo.logprobs, "CHECKPOINT_ABOVE_BYTES", 0)
     model = tiny_moe()
     ids, am = batch()
-    saved: list[tuple[int, ...]] = []
-
-    def pack(t):
-        saved.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        token_logprobs(model, ids, am, chunk=4)
+    saved = saved_shapes(lambda: token_logprobs(model, ids, am, chunk=4))
     vocab_sized = [s for s in saved if s and s[-1] == VOCAB and len(s) == 3]
     assert all(s[1] <= 4 for s in vocab_sized), vocab_sized
 
-    saved.clear()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        token_logprobs_plain(model, ids, am)
+    saved = saved_shapes(lambda: token_logprobs_plain(model, ids, am))
     assert any(s[-1] == VOCAB and len(s) == 3 and s[1] >= 10 for s in saved)  # the test can fail: plain keeps them
 
 
@@ -104,6 +95,11 @@ def test_small_logits_are_kept_rather_than_recomputed():
     for backward instead of being recomputed."""
     model = tiny_moe()
     ids, am = batch()
+    assert (3, 4, VOCAB) in saved_shapes(lambda: token_logprobs(model, ids, am, chunk=4))
+
+
+def saved_shapes(forward) -> list[tuple[int, ...]]:
+    """Shapes of the tensors autograd saves for backward while `forward()` runs."""
     saved: list[tuple[int, ...]] = []
 
     def pack(t):
@@ -111,5 +107,5 @@ def test_small_logits_are_kept_rather_than_recomputed():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        token_logprobs(model, ids, am, chunk=4)
-    assert (3, 4, VOCAB) in saved
+        forward()
+    return saved

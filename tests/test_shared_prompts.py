@@ -128,12 +128,7 @@ def test_r3_replays_the_engines_experts_with_shared_prompts():
     for r in rollouts[1:4]:  # rows of group 0 recorded identical prompt routing
         n = len(r.prompt_ids)
         assert torch.equal(r.routed_experts[:n], rollouts[0].routed_experts[:n])
-    cfg = RunConfig.model_validate({"moe": {"routing_replay": "R3"}})
-    control = RouterControl(model, cfg.moe)
-    spy = ExpertsSpy(model)
-    policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), rollouts, cfg, tok.pad_token_id,
-                  torch.device("cpu"), moe=control)
-    spy.close()
+    spy = r3_update(model, rollouts, tok)
     prompt_call, completion_call = (torch.stack(c, 1) for c in spy.calls)  # [P*Wp, L, k], [B*Wc, L, k]
     prompts = list(dict.fromkeys(r.prompt_ids for r in rollouts))
     wp = max(map(len, prompts))
@@ -149,7 +144,18 @@ def test_r3_replays_the_engines_experts_with_shared_prompts():
         assert torch.equal(completion_call[b, :m], rec[n:])
         checked += n + m
     assert checked > 100
+
+
+def r3_update(model, rollouts, tok) -> "ExpertsSpy":
+    """One R3 policy update (lr 0); returns the spy holding the experts every forward ran."""
+    cfg = RunConfig.model_validate({"moe": {"routing_replay": "R3"}})
+    control = RouterControl(model, cfg.moe)
+    spy = ExpertsSpy(model)
+    policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), rollouts, cfg, tok.pad_token_id,
+                  torch.device("cpu"), moe=control)
+    spy.close()
     control.close()
+    return spy
 
 
 def test_unsupported_models_fall_back_to_one_forward():
@@ -196,13 +202,7 @@ def test_r3_falls_back_to_one_forward_when_rows_disagree_on_a_prompt():
     record[0, 0] = (record[0, 0] + 1) % 8  # first prompt token, first layer: other experts
     record[0, 0, 1] = (record[0, 0, 0] + 1) % 8
     rollouts[1] = replace(rollouts[1], routed_experts=record)
-    cfg = RunConfig.model_validate({"moe": {"routing_replay": "R3"}})
-    control = RouterControl(model, cfg.moe)
-    spy = ExpertsSpy(model)
-    policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), rollouts, cfg, tok.pad_token_id,
-                  torch.device("cpu"), moe=control)
-    spy.close()
+    spy = r3_update(model, rollouts, tok)
     assert len(spy.calls) == 1  # one forward over prompt + completion rows
     ran = torch.stack(spy.calls[0], 1).view(len(rollouts), -1, 2, 2)  # [B, S, L, k]
     assert torch.equal(ran[1, 0], record[0].long())
-    control.close()
