@@ -263,11 +263,7 @@ class _GenericStepper:
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension as transformers' Qwen3 computes it (float32 statistics,
     cast back, then weight). `weight` is [D] or broadcastable to x ([heads, D] for per-head norms)."""
-    if x.dtype == torch.float32:
-        if weight.dim() == 1:
-            return F.rms_norm(x, weight.shape, weight, eps)
-        return F.rms_norm(x, x.shape[-1:], None, eps) * weight
-    xf = x.float()
+    xf = x.float()  # no copy for float32
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
