@@ -56,12 +56,13 @@ def _grouped_mm_works(x: torch.Tensor) -> bool:
     if key not in _GROUPED_MM_WORKS:
         works = hasattr(torch, "_grouped_mm") and x.device.type == "cpu" and x.dtype == torch.float32
         if works:
-            try:
-                a = torch.ones(4, 16, dtype=x.dtype, device=x.device, requires_grad=True)
-                w = torch.ones(2, 16, 16, dtype=x.dtype, device=x.device, requires_grad=True)
-                out = torch._grouped_mm(a, w.transpose(1, 2), offs=torch.tensor([1, 4], dtype=torch.int32))
-                (out * torch.ones_like(out)).sum().backward()
-                works = bool(torch.equal(out, torch.full((4, 16), 16.0, dtype=x.dtype)))
+            try:  # with autograd on, whatever mode the first caller runs in (the engine's inference mode)
+                with torch.inference_mode(False), torch.enable_grad():
+                    a = torch.ones(4, 16, dtype=x.dtype, device=x.device, requires_grad=True)
+                    w = torch.ones(2, 16, 16, dtype=x.dtype, device=x.device, requires_grad=True)
+                    out = torch._grouped_mm(a, w.transpose(1, 2), offs=torch.tensor([1, 4], dtype=torch.int32))
+                    (out * torch.ones_like(out)).sum().backward()
+                    works = bool(torch.equal(out.detach(), torch.full((4, 16), 16.0, dtype=x.dtype)))
             except (RuntimeError, NotImplementedError):
                 works = False
         _GROUPED_MM_WORKS[key] = works

@@ -110,3 +110,15 @@ def test_grouped_products_match_eager_in_float32(family, monkeypatch):
     torch.testing.assert_close(sorted_out, eager_out, atol=1e-5, rtol=1e-5)
     for name, grad in eager_grads.items():
         assert ((sorted_grads[name] - grad).norm() / grad.norm().clamp(min=1e-30)).item() < 1e-5, name
+
+
+def test_grouped_probe_is_not_fooled_by_inference_mode(monkeypatch):
+    """The engine's prefill is the first caller, under inference mode; the probe must still find
+    out whether the grouped product works with autograd (it did not, and was cached as False)."""
+    import grpo.experts
+
+    monkeypatch.setattr(grpo.experts, "_GROUPED_MM_WORKS", {})
+    with torch.inference_mode():
+        inside = grpo.experts._grouped_mm_works(torch.zeros(1, dtype=torch.float32))
+    monkeypatch.setattr(grpo.experts, "_GROUPED_MM_WORKS", {})
+    assert inside == grpo.experts._grouped_mm_works(torch.zeros(1, dtype=torch.float32))
