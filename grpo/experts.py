@@ -76,9 +76,9 @@ def sorted_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
     top_k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)  # [T*k]
     order = flat.argsort(stable=True)  # [T*k] pairs grouped by expert
-    counts_t = torch.bincount(flat, minlength=num_experts)  # pairs per expert (+ EP sentinels)
-    counts = counts_t.tolist()
-    routed = sum(counts[:num_experts])
+    per_expert = torch.bincount(flat, minlength=num_experts)[:num_experts]  # pairs per expert (EP sentinels cut)
+    counts = per_expert.tolist()
+    routed = sum(counts)
     order = order[:routed]  # sentinel ids (>= num_experts) sort last and are dropped
     token_of = order // top_k  # [R] token of each pair
     x = hidden_states.index_select(0, token_of)  # [R, H]
@@ -91,12 +91,12 @@ def sorted_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
     out = torch.zeros_like(hidden_states)  # [T, H]
     if routed == 0:
         return out
-    capacity = max(counts[:num_experts])
+    capacity = max(counts)
     width = max(first.shape[1:])
     padded = (num_experts * capacity <= PADDED_MAX_WASTE * routed
               and num_experts * capacity * width * hidden_states.element_size() <= PADDED_MAX_BYTES)
     if padded:  # one batched product per projection over [E, capacity, .] slots
-        starts = counts_t[:num_experts].cumsum(0) - counts_t[:num_experts]  # [E]
+        starts = per_expert.cumsum(0) - per_expert  # [E]
         expert_of = flat[order]  # [R]
         slot = expert_of * capacity + (torch.arange(routed, device=flat.device) - starts[expert_of])  # [R]
         xs = x.new_zeros(num_experts * capacity, x.shape[-1]).index_copy(0, slot, x)  # [E*C, H]
@@ -108,32 +108,28 @@ def sorted_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
         h = torch.bmm(h, self.down_proj if transposed else self.down_proj.transpose(1, 2))  # [E, C, H]
         if down_bias is not None:
             h = h + down_bias[:, None, :]
-        if getattr(self, "has_post_expert_norm", False):
-            h = self.post_expert_norm(h)
         y = h.reshape(num_experts * capacity, -1).index_select(0, slot)  # [R, H]
     elif first_bias is None and down_bias is None and _grouped_mm_works(x):  # one grouped product per projection
-        offsets = counts_t[:num_experts].cumsum(0).to(torch.int32)  # [E] end of each expert's slice
+        offsets = per_expert.cumsum(0).to(torch.int32)  # [E] end of each expert's slice
         h = torch._grouped_mm(x, first if transposed else first.transpose(1, 2), offs=offsets)  # [R, out]
         h = self._apply_gate(h) if has_gate else self.act_fn(h)  # [R, I]
         y = torch._grouped_mm(h.contiguous(), self.down_proj if transposed else self.down_proj.transpose(1, 2),
                               offs=offsets)  # [R, H]
-        if getattr(self, "has_post_expert_norm", False):
-            y = self.post_expert_norm(y)
     else:  # per-expert products on contiguous slices
         firsts, downs = first.unbind(0), self.down_proj.unbind(0)
         first_biases = first_bias.unbind(0) if first_bias is not None else None
         down_biases = down_bias.unbind(0) if down_bias is not None else None
         outputs = []
-        for e, xe in enumerate(x.split(counts[:num_experts])):
+        for e, xe in enumerate(x.split(counts)):
             if xe.shape[0] == 0:
                 continue
             h = _project(xe, firsts[e], first_biases[e] if first_biases else None, transposed)  # [n, out]
             h = self._apply_gate(h) if has_gate else self.act_fn(h)  # [n, I]
             h = _project(h, downs[e], down_biases[e] if down_biases else None, transposed)  # [n, H]
-            if getattr(self, "has_post_expert_norm", False):
-                h = self.post_expert_norm(h)
             outputs.append(h)
         y = torch.cat(outputs)  # [R, H]
+    if getattr(self, "has_post_expert_norm", False):  # a per-row norm: the same on any of the layouts above
+        y = self.post_expert_norm(y)
     weights = top_k_weights.reshape(-1)[order].unsqueeze(-1)  # [R, 1]
     return out.index_add(0, token_of, y * weights.to(hidden_states.dtype))
 

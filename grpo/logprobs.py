@@ -210,9 +210,10 @@ def shared_prompt_logprobs(
     prompt_lens = prompt_lens.to(device)
     seq_lens = attention_mask.sum(-1)  # [B]
     # distinct prompts: rows whose prompt tokens (and length) are equal share one
-    longest = int(prompt_lens.max())
-    in_prompt = torch.arange(longest, device=device)[None] < prompt_lens[:, None]  # [B, Lp]
-    keys = torch.where(in_prompt, input_ids[:, :longest], torch.full_like(input_ids[:, :longest], -1))  # [B, Lp]
+    wp = int(prompt_lens.max())  # the longest prompt: width of the left-padded prompt batch
+    row_cols = torch.arange(width, device=device)[None]  # [1, S]
+    in_prompt = row_cols < prompt_lens[:, None]  # [B, S]
+    keys = torch.where(in_prompt[:, :wp], input_ids[:, :wp], torch.full_like(input_ids[:, :wp], -1))  # [B, Wp]
     _, row_prompt = torch.unique(keys, dim=0, return_inverse=True)  # [B] index of each row's prompt
     num_prompts = int(row_prompt.max()) + 1
     first_row = torch.zeros(num_prompts, dtype=torch.long, device=device)
@@ -223,7 +224,6 @@ def shared_prompt_logprobs(
     rank[order] = torch.arange(num_prompts, device=device)
     row_prompt = rank[row_prompt]  # [B]
     p_lens = prompt_lens[first_row]  # [P]
-    wp = int(p_lens.max())
     cols = torch.arange(wp, device=device)[None]  # [1, Wp]
     src_col = cols - (wp - p_lens[:, None])  # [P, Wp] full-layout column of each left-padded prompt column
     prompt_mask = (src_col >= 0).long()  # [P, Wp]
@@ -244,8 +244,6 @@ def shared_prompt_logprobs(
         position = (first_row[:, None] * width + src_col.clamp(min=0)).reshape(-1)  # [P*Wp]
         weight = (prompt_mask * sharing[:, None]).reshape(-1)  # [P*Wp]
         # every row's prompt positions, filled from its prompt's token
-        row_cols = torch.arange(width, device=device)[None]  # [1, S]
-        in_prompt = row_cols < prompt_lens[:, None]  # [B, S]
         src = (row_prompt[:, None] * wp + (wp - prompt_lens[:, None]) + row_cols)[in_prompt]  # [N]
         dst = (torch.arange(batch, device=device)[:, None] * width + row_cols)[in_prompt]  # [N]
         routing.set_part(TokenPart(position, weight, src, dst))

@@ -96,9 +96,6 @@ class RoutingScope:
             return part.weight
         return None if self.attention_mask is None else self.attention_mask.reshape(-1).to(torch.float32)
 
-    def token_mask(self) -> torch.Tensor | None:
-        return None if self.attention_mask is None else self.attention_mask.reshape(-1).bool()  # [T]
-
 
 class RouterControl:
     """Installs one hook per router; `scope(...)` turns on recording/replay for one forward."""

@@ -45,12 +45,15 @@ def collate(rollouts: list[Rollout], pad_id: int, overlong_filter: bool = False)
 
 @torch.no_grad()
 def frozen_logprobs(model, batch: dict[str, torch.Tensor], chunks: list[slice], temperature: float,
-                    chunk_tokens: int, shared_prompts: bool = False) -> torch.Tensor:
-    """Log-probs of the whole batch without grad (old policy, or the reference model); [B, S-1]."""
+                    chunk_tokens: int, prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probs of the whole batch without grad (old policy, or the reference model); [B, S-1].
+    `prompt_lens` [B] turns on shared-prompt forwards."""
     return torch.cat([token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c], temperature,
-                                     chunk=chunk_tokens,
-                                     prompt_lens=batch["prompt_lens"][c] if shared_prompts else None)[0]
-                      for c in chunks])
+                                     chunk=chunk_tokens, prompt_lens=_rows(prompt_lens, c))[0] for c in chunks])
+
+
+def _rows(t: torch.Tensor | None, c: slice) -> torch.Tensor | None:
+    return t[c] if t is not None else None
 
 
 def prompt_routing_agrees(rollouts: list[Rollout]) -> bool:
@@ -60,8 +63,7 @@ def prompt_routing_agrees(rollouts: list[Rollout]) -> bool:
     first: dict[tuple[int, ...], torch.Tensor] = {}
     for r in rollouts:
         n = len(r.prompt_ids)
-        seen = first.setdefault(r.prompt_ids, r.routed_experts[:n])
-        if seen is not r.routed_experts[:n] and not torch.equal(seen, r.routed_experts[:n]):
+        if not torch.equal(first.setdefault(r.prompt_ids, r.routed_experts[:n]), r.routed_experts[:n]):
             return False
     return True
 
@@ -110,6 +112,7 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
         replay = tuple(t.to(device) for t in replay)
         if shared and not prompt_routing_agrees(rollouts):
             shared = False  # the sampler routed a shared prompt differently per row: replay each row's own
+    prompt_lens = batch["prompt_lens"] if shared else None  # [B]: shared-prompt forwards
 
     def scope(c, **kw):  # routing scope of one micro-batch forward (a no-op for dense models)
         if moe is None:
@@ -124,8 +127,7 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
             for c in chunks:
                 with scope(c, count=False) as sc:
                     olds.append(token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c], temperature,
-                                               chunk=chunk_tokens, prompt_lens=batch["prompt_lens"][c] if shared else None,
-                                               routing=sc)[0])
+                                               chunk=chunk_tokens, prompt_lens=_rows(prompt_lens, c), routing=sc)[0])
                 if sc is not None:
                     recorded.append(sc.used_experts().view(*batch["input_ids"][c].shape, len(moe.routers), -1))
         old = torch.cat(olds)  # [B, S-1]
@@ -135,7 +137,7 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
     if algo.beta > 0:
         if ref_model is None:
             raise ValueError("algorithm.beta > 0 needs a reference model")
-        ref = frozen_logprobs(ref_model, batch, chunks, temperature, chunk_tokens, shared)
+        ref = frozen_logprobs(ref_model, batch, chunks, temperature, chunk_tokens, prompt_lens)
 
     sums: dict[str, float] = {}
     skipped = 0.0
@@ -146,8 +148,7 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
             with scope(c) as sc:
                 logprobs, entropy = token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c],
                                                    temperature, with_entropy=True, chunk=chunk_tokens,
-                                                   prompt_lens=batch["prompt_lens"][c] if shared else None,
-                                                   routing=sc)  # [b, S-1] x2
+                                                   prompt_lens=_rows(prompt_lens, c), routing=sc)  # [b, S-1] x2
             old_lp = old[c] if old is not None else logprobs.detach()  # [b, S-1]
             loss, metrics = loss_fn(logprobs, old_lp, batch["advantages"][c], mask, normalizer=normalizer,
                                     sampler_logprobs=batch["sampler_logprobs"][c],

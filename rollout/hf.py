@@ -226,10 +226,7 @@ def _prefill(model, input_ids, attention, positions, record: bool):
 class _GenericStepper:
     """Decode steps through the model's own forward and a transformers cache (any architecture)."""
 
-    def __init__(self, model, cache, attention: torch.Tensor, positions: torch.Tensor, max_new: int, record: bool,
-                 cache_rows: torch.Tensor | None = None):
-        if cache_rows is not None:  # the prefill ran once per distinct prompt: one cache row per decode row
-            cache.batch_select_indices(cache_rows)
+    def __init__(self, model, cache, attention: torch.Tensor, positions: torch.Tensor, max_new: int, record: bool):
         self.model, self.cache, self.record = model, cache, record
         width = attention.shape[1]
         self.width = width
@@ -314,7 +311,7 @@ class _FastQwen3Stepper:
         return True
 
     def __init__(self, model, cache, attention: torch.Tensor, positions: torch.Tensor, max_new: int,
-                 record: bool, cache_rows: torch.Tensor | None = None, dense_experts_max_rows: int = 64):
+                 record: bool, dense_experts_max_rows: int = 64):
         self.model, self.record = model, record
         self.dense_experts_max_rows = dense_experts_max_rows
         inner = model.model
@@ -351,9 +348,7 @@ class _FastQwen3Stepper:
         # Static KV buffers, prompt part copied from the prefill cache.
         self.keys, self.values = [], []
         for i in range(len(self.layers)):
-            k, v = cache.layers[i].keys, cache.layers[i].values  # [P, kvh, W, hd]
-            if cache_rows is not None:  # one prefill row per distinct prompt -> one per decode row
-                k, v = k[cache_rows], v[cache_rows]  # [B, kvh, W, hd]
+            k, v = cache.layers[i].keys, cache.layers[i].values  # [B, kvh, W, hd]
             kb = k.new_empty(batch, k.shape[1], width + max_new, k.shape[3])
             vb = v.new_empty(batch, v.shape[1], width + max_new, v.shape[3])
             kb[:, :, :width] = k
@@ -577,14 +572,13 @@ class HFEngine:
 
         record = sampling.record_routing
         logits, cache, prefill_routes = _prefill(model, input_ids, attention, positions, record)
-        shared = len(distinct) < batch
-        if shared:
+        if len(distinct) < batch:  # one prefill row per distinct prompt -> one per decode row
             logits, attention, positions = logits[row_of], attention[row_of], positions[row_of]  # [B, ...]
             prefill_routes = prefill_routes[row_of] if prefill_routes is not None else None
+            cache.reorder_cache(row_of)
         stepper_cls = _FastQwen3Stepper if self.fast_decode else _GenericStepper
         kwargs = {"dense_experts_max_rows": self.dense_experts_max_rows} if self.fast_decode else {}
-        stepper = stepper_cls(model, cache, attention, positions, max_new, record,
-                              cache_rows=row_of if shared else None, **kwargs)
+        stepper = stepper_cls(model, cache, attention, positions, max_new, record, **kwargs)
         del cache
 
         tokens = torch.full((batch, max_new), self.pad_id, dtype=torch.long, device=device)  # [B, N]
