@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from rollout.hf import cache_keyword, output_cache
+
 
 # Below this size of batch logits (float32 bytes) keeping them for backward costs less than
 # recomputing them chunk by chunk (tiny vocabularies, short batches).
@@ -249,7 +251,7 @@ def shared_prompt_logprobs(
         routing.set_part(TokenPart(position, weight, src, dst))
     out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
                   use_cache=True)
-    cache = out.cache if "cache" in out else out.past_key_values  # (named past_key_values before transformers 5)
+    cache = output_cache(out)
     first_hidden = out.last_hidden_state[:, -1][row_prompt]  # [B, H] scores each completion's first token
     cache.reorder_cache(row_prompt)  # [P, ...] -> [B, ...] by index_select (differentiable; backward is index_add)
     if routing is not None:
@@ -258,8 +260,8 @@ def shared_prompt_logprobs(
         routing.set_part(TokenPart(flat, valid.to(torch.float32), torch.nonzero(valid).squeeze(-1), flat[valid]))
     try:
         comp_hidden = decoder(input_ids=comp_ids, attention_mask=torch.cat([prompt_mask[row_prompt], comp_mask], 1),
-                              position_ids=prompt_lens[:, None] + ccols, cache=cache,
-                              use_cache=True).last_hidden_state  # [B, Wc, H]
+                              position_ids=prompt_lens[:, None] + ccols, use_cache=True,
+                              **{cache_keyword(decoder): cache}).last_hidden_state  # [B, Wc, H]
     finally:
         if routing is not None:
             routing.set_part(None)

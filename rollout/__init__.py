@@ -29,7 +29,8 @@ def make_engine(cfg, model: torch.nn.Module, tokenizer, device: torch.device | s
         return HFEngine(model, tokenizer, device, fast_decode=ro.hf.fast_decode,
                         dense_experts_max_rows=ro.hf.dense_experts_max_rows)
     if ro.engine == "vllm":
-        from rollout.vllm import VLLMEngine, VLLMServerClient
+        from rollout.vllm import VLLMEngine
+        from rollout.vllm_server import VLLMServerClient
 
         v = ro.vllm
         config = getattr(model, "config", None)

@@ -35,6 +35,8 @@ GPU:  the same, with the model on CUDA (bf16 works; logprobs are computed in flo
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Iterable, Sequence
 
 import torch
@@ -199,6 +201,23 @@ class _StopChecker:
 # --- steppers: one decode step for the rows still alive -------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_keyword_of(forward_type: type) -> str:
+    params = inspect.signature(forward_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_keyword(model) -> str:
+    """The name of the KV-cache argument (and output field) of a transformers model's forward:
+    `cache` in transformers >= 5.20, `past_key_values` before (vLLM's CPU build pins 5.19)."""
+    return _cache_keyword_of(type(model))
+
+
+def output_cache(out):
+    """The KV cache a transformers forward returned, under either name."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
 def _prefill(model, input_ids, attention, positions, record: bool):
     """Run the prompt batch through the transformers model.
 
@@ -220,7 +239,7 @@ def _prefill(model, input_ids, attention, positions, record: bool):
         if flat is None:
             raise ValueError("record_routing was requested but the model has no MoE routers")
         routes = flat.view(input_ids.shape[0], input_ids.shape[1], *flat.shape[1:])  # [B, W, L, k]
-    return out.logits[:, -1, :], out.cache, routes
+    return out.logits[:, -1, :], output_cache(out), routes
 
 
 class _GenericStepper:
@@ -246,12 +265,12 @@ class _GenericStepper:
             recorder.__enter__()
         try:
             out = self.model(input_ids=token[:, None], attention_mask=self.attention[:, : self.width + self.steps],
-                             position_ids=self.next_pos, cache=self.cache, use_cache=True,
-                             output_router_logits=False)
+                             position_ids=self.next_pos, use_cache=True, output_router_logits=False,
+                             **{cache_keyword(self.model): self.cache})
         finally:
             if recorder is not None:
                 recorder.__exit__()
-        self.cache = out.cache
+        self.cache = output_cache(out)
         self.next_pos = self.next_pos + 1
         routes = recorder.end_call() if recorder is not None else None
         return out.logits[:, -1, :], routes

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from rollout.base import Rollout, SamplingParams
+from rollout.vllm_server import VLLMServerClient
 from rollout.vllm import (
-    VLLMServerClient,
     completion_response_to_rollouts,
     expert_layout,
     filter_engine_kwargs,
