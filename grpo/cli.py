@@ -133,7 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from grpo.evaluate import evaluate_sets, format_table, make_eval_scorer, write_report
     from grpo.train import load_policy
     from rewards import UnknownRewardError
-    from rollout.hf import HFEngine
+    from rollout import make_engine
 
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -152,9 +152,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not sets:
         scorer.close()
         return _fail(f"{args.recipe}: nothing to evaluate (eval.num_prompts is 0 and eval.datasets is empty)")
-    engine = HFEngine(model, tokenizer, device)
-    report = evaluate_sets(engine, tokenizer, cfg, sets, scorer, k=args.k, seed=cfg.trainer.seed)
-    scorer.close()
+    engine = make_engine(cfg, model, tokenizer, device, seed=cfg.trainer.seed)  # the recipe's engine
+    try:
+        report = evaluate_sets(engine, tokenizer, cfg, sets, scorer, k=args.k, seed=cfg.trainer.seed)
+    finally:
+        engine.close()
+        scorer.close()
     report["checkpoint"] = str(checkpoint or cfg.model.name_or_path)
     print(format_table(report))
     if args.out:

@@ -107,9 +107,15 @@ class VLLMOptions(Section):
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per colocated vLLM engine (divides the world size)")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share vLLM may take (weights + KV cache)")
-    enable_sleep_mode: bool = Field(True, description="free vLLM's GPU memory during the training phase")
+    kv_cache_memory_mb: int | None = Field(
+        None, ge=1, description="vLLM's KV cache in MiB (None: from gpu_memory_utilization on GPU, 256 on CPU)"
+    )
+    enable_sleep_mode: bool = Field(
+        True, description="free vLLM's GPU memory during the training phase (off, with one log line, where the "
+        "platform has no sleep mode, e.g. CPU)"
+    )
     sleep_level: Literal[1, 2] = Field(1, description="1: offload weights, drop KV cache; 2: drop both")
-    dtype: str = Field("auto", description="vLLM model dtype (auto follows the checkpoint)")
+    dtype: str = Field("auto", description="vLLM model dtype (auto: the policy's dtype)")
     max_model_len: int | None = Field(None, ge=1, description="context length vLLM reserves (None: the model's)")
     enable_prefix_caching: bool = Field(True, description="share KV cache across the G completions of a prompt")
     enforce_eager: bool = Field(False, description="disable CUDA graphs (faster start, slower decode)")
@@ -120,7 +126,7 @@ class VLLMOptions(Section):
 
 
 class RolloutConfig(Section):
-    engine: Literal["hf", "vllm"] = Field("hf", description="rollout engine: hf (transformers, CPU/GPU) or vllm (GPU)")
+    engine: Literal["hf", "vllm"] = Field("hf", description="rollout engine: hf (transformers) or vllm (GPU, or vLLM's CPU build)")
     hf: HFEngineOptions = Field(default_factory=HFEngineOptions, description="options of the transformers engine")
     vllm: VLLMOptions = Field(default_factory=VLLMOptions, description="options of the vLLM engine")
     group_size: int = Field(8, ge=2, description="completions sampled per prompt (G); GRPO needs at least 2")

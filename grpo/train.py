@@ -129,8 +129,16 @@ def prepare_training(cfg: RunConfig, accelerator, model, tokenizer):
         model, optimizer = accelerator.prepare(model, optimizer)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (tr.warmup_steps + 1)))
     engine = make_engine(cfg, engine_model, tokenizer, accelerator.device,
-                         record_routing=cfg.moe.routing_replay == "R3")
+                         record_routing=cfg.moe.routing_replay == "R3", seed=cfg.trainer.seed)
     return model, accelerator.unwrap_model(model), optimizer, schedule, engine
+
+
+def engine_phase(engine, phase: str) -> None:
+    """Tell the engine the training phase starts (`before_update`: colocated vLLM sleeps) or ended
+    (`after_update`); engines without memory phases (the HF engine) have neither hook."""
+    hook = getattr(engine, phase, None)
+    if callable(hook):
+        hook()
 
 
 def sync_engine(engine, model, unwrapped) -> None:
@@ -288,6 +296,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
     model, unwrapped, optimizer, schedule, engine = prepare_training(cfg, accelerator, model, tokenizer)
     if ckpt:
         checkpoint.restore(ckpt, model=model, optimizer=optimizer, scheduler=schedule, rank=rank)
+    sync_engine(engine, model, unwrapped)  # an engine with its own weights starts from exactly the policy
     train_rows, eval_rows = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)
     eval_sets = load_eval_sets(cfg, eval_rows)
     prompts_sampler = PromptSampler(train_rows, seed=cfg.data.seed, epoch=state.sampler_epoch,
@@ -324,6 +333,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
         # --- advantages (over the global batch) ---
         rollouts, adv_metrics = with_advantages(rollouts, cfg)
         # --- update (skipped when the loss or gradient norm is not finite) ---
+        engine_phase(engine, "before_update")
         train_metrics = policy_update(model, optimizer, rollouts, cfg, pad_id, accelerator.device,
                                       ref_model=ref_model, moe=moe)
         skipped = train_metrics.pop("train/skipped") > 0
@@ -334,6 +344,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
         t3 = time.perf_counter()
         # --- sync weights to the engine ---
         sync_engine(engine, model, unwrapped)
+        engine_phase(engine, "after_update")
         t4 = time.perf_counter()
         # --- log: metrics averaged over ranks, expert loads summed ---
         accuracy = [r.rewards.get("math_answer") == 1.0 and r.rewards.get("format") == 1.0 for r in rollouts]
@@ -383,6 +394,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
     tracker.close()
     scorer.close()
     eval_scorer.close()
+    engine.close()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():

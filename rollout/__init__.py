@@ -14,10 +14,11 @@ __all__ = ["Rollout", "RolloutEngine", "SamplingParams", "make_engine"]
 
 
 def make_engine(cfg, model: torch.nn.Module, tokenizer, device: torch.device | str | None = None,
-                *, record_routing: bool = False) -> RolloutEngine:
+                *, record_routing: bool = False, seed: int = 0) -> RolloutEngine:
     """The engine `cfg.rollout.engine` names, built from `cfg.rollout.hf` / `cfg.rollout.vllm`.
 
-    cfg: a `grpo.config.RunConfig`. model: the policy (the HF engine decodes with it directly;
+    cfg: a `grpo.config.RunConfig` (only `cfg.rollout` is read). seed: the engine's base seed for
+    unseeded requests (the trainer seeds every prompt itself). model: the policy (the HF engine decodes with it directly;
     vLLM starts from its checkpoint, `model.name_or_path`, then receives weights through
     `update_weights`). record_routing: build the vLLM engine so it can return routed experts
     (the HF engine records them per call, on `SamplingParams.record_routing`).
@@ -43,9 +44,13 @@ def make_engine(cfg, model: torch.nn.Module, tokenizer, device: torch.device | s
         checkpoint = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
         if not checkpoint:
             raise ValueError("rollout.engine=vllm needs a model loaded from a checkpoint directory or Hub id")
+        dtype = v.dtype
+        if dtype == "auto":  # the policy's dtype, so sampler and trainer compute alike (vLLM's CPU "auto" is bf16)
+            dtype = str(getattr(model, "dtype", "auto")).removeprefix("torch.")
+        kv_bytes = None if v.kv_cache_memory_mb is None else v.kv_cache_memory_mb << 20
         return VLLMEngine(checkpoint, tensor_parallel_size=v.tensor_parallel_size,
-                          gpu_memory_utilization=v.gpu_memory_utilization, enable_sleep_mode=v.enable_sleep_mode,
-                          sleep_level=v.sleep_level, seed=cfg.trainer.seed, dtype=v.dtype,
+                          gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_memory_bytes=kv_bytes,
+                          enable_sleep_mode=v.enable_sleep_mode, sleep_level=v.sleep_level, seed=seed, dtype=dtype,
                           max_model_len=v.max_model_len, enable_prefix_caching=v.enable_prefix_caching,
                           enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs,
                           record_routing=record_routing, model_type=model_type, tie_word_embeddings=tied)

@@ -34,16 +34,14 @@ distribution.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
+import gc
 import logging
 import os
 import random
 import re
 import socket
-import threading
-import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -63,6 +61,7 @@ __all__ = [
     "tp_groups",
     "flatten_gathered",
     "request_seeds",
+    "prompt_request_seeds",
     "request_output_to_rollouts",
     "completion_response_to_rollouts",
 ]
@@ -387,23 +386,88 @@ def _set_launcher_env(rank: int, local_rank: int, world_size: int) -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def prompt_request_seeds(prompt_seeds: Sequence[int], num_requests: int) -> list[int]:
+    """Per-request vLLM seeds from the trainer's per-prompt seeds (`SamplingParams.prompt_seeds`).
+
+    Request i samples with seed `prompt_seeds[i]` (its j-th completion with `seed + j`, vLLM's rule),
+    so what a prompt samples depends on its own seed only, not on the batch it was sent in: one
+    process and N processes sample the same rollouts.
+
+    >>> prompt_request_seeds([7, 1000], 2)
+    [7, 1000]
+    """
+    if len(prompt_seeds) != num_requests:
+        raise ValueError(f"{len(prompt_seeds)} prompt seeds for {num_requests} prompts")
+    return [int(s) % 2**63 for s in prompt_seeds]
+
+
+@contextlib.contextmanager
+def _process_state_kept():
+    """Undo what starting vLLM in-process does to the trainer's process.
+
+    vLLM's workers reseed Python's, NumPy's and torch's global generators (`set_random_seed`), and the
+    CPU worker replaces `torch.set_num_threads` with a no-op for the rest of the process
+    (`cpu_worker.py`); both are put back when the block ends.
+    """
+    import numpy as np
+
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_num_threads
+        torch.set_num_threads(threads)
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
+def _default_group_kept(keep: bool):
+    """While vLLM shuts down, keep the default torch.distributed group (when `keep`: it belongs to
+    the trainer). vLLM's shutdown destroys every group it knows, the default one included
+    (`destroy_distributed_environment`); its own subgroups are still destroyed."""
+    if not keep:
+        yield
+        return
+    dist = torch.distributed
+    destroy = dist.destroy_process_group
+
+    def destroy_all_but_default(group=None):
+        if group is not None and group is not dist.GroupMember.WORLD:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_all_but_default
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
+
+
 class VLLMEngine:
     """vLLM colocated with the trainer: one `vllm.LLM` per process (see the module docstring).
 
     Args:
         model: local path (or hub name) of the transformers checkpoint vLLM starts from.
-        tensor_parallel_size: GPUs per vLLM engine; must divide the torch.distributed world size.
+        tensor_parallel_size: devices per vLLM engine; must divide the torch.distributed world size.
         gpu_memory_utilization: fraction of each GPU vLLM may take (weights + KV cache); leave room
-            for the policy, gradients and optimizer state.
-        enable_sleep_mode: allow `sleep`/`wake` (vLLM's CuMem allocator).
+            for the policy, gradients and optimizer state. (On CPU vLLM reads it as a share of RAM;
+            `kv_cache_memory_bytes` is the better knob there.)
+        kv_cache_memory_bytes: KV-cache size; None: from `gpu_memory_utilization` on GPU, 256 MiB on CPU.
+        enable_sleep_mode: allow `sleep`/`wake` (vLLM's CuMem allocator). Where the platform has no
+            sleep mode (CPU) it is turned off with one log line and `sleep`/`wake` do nothing.
         sleep_level: what `sleep()` does by default: 1 offloads weights to CPU and drops the KV
             cache; 2 drops both (less host memory, but `update_weights` must then load every
             parameter before the next `generate`).
-        seed: base seed; TP group g uses `seed + g` (the same within a group, as vLLM requires).
+        seed: base seed of unseeded requests; TP group g uses `seed + g` (the same within a group).
         dtype, max_model_len, enable_prefix_caching, enforce_eager, max_num_seqs,
         max_num_batched_tokens: passed to `vllm.LLM`.
         record_routing: build the engine with `enable_return_routed_experts` so MoE routing can be
-            returned (`SamplingParams.record_routing`).
+            returned (`SamplingParams.record_routing`); an error at start-up where vLLM cannot.
         model_type, tie_word_embeddings: for the parameter-name mapping; read from the checkpoint's
             config when None.
         engine_kwargs: further `vllm.LLM` / `EngineArgs` arguments.
@@ -415,6 +479,7 @@ class VLLMEngine:
         *,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.3,
+        kv_cache_memory_bytes: int | None = None,
         enable_sleep_mode: bool = True,
         sleep_level: int = 1,
         seed: int = 0,
@@ -431,43 +496,28 @@ class VLLMEngine:
     ) -> None:
         import vllm
         from vllm.engine.arg_utils import EngineArgs
+        from vllm.platforms import current_platform
 
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
+        platform = getattr(current_platform, "device_name", None) or type(current_platform).__name__
+        self.on_cpu = current_platform.is_cpu()
+        if record_routing and self.on_cpu:
+            raise RuntimeError(
+                f"moe.routing_replay=R3 needs vLLM to return routed experts, which needs its Model Runner V2 "
+                f"(Triton); vLLM's CPU build (vllm {vllm.__version__}, platform {platform}) has neither. "
+                "Use moe.routing_replay=R2 or none, or rollout.engine=hf, on this machine."
+            )
+        available = getattr(current_platform, "is_sleep_mode_available", lambda: False)()
+        if enable_sleep_mode and not available:
+            logger.warning("vLLM has no sleep mode on platform %s: the engine keeps its memory during updates "
+                           "(rollout.vllm.enable_sleep_mode ignored)", platform)
+            enable_sleep_mode = False
         self.sleep_level = sleep_level
         self.enable_sleep_mode = enable_sleep_mode
         self.record_routing = record_routing
+        backend = self._join_process_layout(tensor_parallel_size)
 
-        # --- process layout: one engine per TP group of consecutive ranks ---
-        dist = torch.distributed
-        distributed = dist.is_available() and dist.is_initialized()
-        world_size = dist.get_world_size() if distributed else int(os.environ.get("WORLD_SIZE", "1"))
-        rank = dist.get_rank() if distributed else int(os.environ.get("RANK", "0"))
-        groups = tp_groups(world_size, tensor_parallel_size)
-        self.tp_size = tensor_parallel_size
-        self.tp_group_index = rank // tensor_parallel_size
-        self.tp_rank = rank % tensor_parallel_size
-        self._tp_group = None
-        if world_size > 1:
-            if not distributed:
-                raise RuntimeError("several ranks but torch.distributed is not initialised; launch with accelerate/torchrun")
-            backend = "external_launcher"
-            _set_launcher_env(rank, int(os.environ.get("LOCAL_RANK", rank)), world_size)
-            if tensor_parallel_size > 1:
-                # Every rank must create every subgroup, in the same order.
-                self._tp_group, _ = dist.new_subgroups_by_enumeration(groups)
-        elif tensor_parallel_size > 1:
-            raise ValueError(
-                "tensor_parallel_size > 1 in a single process would make vLLM spawn its own workers, "
-                "where in-process weight loading cannot reach; launch one process per GPU instead"
-            )
-        else:
-            # One process, one GPU: run vLLM's engine core in this process (no EngineCore
-            # subprocess), so `update_weights` can hand tensors to the model directly.
-            backend = None
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-
-        # --- the LLM ---
         wanted: dict[str, Any] = {
             "tensor_parallel_size": tensor_parallel_size,
             "gpu_memory_utilization": gpu_memory_utilization,
@@ -478,26 +528,27 @@ class VLLMEngine:
             "enforce_eager": enforce_eager,
             "logprobs_mode": "processed_logprobs",
         }
+        if kv_cache_memory_bytes is None and self.on_cpu:
+            kv_cache_memory_bytes = 256 << 20  # vLLM's RAM share default (0.92) would not fit beside a trainer
         if backend is not None:
             wanted["distributed_executor_backend"] = backend
         if record_routing:
             wanted["enable_return_routed_experts"] = True
-        for key, value in (
-            ("max_model_len", max_model_len),
-            ("max_num_seqs", max_num_seqs),
-            ("max_num_batched_tokens", max_num_batched_tokens),
-        ):
+        for key, value in (("max_model_len", max_model_len), ("max_num_seqs", max_num_seqs),
+                           ("max_num_batched_tokens", max_num_batched_tokens),
+                           ("kv_cache_memory_bytes", kv_cache_memory_bytes)):
             if value is not None:
                 wanted[key] = value
         wanted.update(engine_kwargs or {})
-        accepted = {f.name for f in dataclasses.fields(EngineArgs)}
-        kept, dropped = filter_engine_kwargs(wanted, accepted)
+        kept, dropped = filter_engine_kwargs(wanted, {f.name for f in dataclasses.fields(EngineArgs)})
         if dropped:
             logger.warning("vLLM %s does not accept %s; ignoring them", vllm.__version__, dropped)
         if "enable_return_routed_experts" in dropped:
             raise RuntimeError(f"vLLM {vllm.__version__} has no enable_return_routed_experts; routing cannot be recorded")
         self.processed_logprobs = "logprobs_mode" in kept
-        self.llm = vllm.LLM(model=model, **kept)
+        self._owns_default_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        with _process_state_kept():
+            self.llm = vllm.LLM(model=model, **kept)
 
         hf_config = self.llm.llm_engine.model_config.hf_config
         self.model_type = model_type or getattr(hf_config, "model_type", "")
@@ -511,6 +562,36 @@ class VLLMEngine:
         self._group_rng = random.Random(seed + self.tp_group_index)
         self._asleep: set[str] = set()  # memory tags currently released ("weights", "kv_cache")
         self._weights_discarded = False  # level-2 sleep: weights must be reloaded before generating
+
+    def _join_process_layout(self, tensor_parallel_size: int) -> str | None:
+        """Place this process in the engine layout: one engine per TP group of consecutive ranks.
+        Returns vLLM's executor backend (None: vLLM's own single-process executor)."""
+        dist = torch.distributed
+        distributed = dist.is_available() and dist.is_initialized()
+        world_size = dist.get_world_size() if distributed else int(os.environ.get("WORLD_SIZE", "1"))
+        rank = dist.get_rank() if distributed else int(os.environ.get("RANK", "0"))
+        groups = tp_groups(world_size, tensor_parallel_size)
+        self.tp_size = tensor_parallel_size
+        self.tp_group_index = rank // tensor_parallel_size
+        self.tp_rank = rank % tensor_parallel_size
+        self._tp_group = None
+        if world_size > 1:
+            if not distributed:
+                raise RuntimeError("several ranks but torch.distributed is not initialised; launch with accelerate/torchrun")
+            _set_launcher_env(rank, int(os.environ.get("LOCAL_RANK", rank)), world_size)
+            if tensor_parallel_size > 1:
+                # Every rank must create every subgroup, in the same order.
+                self._tp_group, _ = dist.new_subgroups_by_enumeration(groups)
+            return "external_launcher"
+        if tensor_parallel_size > 1:
+            raise ValueError(
+                "tensor_parallel_size > 1 in a single process would make vLLM spawn its own workers, "
+                "where in-process weight loading cannot reach; launch one process per GPU instead"
+            )
+        # One process: run vLLM's engine core in this process (no EngineCore subprocess), so
+        # `update_weights` hands tensors to the model directly.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        return None
 
     # --- generation -------------------------------------------------------------------------
 
@@ -530,21 +611,25 @@ class VLLMEngine:
             raise RuntimeError("weights were discarded by sleep(level=2); call update_weights before generate")
 
         local = [[int(t) for t in p] for p in prompts]
-        batch, start = local, 0
-        if self._tp_group is not None:
+        seeds = prompt_request_seeds(sampling.prompt_seeds, len(local)) if sampling.prompt_seeds else None
+        batch, batch_seeds, start = local, seeds, 0
+        if self._tp_group is not None:  # every rank of the group submits the group's whole batch
             gathered: list[Any] = [None] * self.tp_size
-            torch.distributed.all_gather_object(gathered, local, group=self._tp_group)
-            batch, offsets = flatten_gathered(gathered)
+            torch.distributed.all_gather_object(gathered, (local, seeds), group=self._tp_group)
+            batch, offsets = flatten_gathered([g[0] for g in gathered])
+            batch_seeds = None if seeds is None else flatten_gathered([g[1] for g in gathered])[0]
             start = offsets[self.tp_rank]
 
         kwargs = to_vllm_sampling_kwargs(sampling, n)
         base = kwargs.pop("seed", None)
-        if base is None and self.tp_size > 1:
+        if batch_seeds is None and base is None and self.tp_size > 1:
             base = self._group_rng.randrange(2**31)
-        if base is None:  # one process per engine: vLLM's global generator is enough
+        if batch_seeds is None and base is not None:
+            batch_seeds = request_seeds(base, len(batch), n)
+        if batch_seeds is None:  # one process per engine: vLLM's global generator is enough
             params: Any = vllm.SamplingParams(**kwargs)
         else:  # seeded requests, distinct per request and completion
-            params = [vllm.SamplingParams(**kwargs, seed=s) for s in request_seeds(base, len(batch), n)]
+            params = [vllm.SamplingParams(**kwargs, seed=s) for s in batch_seeds]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
         # Same outputs on every rank of the TP group; keep the ones of this rank's prompts.
         mine = outputs[start : start + len(local)]
@@ -555,52 +640,36 @@ class VLLMEngine:
 
     # --- weights ----------------------------------------------------------------------------
 
-    def _model(self) -> torch.nn.Module:
-        """The vLLM model of this process's worker (in-process executors only).
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new policy weights (transformers names) into vLLM in place, then reset the prefix cache.
 
-        With V1 multiprocessing off, `LLMEngine.engine_core` is an `InprocClient` whose `engine_core`
-        is the `EngineCore` itself (`vllm/v1/engine/core_client.py`); `LLMEngine.model_executor`
-        is a shortcut to its executor that some versions keep "for v0 compatibility".
+        Every rank calls this with the full (gathered, unsharded) tensors: each rank's loaders keep
+        their own tensor-parallel shard. Tensors may live on any device and dtype; vLLM's loaders
+        cast them to the engine's dtype. The update must cover every parameter (see
+        `rollout.vllm_worker.reload_in_place`, which also re-runs the post-load processing that
+        vLLM's CPU backend needs). Unquantised weights only.
         """
-        engine = self.llm.llm_engine
-        executor = getattr(engine, "model_executor", None)
-        if executor is None:
-            executor = engine.engine_core.engine_core.model_executor
-        worker = executor.driver_worker
-        worker = getattr(worker, "worker", worker)  # WorkerWrapperBase -> Worker
-        runner = worker.model_runner
-        # Newer runners may wrap the model (CUDA graphs); `get_model` unwraps it.
-        return runner.get_model() if hasattr(runner, "get_model") else runner.model
+        from rollout.vllm_worker import reload_in_place
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, chunk: int = 64) -> None:
-        """Load new policy weights (transformers names) into vLLM, then reset the prefix cache.
-
-        Tensors may live on any device and dtype; vLLM's weight loaders copy them into its
-        parameters, casting to the engine's dtype. Every rank calls this with the full (gathered,
-        unsharded) tensors: each rank's loader keeps its own tensor-parallel shard. They are handed
-        over in chunks of `chunk` tensors. After a level-2 sleep every parameter must be passed.
-        Unquantised weights only: quantised vLLM checkpoints need post-load processing not done here.
-        """
         if "weights" in self._asleep:
             self._wake_up(["weights"])
-        model = self._model()
-        batch: list[tuple[str, torch.Tensor]] = []
         mapped = hf_to_vllm_weights(
             named_tensors, model_type=self.model_type, tie_word_embeddings=self.tie_word_embeddings
         )
-        with torch.no_grad():
-            for name, tensor in mapped:
-                batch.append((name, tensor.detach()))
-                if len(batch) >= chunk:
-                    model.load_weights(batch)
-                    batch = []
-            if batch:
-                model.load_weights(batch)
+        weights = [(name, tensor.detach()) for name, tensor in mapped]
+        self.llm.collective_rpc(reload_in_place, args=(weights,))
         self._weights_discarded = False
         if self.llm.reset_prefix_cache() is False:
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
 
     # --- memory phases ----------------------------------------------------------------------
+
+    def before_update(self) -> None:
+        """The training phase starts: release vLLM's device memory (when sleep mode is on)."""
+        self.sleep()
+
+    def after_update(self) -> None:
+        """Nothing to do: the next `generate` (or `update_weights`) wakes the engine up as needed."""
 
     def sleep(self, level: int | None = None) -> None:
         """Release vLLM's GPU memory for the training phase (see `sleep_level`)."""
@@ -627,10 +696,15 @@ class VLLMEngine:
         self._asleep -= set(tags)
 
     def close(self) -> None:
-        """Drop the engine; the process keeps torch.distributed for the trainer."""
+        """Shut the engine down; the trainer's process group, thread count and RNG stay as they are."""
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
+        if llm is None:
+            return
+        # vLLM shuts its engine core down from a finalizer when the last reference goes, so the
+        # reference is dropped inside the guards too.
+        with _process_state_kept(), _default_group_kept(keep=not self._owns_default_group):
             shutdown = getattr(llm.llm_engine, "shutdown", None)
             if callable(shutdown):
                 shutdown()
             del llm
+            gc.collect()

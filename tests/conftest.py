@@ -32,6 +32,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def require_vllm():
+    """Import vLLM for a test module that runs the real engine.
+
+    `make test` sets GRPO_ZERO_REQUIRE_VLLM=1 where `make setup` installs vLLM (Linux x86_64, and every
+    CUDA machine): there a missing or broken vLLM fails the run instead of skipping its tests.
+    Elsewhere the module is skipped with the reason.
+    """
+    if os.environ.get("GRPO_ZERO_REQUIRE_VLLM") == "1":
+        import vllm  # noqa: F401  (an ImportError here is the failure we want)
+
+        return vllm
+    return pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs it on Linux x86_64)")
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m grpo ARGS` in a subprocess, the project importable from its checkout."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}

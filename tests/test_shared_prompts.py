@@ -166,9 +166,11 @@ def test_unsupported_models_fall_back_to_one_forward():
     ddp_like = torch.nn.Module()
     ddp_like.module = model
     assert not shared_prompt_supported(ddp_like)
-    model.activation_checkpointing_enable()
+    # transformers >= 5.20 names it activation checkpointing, earlier versions gradient checkpointing
+    kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    getattr(model, f"{kind}_checkpointing_enable")()
     assert not shared_prompt_supported(model)
-    model.activation_checkpointing_disable()
+    getattr(model, f"{kind}_checkpointing_disable")()
     model.config._attn_implementation = "flash_attention_2"
     assert not shared_prompt_supported(model)
     sliding = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=32, num_hidden_layers=2,

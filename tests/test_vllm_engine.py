@@ -1,13 +1,11 @@
-"""Tests of the vLLM engine (`rollout/vllm.py`).
+"""Tests of the pure parts of the vLLM engine (`rollout/vllm.py`), which need no vLLM.
 
-On CPU: the pure parts (parameter-name mapping on a real tiny Qwen3-MoE, sampling-parameter mapping,
-TP-group splitting, output conversion) and the fact that importing the module does not import vLLM.
-vLLM itself cannot run without a GPU, so the output-conversion tests feed hand-built stand-ins of
-vLLM's `RequestOutput` and of the server's JSON; their names say `fake`.
-
-The `gpu` tests run the real engine end to end (generate, update_weights, sleep/wake, routed
-experts) on a tiny model saved to a temporary directory with a locally built tokenizer; they skip
-unless CUDA and vLLM are both present.
+The parameter-name mapping on a real tiny Qwen3-MoE, sampling-parameter mapping, TP-group
+splitting, seeds, output conversion, and the fact that importing the module does not import vLLM.
+The output-conversion tests feed hand-built stand-ins of vLLM's `RequestOutput` and of the
+server's JSON (their names say `fake`) to pin edge cases (routing padding, aborted requests) that
+the real engine rarely produces. The real engine runs in `tests/test_vllm_colocated.py` (and the
+server in `tests/test_vllm_server.py`).
 """
 
 from __future__ import annotations
@@ -360,125 +358,6 @@ def test_server_client_generates_against_a_fake_completions_server():
     assert body["model"] == "tiny" and body["prompt"] == [[7, 7], [8]] and body["n"] == 2
     assert body["logprobs"] == 0 and body["return_token_ids"] is True and body["stop"] == ["</answer>"]
     assert len(rollouts) == 4 and rollouts[2].group == 1
-
-
-def test_tiny_checkpoint_for_the_gpu_tests_loads_with_transformers(tmp_path):
-    from transformers import AutoConfig, AutoTokenizer
-
-    save_tiny_checkpoint(tmp_path, tiny_model())
-    tok = AutoTokenizer.from_pretrained(tmp_path)
-    ids = tok("12+3=15", add_special_tokens=False)["input_ids"]
-    assert len(ids) == 7 and tok.decode(ids) == "12+3=15"
-    assert AutoConfig.from_pretrained(tmp_path).model_type == "qwen3_moe"
-
-
-# --- GPU: the real engine --------------------------------------------------------------------------
-
-_HAS_VLLM = importlib.util.find_spec("vllm") is not None
-
-
-def gpu_test(fn):
-    """Mark a test `gpu` and skip it, with the reason, where CUDA or vLLM is missing."""
-    fn = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn)
-    fn = pytest.mark.skipif(not _HAS_VLLM, reason="needs vllm (pip install grpo-zero[vllm])")(fn)
-    return pytest.mark.gpu(fn)
-
-
-def teacher_forced_logprobs(model, rollout: Rollout) -> list[float]:
-    ids = torch.tensor([rollout.prompt_ids + rollout.completion_ids])
-    with torch.no_grad():
-        logits = model(ids).logits.float()[0]  # [T, V]
-    logp = torch.log_softmax(logits, dim=-1)
-    p = len(rollout.prompt_ids)
-    return [logp[p - 1 + i, tok].item() for i, tok in enumerate(rollout.completion_ids)]
-
-
-@pytest.fixture(scope="module")
-def gpu_engine(tmp_path_factory):
-    if not (torch.cuda.is_available() and _HAS_VLLM):
-        pytest.skip("needs CUDA and vllm")
-    from rollout.vllm import VLLMEngine
-
-    model = tiny_model(seed=0, initializer_range=0.2)
-    path = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny-moe"), model)
-    engine = VLLMEngine(
-        str(path),
-        dtype="float32",
-        gpu_memory_utilization=0.2,
-        max_model_len=128,
-        enforce_eager=True,
-        record_routing=True,
-        seed=0,
-    )
-    yield engine, model
-    engine.close()
-
-
-PROMPTS = [[5, 6, 7, 8], [9, 10]]
-PLAIN = SamplingParams(max_new_tokens=8, ignore_eos=True)
-
-
-@gpu_test
-def test_gpu_generate_returns_prompt_major_rollouts_with_sampler_logprobs(gpu_engine):
-    engine, model = gpu_engine
-    rollouts = engine.generate(PROMPTS, 3, PLAIN)
-    assert [r.group for r in rollouts] == [0, 0, 0, 1, 1, 1]
-    for r in rollouts:
-        assert r.prompt_ids == tuple(PROMPTS[r.group])
-        assert r.num_completion_tokens == 8 and r.finish_reason == "length"
-        assert len(r.logprobs) == 8 and all(lp <= 0 and math.isfinite(lp) for lp in r.logprobs)
-        # temperature 1, no top-k/top-p: the sampler's logprobs are the model's.
-        assert teacher_forced_logprobs(model, r) == pytest.approx(list(r.logprobs), abs=2e-2)
-
-
-@gpu_test
-def test_gpu_processed_logprobs_follow_the_temperature(gpu_engine):
-    engine, model = gpu_engine
-    (r,) = engine.generate(PROMPTS[:1], 1, SamplingParams(max_new_tokens=4, temperature=0.5, ignore_eos=True))
-    ids = torch.tensor([r.prompt_ids + r.completion_ids])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(ids).logits.float()[0] / 0.5, dim=-1)
-    p = len(r.prompt_ids)
-    expected = [logp[p - 1 + i, t].item() for i, t in enumerate(r.completion_ids)]
-    assert expected == pytest.approx(list(r.logprobs), abs=2e-2)
-
-
-@gpu_test
-def test_gpu_routed_experts_cover_every_token(gpu_engine):
-    engine, model = gpu_engine
-    sampling = SamplingParams(max_new_tokens=5, ignore_eos=True, record_routing=True)
-    (r,) = engine.generate(PROMPTS[:1], 1, sampling)
-    experts = r.routed_experts  # [P + C, layers, top_k]
-    assert experts.shape == (4 + 5, 2, 2)
-    assert ((experts[:-1] >= 0) & (experts[:-1] < 4)).all() and (experts[-1] == -1).all()
-
-
-@gpu_test
-def test_gpu_update_weights_sleep_and_wake(gpu_engine):
-    engine, model_a = gpu_engine
-    vocab = model_a.config.vocab_size
-    # 1. A model whose lm_head is zero predicts the uniform distribution: logprob = -log V exactly.
-    zero_head = {k: (torch.zeros_like(v) if k == "lm_head.weight" else v) for k, v in model_a.state_dict().items()}
-    engine.sleep(level=1)
-    engine.wake()
-    engine.update_weights(zero_head.items())
-    for r in engine.generate(PROMPTS, 2, PLAIN):
-        assert list(r.logprobs) == pytest.approx([-math.log(vocab)] * 8, abs=1e-3)
-    # 2. Level-2 sleep discards the weights; a full update (fused experts included) restores a model.
-    model_c = tiny_model(seed=1, initializer_range=0.2)
-    engine.sleep(level=2)
-    with pytest.raises(RuntimeError, match="update_weights"):
-        engine.generate(PROMPTS, 1, PLAIN)
-    engine.update_weights(model_c.state_dict().items())
-    rollouts = engine.generate(PROMPTS, 2, PLAIN)
-    for r in rollouts:
-        assert teacher_forced_logprobs(model_c, r) == pytest.approx(list(r.logprobs), abs=2e-2)
-    # ... and they are not model A's (the update changed something that matters).
-    gap = max(abs(a - b) for r in rollouts for a, b in zip(teacher_forced_logprobs(model_a, r), r.logprobs))
-    assert gap > 0.1
-    # 3. Back to model A for any later test.
-    engine.update_weights(model_a.state_dict().items())
-
 
 
 def _wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 600.0) -> None:
