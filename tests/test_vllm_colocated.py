@@ -196,3 +196,32 @@ print("RESULT " + json.dumps(out))
     out = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert out == {"rng_kept": True, "threads_after_start": 2, "threads_after_close": 1, "group_kept": True,
                    "all_reduce_works": True}
+
+
+def test_one_and_two_processes_sample_identical_rollouts(tmp_path):
+    """2 ranks on gloo, each with its own engine through vLLM's `external_launcher`, sample exactly what
+    one process samples for the same per-prompt seeds (and different global RNG states per rank)."""
+    model, tok = build_model("moe", True)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    probe = str(ROOT / "tests" / "vllm_ranks_probe.py")
+    runs = {"one": [sys.executable, probe], "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                                   "--master_port", str(_free_port()), probe]}
+    out = {}
+    for name, cmd in runs.items():
+        result = subprocess.run([*cmd, str(tmp_path / "model"), str(tmp_path / f"{name}.json")], env=env,
+                                capture_output=True, text=True, timeout=400)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert [r["prompt"] for r in out["two"]] == [i for i in range(6) for _ in range(4)]
+    assert [r["ids"] for r in out["one"]] == [r["ids"] for r in out["two"]]
+    assert max(abs(a - b) for x, y in zip(out["one"], out["two"]) for a, b in zip(x["logprobs"], y["logprobs"])) < 1e-6
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
