@@ -275,8 +275,10 @@ def _routing_tensor(routed: Any, num_tokens: int) -> torch.Tensor:
     """vLLM's routed experts -> int tensor [num_tokens, layers, top_k].
 
     vLLM returns one row per token that went through the model, i.e. all but the last sampled token
-    (`Scheduler._get_routed_experts`: `num_tokens = request.num_tokens - 1`). The last token's routing
-    never influences a logprob the trainer uses, so its row is filled with -1.
+    (up to 0.1x: `Scheduler._get_routed_experts`; 0.32: chunks from the aux-output connector,
+    concatenated per request by the `OutputProcessor` into `CompletionOutput.routed_experts`). The
+    last token's routing never influences a logprob the trainer uses, so its row is filled with -1.
+    Any other length (e.g. rows missing for prefix-cached prompt tokens) is an error, never a guess.
     """
     experts = torch.as_tensor(routed).to(torch.int64)  # [T or T-1, L, K]
     if experts.dim() != 3:
