@@ -225,3 +225,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_routing_replay_r3_on_a_vllm_that_cannot_return_experts_stops_at_start_up(tmp_path):
+    from vllm.platforms import current_platform
+
+    from rollout.vllm import VLLMEngine
+
+    if not current_platform.is_cpu():
+        pytest.skip("on GPU vLLM can return routed experts")
+    with pytest.raises(RuntimeError, match=r"routing_replay=R3 .*CPU build"):
+        VLLMEngine(str(tmp_path), record_routing=True)
