@@ -31,16 +31,22 @@ def make_engine(cfg, model: torch.nn.Module, tokenizer, device: torch.device | s
                         dense_experts_max_rows=ro.hf.dense_experts_max_rows)
     if ro.engine == "vllm":
         from rollout.vllm import VLLMEngine
-        from rollout.vllm_server import VLLMServerClient
 
         v = ro.vllm
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None)
         tied = getattr(config, "tie_word_embeddings", None)
         if v.mode == "server":
-            return VLLMServerClient(v.server_url, group_port=v.server_group_port, timeout=v.server_timeout_s,
-                                    model_type=model_type or "qwen3_moe", tie_word_embeddings=bool(tied),
-                                    device=device)
+            from rollout.vllm_server import VLLMServerClient, distributed_role
+
+            if record_routing:
+                raise ValueError("rollout.vllm.mode=server cannot return routed experts (moe.routing_replay=R3)")
+            # every rank generates over HTTP; rank 0 alone pushes weights, the others' update_weights
+            # waits for its push (a collective here: every rank builds its engine)
+            owner, session = distributed_role()
+            return VLLMServerClient(v.server_url, owner=owner, session=session, group_port=v.server_group_port,
+                                    timeout=v.server_timeout_s, model_type=model_type or "qwen3_moe",
+                                    tie_word_embeddings=bool(tied), device=device)
         checkpoint = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
         if not checkpoint:
             raise ValueError("rollout.engine=vllm needs a model loaded from a checkpoint directory or Hub id")

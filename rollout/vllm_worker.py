@@ -17,8 +17,9 @@ Every parameter of the vLLM model must be reached by the update; a missing one i
 (never a silent half update).
 
 `WeightSyncExtension` is mixed into the server's workers by `--worker-extension-cls
-rollout.vllm_worker.WeightSyncExtension`; `rollout.vllm.VLLMServerClient` calls its methods through
-`/collective_rpc` (`VLLM_SERVER_DEV_MODE=1`), which passes JSON-able arguments only.
+rollout.vllm_worker.WeightSyncExtension`; `rollout.vllm_server.VLLMServerClient` calls its methods
+through `/collective_rpc` (`VLLM_SERVER_DEV_MODE=1`), which passes string arguments only (JSON here)
+and returns what they return. The protocol is described in `rollout/vllm_server.py`.
 
 `vllm` is imported only inside the functions of this module.
 """
@@ -26,7 +27,13 @@ rollout.vllm_worker.WeightSyncExtension`; `rollout.vllm.VLLMServerClient` calls 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import os
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -97,35 +104,361 @@ def reload_in_place(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
     return len(loaded & expected)
 
 
+# --- server mode: the workers' side of the weight channel ---------------------------------------
+
+# safetensors' dtype codes; a push may change a floating dtype (the loaders cast), nothing else.
+_DTYPE_CODES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}  # fmt: skip
+_FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+_KEPT_SESSIONS = 16  # push records kept per worker (one per training run that pushed)
+
+
+class PushRejected(Exception):
+    """A push refused before anything was loaded into the model."""
+
+
+@dataclass
+class _SyncState:
+    """What a server worker keeps between weight-channel calls (`worker._grpo_sync`)."""
+
+    manifest: dict[str, tuple[str, tuple[int, ...]]] | None  # checkpoint: name -> (dtype code, shape)
+    # open safetensors files holding the weights in use (None: they exist only in the model); kept
+    # open, they stay readable after the client deletes them
+    last_good: list | None
+    consistent: bool = True  # False: a failed load changed the model and restoring it failed too
+    version: int = 0  # successful pushes since start-up
+    pushes: OrderedDict = field(default_factory=OrderedDict)  # session -> {"seq", "ok", "error"}
+    comm: object = None  # NCCL: PyNcclCommunicator with the client
+    stream: object = None  # NCCL: the channel's own CUDA stream
+    client_rank: int = -1
+    pending: list[tuple[str, torch.dtype, tuple[int, ...]]] | None = None  # NCCL push being received
+    pending_id: tuple[str, int] | None = None
+    staged: dict[int, torch.Tensor] = field(default_factory=dict)  # NCCL: received tensors, on the CPU
+
+
+def _checkpoint_files(model_config) -> list[Path]:
+    """The safetensors files the server loaded at start-up ([] when there are none to read)."""
+    path = Path(model_config.model)
+    if not path.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(model_config.model, revision=model_config.revision,
+                                          local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
+        except Exception:  # not a cached Hub checkpoint: pushes are then checked by reload_in_place only
+            return []
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return sorted(path.glob("*.safetensors"))
+
+
+def _open(files: Iterable[str | Path]) -> list:
+    """Open safetensors files (memory-mapped: readable for as long as the handles live)."""
+    from safetensors import safe_open
+
+    return [safe_open(os.fspath(f), framework="pt", device="cpu") for f in files]
+
+
+def _read_spec(handles: list) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype code, shape) from safetensors headers (no tensor is read)."""
+    spec: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for handle in handles:
+        for name in handle.keys():
+            if name in spec:
+                raise PushRejected(f"{name} is in more than one file")
+            piece = handle.get_slice(name)
+            spec[name] = (piece.get_dtype(), tuple(piece.get_shape()))
+    return spec
+
+
+def _iter_tensors(handles: list) -> Iterator[tuple[str, torch.Tensor]]:
+    for handle in handles:
+        for name in handle.keys():
+            yield name, handle.get_tensor(name)
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+
+
+def spec_problems(manifest: dict, pushed: dict) -> list[str]:
+    """Why `pushed` (name -> (dtype code, shape)) cannot replace `manifest` ([] when it can).
+
+    >>> spec_problems({"a": ("F32", (2,))}, {"a": ("BF16", (2,))})
+    []
+    >>> spec_problems({"a": ("F32", (2,))}, {"a": ("I64", (3,)), "b": ("F32", (1,))})
+    ['1 not in the served checkpoint: b', 'wrong shape: a [3] (served [2])', 'wrong dtype: a I64 (served F32)']
+    """
+    problems = []
+    unknown = sorted(set(pushed) - set(manifest))
+    missing = sorted(set(manifest) - set(pushed))
+    if unknown:
+        problems.append(f"{len(unknown)} not in the served checkpoint: {_few(unknown)}")
+    if missing:
+        problems.append(f"{len(missing)} missing: {_few(missing)}")
+    shapes, dtypes = [], []
+    for name in sorted(set(pushed) & set(manifest)):
+        (code, shape), (want_code, want_shape) = pushed[name], manifest[name]
+        if tuple(shape) != tuple(want_shape):
+            shapes.append(f"{name} {list(shape)} (served {list(want_shape)})")
+        if code != want_code and not (code in _FLOAT_CODES and want_code in _FLOAT_CODES):
+            dtypes.append(f"{name} {code} (served {want_code})")
+    if shapes:
+        problems.append(f"wrong shape: {_few(shapes)}")
+    if dtypes:
+        problems.append(f"wrong dtype: {_few(dtypes)}")
+    return problems
+
+
+def _sync_state(worker) -> _SyncState:
+    state = getattr(worker, "_grpo_sync", None)
+    if state is None:
+        try:
+            handles = _open(_checkpoint_files(worker.model_config))
+        except Exception:  # unreadable: pushes are then checked by reload_in_place only, with no restore
+            handles = []
+        state = _SyncState(manifest=_read_spec(handles) if handles else None, last_good=handles or None)
+        worker._grpo_sync = state
+    return state
+
+
+def _check_push(state: _SyncState, pushed: dict, check: bool) -> None:
+    if check and state.manifest is not None:
+        problems = spec_problems(state.manifest, pushed)
+        if problems:
+            raise PushRejected("; ".join(problems) + "; nothing was loaded")
+
+
+def _apply(worker, state: _SyncState, weights: Iterable[tuple[str, torch.Tensor]], handles: list | None) -> int:
+    """`reload_in_place`; when it fails after touching the model, reload the last good weights.
+    On success the weights' open files (`handles`, None for weights that have none) become those."""
+    try:
+        count = reload_in_place(worker, weights)
+    except Exception as exc:
+        try:
+            if not state.last_good:
+                raise RuntimeError("no file holds them after an NCCL push") from None
+            reload_in_place(worker, _iter_tensors(state.last_good))
+        except Exception as again:
+            state.consistent = False
+            raise RuntimeError(f"loading the pushed weights failed ({exc}); restoring the last good weights failed "
+                               f"({again}): the model holds partly updated weights until a push succeeds") from exc
+        state.consistent = True
+        raise RuntimeError(f"loading the pushed weights failed ({exc}); the last good weights were restored") from exc
+    state.last_good, state.consistent = handles, True
+    state.version += 1
+    return count
+
+
+def _push_answer(worker, session: str | None, seq: int, run, *, final: bool = True) -> dict:
+    """Run one step of a push; every failure is an answer ({"ok": False, "error"}), never an exception.
+    A failure, and the success of a push's final step, are recorded for `grpo_push_status`."""
+    state = _sync_state(worker)
+    try:
+        answer = {"ok": True, **run(state)}
+    except Exception as exc:
+        if state.pending_id == (session, seq):
+            state.pending, state.pending_id, state.staged = None, None, {}
+        answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "rejected": isinstance(exc, PushRejected)}
+        final = True
+    if final and session is not None:
+        state.pushes[session] = {"seq": seq, "ok": answer["ok"], "error": answer.get("error")}
+        state.pushes.move_to_end(session)
+        while len(state.pushes) > _KEPT_SESSIONS:
+            state.pushes.popitem(last=False)
+    return {**answer, "rank": int(worker.rank), "version": state.version, "consistent": state.consistent}
+
+
+def wait_for_stream(stream, timeout: float, what: str) -> None:
+    """Wait for the work queued on a CUDA stream, at most `timeout` seconds (NCCL has no timeout)."""
+    done = torch.cuda.Event()
+    done.record(stream)
+    deadline = time.monotonic() + timeout
+    while not done.query():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not finish within {timeout:g} s")
+        time.sleep(0.002)
+
+
+def _close_nccl(state: _SyncState) -> None:
+    if state.comm is not None:
+        state.comm.destroy()  # ncclCommAbort: also ends a broadcast stuck on a dead peer
+    state.comm, state.stream, state.pending, state.pending_id, state.staged = None, None, None, None, {}
+
+
+def nccl_library_loads() -> bool:
+    """Whether vLLM's NCCL wrapper finds a library here (it silently disables itself otherwise)."""
+    try:
+        import vllm.envs as envs
+        from vllm.distributed.device_communicators.pynccl_wrapper import NCCLLibrary
+
+        if envs.VLLM_DISABLE_PYNCCL:
+            return False
+        NCCLLibrary()
+    except Exception:
+        return False
+    return True
+
+
 class WeightSyncExtension:
-    """Mixed into vLLM's GPU worker; receives new policy weights over NCCL."""
+    """Mixed into every worker of a vLLM server (`--worker-extension-cls
+    rollout.vllm_worker.WeightSyncExtension`): the workers' end of `VLLMServerClient`'s weight
+    channel. Methods take JSON strings and answer JSON-able dicts; a failed push is an answer with
+    `ok: false` and an `error`, never a hung or half-loaded worker:
 
-    def grpo_worker_rank(self) -> int:
-        return int(self.rank)
+    * before anything is loaded, the pushed names, shapes and dtypes are checked against the
+      checkpoint the server started from (the same tensor names, the same shapes, a floating dtype
+      where it has one): a mismatch is refused with the model untouched;
+    * if loading fails all the same, the last good weights are reloaded from their files (the last
+      file push, else the start-up checkpoint), which the workers keep open (memory-mapped), so the
+      client may delete them; after an NCCL push there is no such file, and the answer (and every
+      later status) says `consistent: false` until a push succeeds.
+    """
 
-    def grpo_init_weight_channel(self, spec: str) -> None:
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
+    def grpo_info(self) -> dict:
+        """Where this worker runs (platform, GPU, host) and its weight version."""
+        state = _sync_state(self)
+        device = torch.device(self.device)
+        cuda = device.type == "cuda"
+        return {
+            "rank": int(self.rank), "device": str(device), "platform": device.type, "host": socket.gethostname(),
+            "gpu_uuid": str(torch.cuda.get_device_properties(device).uuid) if cuda else None,
+            "nccl": cuda and nccl_library_loads(), "checked": state.manifest is not None,
+            "version": state.version, "consistent": state.consistent,
+        }  # fmt: skip
 
-        cfg = json.loads(spec)
-        rank = int(self.rank)
-        host = "0.0.0.0" if rank == 0 else "127.0.0.1"
-        group = StatelessProcessGroup.create(host=host, port=int(cfg["port"]), rank=rank, world_size=int(cfg["world_size"]))
-        self._grpo_comm = PyNcclCommunicator(group, device=self.device)
-        self._grpo_client_rank = int(cfg["client_rank"])
+    def grpo_push_status(self, session: str) -> dict:
+        """The last push of a session: {"seq": 0} before its first."""
+        state = _sync_state(self)
+        record = state.pushes.get(session, {"seq": 0, "ok": None, "error": None})
+        return {**record, "version": state.version, "consistent": state.consistent}
 
-    def grpo_receive_weights(self, meta: str) -> int:
-        comm = getattr(self, "_grpo_comm", None)
-        if comm is None:
-            raise RuntimeError("grpo_init_weight_channel was not called")
-        stream = torch.cuda.current_stream()
-        tensors = []
-        for name, dtype, shape in json.loads(meta):
-            tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            comm.broadcast(tensor, src=self._grpo_client_rank, stream=stream)
-            tensors.append((name, tensor))
-        stream.synchronize()
-        return reload_in_place(self, tensors)
+    def grpo_load_weights(self, request: str) -> dict:
+        """File channel: load {"files": [safetensors paths], "session", "seq", "check"} in one update."""
+        req = json.loads(request)
+        files = [os.fspath(p) for p in req["files"]]
 
-    def grpo_close_weight_channel(self) -> None:
-        self._grpo_comm = None
+        def run(state: _SyncState) -> dict:
+            try:
+                handles = _open(files)
+                pushed = _read_spec(handles)
+            except Exception as exc:
+                raise PushRejected(f"cannot read the pushed files ({exc})") from exc
+            _check_push(state, pushed, bool(req.get("check", True)))
+            return {"parameters": _apply(self, state, _iter_tensors(handles), handles)}
+
+        return _push_answer(self, str(req["session"]), int(req["seq"]), run)
+
+    def grpo_nccl_open(self, request: str) -> dict:
+        """NCCL channel: join {"port", "world_size", "client_rank", "timeout"} (worker 0 hosts the
+        rendezvous store on `port`; the client is the last rank)."""
+        req = json.loads(request)
+
+        def run(state: _SyncState) -> dict:
+            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+            from vllm.distributed.utils import StatelessProcessGroup
+
+            if torch.device(self.device).type != "cuda" or not nccl_library_loads():
+                raise PushRejected(f"no NCCL on this worker ({self.device}); use the file channel")
+            _close_nccl(state)
+            rank = int(self.rank)
+            group = StatelessProcessGroup.create(
+                host="0.0.0.0" if rank == 0 else "127.0.0.1", port=int(req["port"]), rank=rank,
+                world_size=int(req["world_size"]), store_timeout=max(1, round(float(req["timeout"]))),
+            )  # fmt: skip
+            comm = PyNcclCommunicator(group, device=self.device)
+            if comm.disabled:
+                raise RuntimeError("vLLM disabled the NCCL communicator")
+            state.comm, state.stream = comm, torch.cuda.Stream(device=self.device)
+            state.client_rank = int(req["client_rank"])
+            return {}
+
+        return _push_answer(self, None, 0, run, final=False)
+
+    def grpo_nccl_begin(self, request: str) -> dict:
+        """NCCL channel: announce a push {"session", "seq", "tensors": [[name, dtype, shape], ...],
+        "check"}; it is checked here, before any tensor is sent."""
+        req = json.loads(request)
+        session, seq = str(req["session"]), int(req["seq"])
+
+        def run(state: _SyncState) -> dict:
+            if state.comm is None:
+                raise PushRejected("the NCCL channel is not open")
+            state.pending, state.pending_id, state.staged = None, None, {}
+            pending, pushed = [], {}
+            for name, dtype, shape in req["tensors"]:
+                torch_dtype = getattr(torch, str(dtype), None)
+                if torch_dtype not in _DTYPE_CODES:
+                    raise PushRejected(f"{name}: unsupported dtype {dtype}")
+                if name in pushed:
+                    raise PushRejected(f"{name} is pushed twice")
+                pushed[name] = (_DTYPE_CODES[torch_dtype], tuple(int(s) for s in shape))
+                pending.append((name, torch_dtype, pushed[name][1]))
+            _check_push(state, pushed, bool(req.get("check", True)))
+            state.pending, state.pending_id = pending, (session, seq)
+            return {}
+
+        return _push_answer(self, session, seq, run, final=False)
+
+    def grpo_nccl_receive(self, request: str) -> dict:
+        """NCCL channel: receive tensors [start, stop) of the announced push (staged on the CPU);
+        {"session", "seq", "start", "stop", "timeout"}. A transfer past `timeout` closes the channel."""
+        req = json.loads(request)
+        session, seq = str(req["session"]), int(req["seq"])
+
+        def run(state: _SyncState) -> dict:
+            if state.comm is None or state.pending_id != (session, seq):
+                raise PushRejected("no such push announced on the NCCL channel")
+            received = []
+            with torch.cuda.stream(state.stream):
+                for i in range(int(req["start"]), int(req["stop"])):
+                    _, dtype, shape = state.pending[i]
+                    buffer = torch.empty(shape, dtype=dtype, device=self.device)
+                    state.comm.broadcast(buffer, src=state.client_rank, stream=state.stream)
+                    received.append((i, buffer))
+            try:
+                wait_for_stream(state.stream, float(req["timeout"]), "receiving the weights over NCCL")
+            except TimeoutError:
+                _close_nccl(state)
+                raise
+            for i, buffer in received:
+                state.staged[i] = buffer.to("cpu")
+            return {}
+
+        return _push_answer(self, session, seq, run, final=False)
+
+    def grpo_nccl_finish(self, request: str) -> dict:
+        """NCCL channel: load the received push {"session", "seq"} in one update."""
+        req = json.loads(request)
+        session, seq = str(req["session"]), int(req["seq"])
+
+        def run(state: _SyncState) -> dict:
+            if state.pending_id != (session, seq):
+                raise PushRejected("no such push announced on the NCCL channel")
+            pending, staged = state.pending, state.staged
+            state.pending, state.pending_id, state.staged = None, None, {}
+            if len(staged) != len(pending):
+                raise PushRejected(f"{len(pending) - len(staged)} of {len(pending)} tensors never arrived")
+            weights = [(pending[i][0], staged[i]) for i in range(len(pending))]
+            return {"parameters": _apply(self, state, weights, None)}
+
+        return _push_answer(self, session, seq, run)
+
+    def grpo_nccl_close(self) -> dict:
+        _close_nccl(_sync_state(self))
+        return {"ok": True, "rank": int(self.rank)}
+
+    def grpo_push_failed(self, request: str) -> dict:
+        """Record {"session", "seq", "error"}: the client failed a push before the workers could
+        (so the ranks waiting for it stop at once); a push the workers already recorded is kept."""
+        req = json.loads(request)
+        state = _sync_state(self)
+        session, seq = str(req["session"]), int(req["seq"])
+        if state.pushes.get(session, {}).get("seq") != seq:
+            state.pushes[session] = {"seq": seq, "ok": False, "error": str(req["error"])}
+            state.pushes.move_to_end(session)
+        return {"ok": True, "rank": int(self.rank)}

@@ -10,14 +10,8 @@ server in `tests/test_vllm_server.py`).
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import math
-import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +19,6 @@ import pytest
 import torch
 
 from rollout.base import Rollout, SamplingParams
-from rollout.vllm_server import VLLMServerClient
 from rollout.vllm import (
     completion_response_to_rollouts,
     expert_layout,
@@ -325,94 +318,3 @@ def test_fake_completions_json_becomes_prompt_major_rollouts(token_ids_field):
     assert [r.prompt_ids for r in rollouts] == [(7, 7), (7, 7), (8,), (8,)]
     assert rollouts[0].logprobs == (-0.2, -0.3) and rollouts[0].finish_reason == "stop"
     assert rollouts[3].text == "d" and rollouts[3].finish_reason == "length"
-
-
-def test_server_client_generates_against_a_fake_completions_server():
-    """The HTTP plumbing of VLLMServerClient against a stdlib stand-in for `vllm serve`."""
-    seen = {}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            seen["path"] = self.path
-            seen["body"] = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            data = json.dumps(fake_completions_json(True)).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        client = VLLMServerClient(f"http://127.0.0.1:{server.server_port}", model="tiny")
-        rollouts = client.generate([[7, 7], [8]], 2, SamplingParams(max_new_tokens=4, stop=("</answer>",)))
-    finally:
-        server.shutdown()
-    assert seen["path"] == "/v1/completions"
-    body = seen["body"]
-    assert body["model"] == "tiny" and body["prompt"] == [[7, 7], [8]] and body["n"] == 2
-    assert body["logprobs"] == 0 and body["return_token_ids"] is True and body["stop"] == ["</answer>"]
-    assert len(rollouts) == 4 and rollouts[2].group == 1
-
-
-def _wait_for_server(url: str, proc: subprocess.Popen, timeout: float = 600.0) -> None:
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(2)
-    raise TimeoutError("vllm serve did not come up")
-
-
-@gpu_test
-@pytest.mark.slow
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs the server and the client on different GPUs")
-def test_gpu_server_client_generates_and_receives_weights_over_nccl(tmp_path):
-    """`vllm serve` on GPU 1 with our worker extension; the client on GPU 0 pushes weights."""
-    import socket
-
-    model_a = tiny_model(seed=0, initializer_range=0.2)
-    path = save_tiny_checkpoint(tmp_path / "tiny-moe", model_a)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, VLLM_SERVER_DEV_MODE="1", CUDA_VISIBLE_DEVICES="1", PYTHONPATH=str(REPO))
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(path),
-        "--port", str(port), "--dtype", "float32", "--max-model-len", "128",
-        "--gpu-memory-utilization", "0.2", "--enforce-eager", "--enable-sleep-mode",
-        "--logprobs-mode", "processed_logprobs",
-        "--worker-extension-cls", "rollout.vllm_worker.WeightSyncExtension",
-    ]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_for_server(url, proc)
-        client = VLLMServerClient(url, device=0, group_port=port + 1)
-        rollouts = client.generate(PROMPTS, 2, PLAIN)
-        assert [r.group for r in rollouts] == [0, 0, 1, 1]
-        for r in rollouts:
-            assert teacher_forced_logprobs(model_a, r) == pytest.approx(list(r.logprobs), abs=2e-2)
-        client.sleep(1)
-        client.wake()
-        zero_head = {k: (torch.zeros_like(v) if k == "lm_head.weight" else v) for k, v in model_a.state_dict().items()}
-        client.update_weights(zero_head.items())
-        for r in client.generate(PROMPTS, 2, PLAIN):
-            assert list(r.logprobs) == pytest.approx([-math.log(model_a.config.vocab_size)] * 8, abs=1e-3)
-        client.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)

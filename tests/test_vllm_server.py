@@ -1,0 +1,317 @@
+"""The vLLM engine's server mode for real (`rollout.vllm_server.VLLMServerClient`).
+
+A real vLLM OpenAI server (`python -m vllm.entrypoints.openai.api_server`, our worker extension)
+runs as a subprocess on 127.0.0.1 for the whole module, serving a tiny Qwen3-MoE (head_dim 32,
+expert width 32: sizes vLLM's CPU kernels take) with a character tokenizer built locally, in
+float32. On the CPU the client pushes weights through files; the NCCL channel is checked by the
+`gpu` test at the end (two GPUs).
+
+The central check: the logprobs the server reports for the tokens it sampled match a teacher-forced
+transformers forward of the trainer's current weights to 1e-4 (temperature 1), at start-up, after
+a push of a real optimizer step's weights, and after planted failed pushes (which must be errors
+within seconds, leaving the last good weights in use).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rollout.base import SamplingParams
+from rollout.vllm_server import VLLMServerClient, VLLMServerError, completion_bodies
+from tests.conftest import ROOT, require_vllm
+
+require_vllm()
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TOL = 1e-4
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+SEEDS = (101, 202)
+PLAIN = SamplingParams(max_new_tokens=8, ignore_eos=True, prompt_seeds=SEEDS)
+STARTUP_S = 240  # about 35-50 s on a shared 2-core machine
+
+
+def build_model(seed: int = 0):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from grpo.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    config = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                            num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=256,
+                            tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                            bos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    return Qwen3MoeForCausalLM(config).eval(), tok
+
+
+def optimizer_step(model, seed: int) -> None:
+    """One AdamW step on a language-modelling loss (every parameter moves by about lr)."""
+    torch.manual_seed(seed)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    ids = torch.randint(3, model.config.vocab_size, (2, 12))  # [B, T]
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    model.eval()
+
+
+def max_logprob_error(model, rollouts) -> float:
+    """Largest |sampler logprob - teacher-forced transformers logprob| over all sampled tokens."""
+    worst = 0.0
+    for r in rollouts:
+        ids = torch.tensor([r.prompt_ids + r.completion_ids])  # [1, T]
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(r.prompt_ids) - 1 : -1].float()  # [C, V]
+        expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(r.completion_ids)[:, None])[:, 0]  # [C]
+        worst = max(worst, (expected - torch.tensor(r.logprobs)).abs().max().item())
+    return worst
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_health(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"the vLLM server did not answer /health within {timeout:g} s:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (its engine and worker processes), SIGKILL after 20 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is left
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
+
+
+def start_server(model_dir: Path, log: Path, extra_env: dict | None = None, extra_args: tuple = ()):
+    port = free_port()
+    env = {**os.environ, "VLLM_SERVER_DEV_MODE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           **(extra_env or {})}
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+        "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
+        "--kv-cache-memory-bytes", str(32 << 20), "--enforce-eager", "--seed", "0",
+        "--logprobs-mode", "processed_logprobs",
+        "--worker-extension-cls", "rollout.vllm_worker.WeightSyncExtension", *extra_args,
+    ]  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-server")
+    model, tok = build_model()
+    model.save_pretrained(root / "tiny-moe")
+    tok.save_pretrained(root / "tiny-moe")
+    proc, url = start_server(root / "tiny-moe", root / "server.log")
+    try:
+        wait_for_health(url, proc, root / "server.log", STARTUP_S)
+        # `current`: the weights the server must be sampling from (the last good push)
+        yield SimpleNamespace(url=url, current=model, log=root / "server.log")
+    finally:
+        stop_server(proc)
+
+
+def test_generate_matches_the_served_checkpoint_and_is_seeded_per_prompt(server):
+    client = VLLMServerClient(server.url, device="cpu")
+    assert client.channel == "file"
+    rollouts = client.generate(PROMPTS, 2, PLAIN)
+    assert [r.group for r in rollouts] == [0, 0, 1, 1]
+    assert [r.prompt_ids for r in rollouts] == [tuple(PROMPTS[0])] * 2 + [tuple(PROMPTS[1])] * 2
+    assert all(len(r.completion_ids) == 8 == len(r.logprobs) and r.finish_reason == "length" for r in rollouts)
+    assert max_logprob_error(server.current, rollouts) < TOL
+    # a prompt's completions depend on its own seed only, not on the batch it came in
+    alone = client.generate(PROMPTS[1:], 2, SamplingParams(max_new_tokens=8, ignore_eos=True, prompt_seeds=SEEDS[1:]))
+    assert [r.completion_ids for r in alone] == [r.completion_ids for r in rollouts[2:]]
+    assert rollouts[0].completion_ids != rollouts[1].completion_ids  # seed + j per completion
+    client.close()
+
+
+def test_a_pushed_optimizer_step_is_what_the_server_samples_from(server):
+    client = VLLMServerClient(server.url, device="cpu")
+    before = copy.deepcopy(server.current)
+    model = copy.deepcopy(server.current)
+    optimizer_step(model, seed=1)
+    client.update_weights(model.state_dict().items())
+    server.current = model
+    rollouts = client.generate(PROMPTS, 2, PLAIN)
+    assert max_logprob_error(model, rollouts) < TOL
+    assert max_logprob_error(before, rollouts) > 1e-2  # the push changed what the server computes
+    client.close()
+
+
+def _without(state: dict, name: str) -> dict:
+    assert name in state
+    return {k: v for k, v in state.items() if k != name}
+
+
+@pytest.mark.parametrize("planted", ["wrong shape", "missing tensor", "missing tensor, unchecked"])
+def test_a_failed_push_is_an_error_within_seconds_and_the_last_good_weights_stay(server, planted):
+    """'unchecked' skips the workers' check, so the load itself fails after changing most of the
+    model: the workers must then reload the last good weights."""
+    client = VLLMServerClient(server.url, device="cpu")
+    newer = copy.deepcopy(server.current)
+    optimizer_step(newer, seed=2)  # what a half load would leave behind: clearly not the last good weights
+    state = newer.state_dict()
+    check = True
+    if planted == "wrong shape":
+        name = "model.layers.0.self_attn.q_proj.weight"
+        state = {**state, name: torch.zeros(state[name].shape[0] + 1, state[name].shape[1])}
+        match = "wrong shape: model.layers.0.self_attn.q_proj.weight"
+    elif planted == "missing tensor":
+        state, match = _without(state, "model.layers.1.post_attention_layernorm.weight"), "1 missing"
+    else:
+        state, check, match = _without(state, "model.norm.weight"), False, "last good weights were restored"
+    t0 = time.monotonic()
+    with pytest.raises(VLLMServerError, match=match):
+        client.update_weights(state.items(), check=check)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 10, f"the failed push took {elapsed:.1f} s"
+    rollouts = client.generate(PROMPTS, 2, PLAIN)
+    assert max_logprob_error(server.current, rollouts) < TOL
+    client.close()
+
+
+def test_the_nccl_channel_on_a_cpu_client_is_refused_before_the_server_is_asked(server):
+    t0 = time.monotonic()
+    with pytest.raises(VLLMServerError, match="NCCL weight channel cannot work: the client is on cpu"):
+        VLLMServerClient(server.url, device="cpu", channel="nccl")
+    assert time.monotonic() - t0 < 5
+    client = VLLMServerClient(server.url, device="cpu")  # the server is not waiting for anything
+    one = SamplingParams(max_new_tokens=8, ignore_eos=True, prompt_seeds=SEEDS[:1])
+    assert max_logprob_error(server.current, client.generate(PROMPTS[:1], 1, one)) < TOL
+    client.close()
+
+
+def test_other_ranks_wait_for_the_owners_push_and_share_its_failure(server):
+    owner = VLLMServerClient(server.url, device="cpu")
+    other = VLLMServerClient(server.url, device="cpu", owner=False, session=owner.session)
+    assert other.channel == "none"
+    errors: list[BaseException] = []
+
+    def other_rank_update():
+        try:
+            other.update_weights(iter(()))  # what other ranks pass is not used
+        except BaseException as exc:
+            errors.append(exc)
+
+    # push 1: the other rank blocks until the owner's push has landed
+    waiting = threading.Thread(target=other_rank_update)
+    waiting.start()
+    time.sleep(1.0)
+    assert waiting.is_alive()
+    model = copy.deepcopy(server.current)
+    optimizer_step(model, seed=3)
+    owner.update_weights(model.state_dict().items())
+    server.current = model
+    waiting.join(30)
+    assert not waiting.is_alive() and not errors
+    assert max_logprob_error(model, other.generate(PROMPTS, 2, PLAIN)) < TOL
+    # push 2 fails on the owner: the other rank's update is an error too, at once
+    waiting = threading.Thread(target=other_rank_update)
+    waiting.start()
+    with pytest.raises(VLLMServerError):
+        owner.update_weights(_without(model.state_dict(), "model.norm.weight").items())
+    waiting.join(10)
+    assert not waiting.is_alive() and len(errors) == 1 and "failed" in str(errors[0])
+    owner.close()
+    other.close()
+
+
+def test_make_engine_gives_a_single_process_the_pushing_client(server):
+    from grpo.config import RunConfig
+    from rollout import make_engine
+
+    cfg = RunConfig.model_validate({"rollout": {"engine": "vllm", "vllm": {"mode": "server", "server_url": server.url}}})
+    engine = make_engine(cfg, server.current, None, "cpu")
+    assert isinstance(engine, VLLMServerClient) and engine.owner and engine.channel == "file"
+    assert not hasattr(engine, "model")  # the trainer's sync_engine reads `engine.model` as the HF engine's module
+    engine.close()
+    with pytest.raises(ValueError, match="routed experts"):
+        make_engine(cfg, server.current, None, "cpu", record_routing=True)
+
+
+def test_a_dead_server_is_a_clear_error_at_once():
+    t0 = time.monotonic()
+    with pytest.raises(VLLMServerError, match="did not answer"):
+        VLLMServerClient(f"http://127.0.0.1:{free_port()}", device="cpu")
+    assert time.monotonic() - t0 < 5
+
+
+def test_seeded_prompts_go_one_per_request_with_the_colocated_engines_seeds():
+    sampling = SamplingParams(max_new_tokens=4, stop=("</answer>",), prompt_seeds=(7, 1000))
+    bodies = completion_bodies("tiny", [[7, 7], [8]], 2, sampling)
+    assert [(start, body["prompt"], body["seed"]) for start, body in bodies] == [(0, [[7, 7]], 7), (1, [[8]], 1000)]
+    body = bodies[0][1]
+    assert body["model"] == "tiny" and body["n"] == 2 and body["logprobs"] == 0 and body["stop"] == ["</answer>"]
+    assert body["return_token_ids"] is True
+    ((start, unseeded),) = completion_bodies("tiny", [[7, 7], [8]], 2, SamplingParams(max_new_tokens=4))
+    assert start == 0 and unseeded["prompt"] == [[7, 7], [8]] and "seed" not in unseeded
+
+
+# --- GPU: the NCCL channel -------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs the server and the client on different GPUs")
+def test_gpu_weights_go_over_nccl_to_a_server_on_another_gpu(tmp_path):
+    """The server on GPU 1, the client on GPU 0: generate, sleep and wake, push a real optimizer
+    step over NCCL in several transfers, a planted failure, then the last good weights."""
+    model, tok = build_model()
+    model.save_pretrained(tmp_path / "tiny-moe")
+    tok.save_pretrained(tmp_path / "tiny-moe")
+    proc, url = start_server(tmp_path / "tiny-moe", tmp_path / "server.log", {"CUDA_VISIBLE_DEVICES": "1"},
+                             ("--gpu-memory-utilization", "0.2", "--enable-sleep-mode"))
+    try:
+        wait_for_health(url, proc, tmp_path / "server.log", 600)
+        client = VLLMServerClient(url, device="cuda:0", group_port=free_port(), channel="nccl")
+        assert max_logprob_error(model, client.generate(PROMPTS, 2, PLAIN)) < 1e-3
+        client.sleep(1)
+        client.wake()
+        optimizer_step(model, seed=1)
+        client.update_weights(model.state_dict().items(), chunk_bytes=1 << 16)  # several transfers
+        assert max_logprob_error(model, client.generate(PROMPTS, 2, PLAIN)) < 1e-3
+        t0 = time.monotonic()
+        with pytest.raises(VLLMServerError, match="1 missing"):
+            client.update_weights(_without(model.state_dict(), "model.norm.weight").items())
+        assert time.monotonic() - t0 < 10
+        assert max_logprob_error(model, client.generate(PROMPTS, 2, PLAIN)) < 1e-3
+        client.close()
+    finally:
+        stop_server(proc)
