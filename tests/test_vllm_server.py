@@ -15,6 +15,7 @@ within seconds, leaving the last good weights in use).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import socket
@@ -251,6 +252,64 @@ def test_other_ranks_wait_for_the_owners_push_and_share_its_failure(server):
     assert not waiting.is_alive() and len(errors) == 1 and "failed" in str(errors[0])
     owner.close()
     other.close()
+
+
+RANK_PROGRAM = """
+import json, sys, time
+from types import SimpleNamespace
+import torch.distributed as dist
+from safetensors.torch import load_file
+from grpo.config import RunConfig
+from rollout import make_engine
+from rollout.base import SamplingParams
+
+rank, port, url, weights, prompt, seed = sys.argv[1:7]
+rank = int(rank)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+cfg = RunConfig.model_validate({"rollout": {"engine": "vllm", "vllm": {"mode": "server", "server_url": url}}})
+policy = SimpleNamespace(config=SimpleNamespace(model_type="qwen3_moe", tie_word_embeddings=False))
+engine = make_engine(cfg, policy, None, "cpu")
+if rank == 0:
+    time.sleep(2.0)  # rank 1 would sample from the old weights if it did not wait
+engine.update_weights(load_file(weights).items())  # every rank calls it after a step, as the trainer does
+sampling = SamplingParams(max_new_tokens=8, ignore_eos=True, prompt_seeds=(int(seed),))
+rollouts = engine.generate([json.loads(prompt)], 2, sampling)
+print(json.dumps({"owner": engine.owner, "channel": engine.channel,
+                  "rollouts": [[r.prompt_ids, r.completion_ids, r.logprobs] for r in rollouts]}))
+engine.close()
+dist.destroy_process_group()
+"""
+
+
+def test_two_training_processes_share_the_server_and_rank_0_alone_pushes(server, tmp_path):
+    """make_engine in two gloo ranks: rank 0 owns the client's pushes, rank 1's update_weights waits
+    for it (rank 0 pushes 2 s late), then both sample from the new weights."""
+    from safetensors.torch import save_file
+
+    model = copy.deepcopy(server.current)
+    optimizer_step(model, seed=4)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "weights.safetensors"))
+    port, env = free_port(), {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RANK_PROGRAM, str(rank), str(port), server.url,
+                          str(tmp_path / "weights.safetensors"), str(PROMPTS[rank]), str(SEEDS[rank])],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in range(2)
+    ]  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+    server.current = model
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    assert [(r["owner"], r["channel"]) for r in results] == [(True, "file"), (False, "none")]
+    for rank, result in enumerate(results):
+        rollouts = [SimpleNamespace(prompt_ids=tuple(p), completion_ids=tuple(c), logprobs=lp)
+                    for p, c, lp in result["rollouts"]]
+        assert rollouts[0].prompt_ids == tuple(PROMPTS[rank])
+        assert max_logprob_error(model, rollouts) < TOL, f"rank {rank}"
 
 
 def test_make_engine_gives_a_single_process_the_pushing_client(server):
