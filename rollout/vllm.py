@@ -556,6 +556,9 @@ class VLLMEngine:
         with _process_state_kept():
             self.llm = vllm.LLM(model=model, **kept)
 
+        from rollout.vllm_worker import checkpoint_manifest
+
+        self._manifest = checkpoint_manifest(self.llm.llm_engine.model_config)  # what an update must match
         hf_config = self.llm.llm_engine.model_config.hf_config
         self.model_type = model_type or getattr(hf_config, "model_type", "")
         if tie_word_embeddings is None:
@@ -651,18 +654,22 @@ class VLLMEngine:
 
         Every rank calls this with the full (gathered, unsharded) tensors: each rank's loaders keep
         their own tensor-parallel shard. Tensors may live on any device and dtype; vLLM's loaders
-        cast them to the engine's dtype. The update must cover every parameter (see
-        `rollout.vllm_worker.reload_in_place`, which also re-runs the post-load processing that
-        vLLM's CPU backend needs). Unquantised weights only.
+        cast them to the engine's dtype. The update must name every tensor of the checkpoint vLLM
+        started from, with its shape, or it is refused before anything is loaded; vLLM then checks
+        that every parameter of its model was reached (`rollout.vllm_worker.reload_in_place`, which
+        also re-runs the post-load processing that vLLM's CPU backend needs). Unquantised weights only.
         """
-        from rollout.vllm_worker import reload_in_place
+        from rollout.vllm_worker import reload_in_place, update_problems
 
-        if "weights" in self._asleep:
-            self._wake_up(["weights"])
         mapped = hf_to_vllm_weights(
             named_tensors, model_type=self.model_type, tie_word_embeddings=self.tie_word_embeddings
         )
         weights = [(name, tensor.detach()) for name, tensor in mapped]
+        problems = update_problems(self._manifest, weights)
+        if problems:  # refused before anything is loaded: the engine keeps its current weights
+            raise RuntimeError("weight update refused (vLLM keeps its current weights): " + "; ".join(problems))
+        if "weights" in self._asleep:
+            self._wake_up(["weights"])
         self.llm.collective_rpc(reload_in_place, args=(weights,))
         self._weights_discarded = False
         if self.llm.reset_prefix_cache() is False:

@@ -214,6 +214,27 @@ def spec_problems(manifest: dict, pushed: dict) -> list[str]:
     return problems
 
 
+def checkpoint_manifest(model_config) -> dict[str, tuple[str, tuple[int, ...]]] | None:
+    """name -> (dtype code, shape) of the checkpoint vLLM started from (`model_config` is vLLM's);
+    None when it cannot be read (no local safetensors files)."""
+    try:
+        handles = _open(_checkpoint_files(model_config))
+        return _read_spec(handles) if handles else None
+    except Exception:
+        return None
+
+
+def update_problems(manifest: dict | None, weights: list[tuple[str, torch.Tensor]]) -> list[str]:
+    """Why `weights` (vLLM checkpoint names) cannot replace the checkpoint `manifest` describes: a
+    missing or unknown name, a wrong shape or a non-float dtype change ([] when they can, or when
+    there is no manifest). Finer than `reload_in_place`'s check, which sees vLLM's fused parameters
+    (a q_proj missing beside its k_proj and v_proj passes there)."""
+    if manifest is None:
+        return []
+    pushed = {name: (_DTYPE_CODES.get(t.dtype, str(t.dtype)), tuple(t.shape)) for name, t in weights}
+    return spec_problems(manifest, pushed)
+
+
 def _sync_state(worker) -> _SyncState:
     state = getattr(worker, "_grpo_sync", None)
     if state is None:
