@@ -87,8 +87,9 @@ def optimizer_step(model, opt, seed: int) -> None:
     model.eval()
 
 
-CASES = {"dense-untied": ("dense", False), "dense-tied": ("dense", True), "moe-tied": ("moe", True),
-         "moe-untied": ("moe", False)}
+# Qwen3 dense with untied and tied embeddings, and Qwen3-MoE tied (the embedded default's layout; an
+# untied MoE passed too, and is left out to keep the suite short: its head is the dense-untied case's).
+CASES = {"dense-untied": ("dense", False), "dense-tied": ("dense", True), "moe-tied": ("moe", True)}
 
 
 @pytest.fixture(scope="module", params=list(CASES))
