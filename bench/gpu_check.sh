@@ -5,14 +5,28 @@
 #   PYTHON=.venv/bin/python bash bench/gpu_check.sh
 #
 # Models are built from configs (the tiny Qwen3-MoE of bench/step_vs_trl.py and its `small` size)
-# with the local character-level tokenizer. Parts, each under its own timeout (about 7 minutes in all):
+# with the local character-level tokenizer. Parts, each under its own timeout (about 7 minutes for
+# parts 1-2, 5-10 more for part 3; the timeouts add up to about 40):
 #   1. HF engine, CUDA bf16: completion tokens/s of the engine vs model.generate (tiny and small), and
 #      the engine's logprobs against a teacher-forced forward (bf16, so the tolerance is loose).
 #   2. Training steps, CUDA bf16, HF engine: step time split generate/score/train/sync and tokens/s
 #      (2 prompts x 8 x 32 tokens, then 8 prompts x 8 x 128 tokens).
-#   3. If `import vllm` works: the vLLM engine colocated (rollout/vllm.py) on a saved tiny checkpoint:
-#      tokens/s, and training steps with sleep/wake and weight sync, with the same split.
+#   3. If `import vllm` works (and vLLM's platform is the device's; anything else fails):
+#      3a. the real-engine tests, run on the device: tests/test_vllm_colocated.py (float32 logprobs
+#          against a teacher-forced transformers forward to 1e-4 after three real optimizer-step
+#          updates, dense tied/untied and MoE tied/untied, temperature 1 and top-k; a half update is
+#          an error; per-prompt seeds; greedy; engine start/close keep the trainer's RNG, threads
+#          and process group; 1 vs 2 processes only with 2+ GPUs, as external_launcher puts rank r
+#          on device r) and tests/test_vllm_server.py (a vLLM server on the device, logprobs after
+#          pushed updates, failed pushes; its NCCL test needs 2 GPUs). Float32, no TF32
+#          (VLLM_FLOAT32_MATMUL_PRECISION=highest), so the CPU tolerances hold.
+#      3b. tokens/s, HF engine vs vLLM (bench/generate_vs_vllm.py, bf16, CUDA graphs on a GPU), tiny
+#          and small, 2 x 8 and 8 x 8 completions of 32 tokens.
+#      3c. training steps with the colocated vLLM engine on a saved tiny checkpoint (bf16): sleep/wake
+#          and weight sync, with the same split as part 2.
 # Exits non-zero when a part fails or times out; part 3 is skipped (not failed) without vLLM.
+#
+#   GPU_CHECK_PARTS="3" bash bench/gpu_check.sh    # only some parts (default "1 2 3")
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -23,6 +37,8 @@ export TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1
 # GPU_CHECK_DEVICE=cpu runs the same script on a CPU (a dry run of the script itself, slow in bf16).
 export GPU_CHECK_DEVICE="${GPU_CHECK_DEVICE:-cuda}"
+GPU_CHECK_PARTS="${GPU_CHECK_PARTS:-1 2 3}"
+part() { [[ " ${GPU_CHECK_PARTS} " == *" $1 "* ]]; }
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 
@@ -40,6 +56,7 @@ print("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else 
 import grpo, rollout, rewards  # the project imports from the checkout
 EOF
 
+if part 1; then
 say "1. HF engine on CUDA, bf16: tokens/s vs model.generate"
 for size in tiny small; do
   timeout 120 "$PYTHON" bench/generate_vs_hf.py --device "$GPU_CHECK_DEVICE" --dtype bfloat16 --size "$size" --reps 5 --threads 4
@@ -72,6 +89,7 @@ for fast in (True, False):
     assert worst < 0.25, "engine logprobs far from the teacher-forced forward"
 print("ok")
 EOF
+fi
 
 STEPS_PY='
 import json, os, statistics, sys, torch, transformers
@@ -80,7 +98,8 @@ from bench.step_vs_trl import OurStep
 engine, size, P, G, N, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 ckpt = sys.argv[7] if len(sys.argv) > 7 else None
 hidden, layers = {"tiny": (128, 4), "small": (512, 8)}[size]
-vllm = {"gpu_memory_utilization": 0.3, "max_model_len": 512, "dtype": "bfloat16"} if engine == "vllm" else None
+# max_model_len: the tiny models have 256 positions (vLLM refuses a longer one)
+vllm = {"gpu_memory_utilization": 0.3, "max_model_len": 256, "dtype": "bfloat16"} if engine == "vllm" else None
 step = OurStep(hidden, layers, device=os.environ["GPU_CHECK_DEVICE"], dtype=torch.bfloat16, engine=engine, checkpoint=ckpt,
                prompts_per_step=P, group=G, new_tokens=N, vllm=vllm)
 splits = [step() for _ in range(steps)]
@@ -92,12 +111,44 @@ if hasattr(step.engine, "close"):
     step.engine.close()
 '
 
+if part 2; then
 say "2. training steps on CUDA, bf16, HF engine (split: generate / score / train / sync)"
 timeout 75 "$PYTHON" -c "$STEPS_PY" hf tiny 2 8 32 8
 timeout 100 "$PYTHON" -c "$STEPS_PY" hf small 8 8 128 6
+fi
 
-say "3. vLLM engine (colocated)"
+if part 3; then
+say "3. vLLM engine (colocated) on $GPU_CHECK_DEVICE"
 if timeout 120 "$PYTHON" -c "import vllm; print('vllm', vllm.__version__)"; then
+  timeout 120 "$PYTHON" - <<'EOF'
+import os, sys
+from vllm.platforms import current_platform
+want = os.environ["GPU_CHECK_DEVICE"]
+print("vLLM platform:", current_platform.device_type)
+if current_platform.device_type != want:
+    sys.exit(f"FAIL: vLLM's platform is {current_platform.device_type!r}, not {want!r} (a CPU build on a GPU machine?)")
+EOF
+
+  say "3a. vLLM engine tests on $GPU_CHECK_DEVICE (float32: logprobs after real updates, seeds, close)"
+  deselect=()
+  if [ "$GPU_CHECK_DEVICE" = cuda ] && [ "$(timeout 60 "$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" -lt 2 ]; then
+    deselect=(--deselect tests/test_vllm_colocated.py::test_one_and_two_processes_sample_identical_rollouts)
+    echo "one GPU: the 1 vs 2 processes test is deselected (vLLM's external_launcher puts rank r on device r)"
+  fi
+  GRPO_ZERO_REQUIRE_VLLM=1 VLLM_FLOAT32_MATMUL_PRECISION=highest timeout 900 \
+    "$PYTHON" -m pytest tests/test_vllm_colocated.py tests/test_vllm_server.py -q -p no:cacheprovider \
+    ${deselect[@]+"${deselect[@]}"}
+
+  say "3b. tokens/s: HF engine vs vLLM, bf16 (bench/generate_vs_vllm.py)"
+  if [ "$GPU_CHECK_DEVICE" = cuda ]; then
+    bench_args=(--size both --reps 5 --threads 4 --vllm-compile)  # CUDA graphs: how vLLM runs on a GPU
+  else
+    bench_args=(--size tiny --reps 1 --min-reps 1)  # the dry run: the code path, not a measurement
+  fi
+  timeout 420 "$PYTHON" bench/generate_vs_vllm.py --device "$GPU_CHECK_DEVICE" --dtype bfloat16 --batch 2x8,8x8 \
+    "${bench_args[@]}"
+
+  say "3c. training steps with the colocated vLLM engine, bf16 (sleep/wake, weight sync)"
   timeout 60 "$PYTHON" - "$WORK/tiny" <<'EOF'
 import sys, torch, transformers
 transformers.logging.set_verbosity_error()
@@ -113,5 +164,6 @@ EOF
 else
   echo "vLLM not importable here: part 3 skipped"
 fi
+fi
 
-say "gpu_check: all parts passed"
+say "gpu_check: parts ${GPU_CHECK_PARTS} passed"
