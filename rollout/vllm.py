@@ -500,6 +500,8 @@ class VLLMEngine:
         tie_word_embeddings: bool | None = None,
         engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
+        # vLLM logs to stdout by default; our commands print their results there (`grpo eval`'s table).
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         import vllm
         from vllm.engine.arg_utils import EngineArgs
         from vllm.platforms import current_platform
