@@ -46,6 +46,35 @@ def require_vllm():
     return pytest.importorskip("vllm", reason="vLLM is not installed (make setup installs it on Linux x86_64)")
 
 
+@pytest.fixture(scope="session")
+def tiny_base():
+    """The built-in tiny base (pretrained by our own code, cached per machine), built before any
+    timed part of a test starts."""
+    from grpo.tiny import ensure_tiny_base
+
+    return ensure_tiny_base("tiny-arith-moe", progress=False)
+
+
+def tiny_qwen3(kind: str = "moe", tied: bool = True, seed: int = 0):
+    """(model, tokenizer): a random-init Qwen3 ("dense") or Qwen3-MoE ("moe") sized for vLLM's CPU
+    build (head_dim 32, widths multiples of 32) with the local character tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from grpo.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+                  tie_word_embeddings=tied, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                  bos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    if kind == "moe":
+        config = Qwen3MoeConfig(**common, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                                norm_topk_prob=True)
+        return Qwen3MoeForCausalLM(config).eval(), tok
+    return Qwen3ForCausalLM(Qwen3Config(**common)).eval(), tok
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m grpo ARGS` in a subprocess, the project importable from its checkout."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}

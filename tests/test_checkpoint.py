@@ -22,12 +22,6 @@ SHORT = ["trainer.threads=1", "trainer.prompts_per_step=4", "rollout.group_size=
          "logging.progress=false", "rewards.workers=0"]
 
 
-@pytest.fixture(scope="module")
-def tiny_base():
-    from grpo.tiny import ensure_tiny_base
-
-    return ensure_tiny_base("tiny-arith-moe", progress=False)
-
 
 def final_weights(run: Path) -> dict:
     from safetensors.torch import load_file

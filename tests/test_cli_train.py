@@ -14,12 +14,6 @@ import pytest
 from tests.conftest import ROOT, run_cli
 
 
-@pytest.fixture(scope="session")
-def tiny_base():
-    from grpo.tiny import ensure_tiny_base
-
-    return ensure_tiny_base("tiny-arith-moe", progress=False)
-
 
 def test_train_writes_a_complete_run_directory(tmp_path, tiny_base):
     out = tmp_path / "run"

@@ -28,12 +28,6 @@ SHORT = ["trainer.threads=1", "trainer.prompts_per_step=4", "rollout.group_size=
          "trainer.micro_batch_size=8", "trainer.shared_prompt_forward=false"]
 
 
-@pytest.fixture(scope="module")
-def tiny_base():
-    from grpo.tiny import ensure_tiny_base
-
-    return ensure_tiny_base("tiny-arith-moe", progress=False)
-
 
 def step_weights(run: Path, step: int) -> dict:
     from safetensors.torch import load_file

@@ -18,13 +18,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from grpo.distributed import free_port
 from rollout.base import SamplingParams
-from tests.conftest import ROOT, require_vllm
+from tests.conftest import ROOT, require_vllm, tiny_qwen3
 
 require_vllm()
 
@@ -33,24 +33,6 @@ PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12, 13], [14, 15, 16, 17]]
 SEEDS = (101, 202, 303)
 PLAIN = SamplingParams(max_new_tokens=10, ignore_eos=True, prompt_seeds=SEEDS)
 TOPK = SamplingParams(max_new_tokens=10, ignore_eos=True, temperature=0.7, top_k=5, prompt_seeds=SEEDS)
-
-
-def build_model(kind: str, tied: bool, seed: int = 0):
-    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    from grpo.tiny import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
-                  tie_word_embeddings=tied, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                  bos_token_id=tok.eos_token_id)
-    torch.manual_seed(seed)
-    if kind == "moe":
-        config = Qwen3MoeConfig(**common, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
-                                norm_topk_prob=True)
-        return Qwen3MoeForCausalLM(config), tok
-    return Qwen3ForCausalLM(Qwen3Config(**common)), tok
 
 
 def teacher_forced(model, rollout, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
@@ -98,7 +80,7 @@ def setup(request, tmp_path_factory):
     from rollout.vllm import VLLMEngine
 
     kind, tied = CASES[request.param]
-    model, tok = build_model(kind, tied)
+    model, tok = tiny_qwen3(kind, tied)
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -182,9 +164,9 @@ def test_engine_start_and_close_leave_the_trainers_process_alone(tmp_path):
 import json, random, sys, tempfile
 import torch, torch.distributed as dist
 sys.path.insert(0, {str(ROOT)!r})
-from tests.test_vllm_colocated import build_model
+from tests.conftest import tiny_qwen3
 from rollout.vllm import VLLMEngine
-model, tok = build_model("dense", True)
+model, tok = tiny_qwen3("dense", True)
 path = tempfile.mkdtemp(); model.save_pretrained(path); tok.save_pretrained(path)
 dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
 torch.manual_seed(123); random.seed(5)
@@ -210,13 +192,13 @@ print("RESULT " + json.dumps(out))
 def test_one_and_two_processes_sample_identical_rollouts(tmp_path):
     """2 ranks on gloo, each with its own engine through vLLM's `external_launcher`, sample exactly what
     one process samples for the same per-prompt seeds (and different global RNG states per rank)."""
-    model, tok = build_model("moe", True)
+    model, tok = tiny_qwen3("moe", True)
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     probe = str(ROOT / "tests" / "vllm_ranks_probe.py")
     runs = {"one": [sys.executable, probe], "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                                   "--master_port", str(_free_port()), probe]}
+                                                   "--master_port", str(free_port()), probe]}
     out = {}
     for name, cmd in runs.items():
         result = subprocess.run([*cmd, str(tmp_path / "model"), str(tmp_path / f"{name}.json")], env=env,
@@ -227,13 +209,6 @@ def test_one_and_two_processes_sample_identical_rollouts(tmp_path):
     assert [r["ids"] for r in out["one"]] == [r["ids"] for r in out["two"]]
     assert max(abs(a - b) for x, y in zip(out["one"], out["two"]) for a, b in zip(x["logprobs"], y["logprobs"])) < 1e-6
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_routing_replay_r3_on_a_vllm_that_cannot_return_experts_stops_at_start_up(tmp_path):

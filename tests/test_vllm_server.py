@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,9 +29,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from grpo.distributed import free_port
 from rollout.base import SamplingParams
 from rollout.vllm_server import VLLMServerClient, VLLMServerError, completion_bodies
-from tests.conftest import ROOT, require_vllm
+from tests.conftest import ROOT, require_vllm, tiny_qwen3
 
 require_vllm()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,18 +45,7 @@ STARTUP_S = 240  # about 35-50 s on a shared 2-core machine
 
 
 def build_model(seed: int = 0):
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    from grpo.tiny import build_char_tokenizer
-
-    tok = build_char_tokenizer()
-    config = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
-                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
-                            num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=256,
-                            tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                            bos_token_id=tok.eos_token_id)
-    torch.manual_seed(seed)
-    return Qwen3MoeForCausalLM(config).eval(), tok
+    return tiny_qwen3("moe", tied=False, seed=seed)
 
 
 def optimizer_step(model, seed: int) -> None:
@@ -80,12 +69,6 @@ def max_logprob_error(model, rollouts) -> float:
         expected = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(r.completion_ids)[:, None])[:, 0]  # [C]
         worst = max(worst, (expected - torch.tensor(r.logprobs)).abs().max().item())
     return worst
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_health(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:

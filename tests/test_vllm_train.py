@@ -10,18 +10,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from tests.conftest import require_vllm, run_cli
 
 require_vllm()
 
-
-@pytest.fixture(scope="module")
-def tiny_base():
-    from grpo.tiny import ensure_tiny_base
-
-    return ensure_tiny_base("tiny-arith-moe", progress=False)
 
 
 def test_train_and_eval_run_on_the_vllm_engine(tmp_path, tiny_base):
