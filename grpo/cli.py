@@ -1,10 +1,10 @@
 """The `grpo` command line.
 
-    grpo train RECIPE [key=value ...] [--output-dir DIR] [--resume auto|PATH]
+    grpo train RECIPE [key=value ...] [--output-dir DIR] [--resume auto|PATH] [--toy]
                [--accelerate-config NAME|PATH [--num_machines N --machine_rank R --main_process_ip IP
                                                --main_process_port PORT]]
-    grpo eval RECIPE --checkpoint PATH [--k 8] [--out DIR] [key=value ...]
-    grpo plan RECIPE --nodes N --gpus-per-node G --gpu h800|h100|h200|a100 [--price-per-gpu-hour P]
+    grpo eval RECIPE --checkpoint PATH [--k 8] [--out DIR] [--toy] [key=value ...]
+    grpo plan RECIPE --gpu h800|h100|h200|a100 [--nodes N --gpus-per-node G] [--price-per-gpu-hour P]
     grpo recipes
     grpo score FILE.jsonl --reward NAME [--out RESULTS.jsonl]
     grpo dashboard RUNS_DIR [--host 127.0.0.1] [--port 8050] [--export report.html]
@@ -37,12 +37,41 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
+def _toy(cfg, args: argparse.Namespace):
+    """The recipe at toy scale (grpo/toy.py), its changes listed on stderr once per job."""
+    import os
+
+    from grpo.toy import toy_recipe
+
+    cfg, notes = toy_recipe(cfg, args.overrides, source=args.recipe)
+    if notes and os.environ.get("GRPO_ZERO_LAUNCHED") != "1":
+        print(f"grpo: toy scale of {args.recipe}:\n  " + "\n  ".join(notes), file=sys.stderr)
+    return cfg
+
+
+def _launch_config(args: argparse.Namespace, cfg) -> str | None:
+    """The accelerate config this `grpo train` relaunches itself under: `--accelerate-config` (`none`:
+    this process), else the recipe's `launch.accelerate_config`; never inside a launched job."""
+    import os
+
+    if os.environ.get("GRPO_ZERO_LAUNCHED") == "1":
+        return None
+    choice = args.accelerate_config or cfg.launch.accelerate_config
+    if choice == "none":
+        return None
+    if args.num_machines is None and choice == cfg.launch.accelerate_config:
+        args.num_machines = cfg.launch.num_machines
+    return choice
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from grpo.config import ConfigError, load_recipe
 
     try:
         cfg = load_recipe(args.recipe, args.overrides)
-    except ConfigError as exc:
+        if args.toy:
+            cfg = _toy(cfg, args)
+    except (ConfigError, ValueError) as exc:
         return _fail(str(exc))
     if args.resume == "auto" and not args.output_dir:
         return _fail("--resume auto needs --output-dir (the run directory to resume)")
@@ -52,19 +81,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.resume != "auto" and not (Path(args.resume) / "state.json").is_file():
         return _fail(f"--resume {args.resume}: not a checkpoint directory (no state.json)")
 
-    if args.accelerate_config:
+    accelerate_config = _launch_config(args, cfg)
+    if accelerate_config:
         from grpo.distributed import (UnsupportedError, check_supported, launch, launched_processes,
                                       resolve_accelerate_config)
 
         try:
-            config = resolve_accelerate_config(args.accelerate_config)
+            config = resolve_accelerate_config(accelerate_config)
         except FileNotFoundError as exc:
             return _fail(str(exc))
         try:  # refuse unsupported layouts here, before the launcher starts any process
             check_supported(cfg, launched_processes(config, args.num_machines))
         except UnsupportedError as exc:
             return _fail(f"{args.recipe}: {exc}")
-        rest = [args.recipe, *args.overrides, "--output-dir", str(output_dir)]
+        rest = [args.recipe, *args.overrides, "--output-dir", str(output_dir)] + (["--toy"] if args.toy else [])
         if args.resume:
             rest += ["--resume", args.resume]
         return launch(config, rest, num_machines=args.num_machines, machine_rank=args.machine_rank,
@@ -120,7 +150,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"model.name_or_path={checkpoint}"] if checkpoint else [])
     try:
         cfg = load_recipe(args.recipe, overrides)
-    except ConfigError as exc:
+        if args.toy:
+            args.overrides = overrides  # the checkpoint replaces the toy model
+            cfg = _toy(cfg, args)
+    except (ConfigError, ValueError) as exc:
         return _fail(str(exc))
     if checkpoint is not None and not (checkpoint / "config.json").is_file():
         return _fail(f"{checkpoint}: not a model directory (no config.json)")
@@ -168,13 +201,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from grpo.config import ConfigError, load_recipe
-    from grpo.plan import format_report, make_plan, resolve_arch, workload_from_recipe
+    from grpo.plan import format_report, layout_from_recipe, make_plan, resolve_arch, workload_from_recipe
 
     try:
         cfg = load_recipe(args.recipe, args.overrides)
     except ConfigError as exc:
         return _fail(str(exc))
+    layout = layout_from_recipe(cfg)  # the recipe's launcher and engine; flags win
+    if any(getattr(args, n) not in (None, layout.get(n)) for n in ("nodes", "gpus_per_node", "sharding")):
+        layout.pop("launcher", None)  # the layout is the flags', not the launcher config's
+    for name in ("nodes", "gpus_per_node", "sharding", "tp"):
+        if getattr(args, name) is None and name in layout:
+            setattr(args, name, layout[name])
     for name in ("nodes", "gpus_per_node"):
+        if getattr(args, name) is None:
+            return _fail(f"--{name.replace('_', '-')} is needed: {args.recipe} names no launch.accelerate_config")
         if getattr(args, name) < 1:
             return _fail(f"--{name.replace('_', '-')} must be at least 1")
     try:
@@ -182,8 +223,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     work = workload_from_recipe(cfg, args.steps, args.prompt_tokens, args.response_tokens)
-    plan = make_plan(arch, args.gpu, args.nodes, args.gpus_per_node, work, sharding=args.sharding, tp=args.tp,
-                     mfu_train=args.mfu_train, mfu_gen=args.mfu_gen, price=args.price_per_gpu_hour)
+    plan = make_plan(arch, args.gpu, args.nodes, args.gpus_per_node, work, sharding=args.sharding or "full",
+                     tp=args.tp, mfu_train=args.mfu_train, mfu_gen=args.mfu_gen, price=args.price_per_gpu_hour,
+                     engine=layout["engine"], engine_share=layout.get("engine_share"), launcher=layout.get("launcher"))
     print(format_report(plan, use_rich=not args.plain), end="")
     if not plan.fits:
         print(f"grpo plan: this configuration does not fit in {plan.gpu.name} memory (see 'does not fit' above)",
@@ -225,9 +267,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<recipe>-<time>)")
     train.add_argument("--resume", metavar="auto|PATH",
                        help="continue from a checkpoint: auto = the newest in --output-dir (none yet: start), or a path")
+    train.add_argument("--toy", action="store_true",
+                       help="toy scale: the recipe's code path with a random-init model of its architecture family, "
+                       "a local tokenizer and local data in its columns, 2 steps (grpo/toy.py); no network")
     launch = train.add_argument_group("launching (accelerate)")
     launch.add_argument("--accelerate-config", metavar="NAME|PATH",
-                        help="run under `accelerate launch` with recipes/accelerate/NAME.yaml or a config file")
+                        help="run under `accelerate launch` with recipes/accelerate/NAME.yaml or a config file "
+                        "(default: the recipe's launch.accelerate_config; `none`: this one process)")
     launch.add_argument("--num_machines", type=int, help="machines in the job (overrides the config)")
     launch.add_argument("--machine_rank", type=int, help="rank of this machine, 0 .. num_machines-1")
     launch.add_argument("--main_process_ip", help="address of machine 0")
@@ -246,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--k", type=int, metavar="N", help="samples per problem for avg@N/pass@k/maj@N (default: eval.k; 1 = greedy only)")
     ev.add_argument("--out", metavar="DIR", help="also write DIR/eval/step-N.json (N from --step, the checkpoint's name or its run's summary; replaces a report of the same step)")
     ev.add_argument("--step", type=int, metavar="N", help="step number to file the report under")
+    ev.add_argument("--toy", action="store_true", help="the recipe at toy scale, as `grpo train --toy` ran it")
     ev.set_defaults(func=cmd_eval)
 
     plan = verbs.add_parser(
@@ -257,13 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
         "table of known models, a local config.json, or the Hub.")
     plan.add_argument("recipe", metavar="RECIPE", help="path of a YAML recipe")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe field, e.g. rollout.max_new_tokens=8192")
-    plan.add_argument("--nodes", type=int, required=True, metavar="N", help="number of nodes")
-    plan.add_argument("--gpus-per-node", type=int, required=True, metavar="G", help="GPUs per node")
+    plan.add_argument("--nodes", type=int, metavar="N", help="number of nodes (default: the recipe's launch section)")
+    plan.add_argument("--gpus-per-node", type=int, metavar="G",
+                      help="GPUs per node (default: the processes per machine of the recipe's accelerate config)")
     plan.add_argument("--gpu", required=True, choices=["h800", "h100", "h200", "a100", "a100-40"], help="GPU model")
     plan.add_argument("--price-per-gpu-hour", type=float, default=2.0, metavar="P", help="USD per GPU-hour (default 2)")
-    plan.add_argument("--sharding", choices=["full", "hybrid"], default="full",
-                      help="FSDP2 full shard over all GPUs, or hybrid: shard within a node, replicate across (default full)")
-    plan.add_argument("--tp", type=int, metavar="T", help="rollout engine tensor-parallel size (default: smallest that leaves room)")
+    plan.add_argument("--sharding", choices=["full", "hybrid", "none"],
+                      help="FSDP2 full shard over all GPUs, hybrid: shard within a node and replicate across, none: "
+                      "replicated (DDP) (default: from the recipe's accelerate config, else full)")
+    plan.add_argument("--tp", type=int, metavar="T", help="rollout engine tensor-parallel size (default: the recipe's "
+                      "rollout.vllm.tensor_parallel_size, else the smallest that leaves room)")
     plan.add_argument("--steps", type=int, metavar="S", help="steps of the whole run (default trainer.steps)")
     plan.add_argument("--prompt-tokens", type=int, metavar="T", help="mean prompt length (default 256, or data.max_prompt_tokens if smaller)")
     plan.add_argument("--response-tokens", type=int, metavar="T", help="mean completion length (default rollout.max_new_tokens/2)")

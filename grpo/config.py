@@ -1,5 +1,5 @@
 """The typed recipe: one validated tree (model, data, rollout, algorithm, rewards, trainer, moe, eval,
-logging).
+logging, launch).
 
 A recipe is YAML. Every field below has a one-line doc and its default; defaults live here only.
 Unknown keys are errors naming the file and the dotted key. Command-line overrides `a.b=value`
@@ -292,6 +292,28 @@ class LoggingConfig(Section):
     progress: bool = Field(True, description="show a progress bar")
 
 
+class LaunchConfig(Section):
+    accelerate_config: str | None = Field(
+        None, description="accelerate config `grpo train` runs under: a name in recipes/accelerate/ or a path "
+        "(None: this one process; `--accelerate-config` on the command line wins; `grpo plan` reads its layout)",
+    )
+    num_machines: int | None = Field(
+        None, ge=1, description="nodes of the job (None: the accelerate config's num_machines; `--num_machines` wins)",
+    )
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _exists(cls, value: str | None) -> str | None:
+        if value is not None:
+            from grpo.distributed import resolve_accelerate_config
+
+            try:
+                resolve_accelerate_config(value)
+            except FileNotFoundError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
 class RunConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -302,6 +324,7 @@ class RunConfig(Section):
     moe: MoEConfig = Field(default_factory=MoEConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":

@@ -304,7 +304,7 @@ def synthetic_task(cfg: DataConfig) -> ArithmeticTask | CountdownTask:
 
 def filter_long_prompts(rows: list[dict], cfg: DataConfig, tokenizer) -> tuple[list[dict], int]:
     """Rows whose rendered prompt fits in `cfg.max_prompt_tokens`, and how many were dropped."""
-    if cfg.max_prompt_tokens is None or tokenizer is None:
+    if cfg.max_prompt_tokens is None or tokenizer is None or not rows:  # fast tokenizers reject an empty batch
         return rows, 0
     prompts = render_prompts(cfg, rows, tokenizer)
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]

@@ -62,6 +62,7 @@ class Arch:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    model_type: str = ""  # transformers' config.model_type (the family `grpo train --toy` builds)
 
     @property
     def is_moe(self) -> bool:
@@ -122,20 +123,22 @@ class Arch:
 # Hugging Face Hub (repository in `source`). Only the fields above are kept.
 KNOWN_ARCHS: dict[str, Arch] = {a.name: a for a in [
     Arch("Qwen/Qwen2.5-Math-1.5B", "hf.co/Qwen/Qwen2.5-Math-1.5B config.json", 151936, 1536, 28, 12, 2, 128, 8960,
-         tie_embeddings=True),
-    Arch("Qwen/Qwen2.5-Math-7B", "hf.co/Qwen/Qwen2.5-Math-7B config.json", 152064, 3584, 28, 28, 4, 128, 18944),
+         tie_embeddings=True, model_type="qwen2"),
+    Arch("Qwen/Qwen2.5-Math-7B", "hf.co/Qwen/Qwen2.5-Math-7B config.json", 152064, 3584, 28, 28, 4, 128, 18944,
+         model_type="qwen2"),
     Arch("Qwen/Qwen2.5-3B", "hf.co/Qwen/Qwen2.5-3B config.json", 151936, 2048, 36, 16, 2, 128, 11008,
-         tie_embeddings=True),
+         tie_embeddings=True, model_type="qwen2"),
     Arch("Qwen/Qwen3-30B-A3B-Base", "hf.co/Qwen/Qwen3-30B-A3B-Base config.json", 151936, 2048, 48, 32, 4, 128, 6144,
-         num_experts=128, top_k=8, moe_intermediate_size=768),
+         num_experts=128, top_k=8, moe_intermediate_size=768, model_type="qwen3_moe"),
     Arch("deepseek-ai/DeepSeek-V2-Lite", "hf.co/deepseek-ai/DeepSeek-V2-Lite config.json", 102400, 2048, 27, 16, 16, 128,
          10944, num_experts=64, top_k=6, moe_intermediate_size=1408, shared_experts=2, first_dense_layers=1,
-         kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
+         kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, model_type="deepseek_v2"),
     Arch("allenai/OLMoE-1B-7B-0924", "hf.co/allenai/OLMoE-1B-7B-0924 config.json", 50304, 2048, 16, 16, 16, 128, 1024,
-         num_experts=64, top_k=8, moe_intermediate_size=1024),
+         num_experts=64, top_k=8, moe_intermediate_size=1024, model_type="olmoe"),
     Arch("deepseek-ai/DeepSeek-V3-Base", "hf.co/deepseek-ai/DeepSeek-V3-Base config.json", 129280, 7168, 61, 128, 128, 128,
          18432, num_experts=256, top_k=8, moe_intermediate_size=2048, shared_experts=1, first_dense_layers=3,
-         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
+         q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+         model_type="deepseek_v3"),
 ]}
 _ALIASES = {"Qwen/Qwen3-30B-A3B": "Qwen/Qwen3-30B-A3B-Base", "deepseek-ai/DeepSeek-V3": "deepseek-ai/DeepSeek-V3-Base",
             "allenai/OLMoE-1B-7B-0125": "allenai/OLMoE-1B-7B-0924", "deepseek-ai/DeepSeek-V2-Lite-Chat": "deepseek-ai/DeepSeek-V2-Lite"}
@@ -155,7 +158,7 @@ def arch_from_config(name: str, config: dict) -> Arch:
         shared_experts=c.get("n_shared_experts") or 0, first_dense_layers=c.get("first_k_dense_replace") or 0,
         q_lora_rank=c.get("q_lora_rank") or 0, kv_lora_rank=c.get("kv_lora_rank") or 0,
         qk_nope_head_dim=c.get("qk_nope_head_dim") or 0, qk_rope_head_dim=c.get("qk_rope_head_dim") or 0,
-        v_head_dim=c.get("v_head_dim") or 0,
+        v_head_dim=c.get("v_head_dim") or 0, model_type=c.get("model_type") or config.get("model_type") or "",
     )
 
 
@@ -227,6 +230,9 @@ class Plan:
     mfu_gen: float
     price: float
     work: Workload
+    engine: str = "vllm"  # the recipe's rollout.engine
+    engine_share: float | None = None  # vLLM's gpu_memory_utilization (None: whatever is free)
+    launcher: str | None = None  # the accelerate config the layout came from
     memory_train: dict = field(default_factory=dict)
     memory_rollout: dict = field(default_factory=dict)
     kv_share: float = 1.0  # share of a replica's sequences whose full-length KV cache fits at once
@@ -238,7 +244,7 @@ class Plan:
 
     @property
     def shard_group(self) -> int:
-        return self.gpus_per_node if self.sharding == "hybrid" else self.world
+        return {"hybrid": self.gpus_per_node, "none": 1}.get(self.sharding, self.world)
 
     @property
     def capacity_gib(self) -> float:
@@ -281,18 +287,25 @@ class Plan:
 
 
 def make_plan(arch: Arch, gpu: str, nodes: int, gpus_per_node: int, work: Workload, sharding: str = "full",
-              tp: int | None = None, mfu_train: float | None = None, mfu_gen: float = 0.10, price: float = 2.0) -> Plan:
+              tp: int | None = None, mfu_train: float | None = None, mfu_gen: float = 0.10, price: float = 2.0,
+              engine: str = "vllm", engine_share: float | None = None, launcher: str | None = None) -> Plan:
+    """The plan of one layout. `engine` "hf": the policy generates itself (no second copy of the
+    weights, TP 1); "vllm": an engine per `tp` GPUs holding bf16 weights, its KV cache capped by
+    `engine_share` (vLLM's gpu_memory_utilization, a share of the whole GPU) where given."""
     if gpu not in GPUS:
         raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
     g = GPUS[gpu]
     total, _ = arch.params()
+    if engine == "hf":
+        tp = 1
     if tp is None:  # smallest power of two whose weight shard takes at most 40% of a GPU
         tp = 1
         while tp < gpus_per_node and 2 * total / tp > 0.4 * (g.memory_gib - RESERVED_GIB) * GIB:
             tp *= 2
     if mfu_train is None:
         mfu_train = 0.25 if arch.is_moe else 0.35
-    plan = Plan(arch, g, nodes, gpus_per_node, sharding, tp, mfu_train, mfu_gen, price, work)
+    plan = Plan(arch, g, nodes, gpus_per_node, sharding, tp, mfu_train, mfu_gen, price, work, engine=engine,
+                engine_share=engine_share, launcher=launcher)
     shard = plan.shard_group
     h, L = arch.hidden_size, arch.num_layers
     seq = work.prompt_tokens + work.max_new_tokens
@@ -306,20 +319,58 @@ def make_plan(arch: Arch, gpu: str, nodes: int, gpus_per_node: int, work: Worklo
                                        + logits_chunk * arch.vocab_size * 4 * 2) / GIB,
     }
     resident = (2 * total + 12 * total) / shard / GIB  # weights and optimizer stay while the engine runs
-    engine_weights = 2 * total / tp / GIB
+    engine_weights = 0.0 if engine == "hf" else 2 * total / tp / GIB
     kv_per_seq = arch.kv_bytes_per_token() * seq / (1 if arch.is_mla else tp) / GIB
     free = plan.capacity_gib - resident - engine_weights
+    if engine_share is not None:  # vLLM takes at most this share of the GPU for weights and KV cache
+        free = min(free, engine_share * g.memory_gib - engine_weights)
     need = kv_per_seq * plan.sequences_per_replica
     kv = max(0.0, min(need, free))
     plan.kv_share = kv / need if need else 1.0
-    plan.memory_rollout = {"trainer shards kept (weights + optimizer)": resident,
-                           f"engine weights (bf16, TP={tp})": engine_weights, "KV cache (what is free, up to the batch's need)": kv}
+    weights_label = ("engine weights (the policy generates itself)" if engine == "hf"
+                     else f"engine weights (bf16, TP={tp})")
+    kv_label = ("KV cache (what is free, up to the batch's need)" if engine_share is None
+                else f"KV cache (within gpu_memory_utilization {engine_share:g}, up to the batch's need)")
+    plan.memory_rollout = {"trainer shards kept (weights + optimizer)": resident, weights_label: engine_weights,
+                           kv_label: kv}
+    if engine_share is not None and engine_share * g.memory_gib < engine_weights:
+        plan.notes.append(f"rollout.vllm.gpu_memory_utilization {engine_share:g} ({engine_share * g.memory_gib:.1f} GiB) "
+                          f"is less than the engine's weights ({engine_weights:.1f} GiB): raise it or the TP size")
+    if engine == "hf":
+        plan.notes.append("rollout.engine hf: transformers decodes well below vLLM's utilisation; pass --mfu-gen "
+                          "with a measured figure")
     if plan.kv_share < 1:
         plan.notes.append(f"KV cache holds {plan.kv_share:.0%} of a replica's {plan.sequences_per_replica} sequences at "
                           f"full length ({need:.1f} GiB wanted); the engine decodes them in waves")
     if free < kv_per_seq:
         plan.notes.append("no room for even one full-length sequence's KV cache during rollouts")
     return plan
+
+
+def layout_from_recipe(cfg) -> dict:
+    """What the recipe says about the layout: nodes, GPUs per node and sharding from its
+    `launch.accelerate_config`, the engine, its TP size and memory share from `rollout`.
+    Keys are absent where the recipe is silent."""
+    import yaml
+
+    out: dict = {"engine": cfg.rollout.engine}
+    if cfg.rollout.engine == "vllm":
+        out["tp"] = cfg.rollout.vllm.tensor_parallel_size
+        out["engine_share"] = cfg.rollout.vllm.gpu_memory_utilization
+    if cfg.launch.accelerate_config:
+        from grpo.distributed import resolve_accelerate_config
+
+        path = resolve_accelerate_config(cfg.launch.accelerate_config)
+        conf = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        machines = conf.get("num_machines", 1) or 1
+        out["gpus_per_node"] = max(1, conf.get("num_processes", 1) // machines)
+        out["nodes"] = cfg.launch.num_machines or machines
+        kind = str(conf.get("distributed_type", "NO")).upper()
+        zero3 = (conf.get("deepspeed_config") or {}).get("zero_stage") == 3
+        hybrid = "HYBRID" in str((conf.get("fsdp_config") or {}).get("fsdp_sharding_strategy", "")).upper()
+        out["sharding"] = "hybrid" if hybrid else "full" if kind == "FSDP" or zero3 else "none"
+        out["launcher"] = path.name
+    return out
 
 
 def workload_from_recipe(cfg, steps: int | None = None, prompt_tokens: int | None = None,
@@ -368,7 +419,9 @@ def report_rows(plan: Plan) -> list[tuple[str, str]]:
     rows = [
         ("model", f"{a.name} ({kind}); {_count(total)} params, {_count(active)} active per token"),
         ("cluster", f"{plan.nodes} node(s) x {plan.gpus_per_node} {plan.gpu.name} = {plan.world} GPUs; "
-                    f"sharding {plan.sharding} over {plan.shard_group}; rollout TP={plan.tp}"),
+                    f"sharding {plan.sharding} over {plan.shard_group}"
+                    + (f" ({plan.launcher})" if plan.launcher else "")
+                    + f"; rollout engine {plan.engine}" + (f" TP={plan.tp}" if plan.engine == "vllm" else "")),
         ("step", f"{w.prompts_per_step} prompts x {w.group_size} = {w.prompts_per_step * w.group_size} completions; "
                  f"~{w.prompt_tokens} prompt + ~{w.response_tokens} completion tokens (cap {w.max_new_tokens})"),
     ]

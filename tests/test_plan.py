@@ -139,3 +139,34 @@ def test_plan_cli_subprocess_rich_table_and_help():
     assert "grpo plan: allenai/OLMoE-1B-7B-0924" in done.stdout and "GPU-hours" in done.stdout
     helped = subprocess.run([sys.executable, "-m", "grpo", "plan", "--help"], cwd=REPO, capture_output=True, text=True)
     assert "--price-per-gpu-hour" in helped.stdout and "--gpus-per-node" in helped.stdout
+
+
+@pytest.mark.parametrize("recipe", sorted(REAL_RECIPES))
+def test_plan_takes_the_layout_and_engine_the_recipe_names(recipe, capsys):
+    """Without --nodes/--gpus-per-node the recipe's launch section gives the cluster, its accelerate
+    config the sharding, and its rollout section the engine, TP size and vLLM's memory share."""
+    from grpo.config import load_recipe
+
+    nodes, gpus, gpu = REAL_RECIPES[recipe]
+    path = REPO / "recipes" / f"{recipe}.yaml"
+    cfg = load_recipe(path)
+    assert main(["plan", str(path), "--gpu", gpu, "--plain"]) == 0
+    out = capsys.readouterr().out
+    assert f"{nodes} node(s) x {gpus} " in out and f"({cfg.launch.accelerate_config}.yaml)" in out, out
+    assert f"rollout engine vllm TP={cfg.rollout.vllm.tensor_parallel_size}" in out
+    assert f"within gpu_memory_utilization {cfg.rollout.vllm.gpu_memory_utilization:g}" in out
+
+
+def test_plan_of_a_transformers_engine_recipe_and_a_replicated_layout(capsys):
+    arch, work = KNOWN_ARCHS["Qwen/Qwen2.5-Math-1.5B"], Workload(128, 8, 256, 1500, 3000, 100, 8)
+    hf = make_plan(arch, "h100", 1, 8, work, engine="hf")
+    vllm = make_plan(arch, "h100", 1, 8, work, tp=1)
+    assert hf.tp == 1 and hf.memory_rollout["engine weights (the policy generates itself)"] == 0
+    assert sum(hf.memory_rollout.values()) <= sum(vllm.memory_rollout.values())
+    ddp = make_plan(arch, "h100", 1, 8, work, sharding="none", tp=1)
+    assert ddp.shard_group == 1 and ddp.memory_train["optimizer (fp32 master + AdamW)"] == pytest.approx(
+        8 * vllm.memory_train["optimizer (fp32 master + AdamW)"])
+    capped = make_plan(arch, "h100", 1, 8, work, tp=1, engine_share=0.1)  # 8 GiB: weights 2.9 + KV 5 of 11 wanted
+    assert capped.kv_share < vllm.kv_share
+    assert main(["plan", str(REPO / "recipes" / "tiny-cpu.yaml"), "--gpu", "h100", "--plain"]) == 2  # no layout named
+    assert "--nodes is needed" in capsys.readouterr().err
