@@ -15,12 +15,16 @@ The shape fits vLLM's CPU build as well as transformers: head_dim 32 (its CPU at
 
 The result is cached under `$GRPO_ZERO_CACHE` (default `~/.cache/grpo-zero`) keyed by a hash of
 everything that determines it, so it is built once per machine. Building it is deterministic for a
-given torch version (it always runs on one thread, see `pretrain_tiny_base`). Nearly all of a cold
-`make train` is this pretraining (1800 steps of 16 x 128 tokens, about 0.15 s each on one core).
+given torch version (it always runs on `spec.threads` threads, see `pretrain_tiny_base`). Most of a
+cold `make train` is this pretraining: 1800 steps of 8 x 128 tokens, 50-80 ms each on two threads
+here (136 s of a 172 s cold run). Measured on this 2-core machine, each with the RL recipe after it
+(held-out accuracy after RL; the bar is 0.90): 8 rows x 1800 steps 1.00; 16 x 1800 0.99 (about
+twice the time); 16 x 1100 0.78; 8 x 1400 0.50; 6 x 1800 0.79; 4 x 1800 (one thread) 0.06. Fewer
+steps or fewer rows per step leave the base's sums too weak for RL to build on.
 
 Usage::
 
-    path = ensure_tiny_base("tiny-arith-moe")     # builds on first call (about 4.5 minutes on one core)
+    path = ensure_tiny_base("tiny-arith-moe")     # builds on first call (about 2.5 minutes on 2 cores)
     model = AutoModelForCausalLM.from_pretrained(path)
 """
 
@@ -95,14 +99,16 @@ class TinyBaseSpec:
     expert_width: int = 96
     max_positions: int = 256
     pretrain_steps: int = 1800
-    batch_size: int = 16  # rows per step
+    batch_size: int = 8  # rows per step (6 rows, or 1400 steps, no longer carried RL to 0.9: see above)
     row_tokens: int = 128  # whole documents are packed into rows of this many tokens
     lr: float = 3e-3
     tagged_share: float = 0.15  # share of question/answer exchanges written in the R1 format
     max_first: int = 99  # the arithmetic the base is taught: a in [0, max_first] ...
     max_second: int = 9  # ... plus b in [0, max_second]
     seed: int = 0
-    version: int = 6  # bump when the corpus or the training code changes meaning
+    threads: int = 2  # torch threads of the build: fixed, because the float sums depend on it
+    experts_implementation: str = "grouped_mm"  # torch 2.13's CPU grouped GEMM: 1.2x the per-expert loop here
+    version: int = 7  # bump when the corpus or the training code changes meaning
 
 
 BUILTIN_BASES = {"tiny-arith-moe": TinyBaseSpec()}
@@ -161,8 +167,10 @@ def pretraining_document(rng: random.Random, task: ArithmeticTask, tagged_share:
 class DocumentPacker:
     """Packs whole synthetic documents, each ended by `<eos>`, into rows of `row_tokens` tokens.
 
-    A row holds as many whole documents as fit; a document that does not fit opens the next row.
-    Packing instead of one padded document per row spends the compute on text rather than padding.
+    Each row opens with the oldest waiting document and is then filled first-fit from a pool of
+    the next `pool` documents, so the rows carry text rather than padding (93% filled here,
+    82% when a document that did not fit simply opened the next row) and no document waits
+    longer than a few rows.
     Each document sits at its own positions (they restart at 0 after every `<eos>`), which makes
     transformers' attention block-diagonal: a token sees only its own document, as a prompt at
     inference sees nothing before it. Seen here (not a controlled comparison): kept apart, plain
@@ -170,10 +178,10 @@ class DocumentPacker:
     across documents, 1% after 600-step runs at learning rates 5e-3 and 1e-2.
     """
 
-    def __init__(self, rng: random.Random, task: ArithmeticTask, tokenizer, spec: TinyBaseSpec):
-        self.rng, self.task, self.tokenizer, self.spec = rng, task, tokenizer, spec
-        self.pending: list[int] | None = None
-        self._ready: list[list[int]] = []  # encoded documents, next one last
+    def __init__(self, rng: random.Random, task: ArithmeticTask, tokenizer, spec: TinyBaseSpec, pool: int = 64):
+        self.rng, self.task, self.tokenizer, self.spec, self.pool = rng, task, tokenizer, spec, pool
+        self.waiting: list[list[int]] = []  # encoded documents in the order they were drawn
+        self._ready: list[list[int]] = []  # drawn and encoded, not yet waiting; next one last
 
     def _document(self) -> list[int]:
         if not self._ready:  # documents are drawn in order and encoded 256 at a time (one fast call)
@@ -183,6 +191,19 @@ class DocumentPacker:
             self._ready = [ids[:cap] + [eos] for ids in reversed(encoded)]
         return self._ready.pop()
 
+    def _row(self) -> list[list[int]]:
+        while len(self.waiting) < self.pool:
+            self.waiting.append(self._document())
+        row, used, kept = [self.waiting[0]], len(self.waiting[0]), []
+        for doc in self.waiting[1:]:
+            if used + len(doc) <= self.spec.row_tokens:
+                row.append(doc)
+                used += len(doc)
+            else:
+                kept.append(doc)
+        self.waiting = kept
+        return row
+
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, position_ids, labels), each [batch_size, row_tokens]."""
         width, pad = self.spec.row_tokens, self.tokenizer.pad_token_id
@@ -190,16 +211,9 @@ class DocumentPacker:
         position_ids = torch.zeros((self.spec.batch_size, width), dtype=torch.long)  # [B, L]
         labels = torch.full((self.spec.batch_size, width), -100)  # [B, L]
         for b in range(self.spec.batch_size):
-            row: list[int] = []
-            positions: list[int] = []
-            while True:
-                doc = self.pending if self.pending is not None else self._document()
-                self.pending = None
-                if len(row) + len(doc) > width:
-                    self.pending = doc
-                    break
-                row += doc
-                positions += range(len(doc))
+            docs = self._row()
+            row = [t for doc in docs for t in doc]
+            positions = [i for doc in docs for i in range(len(doc))]
             input_ids[b, : len(row)] = torch.tensor(row)
             labels[b, : len(row)] = input_ids[b, : len(row)]
             # the padding tail is one more segment (positions from 0), never a target
@@ -211,11 +225,12 @@ def pretrain_tiny_base(spec: TinyBaseSpec, out_dir: Path, progress: bool = True)
     """Pretrain the tiny base on the synthetic corpus and save it (model + tokenizer) to out_dir."""
     # The sums a float32 run adds up in parallel depend on the thread count, and a tiny model's
     # pretraining is sensitive to them (seen here: 99% vs 86% tagged accuracy between 1 and 2
-    # threads), so the base is always built on one thread: the same model wherever the CPU kernels agree.
-    # One thread also keeps the build from stalling where other work shares a small machine (two
-    # threads on 2 busy cores took seconds per RL step instead of 0.2 s).
+    # threads), so the base is always built on `spec.threads` threads, whatever the machine: the same
+    # model wherever the CPU kernels agree. Two threads take 0.7x the time of one on an idle 2-core
+    # machine, but stall where other work keeps both cores busy (seen here: 1100 steps took 1073 s
+    # beside another training job instead of about 90 s).
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(spec.threads)
     try:
         return _pretrain(spec, out_dir, progress)
     finally:
@@ -230,9 +245,8 @@ def _pretrain(spec: TinyBaseSpec, out_dir: Path, progress: bool) -> Path:
     task = ArithmeticTask(max_first=spec.max_first, max_second=spec.max_second)
     tokenizer = build_char_tokenizer()
     config = tiny_moe_config(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
-    # On CPU the per-expert loop ("eager") trains about 2x faster than "grouped_mm" at this size.
     model = AutoModelForCausalLM.from_config(
-        config, dtype=torch.float32, experts_implementation="eager"
+        config, dtype=torch.float32, experts_implementation=spec.experts_implementation
     )
     model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01, betas=(0.9, 0.98))

@@ -6,7 +6,8 @@ checkpointing and evaluation) with three things replaced:
 - the model: a random-init model of the same architecture family, i.e. the same transformers
   `model_type` with the options that change the code that runs (Mixture of Experts with shared
   experts and leading dense layers, multi-head latent attention with or without a query LoRA,
-  grouped-query attention, tied embeddings), at widths of 64 and 2 layers. The family comes from
+  grouped-query attention, tied embeddings), at widths of 64 and 2 layers (MLA keeps its 512 + 64
+  latent, the only one vLLM's CPU kernels run). The family comes from
   the planner's table of known models (`grpo.plan.KNOWN_ARCHS`), a local `config.json`, or the
   Hub cache on this machine (never a download);
 - the tokenizer: a byte-level one built here (every text encodes; built-in bases keep theirs);
@@ -134,10 +135,16 @@ def toy_config_kwargs(arch: Arch, vocab_size: int, pad_id: int, eos_id: int) -> 
         "tie_word_embeddings": arch.tie_embeddings, "pad_token_id": pad_id, "eos_token_id": eos_id,
         "bos_token_id": eos_id,
     }
-    if arch.is_mla:  # the latent sizes, scaled down; a query LoRA only where the real model has one
-        kwargs.update(kv_lora_rank=TOY_WIDTH // 2, q_lora_rank=TOY_WIDTH // 2 if arch.q_lora_rank else None,
-                      qk_nope_head_dim=TOY_HEAD_DIM, qk_rope_head_dim=TOY_HEAD_DIM, v_head_dim=TOY_HEAD_DIM,
-                      num_key_value_heads=heads)
+    if arch.is_mla:
+        # The latent keeps the real 512 + 64 width: vLLM's CPU MLA kernels take no other (a latent of
+        # 96 or 320 fails at the first generate); heads are small. A query LoRA only where the real
+        # model has one, and YaRN RoPE as DeepSeek-V2-Lite and V3 use.
+        kwargs.update(kv_lora_rank=512, q_lora_rank=TOY_WIDTH // 2 if arch.q_lora_rank else None,
+                      qk_nope_head_dim=TOY_HEAD_DIM, qk_rope_head_dim=64, v_head_dim=TOY_HEAD_DIM,
+                      num_key_value_heads=heads,
+                      rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                       "original_max_position_embeddings": TOY_POSITIONS // 4, "beta_fast": 32.0,
+                                       "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707})
         kwargs.pop("head_dim")
     if arch.is_moe:
         kwargs.update(_moe_kwargs(arch))

@@ -28,6 +28,10 @@ version lacks them (`filter_engine_kwargs`), and are an error where correctness 
   the engine restores the first two and keeps the trainer's group.
 - Routed experts (R3) need vLLM's Model Runner V2 (Triton): an error at start-up on CPU; on GPU
   they come back on `CompletionOutput.routed_experts`.
+- Architectures on vLLM's CPU build (checked against transformers after real updates, to 3e-6):
+  Qwen2 and Qwen3 dense (tied or not), Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V2 (MLA with the
+  512 + 64 latent only; with plain RoPE the engine turns off vLLM's CPU rotary kernel, which
+  rotates MLA's 3-D query/key views wrongly).
 
 Logprobs: the engine asks for the sampled token's logprob (`logprobs=0`) with
 `logprobs_mode="processed_logprobs"`: log-softmax of the logits *after* temperature and top-k/top-p
@@ -89,7 +93,9 @@ class ExpertLayout:
     gate: str = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
-    block_rename: tuple[str, str] | None = None  # (transformers module infix, checkpoint infix)
+    # (transformers module infix, checkpoint infix), applied to every name of the MoE block (the
+    # router too), as transformers' own `WeightRenaming` of the family is
+    block_rename: tuple[str, str] | None = None
 
 
 # transformers' `conversion_mapping.py`: the "qwen2_moe" family (qwen2_moe, qwen3_moe, deepseek_v2/v3,
@@ -119,6 +125,8 @@ def hf_to_vllm_weights(
 
     - strips wrapper infixes (`_orig_mod.`, FSDP/activation-checkpoint wrappers) and a DDP `module.`
       prefix;
+    - renames the MoE block where the family's checkpoints name it differently (mixtral:
+      `model.layers.0.mlp.gate.weight` -> `model.layers.0.block_sparse_moe.gate.weight`, experts alike);
     - splits fused expert tensors into one tensor per expert, as checkpoints store them
       (`model.layers.0.mlp.experts.gate_up_proj` [E, 2I, H] ->
       `model.layers.0.mlp.experts.{e}.gate_proj.weight` [I, H] and `...{e}.up_proj.weight` [I, H];
@@ -136,13 +144,13 @@ def hf_to_vllm_weights(
         name = name.removeprefix("module.")
         if tie_word_embeddings and name == "lm_head.weight":
             continue
+        if layout.block_rename is not None:
+            name = name.replace(*layout.block_rename)
         match = _FUSED_EXPERT.match(name)
         if match is None:
             yield name, tensor
             continue
         prefix, kind = match["prefix"], match["kind"]
-        if layout.block_rename is not None:
-            prefix = prefix.replace(*layout.block_rename)
         if tensor.dim() != 3:
             raise ValueError(f"{name}: expected a fused [experts, out, in] tensor, got shape {tuple(tensor.shape)}")
         if kind == "gate_up_proj":
@@ -454,6 +462,22 @@ def _default_group_kept(keep: bool):
         dist.destroy_process_group = destroy
 
 
+def _mla_with_default_rope(model: str) -> bool:
+    """True for a multi-head latent attention model (DeepSeek-V2/V3 family) whose RoPE is plain
+    (rope_type "default"); other rope types take vLLM's DeepSeek scaling rotary, which is PyTorch."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+    except Exception:  # vLLM reports an unreadable model itself
+        return False
+    config = getattr(config, "get_text_config", lambda: config)()
+    if not getattr(config, "kv_lora_rank", None):
+        return False
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return rope.get("rope_type", rope.get("type", "default")) == "default"
+
+
 class VLLMEngine:
     """vLLM colocated with the trainer: one `vllm.LLM` per process (see the module docstring).
 
@@ -547,6 +571,13 @@ class VLLMEngine:
                            ("kv_cache_memory_bytes", kv_cache_memory_bytes)):
             if value is not None:
                 wanted[key] = value
+        if self.on_cpu and _mla_with_default_rope(model):
+            # vLLM 0.32's CPU rotary kernel reads only 2-D [tokens, heads * dim] input, and the MLA wrapper
+            # hands it 3-D q/k views: every position but the first gets wrong rotations, with no error
+            # (seen here: logprob errors of 5e-3 to 0.8 per token). Its PyTorch rotary is right.
+            logger.warning("MLA with default RoPE on vLLM's CPU build: its rotary_embedding kernel is turned off "
+                           "(vLLM's own PyTorch rotary runs instead)")
+            wanted["compilation_config"] = {"custom_ops": ["all", "-rotary_embedding"]}
         wanted.update(engine_kwargs or {})
         kept, dropped = filter_engine_kwargs(wanted, {f.name for f in dataclasses.fields(EngineArgs)})
         if dropped:

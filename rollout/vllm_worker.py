@@ -13,8 +13,9 @@ closed here, both of which otherwise leave old weights in use without any error:
 * CPU tied embeddings: a tied `lm_head` loads no tensor of its own, so its packed GEMM handle
   (`cpu_linear`) is never rebuilt; it is rebuilt here from the (updated) shared weight.
 
-Every parameter of the vLLM model must be reached by the update; a missing one is an error
-(never a silent half update).
+Every parameter of the vLLM model in checkpoint layout must be reached by the update; a missing one
+is an error (never a silent half update). Parameters that vLLM derives after loading (MLA's `W_UK_T`,
+`W_UV`) are recomputed by the reload and need no tensor.
 
 `WeightSyncExtension` is mixed into the server's workers by `--worker-extension-cls
 rollout.vllm_worker.WeightSyncExtension`; `rollout.vllm_server.VLLMServerClient` calls its methods
@@ -78,7 +79,7 @@ def reload_in_place(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
     from vllm.platforms import current_platform
 
     worker, model = _unwrap(worker)
-    expected = {name for name, _ in model.named_parameters()}
+    expected = {name for name, _ in model.named_parameters()}  # a shared tensor once: no tied lm_head
     try:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
     except ImportError:  # vLLM before the layer-wise reload: loaders copy into the live tensors
@@ -91,6 +92,11 @@ def reload_in_place(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
                 method.moe_kernel = None  # rebuilt (and its weights prepacked) by the reload
         with torch.no_grad(), set_current_vllm_config(worker.vllm_config):
             initialize_layerwise_reload(model)
+            # Only parameters that exist in checkpoint layout, which the reload has just put every layer
+            # back into, can receive a tensor. Those that post-load processing derives from others (MLA's
+            # W_UK_T and W_UV, split from kv_b_proj) do not; finalize derives them again from the new
+            # weights. (The layout unties shared tensors, hence the intersection with the running model's.)
+            expected &= {name for name, _ in model.named_parameters()}
             loaded = set(model.load_weights(weights) or ())
             finalize_layerwise_reload(model, worker.model_config)
             if cpu:

@@ -171,6 +171,11 @@ def test_mixtral_experts_use_w1_w3_w2_under_block_sparse_moe():
     assert mapped["model.layers.0.block_sparse_moe.experts.1.w3.weight"].tolist() == [[6.0, 7.0]]
     assert mapped["model.layers.0.block_sparse_moe.experts.1.w2.weight"].tolist() == [[2.0], [3.0]]
     assert expert_layout("qwen2_moe").gate == "gate_proj"
+    # the router moves with its block (transformers renames every key of the family, not only experts)
+    router = dict(hf_to_vllm_weights([("model.layers.0.mlp.gate.weight", torch.zeros(2, 2))], model_type="mixtral"))
+    assert list(router) == ["model.layers.0.block_sparse_moe.gate.weight"]
+    kept = dict(hf_to_vllm_weights([("model.layers.0.mlp.gate.weight", torch.zeros(2, 2))], model_type="qwen3_moe"))
+    assert list(kept) == ["model.layers.0.mlp.gate.weight"]
 
 
 def test_mapping_rejects_a_malformed_fused_tensor():
