@@ -170,3 +170,8 @@ def test_plan_of_a_transformers_engine_recipe_and_a_replicated_layout(capsys):
     assert capped.kv_share < vllm.kv_share
     assert main(["plan", str(REPO / "recipes" / "tiny-cpu.yaml"), "--gpu", "h100", "--plain"]) == 2  # no layout named
     assert "--nodes is needed" in capsys.readouterr().err
+    for recipe in ("tiny-cpu", "countdown-tiny-cpu"):  # the CPU recipes plan on given GPUs, with their engine
+        assert main(["plan", str(REPO / "recipes" / f"{recipe}.yaml"), "--nodes", "1", "--gpus-per-node", "1",
+                     "--gpu", "h100", "--plain"]) == 0
+        out = capsys.readouterr().out
+        assert "rollout engine hf" in out and "the policy generates itself" in out
