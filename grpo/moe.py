@@ -7,8 +7,9 @@ forward hook per router does all of the following, so nothing here subclasses a 
 
 - **Routing replay** (R2/R3, "Stabilizing MoE RL by aligning training and inference routers",
   2510.11370): the hook replaces the router's top-k indices with recorded ones and recomputes the
-  top-k weights from the router's own probabilities at those indices, renormalised exactly as the
-  family does (`norm_topk_prob`, always for Mixtral). The experts that run are the recorded ones;
+  top-k weights from the router's own scores at those indices exactly as the family does
+  (`topk_weights`: softmax, or sigmoid for DeepSeek-V3; renormalised per `norm_topk_prob`, always
+  for Mixtral, never for DeepSeek-V2; times `routed_scaling_factor`). The experts that run are the recorded ones;
   the router still gets gradients through the recorded experts' weights.
   - R3 replays what the rollout engine recorded while sampling (`Rollout.routed_experts`).
   - R2 replays what the old-logprob forward chose (only differs from no replay when
@@ -52,8 +53,31 @@ def find_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _normalises(router: torch.nn.Module) -> bool:
-    # Qwen3-MoE / Qwen2-MoE / OLMoE carry `norm_topk_prob`; Mixtral always renormalises.
-    return getattr(router, "norm_topk_prob", True)
+    # Qwen3-MoE / Qwen2-MoE / OLMoE / DeepSeek-V3 carry `norm_topk_prob`; Mixtral always renormalises;
+    # DeepSeek-V2's router (it has `routed_scaling_factor` and no `norm_topk_prob`) never does.
+    return getattr(router, "norm_topk_prob", not hasattr(router, "routed_scaling_factor"))
+
+
+def _sigmoid_scored(router: torch.nn.Module) -> bool:
+    # DeepSeek-V3-style routers score experts with a sigmoid and choose with a bias-corrected,
+    # group-limited top-k; their weights are the sigmoid scores of the chosen experts.
+    return hasattr(router, "e_score_correction_bias")
+
+
+def _plain_topk(router: torch.nn.Module) -> bool:
+    """The router picks the top-k of its softmax (not group-limited, no score correction)."""
+    return not _sigmoid_scored(router) and getattr(router, "topk_method", "greedy") == "greedy"
+
+
+def topk_weights(router: torch.nn.Module, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The weights `router` gives the experts `indices` [T, k] from its `logits` [T, E], in float32,
+    by the family's own formula: softmax (sigmoid for DeepSeek-V3-style) scores at the indices,
+    renormalised where the family renormalises, times `routed_scaling_factor` where it has one."""
+    scores = logits.float().sigmoid() if _sigmoid_scored(router) else F.softmax(logits, dim=-1, dtype=torch.float32)
+    weights = scores.gather(-1, indices)  # [T, k]
+    if _normalises(router):
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if _sigmoid_scored(router) else 0.0))
+    return weights * getattr(router, "routed_scaling_factor", 1.0)
 
 
 @dataclass
@@ -141,7 +165,6 @@ class RouterControl:
         logits, weights, indices = output  # [T, E], [T, k], [T, k]
         if self.cfg.router_float32:
             logits = F.linear(hidden.float(), module.weight.float())  # [T, E]
-        probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
         layer = self._layer[id(module)]
         part = scope.part if scope is not None else None
         if scope is not None and scope.replay is not None:
@@ -150,12 +173,10 @@ class RouterControl:
             if part is not None:  # this forward's tokens stand for these full-layout positions
                 recorded, valid = recorded[part.position], valid[part.position] & (part.weight[:, None] > 0)
             indices = torch.where(valid, recorded.to(indices.dtype), indices)  # [T, k]
-        elif self.cfg.router_float32:
-            indices = torch.topk(probs, indices.shape[-1], dim=-1).indices  # [T, k]
+        elif self.cfg.router_float32 and _plain_topk(module):  # (DeepSeek's routers choose in float32 already)
+            indices = torch.topk(logits, indices.shape[-1], dim=-1).indices  # [T, k]; softmax keeps the order
         if self.cfg.router_float32 or (scope is not None and scope.replay is not None):
-            weights = probs.gather(-1, indices)  # [T, k]
-            if _normalises(module):
-                weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = topk_weights(module, logits, indices)  # [T, k]
             if not self.cfg.router_float32:
                 weights = weights.to(output[1].dtype)
         if scope is not None:

@@ -34,6 +34,15 @@ def tiny_moe(family: str, seed: int = 0, layers: int = 2):
         cfg = Qwen2MoeConfig(**common, moe_intermediate_size=32, shared_expert_intermediate_size=32, num_experts=8)
     elif family == "olmoe":
         cfg = OlmoeConfig(**common, num_experts=8)
+    elif family in ("deepseek_v2", "deepseek_v3"):  # MLA; V2 never renormalises, V3 scores with a sigmoid
+        from transformers import AutoConfig
+
+        mla = dict(q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16)
+        experts = dict(n_routed_experts=8, n_shared_experts=1, first_k_dense_replace=0, moe_intermediate_size=32)
+        routing = (dict(topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.5, n_group=1, topk_group=1)
+                   if family == "deepseek_v2" else dict(norm_topk_prob=True, routed_scaling_factor=2.5, n_group=2,
+                                                         topk_group=1))
+        cfg = AutoConfig.for_model(family, **{**common, "num_key_value_heads": 4}, **mla, **experts, **routing)
     else:
         cfg = MixtralConfig(**common, num_local_experts=8)
     torch.manual_seed(seed)
@@ -93,6 +102,30 @@ def training_forward(model, rollouts, tok, control, replay: bool):
     spy.close()
     ran = torch.stack(spy.calls[0], dim=1).view(*batch["input_ids"].shape, len(control.routers), -1)  # [B, S, L, k]
     return ran, experts, valid, logprobs, batch
+
+
+FAMILIES = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_replaying_the_models_own_routing_changes_nothing(family):
+    """Replay recomputes the chosen experts' weights by the family's own formula (softmax or
+    sigmoid scores, renormalised or not, scaled or not): given the experts the same float32 model
+    chose, the training forward must give the free forward's logprobs."""
+    model, tok = tiny_moe(family)
+    with torch.no_grad():  # make the DeepSeek-V3 score correction matter to the choice
+        for router in find_routers(model):
+            if hasattr(router, "e_score_correction_bias"):
+                router.e_score_correction_bias.copy_(torch.linspace(-0.05, 0.05, router.num_experts))
+    rollouts = sample_with_bf16_sampler(model, tok, sampler=model)  # the model itself samples
+    control = RouterControl(model, MoEConfig(routing_replay="R3"))
+    assert len(control.routers) == 2
+    _, _, valid, replayed, batch = training_forward(model, rollouts, tok, control, replay=True)
+    _, _, _, free, _ = training_forward(model, rollouts, tok, control, replay=False)
+    mask = batch["attention_mask"][:, 1:].bool()
+    assert valid.any()
+    assert (replayed - free)[mask].abs().max().item() < 1e-5, family
+    control.close()
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral"])

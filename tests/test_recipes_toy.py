@@ -63,6 +63,9 @@ def _train_and_eval(recipe: str, out: Path, engine: str, capsys) -> dict:
     steps = [r for r in rows if "train/loss" in r]  # the others are evaluations (eval.every)
     assert [r["step"] for r in steps] == [1, 2]
     assert all(abs(r["train/loss"]) < float("inf") for r in steps)  # finite (NaN fails the comparison too)
+    # The sampler's logprobs are the trainer's (float32 on both sides): a routing replay that weighs the
+    # replayed experts unlike the family's router, or an engine serving other weights, shows here.
+    assert all(r["train/mismatch_abs"] < 1e-4 for r in steps), [r["train/mismatch_abs"] for r in steps]
     cfg = load_recipe(path)
     if cfg.trainer.save_every:  # a recipe that checkpoints wrote its checkpoints
         assert sorted(p.name for p in (out / "checkpoints").iterdir())[-1].endswith("2"), list((out / "checkpoints").iterdir())
