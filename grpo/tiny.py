@@ -16,15 +16,17 @@ The shape fits vLLM's CPU build as well as transformers: head_dim 32 (its CPU at
 The result is cached under `$GRPO_ZERO_CACHE` (default `~/.cache/grpo-zero`) keyed by a hash of
 everything that determines it, so it is built once per machine. Building it is deterministic for a
 given torch version (it always runs on `spec.threads` threads, see `pretrain_tiny_base`). Most of a
-cold `make train` is this pretraining: 1800 steps of 8 x 128 tokens, 50-80 ms each on two threads
-here (136 s of a 172 s cold run). Measured on this 2-core machine, each with the RL recipe after it
-(held-out accuracy after RL; the bar is 0.90): 8 rows x 1800 steps 1.00; 16 x 1800 0.99 (about
-twice the time); 16 x 1100 0.78; 8 x 1400 0.50; 6 x 1800 0.79; 4 x 1800 (one thread) 0.06. Fewer
-steps or fewer rows per step leave the base's sums too weak for RL to build on.
+cold `make train` is this pretraining: 1600 steps of 8 x 128 tokens, 50-85 ms each on two threads
+here. Measured on this 2-core machine, each with the tiny-cpu RL recipe after it (held-out greedy
+accuracy after RL; the bar is 0.90): 8 rows x 1600 steps 0.995 (0.985 after 20 RL steps);
+8 x 1800 1.00; 16 x 1800 0.99 (about twice the time); 16 x 1100 0.78; 8 x 1400 0.50; 6 x 1800
+0.79; 4 x 1800 (one thread) 0.06. Fewer steps or fewer rows per step leave the base's sums too
+weak for RL to build on. Two processes of one thread each, splitting a step's rows, were no
+faster than one process on two threads (68 ms a step).
 
 Usage::
 
-    path = ensure_tiny_base("tiny-arith-moe")     # builds on first call (about 2.5 minutes on 2 cores)
+    path = ensure_tiny_base("tiny-arith-moe")     # builds on first call (about 2 minutes on 2 cores)
     model = AutoModelForCausalLM.from_pretrained(path)
 """
 
@@ -98,7 +100,7 @@ class TinyBaseSpec:
     top_k: int = 2
     expert_width: int = 96
     max_positions: int = 256
-    pretrain_steps: int = 1800
+    pretrain_steps: int = 1600
     batch_size: int = 8  # rows per step (6 rows, or 1400 steps, no longer carried RL to 0.9: see above)
     row_tokens: int = 128  # whole documents are packed into rows of this many tokens
     lr: float = 3e-3

@@ -15,8 +15,8 @@ GOOD = (ROOT / "recipes" / "tiny-cpu.yaml").read_text()
 # (name, recipe text or None for "file missing", overrides, fragments the one-line message must contain)
 BAD_RECIPES = [
     ("unknown section", GOOD + "\ntrainr: {steps: 3}\n", [], ["trainr", "unknown key"]),
-    ("unknown nested key", GOOD.replace("  steps: 120", "  stepz: 120"), [], ["trainer.stepz", "unknown key"]),
-    ("wrong type", GOOD.replace("  steps: 120", "  steps: many"), [], ["trainer.steps", "integer", "'many'"]),
+    ("unknown nested key", GOOD.replace("  steps: 60", "  stepz: 60"), [], ["trainer.stepz", "unknown key"]),
+    ("wrong type", GOOD.replace("  steps: 60", "  steps: many"), [], ["trainer.steps", "integer", "'many'"]),
     ("negative batch size", GOOD.replace("prompts_per_step: 8", "prompts_per_step: -4"), [],
      ["trainer.prompts_per_step", "greater than or equal to 1", "-4"]),
     ("group size 1", GOOD.replace("group_size: 8", "group_size: 1"), [], ["rollout.group_size", "2"]),
