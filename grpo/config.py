@@ -408,6 +408,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: the recipe is empty (expected a mapping of sections)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    apply_overrides(raw, overrides)
+    return parse_recipe_dict(raw, str(path))
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Set each `a.b=value` (a YAML scalar) in the raw recipe tree, in order; returns the tree."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
@@ -417,7 +423,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         except yaml.YAMLError:
             value = text
         _set_dotted(raw, key.strip(), value, f"override {item!r}")
-    return parse_recipe_dict(raw, str(path))
+    return raw
 
 
 def dump_config(cfg: RunConfig) -> str:

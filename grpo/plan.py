@@ -162,8 +162,9 @@ def arch_from_config(name: str, config: dict) -> Arch:
     )
 
 
-def resolve_arch(name_or_path: str) -> Arch:
-    """The embedded table, then a local directory's config.json, then AutoConfig (online)."""
+def resolve_arch(name_or_path: str, offline: bool = False) -> Arch:
+    """The embedded table, then a local directory's config.json, then AutoConfig (online; with
+    `offline`, the local Hub cache only)."""
     name = _ALIASES.get(name_or_path, name_or_path)
     if name in KNOWN_ARCHS:
         return KNOWN_ARCHS[name]
@@ -179,10 +180,11 @@ def resolve_arch(name_or_path: str) -> Arch:
     from transformers import AutoConfig
 
     try:
-        return arch_from_config(name, AutoConfig.from_pretrained(name).to_dict())
+        return arch_from_config(name, AutoConfig.from_pretrained(name, local_files_only=offline).to_dict())
     except Exception as exc:  # offline, unknown id
+        where = "not in the Hub cache" if offline else f"and AutoConfig failed: {type(exc).__name__}"
         raise ValueError(f"{name_or_path}: architecture unknown here (not embedded, no local config.json, "
-                         f"and AutoConfig failed: {type(exc).__name__})") from None
+                         f"{where})") from None
 
 
 @dataclass(frozen=True)

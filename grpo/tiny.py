@@ -294,31 +294,41 @@ def spec_hash(spec: TinyBaseSpec) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-def ensure_tiny_base(name: str, progress: bool = True) -> Path:
-    """Return the directory of built-in base `name`, pretraining and caching it if needed.
+def build_once(final: Path, build, marker: str) -> Path:
+    """`final`, built by `build(tmp)` unless `final/marker` exists.
 
     The directory is written atomically (built in a temporary sibling, then renamed), so a build
-    killed half-way never leaves a cache entry that looks complete.
+    killed half-way never leaves a cache entry that looks complete; where two processes build at
+    once, the first rename wins and the other uses its copy.
     """
-    if name not in BUILTIN_BASES:
-        raise ValueError(f"unknown built-in model {name!r}; known: {sorted(BUILTIN_BASES)}")
-    spec = BUILTIN_BASES[name]
-    final = cache_root() / f"{name}-{spec_hash(spec)}"
-    if (final / "config.json").exists():
+    if (final / marker).exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first: use its copy
+            if not (final / marker).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def ensure_tiny_base(name: str, progress: bool = True) -> Path:
+    """Return the directory of built-in base `name`, pretraining and caching it if needed (atomically,
+    see `build_once`)."""
+    if name not in BUILTIN_BASES:
+        raise ValueError(f"unknown built-in model {name!r}; known: {sorted(BUILTIN_BASES)}")
+    spec = BUILTIN_BASES[name]
+
+    def build(tmp: Path) -> None:
         started = time.perf_counter()
         pretrain_tiny_base(spec, tmp, progress=progress)
         (tmp / "grpo_zero_base.json").write_text(
             json.dumps({"name": name, "spec": asdict(spec), "seconds": time.perf_counter() - started})
         )
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first: use its copy
-            if not (final / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return build_once(cache_root() / f"{name}-{spec_hash(spec)}", build, marker="config.json")

@@ -28,16 +28,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from grpo.config import RunConfig, _set_dotted, parse_recipe_dict
-from grpo.plan import KNOWN_ARCHS, Arch, arch_from_config
+from grpo.config import RunConfig, _set_dotted, apply_overrides, parse_recipe_dict
+from grpo.plan import Arch, resolve_arch
 from grpo.tasks import SYNTHETIC_TASKS, ArithmeticTask, CountdownTask
 
 TOY_VERSION = 1  # bump when a toy model or data file changes meaning
@@ -84,23 +81,11 @@ class ToyError(ValueError):
 
 
 def source_arch(name_or_path: str) -> Arch:
-    """The architecture of the recipe's model, without the network."""
-    from grpo.plan import _ALIASES
-
-    name = _ALIASES.get(name_or_path, name_or_path)
-    if name in KNOWN_ARCHS:
-        return KNOWN_ARCHS[name]
-    local = Path(name).expanduser() / "config.json"
-    if local.is_file():
-        return arch_from_config(name, json.loads(local.read_text(encoding="utf-8")))
+    """The architecture of the recipe's model, without the network (`grpo.plan.resolve_arch` offline)."""
     try:
-        from transformers import AutoConfig
-
-        return arch_from_config(name, AutoConfig.from_pretrained(name, local_files_only=True).to_dict())
-    except Exception:  # not in the local Hub cache
-        raise ToyError(f"{name_or_path}: architecture unknown here (not in grpo.plan.KNOWN_ARCHS, no local "
-                       f"config.json, not in the Hub cache); download its config.json once, or add it to "
-                       f"KNOWN_ARCHS") from None
+        return resolve_arch(name_or_path, offline=True)
+    except ValueError as exc:
+        raise ToyError(f"{exc}; download its config.json once, or add it to grpo.plan.KNOWN_ARCHS") from None
 
 
 def _moe_kwargs(arch: Arch) -> dict[str, Any]:
@@ -189,23 +174,14 @@ def _digest(payload: Any) -> str:
 
 
 def _cached_dir(name: str, build: Callable[[Path], None]) -> Path:
-    """`toy_root()/name`, built by `build(tmp)` in a temporary sibling and renamed into place."""
-    final = toy_root() / name
-    if (final / ".complete").exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
-    try:
+    """`toy_root()/name`, built once by `build(tmp)` (atomically: `grpo.tiny.build_once`)."""
+    from grpo.tiny import build_once
+
+    def complete(tmp: Path) -> None:
         build(tmp)
         (tmp / ".complete").write_text("")
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first
-            if not (final / ".complete").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    return build_once(toy_root() / name, complete, marker=".complete")
 
 
 def ensure_toy_model(name_or_path: str, seed: int = 0) -> Path:
@@ -295,8 +271,6 @@ def toy_recipe(cfg: RunConfig, overrides: Sequence[str] = (), source: str = "rec
                cuda: bool | None = None) -> tuple[RunConfig, list[str]]:
     """(the recipe at toy scale, one line per change). `overrides` (key=value, as on the command
     line) are applied last, so they win over the cuts."""
-    import yaml
-
     from grpo.data import template_fields
 
     if cuda is None:
@@ -304,10 +278,7 @@ def toy_recipe(cfg: RunConfig, overrides: Sequence[str] = (), source: str = "rec
 
         cuda = torch.cuda.is_available()
     def overridden(tree: dict) -> dict:
-        for item in overrides:  # the caller's own overrides
-            key, _, text = item.partition("=")
-            _set_dotted(tree, key.strip(), yaml.safe_load(text) if text else "", f"override {item!r}")
-        return tree
+        return apply_overrides(tree, tuple(overrides))  # the caller's own overrides
 
     cfg = parse_recipe_dict(overridden(cfg.model_dump(mode="json")), source)  # decide on what will run
     raw = cfg.model_dump(mode="json")
