@@ -51,6 +51,7 @@ train:
 	$(BIN)/grpo train recipes/tiny-cpu.yaml --output-dir $(OUT)-$$(date +%Y%m%d-%H%M%S)
 
 test:
+	$(BIN)/ruff check .
 	GRPO_ZERO_REQUIRE_VLLM=$(REQUIRE_VLLM) $(BIN)/python -m pytest -m "not gpu" -q
 
 bench:

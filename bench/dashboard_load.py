@@ -70,7 +70,7 @@ def main(argv=None) -> int:
             write_synthetic_run(run_dir, steps=args.steps, rollout_every=every, groups=max(1, per_step // 4),
                                 group_size=min(4, per_step), moe_layers=4, experts=8)
         write_s = time.perf_counter() - t
-        n_rollouts = sum(1 for f in (run_dir / "rollouts").glob("step-*.jsonl") for _ in open(f, encoding="utf-8"))
+        n_rollouts = sum(len(f.read_text(encoding="utf-8").splitlines()) for f in (run_dir / "rollouts").glob("step-*.jsonl"))
 
         dash = Dashboard(root, port=0).start()
         t = time.perf_counter()

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--show-disagreements", action="store_true", help="print cases where ours is wrong (stderr)")
     args = ap.parse_args(argv)
 
-    cases = [json.loads(line) for line in open(args.cases, encoding="utf-8") if line.strip()]
+    cases = [json.loads(line) for line in Path(args.cases).read_text(encoding="utf-8").splitlines() if line.strip()]
     expected = [expected_of(c) for c in cases]
     ours, ours_s, metrics, mv, mv_s = run_both(cases, args.workers)
     alone = run_ours_alone(cases, args.workers)

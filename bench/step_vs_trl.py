@@ -108,8 +108,8 @@ class OurStep:
         from grpo.data import PromptSampler
         from grpo.experts import experts_implementation
         from grpo.moe import RouterControl
-        from grpo.train import make_optimizer
         from grpo.tiny import build_char_tokenizer
+        from grpo.train import make_optimizer
         from rewards import RewardSpec, Scorer
         from rollout import make_engine
 
@@ -146,8 +146,8 @@ class OurStep:
         return time.perf_counter()
 
     def __call__(self) -> dict[str, float]:
-        from grpo.moe import load_metrics
         from grpo.distributed import group_seed
+        from grpo.moe import load_metrics
         from grpo.train import encode_prompts, sampling_params, score_rollouts, with_advantages
         from grpo.update import policy_update
 

@@ -14,7 +14,7 @@ completions of prompt i. A group's baseline never mixes with another group's.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -83,8 +83,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     accelerate_config = _launch_config(args, cfg)
     if accelerate_config:
-        from grpo.distributed import (UnsupportedError, check_supported, launch, launched_processes,
-                                      resolve_accelerate_config)
+        from grpo.distributed import (
+            UnsupportedError,
+            check_supported,
+            launch,
+            launched_processes,
+            resolve_accelerate_config,
+        )
 
         try:
             config = resolve_accelerate_config(accelerate_config)

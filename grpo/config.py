@@ -55,7 +55,7 @@ class CountdownOptions(Section):
     num_problems: int = Field(20_000, ge=2, description="problems generated (train plus held-out)")
 
     @model_validator(mode="after")
-    def _range(self) -> "CountdownOptions":
+    def _range(self) -> CountdownOptions:
         if self.max_numbers < self.min_numbers:
             raise ValueError("max_numbers must be >= min_numbers")
         return self
@@ -327,7 +327,7 @@ class RunConfig(Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "RunConfig":
+    def _consistent(self) -> RunConfig:
         if self.algorithm.clip_high < self.algorithm.clip_low:
             raise ValueError("algorithm.clip_high must be >= algorithm.clip_low (clip-higher never clips tighter)")
         names = [s.name for s in self.eval.datasets]

@@ -27,9 +27,10 @@ import json
 import logging
 import random
 import string
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from grpo.config import DataConfig, EvalSet, SourceFields
 from grpo.tasks import SYNTHETIC_TASKS, ArithmeticTask, CountdownTask

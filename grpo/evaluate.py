@@ -28,6 +28,7 @@ from grpo.data import render_prompts
 from rewards import RewardSpec, Scorer
 from rollout.base import SamplingParams
 
+
 def make_eval_scorer(cfg: RunConfig) -> Scorer:
     """A scorer of the rewards that define correctness, sandboxed like the training rewards."""
     r = cfg.rewards

@@ -35,7 +35,6 @@ from torch.utils.checkpoint import checkpoint
 
 from rollout.hf import cache_keyword, output_cache
 
-
 # Below this size of batch logits (float32 bytes) keeping them for backward costs less than
 # recomputing them chunk by chunk (tiny vocabularies, short batches).
 CHECKPOINT_ABOVE_BYTES = 64 * 2**20

@@ -44,8 +44,8 @@ Sampler/trainer mismatch corrections (weights are constants, no gradient flows t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 

@@ -12,8 +12,8 @@ reward metrics returned are those of the first round, an unfiltered sample of th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from rollout.base import Rollout
 

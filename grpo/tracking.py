@@ -28,8 +28,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 REPORT_TO_CHOICES = ("wandb", "tensorboard", "mlflow", "trackio")
 
@@ -99,7 +100,7 @@ class JsonlSink:
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed by close())
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         row = {"step": step, "time": time.time(), **{k: _clean(v) for k, v in metrics.items()}}

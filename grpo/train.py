@@ -39,8 +39,18 @@ from grpo import checkpoint
 from grpo.advantages import group_advantages, overlong_penalty, zero_variance_fraction
 from grpo.config import RunConfig, dump_config
 from grpo.data import PromptSampler, load_eval_sets, load_rows, render_prompts
-from grpo.distributed import (all_reduce_tensor, broadcast_object, check_supported, fsdp_on_cpu, fully_shard_cpu,
-                              gather_objects, group_seed, make_accelerator, rank_slice, reduce_metrics)
+from grpo.distributed import (
+    all_reduce_tensor,
+    broadcast_object,
+    check_supported,
+    fsdp_on_cpu,
+    fully_shard_cpu,
+    gather_objects,
+    group_seed,
+    make_accelerator,
+    rank_slice,
+    reduce_metrics,
+)
 from grpo.evaluate import evaluate_greedy, evaluate_step, make_eval_scorer
 from grpo.experts import experts_implementation
 from grpo.moe import RouterControl, load_metrics
@@ -48,8 +58,8 @@ from grpo.sampling import sample_batch
 from grpo.tracking import make_tracker
 from grpo.update import policy_update
 from rewards import RewardSpec, Scorer
-from rollout.base import Rollout, SamplingParams
 from rollout import make_engine
+from rollout.base import Rollout, SamplingParams
 
 log = logging.getLogger(__name__)
 

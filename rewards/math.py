@@ -214,7 +214,7 @@ def _strip_delims(s: str) -> str:
 
 def _last_number(text: str) -> str | None:
     m = None
-    for m in _NUMBER.finditer(text):
+    for m in _NUMBER.finditer(text):  # noqa: B007 (keeps the last match)
         pass
     return m.group().strip() if m else None
 
@@ -291,7 +291,7 @@ def _candidates(text: str) -> list[tuple[str, bool]]:
         boxed_at = spans[-1][0]
         strong = _last_boxed(text)
     m = None
-    for m in _FINAL.finditer(text):
+    for m in _FINAL.finditer(text):  # noqa: B007 (keeps the last match)
         pass
     if m is not None and m.start() > boxed_at:
         rest = text[m.end() :]
@@ -332,7 +332,7 @@ def _weak(text: str) -> list[tuple[str, bool]]:
         seg = ", ".join(g[2] for g in group)
         seg_end = group[-1][1]
     m = None
-    for m in _NUMBER.finditer(text):
+    for m in _NUMBER.finditer(text):  # noqa: B007 (keeps the last match)
         pass
     if m is not None:
         num, num_end = m.group().strip(), m.end()
@@ -559,9 +559,10 @@ def _numbers_equal(g, p, ctx: _Ctx) -> bool:
 def _exprs_equal(g, p, ctx: _Ctx) -> bool:
     if g == p:
         return True
-    if ctx.percent and g.is_number and p.is_number:
-        if any(_numbers_equal(g, q, _no_percent(ctx)) for q in (p, p * 100, p / 100)):
-            return True
+    if ctx.percent and g.is_number and p.is_number and any(
+        _numbers_equal(g, q, _no_percent(ctx)) for q in (p, p * 100, p / 100)
+    ):
+        return True
     free = g.free_symbols | p.free_symbols
     if not free:
         return _numbers_equal(g, p, ctx)

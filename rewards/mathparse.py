@@ -706,7 +706,7 @@ class _Parser:
 
 
 def _symbol_only(v) -> bool:
-    return isinstance(v, sympy.Symbol) or isinstance(v, sympy.core.function.AppliedUndef)
+    return isinstance(v, (sympy.Symbol, sympy.core.function.AppliedUndef))
 
 
 def _raise(msg):

@@ -16,8 +16,9 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 ENTRY_POINT_GROUP = "grpo_zero.rewards"
 
@@ -69,7 +70,7 @@ def _import_target(target: str) -> RewardFn:
     return fn
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve(name: str) -> RewardFn:
     """The function a reward name stands for; raises `UnknownRewardError` if there is none.
 

@@ -239,7 +239,7 @@ class WorkerPool:
             self._zygote.stdin.write("fork\n")
             self._zygote.stdin.flush()
             sock, _ = self._listener.accept()
-        except (OSError, socket.timeout) as e:
+        except (TimeoutError, OSError) as e:
             raise SandboxError(f"could not start a reward worker: {e}") from None
         sock.settimeout(None)
         conn = Connection(sock.detach())
@@ -348,7 +348,7 @@ class WorkerPool:
     def close(self) -> None:
         self._finalizer()
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, *exc) -> None:

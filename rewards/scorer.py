@@ -160,7 +160,7 @@ class Scorer:
             self.pool.close()
             self.pool = None
 
-    def __enter__(self) -> "Scorer":
+    def __enter__(self) -> Scorer:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +133,7 @@ class RoutingRecorder:
         self._current: list[torch.Tensor] = []
         self._handles: list = []
 
-    def __enter__(self) -> "RoutingRecorder":
+    def __enter__(self) -> RoutingRecorder:
         for router in self.routers:
             self._handles.append(router.register_forward_hook(self._hook))
         return self
@@ -201,7 +201,7 @@ class _StopChecker:
 # --- steppers: one decode step for the rows still alive -------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_keyword_of(forward_type: type) -> str:
     params = inspect.signature(forward_type.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -215,7 +215,7 @@ def cache_keyword(model) -> str:
 
 def output_cache(out):
     """The KV cache a transformers forward returned, under either name."""
-    return out["cache"] if "cache" in out else out.past_key_values
+    return out["cache"] if "cache" in out else out.past_key_values  # noqa: SIM401 (a ModelOutput)
 
 
 def _prefill(model, input_ids, attention, positions, record: bool):
@@ -557,7 +557,7 @@ class HFEngine:
 
     @torch.inference_mode()
     def _decode(self, rows: list[list[int]], sampling: SamplingParams, row_seeds: list[int] | None = None):
-        model, device = self.model, self.device
+        model = self.model
         was_training = model.training
         model.eval()
         try:

@@ -173,7 +173,7 @@ def _read_spec(handles: list) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (dtype code, shape) from safetensors headers (no tensor is read)."""
     spec: dict[str, tuple[str, tuple[int, ...]]] = {}
     for handle in handles:
-        for name in handle.keys():
+        for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
             if name in spec:
                 raise PushRejected(f"{name} is in more than one file")
             piece = handle.get_slice(name)
@@ -183,7 +183,7 @@ def _read_spec(handles: list) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def _iter_tensors(handles: list) -> Iterator[tuple[str, torch.Tensor]]:
     for handle in handles:
-        for name in handle.keys():
+        for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
             yield name, handle.get_tensor(name)
 
 

@@ -11,8 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
-
+from tests.conftest import run_cli
 
 
 def test_train_writes_a_complete_run_directory(tmp_path, tiny_base):

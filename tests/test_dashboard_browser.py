@@ -139,7 +139,7 @@ def assert_all_charts_drawn(page, runs) -> list[dict]:
     assert not missing, missing
     ids = {r["id"] for r in report}
     if runs["run"] == "synthetic":
-        assert EXPECTED_CURVES <= ids, EXPECTED_CURVES - ids
+        assert ids >= EXPECTED_CURVES, EXPECTED_CURVES - ids
     assert "aha-chart" in ids
     charted = {k for r in report for k in r["keys"]}
     assert logged_keys(runs["root"] / runs["run"]) <= charted  # every logged metric has a curve
@@ -195,9 +195,10 @@ def test_live_page_shows_hostile_completions_as_text(page, server, tmp_path):
 
 
 def test_live_page_updates_while_a_run_writes(page, server, runs):
-    from grpo.tracking import JsonlSink
-    from grpo.dashboard.synthetic import step_metrics, step_rollouts
     import random
+
+    from grpo.dashboard.synthetic import step_metrics, step_rollouts
+    from grpo.tracking import JsonlSink
 
     open_dashboard(page, server.url)
     run_dir = runs["root"] / "growing"

@@ -7,7 +7,6 @@ import argparse
 import http.client
 import json
 import os
-from pathlib import Path
 
 import pytest
 

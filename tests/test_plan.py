@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from grpo.cli import main
-from grpo.plan import GPUS, KNOWN_ARCHS, Workload, arch_from_config, implied_mfu, make_plan, pretraining_flops, resolve_arch
+from grpo.plan import (
+    GPUS,
+    KNOWN_ARCHS,
+    Workload,
+    arch_from_config,
+    implied_mfu,
+    make_plan,
+    pretraining_flops,
+    resolve_arch,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 REAL_RECIPES = {  # recipe -> (nodes, gpus per node, gpu) it is written for
@@ -55,7 +64,7 @@ def test_deepseek_v3_pretraining_gives_a_plausible_utilisation():
     flops = pretraining_flops(arch, 14.8e12, seq_len=4096)
     mfu = implied_mfu(flops, 2.788e6, "h800")
     assert 0.20 <= mfu <= 0.50, mfu  # about 0.37
-    assert 2.788e6 * 2.0 == pytest.approx(5.576e6)
+    assert pytest.approx(5.576e6) == 2.788e6 * 2.0
     # and the other way: at that utilisation the planner's clock gives the reported GPU-hours
     seconds_per_gpu = flops / (mfu * GPUS["h800"].bf16_tflops * 1e12)
     assert seconds_per_gpu / 3600 == pytest.approx(2.788e6, rel=1e-6)

@@ -4,8 +4,8 @@ written down by hand."""
 
 from __future__ import annotations
 
-from rollout.base import Rollout
 from grpo.sampling import informative_groups, sample_batch
+from rollout.base import Rollout
 
 G = 2
 

@@ -28,7 +28,7 @@ def mixed_rollouts(tok, seed: int = 0) -> list[Rollout]:
     prompts = [tok.encode(t, add_special_tokens=False) for t in ("User: 12+3=? Assistant:", "7+4=", "Q: 45+6? A:")]
     plan = [0, 1, 0, 2, 0, 1, 0, 2, 2]  # prompt of each row, interleaved
     rollouts = []
-    for b, p in enumerate(plan):
+    for p in plan:
         n = int(torch.randint(1, 9, (1,), generator=gen))
         completion = torch.randint(3, len(tok), (n,), generator=gen).tolist()
         rollouts.append(Rollout(group=p, prompt_ids=tuple(prompts[p]), completion_ids=tuple(completion), text="",
@@ -146,7 +146,7 @@ def test_r3_replays_the_engines_experts_with_shared_prompts():
     assert checked > 100
 
 
-def r3_update(model, rollouts, tok) -> "ExpertsSpy":
+def r3_update(model, rollouts, tok) -> ExpertsSpy:
     """One R3 policy update (lr 0); returns the spy holding the experts every forward ran."""
     cfg = RunConfig.model_validate({"moe": {"routing_replay": "R3"}})
     control = RouterControl(model, cfg.moe)

@@ -76,7 +76,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "grpo-dashboard"
     protocol_version = "HTTP/1.1"
 
-    def __init__(self, *args, app: "Dashboard", **kwargs):
+    def __init__(self, *args, app: Dashboard, **kwargs):
         self.app = app
         super().__init__(*args, **kwargs)
 
@@ -226,7 +226,7 @@ class Dashboard:
         for run in self.runs.runs():
             run.aha(self.aha_phrases)
 
-    def start(self) -> "Dashboard":
+    def start(self) -> Dashboard:
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
         self._thread.start()
