@@ -34,15 +34,12 @@ import weakref
 from collections import deque
 from multiprocessing.connection import Connection, wait
 
-from rewards.scorer import ERROR, OK, TIMEOUT
+from rewards.run import ERROR, TIMEOUT, run_item
 
 # imported once in the zygote, so a new worker starts warm (the default: every built-in reward)
-PRELOAD = ["rewards.registry", "rewards.scorer", "rewards.math", "rewards.format", "rewards.countdown", "math_verify"]
-NEEDS = {"rewards.math": ["math_verify"]}  # optional modules a reward module imports lazily
+PRELOAD = ["rewards.registry", "rewards.run", "rewards.math", "rewards.format", "rewards.countdown", "math_verify"]
+NEEDS = {"rewards.math.reward": ["math_verify"]}  # optional modules a reward module imports lazily
 CONNECT_TIMEOUT_S = 30.0
-
-
-IN_WORKER = False  # True inside a sandbox worker: code that must never run unbounded checks it
 
 
 class SandboxError(RuntimeError):
@@ -65,11 +62,6 @@ def _serve(conn: Connection, memory_mb: int) -> None:
     """The worker loop: receive a chunk [(index, item)], answer (index, status, value, msg) each."""
     import resource
 
-    global IN_WORKER
-    IN_WORKER = True
-    from rewards.registry import resolve
-    from rewards.scorer import call_reward
-
     limit = int(memory_mb) * 1024 * 1024
     if limit > 0:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -81,17 +73,8 @@ def _serve(conn: Connection, memory_mb: int) -> None:
             return
         if chunk is None:
             return
-        for index, (name, kwargs, completion, example, context) in chunk:
-            try:
-                out = (index, OK, call_reward(resolve(name), completion, example, context, kwargs), "")
-            except MemoryError:
-                out = (index, ERROR, None, f"MemoryError (over the {memory_mb} MB limit)")
-            except BaseException as e:  # noqa: BLE001 - a failing reward is reported, never fatal
-                try:
-                    msg = f"{type(e).__name__}: {str(e)[:300]}"
-                except BaseException:  # noqa: BLE001 - even str() of the error may fail
-                    msg = type(e).__name__
-                out = (index, ERROR, None, msg)
+        for index, item in chunk:
+            out = (index, *run_item(item, bounded=True, memory_mb=memory_mb))
             try:
                 conn.send(out)
             except (OSError, ValueError):

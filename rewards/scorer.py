@@ -8,18 +8,13 @@ no deadline and is meant for debugging trusted rewards only.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
-import math
 from dataclasses import dataclass, field
 
 from rewards.registry import RewardSpec, resolve
+from rewards.run import ERROR, TIMEOUT, run_item
 
 log = logging.getLogger(__name__)
-
-OK, TIMEOUT, ERROR = "ok", "timeout", "error"
-
 
 class RewardError(RuntimeError):
     """A reward function failed and ``fail_fast`` asked the run to stop."""
@@ -37,34 +32,13 @@ class ScoreResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def call_reward(fn, completion: str, example: dict, context: dict, kwargs: dict):
-    """Call one reward, sync or async; returns a float or None. Exceptions propagate."""
-    extra = {k: v for k, v in {**context, **kwargs}.items() if k not in ("completion", "example")}
-    out = fn(completion, example, **extra)
-    if inspect.isawaitable(out):
-        out = asyncio.run(_await(out))
-    if out is None:
-        return None
-    value = float(out)
-    if not math.isfinite(value):
-        raise ValueError(f"reward returned {value}")
-    return value
-
-
-async def _await(awaitable):
-    return await awaitable
-
-
 def run_items_inline(items, stop_on_error: bool = False):
-    """In-process execution of (name, kwargs, completion, example, context) items: (status, value, msg)."""
+    """In-process execution of items (see `rewards.run`): one ``(status, value, msg)`` each."""
     out: list = [None] * len(items)
-    for k, (name, kwargs, completion, example, context) in enumerate(items):
-        try:
-            out[k] = (OK, call_reward(resolve(name), completion, example, context, kwargs), "")
-        except Exception as e:  # a reward that raises must not stop the run
-            out[k] = (ERROR, None, f"{type(e).__name__}: {e}")
-            if stop_on_error:
-                break
+    for k, item in enumerate(items):
+        out[k] = run_item(item, bounded=False)
+        if stop_on_error and out[k][0] == ERROR:
+            break
     return out
 
 
@@ -100,7 +74,7 @@ class Scorer:
         if workers > 0:
             from rewards.sandbox import WorkerPool
 
-            modules = ["rewards.registry", "rewards.scorer"] + sorted({f.__module__ for f in self.functions.values()} - {"__main__"})
+            modules = ["rewards.registry", "rewards.run"] + sorted({f.__module__ for f in self.functions.values()} - {"__main__"})
             self.pool = WorkerPool(workers=workers, timeout_s=timeout_s, memory_mb=memory_mb, preload=modules)
 
     def score(self, completions: list[str], examples: list[dict], contexts: list[dict] | None = None) -> ScoreResult:

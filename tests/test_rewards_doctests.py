@@ -5,7 +5,10 @@ import importlib
 
 import pytest
 
-MODULES = ["rewards.registry", "rewards.scorer", "rewards.mathparse", "rewards.math", "rewards.format", "rewards.countdown"]
+MODULES = ["rewards.registry", "rewards.run", "rewards.scorer", "rewards.mathparse", "rewards.math",
+           "rewards.math.extract", "rewards.math.normalize", "rewards.math.parser", "rewards.math.compare",
+           "rewards.math.numbers", "rewards.math.choice", "rewards.math.fallback", "rewards.math.reward",
+           "rewards.format", "rewards.countdown"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,0 +1,168 @@
+"""Numbers and expressions: when two SymPy values are the same answer.
+
+Exact rational arithmetic first. When a decimal literal is involved the tolerance follows the
+precision written (fewest decimals ``d`` on either side: agree to half a unit in the ``d``-th
+place), and a one-decimal prediction never approximates an exact gold. Irrational constants are
+compared at 50 significant digits with a relative tolerance of 1e-30. Expressions with symbols:
+exact expansion, then evaluation at three points where every symbol is positive, then
+`sympy.simplify` (under the sandbox deadline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import sympy
+
+from rewards.math.values import Answer
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What a comparison needs to know about how the two answers were written."""
+
+    decimals: tuple = ()  # decimals written on either side (none for exact values)
+    coarse_guess: bool = False  # a one-decimal prediction of an exact gold (0.7 for 2/3): never close enough
+    float_rounding: int | None = None  # compare decimals after rounding to this many places
+    strict: bool = True  # a lone variable may not be renamed
+    percent: bool = False  # a percent on one side only, or the question asks for a percent
+
+    @classmethod
+    def of(cls, gold: Answer, pred: Answer, float_rounding: int | None = None, strict: bool = True,
+           percent_question: bool = False) -> Ctx:
+        return cls(
+            decimals=tuple(d for d in (gold.decimals, pred.decimals) if d is not None),
+            coarse_guess=gold.decimals is None and pred.decimals is not None and pred.decimals < 2,
+            float_rounding=float_rounding,
+            strict=strict,
+            percent=gold.percent != pred.percent or percent_question,
+        )
+
+
+def points(symbols):
+    syms = sorted(symbols, key=lambda s: s.name)
+    return [
+        {s: sympy.Rational(37 * k + 61 * i + 50, 100) for i, s in enumerate(syms)}
+        for k in (1, 2, 3)
+    ]
+
+
+def num(expr, prec=50):
+    try:
+        v = sympy.N(expr, prec)
+    except (TypeError, ValueError, ZeroDivisionError, RecursionError):
+        return None
+    if v.has(sympy.zoo, sympy.nan) or not v.is_number:
+        return None
+    try:
+        return complex(v) if not v.is_real else v
+    except (TypeError, ValueError):
+        return None
+
+
+def _round(x: sympy.Rational, d: int) -> sympy.Rational:
+    scale = sympy.Integer(10) ** d
+    return sympy.floor(x * scale + sympy.Rational(1, 2)) / scale
+
+
+def numbers_equal(g, p, ctx: Ctx) -> bool:
+    """Two constant expressions (no free symbols)."""
+    if g == p:
+        return True
+    if g.is_infinite or p.is_infinite:
+        return g == p
+    if ctx.decimals or ctx.float_rounding is not None:
+        if ctx.decimals and ctx.float_rounding is None:
+            if ctx.coarse_guess:
+                return False
+            d = min(ctx.decimals)
+        elif ctx.decimals:
+            d = ctx.float_rounding
+        else:
+            d = None
+        if d is not None:
+            gv, pv = num(g, 60), num(p, 60)
+            if gv is None or pv is None or isinstance(gv, complex) or isinstance(pv, complex):
+                return False
+            gr, pr = sympy.Rational(str(gv)), sympy.Rational(str(pv))
+            if ctx.float_rounding is not None:
+                return _round(gr, d) == _round(pr, d)
+            return abs(gr - pr) <= sympy.Rational(1, 2) * sympy.Rational(1, 10**d) * (1 + sympy.Rational(1, 10**9))
+    if g.is_Rational and p.is_Rational:
+        return False
+    gv, pv = num(g), num(p)
+    if gv is None or pv is None:
+        return sympy.simplify(g - p) == 0
+    if isinstance(gv, complex) or isinstance(pv, complex):
+        return abs(complex(gv) - complex(pv)) <= 1e-12 * max(abs(complex(gv)), 1e-300)
+    scale = max(abs(gv), abs(pv))
+    if scale == 0:
+        return True
+    return abs(gv - pv) <= scale * sympy.Float("1e-30", 50)
+
+
+def exprs_equal(g, p, ctx: Ctx) -> bool:
+    if g == p:
+        return True
+    if ctx.percent and g.is_number and p.is_number and any(
+        numbers_equal(g, q, _no_percent(ctx)) for q in (p, p * 100, p / 100)
+    ):
+        return True
+    free = g.free_symbols | p.free_symbols
+    if not free:
+        return numbers_equal(g, p, ctx)
+    if not ctx.strict and len(g.free_symbols) == 1 and len(p.free_symbols) == 1 and g.free_symbols != p.free_symbols:
+        p = p.xreplace({next(iter(p.free_symbols)): next(iter(g.free_symbols))})  # f(x) ~ f(y) when not strict
+        free = g.free_symbols
+    if any(s.name == "ELLIPSIS" for s in free):
+        return sympy.expand(g - p) == 0
+    try:
+        if sympy.expand(g - p) == 0:
+            return True
+    except (TypeError, ValueError, RecursionError):
+        pass
+    if g.has(sympy.Sum, sympy.Product, sympy.Integral) or p.has(sympy.Sum, sympy.Product, sympy.Integral):
+        return False  # no numeric probing of unevaluated sums: expansion decided
+    checked = 0
+    for point in points(free):
+        gv, pv = num(g.xreplace(point), 30), num(p.xreplace(point), 30)
+        if gv is None or pv is None:
+            continue
+        if isinstance(gv, complex) or isinstance(pv, complex):
+            if abs(complex(gv) - complex(pv)) > 1e-15 * max(abs(complex(gv)), 1):
+                return False
+        elif abs(gv - pv) > sympy.Float("1e-20", 30) * max(abs(gv), abs(pv), 1):
+            if ctx.decimals and abs(gv - pv) <= 10 ** (-min(ctx.decimals)):
+                pass
+            else:
+                return False
+        checked += 1
+    if checked >= 2:
+        return True
+    if sympy.count_ops(g) + sympy.count_ops(p) > 80:
+        return False
+    return sympy.simplify(g - p) == 0
+
+
+def _no_percent(ctx: Ctx) -> Ctx:
+    return replace(ctx, percent=False)
+
+
+def proportional(f1, f2, positive: bool) -> bool:
+    if f1 == 0 or f2 == 0:
+        return f1 == f2
+    free = f1.free_symbols | f2.free_symbols
+    ratios = []
+    for point in points(free):
+        a, b = num(f1.xreplace(point), 30), num(f2.xreplace(point), 30)
+        if a is None or b is None or isinstance(a, complex) or isinstance(b, complex) or b == 0:
+            continue
+        ratios.append(a / b)
+    if len(ratios) < 2:
+        return False
+    r0 = ratios[0]
+    if positive and r0 <= 0:
+        return False
+    return all(abs(r - r0) <= sympy.Float("1e-20", 30) * max(abs(r0), 1) for r in ratios)
+
+
