@@ -28,6 +28,7 @@ FUNCS = {
 GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta", "iota",
           "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi", "chi", "psi",
           "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Sigma", "Phi", "Psi", "Omega"}
+GREEK_CMDS = tuple("\\" + name for name in sorted(GREEK))
 RELOPS = {"=": "=", "==": "=", "<": "<", ">": ">", "<=": "<=", ">=": ">=", "!=": "!="}
 PROSE_3 = {"the", "and", "not", "get", "are", "was", "for", "but", "has", "its", "our", "you", "all", "any",
             "one", "two", "six", "ten", "yes", "can", "may", "now", "see", "let", "put", "use", "way", "thu"}
@@ -49,10 +50,10 @@ def check_pow(base, exp):
         raise TooBig("exponent too large")
     elif exp.is_number and not exp.is_Number:
         try:
-            if abs(float(exp.evalf(15))) > MAX_EXPONENT:
+            if abs(complex(exp.evalf(15))) > MAX_EXPONENT:  # complex exponents too (e^{i\pi/2})
                 raise TooBig("exponent too large")
         except (TypeError, ValueError):
-            raise ParseError("non-real exponent") from None
+            raise ParseError("exponent without a value") from None
 
 
 

@@ -8,8 +8,9 @@ Rules (each in one sentence):
   ``B.`` / ``B)`` at line starts), or the example carries a list of choices.
 - The predicted letter is the marked answer (box, tags, "the answer is") when that is one letter
   (``C``, ``(C)``, ``C) Canberra``); otherwise a capital letter in a closing phrase of prose
-  ("the correct option is (C)", "I choose C"), the last such phrase winning; two letters joined
-  by "or"/"and" are no answer.
+  ("the correct option is (C)", "I choose C", "it's C"), the last such phrase winning, or a
+  capital letter that opens the completion ("D. because ..."); two letters joined by "or"/"and"
+  are no answer.
 - A question asks for a percent when it says "what percent(age)", "how many percent" or "as / in
   (a) percent(age)"; then a gold without a % sign may be matched as a percent (see
   `rewards.math.numbers`).
@@ -32,8 +33,9 @@ _PERCENT_ASKED = re.compile(r"\b(?:what|which|how\s+many)\s+(?:percent|percentag
 _MARKED_LETTER = re.compile(r"\(?([A-Ja-j])\)?[.:]?|\(?([A-J])[.):]\s+(.*)", re.DOTALL)
 _HEDGE = re.compile(r"\b(?:or|and)\s+\(?[A-J]\b")
 _PROSE_LETTER = re.compile(
-    r"(?:\b(?:answer|option|choice)\s*(?:is|would\s+be|:|=)\s*(?:option\s+|choice\s+)?"
-    r"|\b(?:choose|select|pick)\s+(?:option\s+|choice\s+)?)"
+    r"(?:\b(?:answer|option|choice|r\u00e9ponse)\s*(?:is|would\s+be|est|:|=)\s*"
+    r"(?:(?:for\s+sure|definitely|clearly|certainly)\s+)?(?:option\s+|choice\s+)?"
+    r"|\b(?:choose|select|pick)\s+(?:option\s+|choice\s+)?|\bit(?:'s|\s+is)\s+)"
     r"(?:\*\*)?\(?([A-J])\)?(?:\*\*)?(?![A-Za-z0-9])",
     re.IGNORECASE,
 )
@@ -86,7 +88,7 @@ def predicted_letter(text: str) -> str | None:
         if m and not (m.group(3) and _HEDGE.search(m.group(3))):
             return (m.group(1) or m.group(2)).upper()
     tail = text[-2000:]
-    start = re.match(r"\s*\(?([A-J])[.):]\s", tail) if len(text) <= 2000 else None
+    start = re.match(r"\s*\(?([A-J])(?:[.):\u3002]|(?=[^\x00-\x7f]))", tail) if len(text) <= 2000 else None
     found = None
     for m in _PROSE_LETTER.finditer(tail):
         if m.group(1).isupper() or tail[m.start(1) - 1] == "(":  # a lower-case letter only as "(c)"

@@ -116,7 +116,16 @@ def _relations_equal(g: Relation, p: Relation, ctx) -> bool:
         return False
     if og == "=" and g.parts[0] == p.parts[0] and _is_symbolish(g.parts[0]):
         return _values_equal(g.parts[1], p.parts[1], ctx)
+    if og == "=" and _names_function(g.parts[0]) and _names_function(p.parts[0]):
+        return _values_equal(g.parts[1], p.parts[1], ctx)  # y = E and f(x) = E: the same function
     return proportional(fg, fp, positive=og in ("<", "<="))
+
+
+def _names_function(v) -> bool:
+    """``y`` or ``f(x)``: the left side of an equation that defines a function by its right side."""
+    if isinstance(v, sympy.core.function.AppliedUndef):
+        return len(v.args) == 1 and isinstance(v.args[0], sympy.Symbol)
+    return v == sympy.Symbol("y", real=True)
 
 
 def _relation_to_interval(r: Relation):
@@ -168,6 +177,8 @@ def _values_equal(g, p, ctx) -> bool:
     g, p = _canon(g), _canon(p)
     if isinstance(g, sympy.Basic) and isinstance(p, sympy.Basic):
         return exprs_equal(g, p, ctx)
+    if _is_clock(g) or _is_clock(p):
+        return _clocks_equal(g, p)
     if isinstance(g, Text) or isinstance(p, Text):
         gt = g.text if isinstance(g, Text) else (str(g).lower() if isinstance(g, sympy.Symbol) else None)
         pt = p.text if isinstance(p, Text) else (str(p).lower() if isinstance(p, sympy.Symbol) else None)
@@ -211,19 +222,70 @@ def _values_equal(g, p, ctx) -> bool:
             return len(t.items) == len(s.items) and all(_values_equal(a, b, ctx) for a, b in pairs)
         return _match_as_sets(list(g.items), list(p.items), ctx)
     if isinstance(g, Matrix) or isinstance(p, Matrix):
-        gm = _as_matrix(g)
-        pm = _as_matrix(p)
-        if gm is None or pm is None or len(gm.rows) != len(pm.rows) or len(gm.rows[0]) != len(pm.rows[0]):
+        shape = _shape(g if isinstance(g, Matrix) else p)
+        gm, pm = _as_matrix(g, shape), _as_matrix(p, shape)
+        if gm is None or pm is None or _shape(gm) != _shape(pm):
             return False
         return all(_values_equal(a, b, ctx) for r, s in zip(gm.rows, pm.rows) for a, b in zip(r, s))
     return False
 
 
-def _as_matrix(v):
+def _is_clock(v) -> bool:
+    return isinstance(v, Text) and v.text.startswith("time ")
+
+
+def _clock(v) -> str | None:
+    """A time of day as ``HH:MM``: a marked time, or a ratio ``h:m`` read on the 24-hour clock."""
+    if _is_clock(v):
+        return v.text[len("time "):]
+    if isinstance(v, Seq) and v.kind == "ratio" and len(v.items) == 2 and all(
+        isinstance(x, sympy.Integer) for x in v.items
+    ) and 0 <= v.items[0] <= 23 and 0 <= v.items[1] <= 59:
+        return f"{int(v.items[0]):02d}:{int(v.items[1]):02d}"
+    return None
+
+
+def _clocks_equal(g, p) -> bool:
+    """A time with an AM/PM marker equals the same time on the 24-hour clock (3:00 PM is 15:00)."""
+    gc, pc = _clock(g), _clock(p)
+    return gc is not None and gc == pc
+
+
+def _shape(m: Matrix) -> tuple[int, int]:
+    return len(m.rows), len(m.rows[0])
+
+
+def _entries(v) -> tuple | None:
+    """The entries of a list written ``(a, b)`` or ``[a, b]`` (read as a closed interval), else None."""
+    if isinstance(v, Seq) and v.kind == "tuple":
+        return v.items
+    if isinstance(v, Interval) and v.left_closed and v.right_closed:
+        return (v.lo, v.hi)
+    return None
+
+
+def _as_matrix(v, shape: tuple[int, int]):
+    """A value as a matrix of the given shape, when it is one written another way.
+
+    A one-column or one-row matrix equals a tuple or bracketed list of its entries in order, and a
+    matrix equals a list of its row lists (``[[1, 2], [3, 4]]``); sets and bare lists never do.
+    """
     if isinstance(v, Matrix):
         return v
-    if isinstance(v, Seq) and v.kind == "tuple" and len(v.items) == 1 and isinstance(v.items[0], Matrix):
-        return v.items[0]
+    items = _entries(v)
+    if items is None:
+        return None
+    if len(items) == 1 and isinstance(items[0], Matrix):
+        return items[0]
+    rows = [_entries(i) for i in items]
+    if all(r is not None for r in rows) and len({len(r) for r in rows}) == 1 and shape == (len(rows), len(rows[0])):
+        return Matrix(tuple(tuple(r) for r in rows))
+    if not all(isinstance(i, sympy.Basic) for i in items):
+        return None
+    if shape == (len(items), 1):
+        return Matrix(tuple((i,) for i in items))
+    if shape == (1, len(items)):
+        return Matrix((tuple(items),))
     return None
 
 

@@ -247,9 +247,38 @@ def candidates(text: str) -> list[tuple[str, bool]]:
     segs = math_segments(stripped)
     if len(segs) == 1 and _strip_delims(stripped) == segs[0]:
         return [(segs[0], True)]
+    value = final_equation_value(stripped)
+    if value is not None:
+        out.append((value, True))
     if is_bare(stripped):
         out.append((stripped, True))
     return out + weak(text)
+
+
+_COMPUTATION = r"(?:[\d\s.,+\-*/^()\[\]{}]|\\(?:times|cdot|div|frac|dfrac|left|right)\b)+"
+_FINAL_EQUATION = re.compile(r"(" + _COMPUTATION + r")=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)\s*\$?"
+                             r"((?:\s+(?!(?:or|and|to|plus|minus|times)\b)[A-Za-z]+){0,2})\s*[.!]?$")
+
+
+def final_equation_value(text: str) -> str | None:
+    """The value of an unmarked closing statement ``computation = number`` (its left side only
+    numbers and operators, after any lead-in words; up to two unit words may follow the number:
+    "So 3 + 4 = 7" is 7), else None.
+
+    >>> final_equation_value("So 3 + 4 = 7."), final_equation_value("So x + 4 = 7")
+    ('7', None)
+    """
+    last = text.rstrip().rsplit("\n", 1)[-1][-300:]
+    m = _FINAL_EQUATION.search(last)
+    if not m or not re.search(r"\d", m.group(1)) or not re.search(r"[+\-*/^]|\\(?:times|cdot|div|frac)", m.group(1)):
+        return None
+    start = m.start(1) + len(m.group(1)) - len(m.group(1).lstrip())
+    before = last[:start].rstrip()
+    if start > 0 and (last[start - 1].isalnum() or last[start - 1] in "\\_"):  # it starts mid-word
+        return None
+    if last[start] in "+-*/^" and before and (before[-1].isalnum() or before[-1] in ")}"):  # "2x + 3 = 7"
+        return None
+    return m.group(2)
 
 
 def weak(text: str) -> list[tuple[str, bool]]:

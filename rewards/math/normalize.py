@@ -66,7 +66,7 @@ def normalize(s: str) -> str:
 
 _TOKEN = re.compile(
     r"""
-    (?P<num>\d+(?:\.\d+)?|\.\d+)
+    (?P<num>(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d{1,3}(?![\d.A-Za-z^(]))?)
   | (?P<cmd>\\[a-zA-Z]+|\\[{}|]|\\\\)
   | (?P<op><=|>=|!=|==|[-+*/^_!=<>(),;:\[\]{}|'%.?&])
   | (?P<word>[a-zA-Z]+)
@@ -156,3 +156,45 @@ def number_spelling(s: str) -> str:
     if m and ((len(m.group(2)) >= 2 and len(m.group(2)) != 3) or m.group(1).lstrip("-") == "0"):
         s = f"{m.group(1)}.{m.group(2)}"
     return s
+
+
+_TIME = re.compile(r"(\d{1,2})(?::(\d{2}))?(?::(\d{2}))?\s*(?:([ap])\.?\s*m\.?)?", re.IGNORECASE)
+
+
+def time_of_day(s: str) -> str | None:
+    """A time of day in 24-hour form ``HH:MM`` (``HH:MM:SS``), or None.
+
+    A time with an AM/PM marker is read on the 24-hour clock (``3:00 PM`` is ``15:00``, ``12:00 AM``
+    is ``00:00``); without a marker ``15:30`` stays a ratio, which `rewards.math.compare` matches
+    with a marked time.
+
+    >>> time_of_day("3:30 p.m."), time_of_day("12 AM"), time_of_day("15:30")
+    ('15:30', '00:00', None)
+    """
+    m = _TIME.fullmatch(s.strip())
+    if not m or m.group(4) is None:
+        return None
+    hour, minute, second = int(m.group(1)), int(m.group(2) or 0), m.group(3)
+    marker = (m.group(4) or "").lower()
+    if minute > 59 or (second is not None and int(second) > 59):
+        return None
+    if marker:
+        if not 1 <= hour <= 12:
+            return None
+        hour = hour % 12 + (12 if marker == "p" else 0)
+    elif hour > 23:
+        return None
+    return f"{hour:02d}:{minute:02d}" + (f":{second}" if second is not None else "")
+
+
+_MIXED = re.compile(r"(-?)(\d+)\s+(\d+)\s*/\s*(\d+)(?![\d./])")
+
+
+def mixed_number(s: str) -> str:
+    """An answer that starts with ``W N/D`` (a whole number, a space, a proper fraction) is the
+    mixed number W + N/D (``5 1/2`` is 11/2, ``1 1/2`` is 3/2); anything else is left as it is."""
+    m = _MIXED.match(s)
+    if not m or not 0 < int(m.group(3)) < int(m.group(4)):
+        return s
+    sign, whole, n, d = m.groups()
+    return f"{sign}({whole}+{n}/{d})" + s[m.end():]

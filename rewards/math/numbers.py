@@ -81,13 +81,10 @@ def numbers_equal(g, p, ctx: Ctx) -> bool:
         else:
             d = None
         if d is not None:
-            gv, pv = num(g, 60), num(p, 60)
-            if gv is None or pv is None or isinstance(gv, complex) or isinstance(pv, complex):
+            parts = _parts(g), _parts(p)  # a complex number: real and imaginary parts, each to the precision
+            if None in parts:
                 return False
-            gr, pr = sympy.Rational(str(gv)), sympy.Rational(str(pv))
-            if ctx.float_rounding is not None:
-                return _round(gr, d) == _round(pr, d)
-            return abs(gr - pr) <= sympy.Rational(1, 2) * sympy.Rational(1, 10**d) * (1 + sympy.Rational(1, 10**9))
+            return all(_close(a, b, d, ctx.float_rounding is not None) for a, b in zip(*parts))
     if g.is_Rational and p.is_Rational:
         return False
     gv, pv = num(g), num(p)
@@ -99,6 +96,22 @@ def numbers_equal(g, p, ctx: Ctx) -> bool:
     if scale == 0:
         return True
     return abs(gv - pv) <= scale * sympy.Float("1e-30", 50)
+
+
+def _parts(x):
+    """(real, imaginary) parts of a constant as rationals, or None when it has no numeric value."""
+    try:
+        re_, im_ = (sympy.N(part, 60) for part in x.as_real_imag())
+        return sympy.Rational(str(re_)), sympy.Rational(str(im_))
+    except (TypeError, ValueError, ZeroDivisionError, RecursionError, AttributeError):
+        return None
+
+
+def _close(a, b, d: int, rounding: bool) -> bool:
+    """Equal after rounding to ``d`` decimals, or (``rounding`` False) within half a unit in the ``d``-th place."""
+    if rounding:
+        return _round(a, d) == _round(b, d)
+    return abs(a - b) <= sympy.Rational(1, 2) * sympy.Rational(1, 10**d) * (1 + sympy.Rational(1, 10**9))
 
 
 def exprs_equal(g, p, ctx: Ctx) -> bool:

@@ -34,6 +34,7 @@ import sympy
 from rewards.math import latex
 from rewards.math.build import (
     FUNCS,
+    GREEK_CMDS,
     PROSE_3,
     RELOPS,
     check_pow,
@@ -45,7 +46,16 @@ from rewards.math.build import (
     sym,
     symbol_only,
 )
-from rewards.math.normalize import drop_units, norm_text, normalize, number_spelling, strip_text_commands, tokenize
+from rewards.math.normalize import (
+    drop_units,
+    mixed_number,
+    norm_text,
+    normalize,
+    number_spelling,
+    strip_text_commands,
+    time_of_day,
+    tokenize,
+)
 from rewards.math.values import (
     MAX_CHARS,
     MAX_DEPTH,
@@ -215,6 +225,8 @@ class _Parser:
             exp = self.exponent()
             if not isinstance(base, sympy.Basic) or not isinstance(exp, sympy.Basic):
                 raise ParseError("power of a non-expression")
+            if base == sym("e"):  # e raised to a power is Euler's number (e^{i\pi} = -1)
+                base = sympy.E
             check_pow(base, exp)
             base = sympy.Pow(base, exp)
             while self.at("!"):
@@ -297,12 +309,16 @@ class _Parser:
         return value
 
     def number(self, text):
-        if "." in text:
-            decimals = len(text.split(".", 1)[1])
+        """A number literal; ``1.5e3`` and ``2.5E-4`` are scientific notation, and their decimals
+        count in the unit the value is written to (``2.5E-4``: five decimals)."""
+        mantissa, _, exp = text.lower().partition("e")
+        shift = int(exp) if exp else 0
+        decimals = len(mantissa.split(".", 1)[1]) - shift if "." in mantissa else (-shift if shift < 0 else None)
+        if decimals is not None and decimals > 0:
             d = self.info.decimals
             self.info.decimals = decimals if d is None else min(d, decimals)
-            return sympy.Rational(Fraction(text))
-        return sympy.Integer(int(text))
+        value = sympy.Rational(Fraction(mantissa))
+        return value * sympy.Rational(10) ** shift if shift else value
 
     def primary(self):
         kind, text = self.peek()
@@ -342,6 +358,8 @@ class _Parser:
             return sympy.pi
         if text in ("inf", "infty", "infinity"):
             return sympy.oo
+        if text == "i":  # the letter i is the imaginary unit: i^2 = -1
+            return sympy.I
         if len(text) == 1:
             value = sym(text)
             if self.at("(") and self._looks_like_call():
@@ -380,7 +398,7 @@ class _Parser:
         elif self.at("{"):
             arg = self.group()
         else:
-            arg = self.power()
+            arg = self._bare_argument()
         self.leave()
         if not isinstance(arg, sympy.Basic):
             raise ParseError("function of a non-expression")
@@ -390,6 +408,15 @@ class _Parser:
             value = value ** power
         return value
 
+
+    def _bare_argument(self):
+        """A function name without brackets applies to the product of the number and letters right
+        after it (``\\sin 2x`` is sin(2x)), up to an operator or another function."""
+        arg = self.power()
+        while (self.peek()[0] == "word" and len(self.peek()[1]) == 1) or self.at(*GREEK_CMDS):
+            factor = self.power()
+            arg = combine(arg, factor, "*")
+        return arg
 
     def command(self):
         return latex.command(self)
@@ -464,6 +491,10 @@ def parse_answer(text: str) -> Answer:
     if whole_text is not None and not re.search(r"\d", whole_text):
         return Answer(Text(norm_text(whole_text)), source=text)
     s = number_spelling(s.strip().rstrip(".").strip())
+    clock = time_of_day(s)
+    if clock is not None:
+        return Answer(Text("time " + clock), source=text)
+    s = mixed_number(s)
     if re.fullmatch(r"[A-Za-z]{2,}", s) and s.lower() not in ("pi", "inf", "infty", "infinity"):
         return Answer(Text(norm_text(s)), source=text)
     info = Answer(None, source=text)
