@@ -1,7 +1,7 @@
 """Our math-answer checker against math-verify on the labelled equivalence cases, in one run.
 
 Run (CPU, from the repository root):
-    python bench/rewards_vs_math_verify.py [--cases ../shared/bench/math_equiv_cases.jsonl] [--workers 2]
+    python bench/rewards_vs_math_verify.py [--cases FILE ...] [--workers 2]
 On a GPU cluster it is the same command (the checker is CPU-only).
 
 Prints one JSON line: per source group, accuracy of ours and of math-verify (and of ours with the
@@ -17,9 +17,19 @@ say false). Both checkers get the case's options: ``float_rounding``, ``strict``
 ``allow_set_relation_comp`` (ours: ``relation_as_set``) and the extraction targets (ours:
 ``plain_numbers=False`` when the case extracts LaTeX only).
 
+Cases: ``../shared/bench/math_equiv_cases.jsonl`` (349 cases) and ``bench/data/public_equiv_cases.jsonl``
+(56 cases mined later from other graders' test suites, each with its source; see bench/data/README.md).
+
 Groups: ``math_verify_tests`` (Math-Verify's tests and example file), ``lighteval``,
-``nemo_mindspeed`` (NeMo-Skills and MindSpeed-RL graders' tests), ``open_r1``, and
-``known_failures`` (the two tests commented out upstream and the ten issue reports).
+``nemo_mindspeed`` (NeMo-Skills and MindSpeed-RL graders' tests), ``open_r1``, ``known_failures``
+(the two tests commented out upstream and the ten issue reports), and the later public cases as
+their own groups: ``hendrycks_math`` (MATH's ``is_equiv`` tests), ``qwen25_math`` (Qwen2.5-Math's
+grader tests and its listed pairs), ``lighteval_letters`` (multiple-choice letters). Math-verify has
+no letter extraction, so on ``lighteval_letters`` it runs with its LaTeX and expression targets.
+
+False positives: cases that expect false and that a checker calls true; those whose note starts
+with ``policy:`` (a convention the upstream harness pins, such as string comparison of lists) or
+says "policy question" are counted apart, as ``policy_false_positives``.
 
 Departures: none from a paper; the harness for math-verify is a generic parse -> verify, so a few
 upstream harness quirks (lighteval's multilingual anchors) are not reproduced.
@@ -36,11 +46,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_CASES = Path(__file__).resolve().parents[2] / "shared" / "bench" / "math_equiv_cases.jsonl"
+DEFAULT_CASES = [Path(__file__).resolve().parents[2] / "shared" / "bench" / "math_equiv_cases.jsonl",
+                 Path(__file__).resolve().parent / "data" / "public_equiv_cases.jsonl"]
+NEW_GROUPS = {"hendrycks/math": "hendrycks_math", "QwenLM/Qwen2.5-Math": "qwen25_math"}
 
 
 def group_of(case: dict) -> str:
     src = case["source"]
+    if case["options"].get("extraction") == ["letters"]:
+        return "lighteval_letters"
+    for prefix, group in NEW_GROUPS.items():
+        if src.startswith(prefix):
+            return group
     if "issue" in src or "commented out" in case["test"]:
         return "known_failures"
     if src.startswith("huggingface/Math-Verify"):
@@ -70,12 +87,18 @@ def case_options(case: dict) -> dict:
     return out
 
 
+def is_policy_case(case: dict) -> bool:
+    note = case.get("note", "")
+    return note.startswith("policy:") or "policy question" in note
+
+
 def math_verify_verdict(c: dict) -> bool:
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
     o = c["options"]
     configs = []
-    for e in o.get("extraction", ["latex", "expr"]):
+    extraction = o.get("extraction", ["latex", "expr"])
+    for e in ["latex", "expr"] if extraction == ["letters"] else extraction:
         if e == "latex":
             configs.append(LatexExtractionConfig(boxed_match_priority=o.get("boxed_match_priority", 55)))
         else:
@@ -135,12 +158,13 @@ def run_ours_alone(cases, workers: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default=str(DEFAULT_CASES))
+    ap.add_argument("--cases", nargs="+", default=[str(p) for p in DEFAULT_CASES])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--show-disagreements", action="store_true", help="print cases where ours is wrong (stderr)")
     args = ap.parse_args(argv)
 
-    cases = [json.loads(line) for line in Path(args.cases).read_text(encoding="utf-8").splitlines() if line.strip()]
+    cases = [json.loads(line) for path in args.cases for line in Path(path).read_text(encoding="utf-8").splitlines()
+             if line.strip()]
     expected = [expected_of(c) for c in cases]
     ours, ours_s, metrics, mv, mv_s = run_both(cases, args.workers)
     alone = run_ours_alone(cases, args.workers)
@@ -170,10 +194,17 @@ def main(argv=None) -> int:
         "ours_timeouts": metrics["reward/math_answer/timeouts"],
         "ours_errors": metrics["reward/math_answer/errors"],
     }
-    ours_ge = all(v["ours"] >= v["math_verify"] for v in groups.values())
-    kf = groups["known_failures"]
-    report["ours_at_least_math_verify_on_every_group"] = ours_ge
-    report["ours_higher_on_known_failures"] = kf["ours"] > kf["math_verify"]
+    big = {k: v for k, v in groups.items() if v["n"] >= 10}
+    report["ours_above_math_verify_on_every_group_of_10"] = all(v["ours"] > v["math_verify"] for v in big.values())
+    report["groups_of_10_where_ours_is_not_above"] = sorted(k for k, v in big.items() if v["ours"] <= v["math_verify"])
+    for who, verdicts in (("ours", ours), ("math_verify", mv)):
+        fp = [i for i, (c, e, v) in enumerate(zip(cases, expected, verdicts)) if v and not e]
+        report[f"{who}_false_positives"] = sum(not is_policy_case(cases[i]) for i in fp)
+        report[f"{who}_policy_false_positives"] = sum(is_policy_case(cases[i]) for i in fp)
+    report["ours_policy_false_positive_cases"] = [
+        {"gold": c["gold"], "pred": c["pred"], "source": c["source"]}
+        for c, e, v in zip(cases, expected, ours) if v and not e and is_policy_case(c)
+    ]
     if args.show_disagreements:
         for i, (c, e, o, m) in enumerate(zip(cases, expected, ours, mv)):
             if o != e:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sympy
 
-from rewards.math.build import FUNCS, GREEK, check_pow, combine, sym
+from rewards.math.build import FUNCS, GREEK, GREEK_CMDS, check_pow, combine, sym
 from rewards.math.values import MAX_FACTORIAL, Matrix, ParseError, PlusMinus, TooBig
 
 
@@ -129,3 +129,35 @@ def environment(p):
         raise ParseError("ragged matrix")
     return Matrix(tuple(rows))
 
+
+def apply(p, fn):
+    """A function name applied to its argument, with an optional power first (``\\sin^2 x``)."""
+    power = None
+    if p.at("^"):  # \sin^2 x
+        p.take()
+        power = p.exponent()
+    p.enter()
+    if p.at("("):
+        arg = p.bracketed()
+    elif p.at("{"):
+        arg = p.group()
+    else:
+        arg = _bare_argument(p)
+    p.leave()
+    if not isinstance(arg, sympy.Basic):
+        raise ParseError("function of a non-expression")
+    value = fn(arg)
+    if power is not None:
+        check_pow(value, power)
+        value = value ** power
+    return value
+
+
+def _bare_argument(p):
+    """A function name without brackets applies to the product of the number and letters right
+    after it (``\\sin 2x`` is sin(2x)), up to an operator or another function."""
+    arg = p.power()
+    while (p.peek()[0] == "word" and len(p.peek()[1]) == 1) or p.at(*GREEK_CMDS):
+        factor = p.power()
+        arg = combine(arg, factor, "*")
+    return arg

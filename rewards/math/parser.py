@@ -34,7 +34,6 @@ import sympy
 from rewards.math import latex
 from rewards.math.build import (
     FUNCS,
-    GREEK_CMDS,
     PROSE_3,
     RELOPS,
     check_pow,
@@ -388,35 +387,7 @@ class _Parser:
         return sympy.Function(name)(arg)
 
     def apply(self, fn):
-        power = None
-        if self.at("^"):  # \sin^2 x
-            self.take()
-            power = self.exponent()
-        self.enter()
-        if self.at("("):
-            arg = self.bracketed()
-        elif self.at("{"):
-            arg = self.group()
-        else:
-            arg = self._bare_argument()
-        self.leave()
-        if not isinstance(arg, sympy.Basic):
-            raise ParseError("function of a non-expression")
-        value = fn(arg)
-        if power is not None:
-            check_pow(value, power)
-            value = value ** power
-        return value
-
-
-    def _bare_argument(self):
-        """A function name without brackets applies to the product of the number and letters right
-        after it (``\\sin 2x`` is sin(2x)), up to an operator or another function."""
-        arg = self.power()
-        while (self.peek()[0] == "word" and len(self.peek()[1]) == 1) or self.at(*GREEK_CMDS):
-            factor = self.power()
-            arg = combine(arg, factor, "*")
-        return arg
+        return latex.apply(self, fn)
 
     def command(self):
         return latex.command(self)
