@@ -9,9 +9,17 @@ Each input line is a JSON object holding a completion (``--completion-field``) a
 fields the reward reads (the gold answer under ``--gold-field``, passed to the reward as
 ``answer``; countdown rows carry ``target`` and ``numbers``; an optional ``prompt`` goes into the
 context, as do ``finish_reason``, ``num_tokens`` and ``max_tokens`` if present). The last line on
-stdout is one JSON object: ``{"n", "mean", "timeouts", "errors", "seconds"}``. With ``--out``,
-every input row is written back with a ``reward`` field added (null where the reward does not
-apply).
+stdout is one JSON object: ``{"n", "mean", "timeouts", "errors", "seconds"}`` (``n``: rows scored),
+plus ``"bad_rows"`` and ``"repaired_rows"`` when there are any. With ``--out``, every input row is
+written back with a ``reward`` field added (null where the reward does not apply).
+
+Invalid text never stops the job: a line that is not UTF-8, not a JSON object, or has no completion
+is a *bad row*: it is not scored, it is named on stderr, and with ``--out`` it is written as
+``{"line": N, "error": "...", "reward": null}``. A row whose strings hold lone surrogates (a JSON
+``\ud800`` escape) is scored as it is, and written back with each lone surrogate replaced by
+U+FFFD (a *repaired row*), so the output is always valid UTF-8 JSON. Raw control characters
+(NUL, TAB) inside JSON strings are accepted. Lines of any length are read (a 10 MB line is scored:
+the math reward reads only the tail of a completion).
 
 Departures from the papers: none (this is tooling).
 """
@@ -20,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 
 CONTEXT_FIELDS = ("prompt", "finish_reason", "num_tokens", "max_tokens")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -59,28 +69,17 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"grpo score: --reward-kwargs must be a JSON object ({e})", file=sys.stderr)
         return 2
-    rows, completions, examples, contexts = [], [], [], []
-    with open(args.file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                print(f"grpo score: {args.file}:{lineno}: not JSON ({e})", file=sys.stderr)
-                return 2
-            if args.completion_field not in row:
-                print(f"grpo score: {args.file}:{lineno}: no field {args.completion_field!r}", file=sys.stderr)
-                return 2
-            rows.append(row)
-            completions.append(str(row[args.completion_field]))
-            example = {k: v for k, v in row.items() if k != args.completion_field}
-            if args.gold_field in row:
-                example["answer"] = row[args.gold_field]
-            examples.append(example)
-            ctx = {k: row[k] for k in CONTEXT_FIELDS if k in row}
-            ctx["sample_id"] = str(row.get("id", f"{args.file}:{lineno}"))
-            contexts.append(ctx)
+    rows, bad = read_rows(args)
+    completions = [str(row[args.completion_field]) for _, row in rows]
+    examples, contexts = [], []
+    for lineno, row in rows:
+        example = {k: v for k, v in row.items() if k != args.completion_field}
+        if args.gold_field in row:
+            example["answer"] = row[args.gold_field]
+        examples.append(example)
+        ctx = {k: row[k] for k in CONTEXT_FIELDS if k in row}
+        ctx["sample_id"] = _text(row.get("id", f"{args.file}:{lineno}"))
+        contexts.append(ctx)
     try:
         scorer = Scorer([RewardSpec(args.reward, 1.0, kwargs)], workers=args.workers, timeout_s=args.timeout_s,
                         memory_mb=args.memory_mb, timeout_score=args.timeout_score, error_score=args.error_score)
@@ -92,10 +91,7 @@ def run(args: argparse.Namespace) -> int:
         res = scorer.score(completions, examples, contexts) if rows else None
     seconds = time.perf_counter() - t0
     values = res.per_function[args.reward] if res else []
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            for row, value in zip(rows, values):
-                f.write(json.dumps({**row, "reward": value}, ensure_ascii=False) + "\n")
+    repaired = write_rows(args.out, rows, values, bad) if args.out else sum(_scrub(r)[1] for _, r in rows)
     applicable = [v for v in values if v is not None]
     summary = {
         "n": len(rows),
@@ -104,8 +100,85 @@ def run(args: argparse.Namespace) -> int:
         "errors": int(res.metrics[f"reward/{args.reward}/errors"]) if res else 0,
         "seconds": round(seconds, 3),
     }
+    if bad:
+        summary["bad_rows"] = len(bad)
+    if repaired:
+        summary["repaired_rows"] = repaired
     print(json.dumps(summary))
     return 0
+
+
+def read_rows(args) -> tuple[list[tuple[int, dict]], dict[int, str]]:
+    """``(line number, row)`` of every valid row, and ``{line number: why}`` of every bad one."""
+    rows, bad = [], {}
+    with open(args.file, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"), strict=False)  # strict=False: raw NUL/TAB in strings
+            except UnicodeDecodeError as e:
+                bad[lineno] = f"not UTF-8 (byte {e.start})"
+                continue
+            except (json.JSONDecodeError, RecursionError) as e:
+                bad[lineno] = f"not JSON ({str(e)[:100]})"
+                continue
+            if not isinstance(row, dict):
+                bad[lineno] = f"not a JSON object ({type(row).__name__})"
+            elif args.completion_field not in row:
+                bad[lineno] = f"no field {args.completion_field!r}"
+            else:
+                rows.append((lineno, row))
+    for k, (lineno, why) in enumerate(sorted(bad.items())):
+        if k == 20:
+            print(f"grpo score: ... and {len(bad) - 20} more bad rows", file=sys.stderr)
+            break
+        print(f"grpo score: {args.file}:{lineno}: {why}: row not scored", file=sys.stderr)
+    return rows, bad
+
+
+def write_rows(path: str, rows, values, bad: dict[int, str]) -> int:
+    """Every input row in input order, scored ones with ``reward``, bad ones marked; returns the
+    number of rows whose text had to be repaired."""
+    out = [(lineno, {**row, "reward": value}) for (lineno, row), value in zip(rows, values)]
+    out += [(lineno, {"line": lineno, "error": why, "reward": None}) for lineno, why in bad.items()]
+    repaired = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for _, obj in sorted(out, key=lambda x: x[0]):
+            clean, changed = _scrub(obj)
+            repaired += changed
+            f.write(json.dumps(clean, ensure_ascii=False) + "\n")
+    return repaired
+
+
+def _text(s) -> str:
+    """A string with each lone surrogate replaced by U+FFFD (so it encodes as UTF-8)."""
+    return _replace_surrogates(str(s))
+
+
+def _has_surrogate(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _scrub(obj):
+    """``(obj with every string made valid UTF-8, whether anything changed)``."""
+    if isinstance(obj, str):
+        return (_replace_surrogates(obj), True) if _has_surrogate(obj) else (obj, False)
+    if isinstance(obj, dict):
+        items = [(_scrub(k), _scrub(v)) for k, v in obj.items()]
+        return {k[0]: v[0] for k, v in items}, any(k[1] or v[1] for k, v in items)
+    if isinstance(obj, list):
+        items = [_scrub(v) for v in obj]
+        return [v[0] for v in items], any(v[1] for v in items)
+    return obj, False
+
+
+def _replace_surrogates(s: str) -> str:
+    return _SURROGATE.sub("\ufffd", s)
 
 
 def main(argv: list[str] | None = None) -> int:
