@@ -169,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from grpo.data import DataError, load_eval_sets, load_rows
     from grpo.evaluate import evaluate_sets, format_table, make_eval_scorer, write_report
-    from grpo.train import load_policy
+    from grpo.model import load_policy
     from rewards import UnknownRewardError
     from rollout import make_engine
 
@@ -190,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not sets:
         scorer.close()
         return _fail(f"{args.recipe}: nothing to evaluate (eval.num_prompts is 0 and eval.datasets is empty)")
-    engine = make_engine(cfg, model, tokenizer, device, seed=cfg.trainer.seed)  # the recipe's engine
+    engine = make_engine(cfg.rollout, model, tokenizer, device, seed=cfg.trainer.seed)  # the recipe's engine
     try:
         report = evaluate_sets(engine, tokenizer, cfg, sets, scorer, k=args.k, seed=cfg.trainer.seed)
     finally:

@@ -167,6 +167,11 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    """This process's rank (0 in a single process)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def all_reduce_sum(value: float) -> float:
     """Sum of a Python number over processes (the number itself in a single process)."""
     if world_size() == 1:

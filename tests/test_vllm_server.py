@@ -251,7 +251,7 @@ rank = int(rank)
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 cfg = RunConfig.model_validate({"rollout": {"engine": "vllm", "vllm": {"mode": "server", "server_url": url}}})
 policy = SimpleNamespace(config=SimpleNamespace(model_type="qwen3_moe", tie_word_embeddings=False))
-engine = make_engine(cfg, policy, None, "cpu")
+engine = make_engine(cfg.rollout, policy, None, "cpu", seed=0)
 if rank == 0:
     time.sleep(2.0)  # rank 1 would sample from the old weights if it did not wait
 engine.update_weights(load_file(weights).items())  # every rank calls it after a step, as the trainer does
@@ -300,12 +300,12 @@ def test_make_engine_gives_a_single_process_the_pushing_client(server):
     from rollout import make_engine
 
     cfg = RunConfig.model_validate({"rollout": {"engine": "vllm", "vllm": {"mode": "server", "server_url": server.url}}})
-    engine = make_engine(cfg, server.current, None, "cpu")
+    engine = make_engine(cfg.rollout, server.current, None, "cpu", seed=0)
     assert isinstance(engine, VLLMServerClient) and engine.owner and engine.channel == "file"
     assert not hasattr(engine, "model")  # the trainer's sync_engine reads `engine.model` as the HF engine's module
     engine.close()
     with pytest.raises(ValueError, match="routed experts"):
-        make_engine(cfg, server.current, None, "cpu", record_routing=True)
+        make_engine(cfg.rollout, server.current, None, "cpu", seed=0, record_routing=True)
 
 
 def test_a_dead_server_is_a_clear_error_at_once():
