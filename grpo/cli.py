@@ -30,6 +30,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
+EXIT_GENERATION = 4  # asynchronous RL: the generation process failed (its error is printed)
 
 
 def _fail(message: str) -> int:
@@ -105,6 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launch(config, rest, num_machines=args.num_machines, machine_rank=args.machine_rank,
                       main_process_ip=args.main_process_ip, main_process_port=args.main_process_port)
 
+    from grpo.async_rollouts import GenerationError
     from grpo.distributed import UnsupportedError
     from grpo.train import NonFiniteError, train
     from rewards import UnknownRewardError
@@ -118,6 +120,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteError as exc:
         print(f"grpo: stopped: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
+    except GenerationError as exc:  # the generation process of an asynchronous run failed
+        print(f"grpo: stopped: {exc}", file=sys.stderr)
+        return EXIT_GENERATION
     if "train" not in summary:  # not the main process: rank 0 reports
         return 0
     before, after = summary.get("eval_before"), summary.get("eval_after")

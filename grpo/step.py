@@ -33,7 +33,7 @@ from grpo.evaluate import is_correct
 from grpo.moe import RouterControl, load_metrics
 from grpo.sampling import sample_batch
 from grpo.update import policy_update
-from rewards import Scorer
+from rewards import RewardSpec, Scorer
 from rollout.base import Rollout, RolloutEngine, SamplingParams
 
 
@@ -57,6 +57,9 @@ class RolloutBatch:
     metrics: dict[str, float]  # reward metrics (of the first round) and dynamic-sampling metrics
     generate_s: float  # drawing, encoding and sampling
     score_s: float
+    policy_version: int = 0  # optimizer steps taken by the weights that sampled it
+    generation_wait_s: float = 0.0  # asynchronous RL: the generation side waited this long for those weights
+    update_wait_s: float = 0.0  # asynchronous RL: the trainer waited this long for this batch
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,16 @@ def prompt_groups(ctx: StepContext, rows: list[dict], step: int, sampling_round:
             for i, (row, text) in enumerate(zip(rows, texts))]
 
 
+def make_scorer(cfg: RunConfig) -> Scorer:
+    """The training rewards; a reward that `eval.correct` names and the recipe does not train on
+    is scored too, with weight 0, so that `rollout/accuracy` means what evaluation means."""
+    r = cfg.rewards
+    specs = [RewardSpec(f.name, f.weight, dict(f.kwargs)) for f in r.functions]
+    specs += [RewardSpec(name, 0.0) for name in cfg.eval.correct if name not in {f.name for f in r.functions}]
+    return Scorer(specs, workers=r.workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb,
+                  timeout_score=r.timeout_score, error_score=r.error_score, fail_fast=r.fail_fast)
+
+
 def score_rollouts(scorer: Scorer, rollouts: list[Rollout], groups: list[PromptGroup],
                    max_tokens: int) -> tuple[list[Rollout], dict[str, float]]:
     """Attach per-function rewards and the weighted total to every rollout."""
@@ -133,9 +146,11 @@ def score_rollouts(scorer: Scorer, rollouts: list[Rollout], groups: list[PromptG
     return scored, result.metrics
 
 
-def collect_rollouts(ctx: StepContext, step: int) -> RolloutBatch:
-    """This rank's prompts of `step`, G completions each, scored (more rounds under dynamic sampling)."""
+def collect_rollouts(ctx: StepContext, step: int, policy_version: int | None = None) -> RolloutBatch:
+    """This rank's prompts of `step`, G completions each, scored (more rounds under dynamic sampling).
+    `policy_version`: the optimizer steps the engine's weights have taken (synchronous: step - 1)."""
     cfg, seconds = ctx.cfg, {"generate": 0.0, "score": 0.0}
+    version = step - 1 if policy_version is None else policy_version
     rounds = iter(range(cfg.algorithm.max_sampling_attempts + 1))
 
     def draw(n: int) -> list[PromptGroup]:
@@ -148,6 +163,7 @@ def collect_rollouts(ctx: StepContext, step: int) -> RolloutBatch:
         t = time.perf_counter()
         sampling = replace(ctx.sampling, prompt_seeds=tuple(g.seed for g in groups))
         rollouts = ctx.engine.generate([g.token_ids for g in groups], cfg.rollout.group_size, sampling)
+        rollouts = [replace(r, policy_version=version) for r in rollouts]
         ts = time.perf_counter()
         scored = score_rollouts(ctx.scorer, rollouts, groups, cfg.rollout.max_new_tokens)
         seconds["generate"] += ts - t
@@ -159,7 +175,7 @@ def collect_rollouts(ctx: StepContext, step: int) -> RolloutBatch:
                                              max_attempts=cfg.algorithm.max_sampling_attempts)
     first = ctx.batch.start or 0  # kept groups are renumbered: their index is their place in the batch
     groups = tuple(replace(g, index=first + i) for i, g in enumerate(groups))
-    return RolloutBatch(groups, rollouts, metrics, seconds["generate"], seconds["score"])
+    return RolloutBatch(groups, rollouts, metrics, seconds["generate"], seconds["score"], version)
 
 
 # --- the learning half --------------------------------------------------------------------------
@@ -204,9 +220,13 @@ def learn(ctx: StepContext, step: int, batch: RolloutBatch) -> StepResult:
     rollouts, adv_metrics = assign_advantages(batch.rollouts, cfg.algorithm, cfg.rollout.group_size,
                                               cfg.rollout.max_new_tokens)
     train_metrics, skipped = update_policy(ctx, rollouts)
+    # synchronous: the step waited for its own generation; asynchronous: only for what was not ready
+    waited = batch.update_wait_s if cfg.trainer.max_staleness else batch.generate_s + batch.score_s
     metrics = reduce_metrics({**batch.metrics, **train_metrics, **rollout_metrics(rollouts, cfg, batch.generate_s),
                               "time/generate": batch.generate_s, "time/score": batch.score_s,
-                              "time/step": batch.generate_s + batch.score_s + time.perf_counter() - started})
+                              "time/step": waited + time.perf_counter() - started})
+    if cfg.trainer.max_staleness:
+        metrics.update(async_metrics(step, batch))
     metrics.update(adv_metrics, **{"train/lr": ctx.schedule.get_last_lr()[0]})
     counts = ctx.moe.take_counts()
     if counts is not None:
@@ -226,12 +246,21 @@ def rollout_metrics(rollouts: list[Rollout], cfg: RunConfig, seconds: float) -> 
     }
 
 
+def async_metrics(step: int, batch: RolloutBatch) -> dict[str, float]:
+    """Asynchronous RL: how stale the batch was (policy versions behind the weights being updated)
+    and how long each side waited for the other."""
+    staleness = [step - 1 - r.policy_version for r in batch.rollouts]
+    return {"async/staleness_mean": sum(staleness) / len(staleness), "async/staleness_max": float(max(staleness)),
+            "time/generation_wait": batch.generation_wait_s, "time/update_wait": batch.update_wait_s}
+
+
 def rollout_rows(result: StepResult, group_size: int) -> list[dict]:
     """This rank's rollouts of a step as tracker rows; `group` is the global prompt index."""
     groups = result.batch.groups
     return [
         {"step": result.step, "group": groups[r.group].index, "index": i % group_size, "prompt": groups[r.group].text,
          "completion": r.text, "answer": str(r.example.get("answer", "")), "rewards": r.rewards, "reward": r.reward,
-         "advantage": r.advantage, "finish_reason": r.finish_reason, "num_tokens": r.num_completion_tokens}
+         "advantage": r.advantage, "finish_reason": r.finish_reason, "num_tokens": r.num_completion_tokens,
+         "policy_version": r.policy_version}
         for i, r in enumerate(result.batch.rollouts)
     ]

@@ -25,6 +25,7 @@ Where this departs from the papers, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -36,9 +37,11 @@ import torch
 
 import grpo.step
 from grpo import checkpoint
+from grpo.async_rollouts import IN_FLIGHT_FILE, AsyncRollouts, InFlight, effective_staleness, load_in_flight
 from grpo.config import RunConfig, dump_config
 from grpo.data import PromptSampler, load_eval_sets, load_rows
 from grpo.distributed import (
+    UnsupportedError,
     broadcast_object,
     check_supported,
     fsdp_on_cpu,
@@ -50,9 +53,9 @@ from grpo.distributed import (
 from grpo.evaluate import evaluate_greedy, evaluate_step, make_eval_scorer
 from grpo.model import load_policy, make_optimizer, make_schedule, reference_model
 from grpo.moe import RouterControl
-from grpo.step import StepContext, StepResult, rollout_rows, sync_engine
+from grpo.step import StepContext, StepResult, make_scorer, rollout_rows, sync_engine
 from grpo.tracking import make_tracker
-from rewards import RewardSpec, Scorer
+from rewards import Scorer
 from rollout import make_engine
 
 
@@ -63,22 +66,13 @@ class NonFiniteError(RuntimeError):
 # --- set-up helpers (each one call deep from the loop) -----------------------------------------
 
 
-def make_scorer(cfg: RunConfig) -> Scorer:
-    """The training rewards; a reward that `eval.correct` names and the recipe does not train on
-    is scored too, with weight 0, so that `rollout/accuracy` means what evaluation means."""
-    r = cfg.rewards
-    specs = [RewardSpec(f.name, f.weight, dict(f.kwargs)) for f in r.functions]
-    specs += [RewardSpec(name, 0.0) for name in cfg.eval.correct if name not in {f.name for f in r.functions}]
-    return Scorer(specs, workers=r.workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb,
-                  timeout_score=r.timeout_score, error_score=r.error_score, fail_fast=r.fail_fast)
-
-
 def prepare_training(cfg: RunConfig, accelerator, model, tokenizer):
     """(trainer model, unwrapped model, optimizer, scheduler, engine) for this process layout.
 
     DDP (and one process): the engine decodes with the policy module itself. FSDP2: ranks decode
     different lengths, which sharded forwards cannot do, so the engine keeps a full copy that
-    `sync_engine` refreshes after every update.
+    `sync_engine` refreshes after every update. Asynchronous RL: the trainer's engine is the
+    transformers engine over the policy, for evaluations; rollouts come from the generation process.
     """
     sharded = fsdp_on_cpu(accelerator)
     engine_model = copy.deepcopy(model) if sharded or accelerator.is_fsdp2 else model
@@ -87,7 +81,8 @@ def prepare_training(cfg: RunConfig, accelerator, model, tokenizer):
     optimizer = make_optimizer(model, cfg.trainer, fused=not (sharded or accelerator.is_fsdp2))
     if not sharded:
         model, optimizer = accelerator.prepare(model, optimizer)
-    engine = make_engine(cfg.rollout, engine_model, tokenizer, accelerator.device, seed=cfg.trainer.seed,
+    rollout = cfg.rollout.model_copy(update={"engine": "hf"}) if cfg.trainer.max_staleness else cfg.rollout
+    engine = make_engine(rollout, engine_model, tokenizer, accelerator.device, seed=cfg.trainer.seed,
                          record_routing=cfg.moe.routing_replay == "R3")
     return model, accelerator.unwrap_model(model), optimizer, make_schedule(optimizer, cfg.trainer), engine
 
@@ -115,6 +110,7 @@ class Run:
     eval_scorer: Scorer
     eval_rows: list[dict]
     eval_sets: dict[str, list[dict]]
+    in_flight: list[InFlight] = field(default_factory=list)  # batches a checkpoint saved (asynchronous RL)
     format_history: list[float] = field(default_factory=list)
 
     @property
@@ -129,10 +125,13 @@ def set_up(cfg: RunConfig, output_dir: str | Path, resume: str | None) -> Run:
     # every rank takes a contiguous share of the global batch of prompts
     accelerator = make_accelerator(cfg.trainer.seed)
     rank, world = accelerator.process_index, accelerator.num_processes
-    check_supported(cfg, world)  # dynamic sampling: one process only
+    check_supported(cfg, world)  # dynamic sampling, asynchronous RL: one process only
+    staleness = effective_staleness(cfg, accelerator.device)
+    cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"max_staleness": staleness})})
     output_dir = Path(broadcast_object(str(output_dir)))
     ckpt = broadcast_object(checkpoint.resolve_resume(resume, output_dir))
     state = checkpoint.load_state(ckpt) if ckpt else checkpoint.TrainState()
+    in_flight = _saved_in_flight(ckpt, staleness) if ckpt else []
     scorer, eval_scorer = make_scorer(cfg), make_eval_scorer(cfg)
     model, tokenizer = load_policy(cfg, accelerator.device, path=ckpt / "model" if ckpt else None)
     ref_model = reference_model(cfg, model, accelerator.device, resumed=bool(ckpt))  # before router hooks
@@ -148,7 +147,17 @@ def set_up(cfg: RunConfig, output_dir: str | Path, resume: str | None) -> Run:
                       batch=rank_slice(cfg.trainer.prompts_per_step, rank, world))
     tracker = _open_tracker(cfg, output_dir, state, ckpt) if accelerator.is_main_process else _NoTracker()
     return Run(cfg, output_dir, accelerator, ctx, state, ckpt, tracker, eval_scorer, eval_rows,
-               load_eval_sets(cfg, eval_rows))
+               load_eval_sets(cfg, eval_rows), in_flight)
+
+
+def _saved_in_flight(ckpt: Path, staleness: int) -> list[InFlight]:
+    """The batches an asynchronous run's checkpoint holds; refused when this run's staleness cannot
+    take them (they were sampled up to that many versions back)."""
+    saved = load_in_flight(ckpt / IN_FLIGHT_FILE)
+    if len(saved) > staleness:
+        raise UnsupportedError(f"{ckpt}: the checkpoint holds {len(saved)} batches sampled ahead by an asynchronous "
+                               f"run; resume it with trainer.max_staleness={len(saved)} or more (this run: {staleness})")
+    return saved
 
 
 def _open_tracker(cfg: RunConfig, output_dir: Path, state: checkpoint.TrainState, ckpt: Path | None):
@@ -197,16 +206,22 @@ def stop_if_not_finite(run: Run, step: int) -> None:
                              f"Last checkpoint: {checkpoint.latest(run.output_dir) or 'none'}")
 
 
-def save_if_due(run: Run, step: int) -> None:
-    """A checkpoint every `trainer.save_every` steps and after the last one."""
+def save_if_due(run: Run, step: int, source: AsyncRollouts | None = None) -> None:
+    """A checkpoint every `trainer.save_every` steps and after the last one. Asynchronous RL: with
+    the batches already sampled for the next steps, and the prompt sampler's state after them."""
     cfg, state, c = run.cfg, run.state, run.ctx
     if not cfg.trainer.save_every or not (step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps):
         return
     state.step, state.sampler_epoch, state.sampler_position = step, c.prompts.epoch, c.prompts.position
+    in_flight = None
+    if source is not None:
+        in_flight, sampler = source.in_flight(step)
+        if sampler is not None:
+            state.sampler_epoch, state.sampler_position = sampler
     state.tracker_ids = run.tracker.run_ids() if run.is_main else None
     checkpoint.save(run.output_dir, state, model=c.model, unwrapped=c.unwrapped, tokenizer=c.tokenizer,
                     optimizer=c.optimizer, scheduler=c.schedule, keep_last=cfg.trainer.keep_checkpoints,
-                    is_main=run.is_main)
+                    is_main=run.is_main, extra={IN_FLIGHT_FILE: in_flight} if in_flight else None)
 
 
 def finish(run: Run, summary: dict, started: float) -> None:
@@ -236,6 +251,20 @@ def finish(run: Run, summary: dict, started: float) -> None:
         torch.distributed.destroy_process_group()
 
 
+@contextlib.contextmanager
+def rollout_source(run: Run):
+    """The generation process of an asynchronous run (`trainer.max_staleness` >= 1), else None."""
+    if not run.cfg.trainer.max_staleness:
+        yield None
+        return
+    resumed, state = run.resumed_from, run.state
+    with AsyncRollouts(run.cfg, staleness=run.cfg.trainer.max_staleness, start_step=state.step + 1,
+                       model_path=str(resumed / "model") if resumed else None, saved=run.in_flight,
+                       sampler_epoch=state.sampler_epoch, sampler_position=state.sampler_position,
+                       model=run.ctx.model) as source:
+        yield source
+
+
 # --- the loop -----------------------------------------------------------------------------------
 
 
@@ -246,21 +275,26 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
 
     started = time.perf_counter()
     run = set_up(cfg, output_dir, resume)
-    c, first = run.ctx, run.state.step + 1
+    cfg, c, first = run.cfg, run.ctx, run.state.step + 1
     summary: dict = {"output_dir": str(run.output_dir), "resumed_from": str(run.resumed_from) if run.resumed_from else None}
-    if cfg.eval.before_and_after and run.eval_rows and run.is_main and not run.resumed_from:
-        summary["eval_before"] = evaluate_greedy(c.engine, c.tokenizer, cfg, run.eval_rows, run.eval_scorer)
-
-    bar = tqdm(range(first, cfg.trainer.steps + 1), desc="grpo", dynamic_ncols=True,
-               disable=not (cfg.logging.progress and run.is_main), initial=first - 1, total=cfg.trainer.steps)
-    for step in bar:
-        # --- generate, score, advantages, update, weight sync (grpo/step.py) ---
-        result = grpo.step.run_step(c, step)
-        # --- skipped-step accounting, logging, evaluation, checkpoint ---
-        count_skip(run, result)
-        log_step(run, result, bar)
-        stop_if_not_finite(run, step)
-        save_if_due(run, step)
+    # asynchronous RL: the generation process starts first, so its start-up overlaps the evaluation
+    with rollout_source(run) as source:  # None: synchronous
+        if cfg.eval.before_and_after and run.eval_rows and run.is_main and not run.resumed_from:
+            summary["eval_before"] = evaluate_greedy(c.engine, c.tokenizer, cfg, run.eval_rows, run.eval_scorer)
+        bar = tqdm(range(first, cfg.trainer.steps + 1), desc="grpo", dynamic_ncols=True,
+                   disable=not (cfg.logging.progress and run.is_main), initial=first - 1, total=cfg.trainer.steps)
+        for step in bar:
+            # --- generate, score, advantages, update, weight sync (grpo/step.py) ---
+            if source is None:
+                result = grpo.step.run_step(c, step)
+            else:  # this step's batch was sampled ahead, while earlier steps trained
+                result = grpo.step.learn(c, step, source.take(step))
+                source.publish(step, c.model)
+            # --- skipped-step accounting, logging, evaluation, checkpoint ---
+            count_skip(run, result)
+            log_step(run, result, bar)
+            stop_if_not_finite(run, step)
+            save_if_due(run, step, source)
 
     # --- final evaluation, model, summary ---
     finish(run, summary, started)

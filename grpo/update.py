@@ -180,7 +180,7 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
     non-finite loss or gradient norm skips the optimizer step (`train/skipped` = 1).
     """
     algo, tr = cfg.algorithm, cfg.trainer
-    loss_fn, normalizer_of = objective_from_config(algo)
+    loss_fn, normalizer_of = objective_from_config(algo, off_policy=tr.max_staleness > 0)
     plan = _plan(rollouts, cfg, normalizer_of, pad_id, device, moe)
     old = _old_logprobs(model, plan, cfg) if algo.num_iterations > 1 else None
     ref = None

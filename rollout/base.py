@@ -61,6 +61,7 @@ class Rollout:
     rewards: dict[str, float | None] = field(default_factory=dict)  # per reward function
     reward: float = 0.0  # weighted total
     advantage: float = 0.0
+    policy_version: int = 0  # optimizer steps taken by the weights that sampled it (set by the trainer)
 
     @property
     def num_completion_tokens(self) -> int:

@@ -74,7 +74,7 @@ def test_training_scores_what_eval_correct_names_at_weight_zero():
     """A countdown recipe's rollout/accuracy counts countdown answers (it once hard-coded math_answer);
     a correctness reward the recipe does not train on is scored with weight 0."""
     from grpo.config import load_recipe
-    from grpo.train import make_scorer
+    from grpo.step import make_scorer
 
     cfg = load_recipe("recipes/countdown-tiny-cpu.yaml", ["rewards.workers=0"])
     assert set(cfg.eval.correct) <= {f.name for f in cfg.rewards.functions}
