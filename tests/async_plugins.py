@@ -15,3 +15,8 @@ def fails_on_call(completion, example, **context):
             f.write(repr(time.time()))
         raise RuntimeError("planted failure in the generation process")
     return 0.0
+
+
+def text_length(completion, example, **context):
+    """len(completion) / 10: a reward that differs within a group even for a random-init model."""
+    return len(completion) / 10
