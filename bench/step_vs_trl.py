@@ -24,7 +24,7 @@ The work, identical on both sides:
 Our side is what `grpo train` runs with its defaults on CPU: per-group sampling seeds, the HF
 engine's fast decode path with one prefill per distinct prompt, the `grpo_sorted` experts kernel
 for training (`grpo.experts`), shared-prompt training forwards (`trainer.shared_prompt_forward`),
-the MoE router hooks with expert-load metrics, and the fused AdamW of `grpo.train.make_optimizer`.
+the MoE router hooks with expert-load metrics, and the fused AdamW of `grpo.model.make_optimizer`.
 Where our speed comes from, measured on this 2-core machine: generation avoids `generate`'s
 per-token overhead and prefills each prompt once instead of 8 times; training runs each prompt
 once instead of 8 times (this benchmark's prompts are ~58 tokens against 32 completion tokens,
@@ -44,9 +44,9 @@ Fairness notes for TRL's side (each choice makes TRL's side faster or equal, nev
 
 Timing: TRL's `train()` runs the loop; after each of its optimizer steps a callback runs one step of
 ours, so the two alternate step by step under the same machine load. A TRL step is the wall time
-between consecutive callbacks minus the time spent in our step; ours is timed around the calls
-of the project's functions (sample prompts -> encode -> engine.generate -> score_rollouts ->
-with_advantages -> policy_update -> engine.update_weights), as `grpo.train.train` makes them.
+between consecutive callbacks minus the time spent in our step; ours is `grpo.step.run_step` (draw
+prompts -> encode -> generate -> score -> advantages -> update -> weight sync), the function
+`grpo train` calls for every step, and its split is the step's own `time/*` metrics.
 The first 3 steps of each are warm-up; medians of the next 30 are reported, with the 1-minute load
 average (other processes on a shared machine inflate both sides).
 """
@@ -95,7 +95,8 @@ def prompt_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 class OurStep:
-    """One step of grpo-zero's loop, made of the functions `grpo.train.train` calls.
+    """One step of grpo-zero's loop: `grpo.step.run_step`, the function `grpo train` calls for every
+    step, over a `StepContext` built here (the model and tokenizer of this benchmark, EOS ignored).
 
     Also used by bench/gpu_check.sh (CUDA, bf16, either engine): `device`, `dtype`, `engine`,
     `checkpoint` (a saved model directory, needed by vLLM) and the batch shape are parameters.
@@ -107,77 +108,57 @@ class OurStep:
         from grpo.config import RunConfig
         from grpo.data import PromptSampler
         from grpo.experts import experts_implementation
+        from grpo.model import make_optimizer, make_schedule
         from grpo.moe import RouterControl
+        from grpo.step import StepContext, sampling_params
         from grpo.tiny import build_char_tokenizer
-        from grpo.train import make_optimizer
         from rewards import RewardSpec, Scorer
         from rollout import make_engine
 
         self.device = torch.device(device)
-        self.prompts_per_step, self.group, self.new_tokens = prompts_per_step, group, new_tokens
-        self.tokenizer = build_char_tokenizer()
-        experts = experts_implementation(None, self.device)  # as grpo.train.load_policy picks
+        self.new_tokens = new_tokens
+        tokenizer = build_char_tokenizer()
+        experts = experts_implementation(None, self.device)  # as grpo.model.load_policy picks
         if checkpoint:
             from transformers import AutoModelForCausalLM
 
             kwargs = {"experts_implementation": experts} if experts else {}
-            self.model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype, **kwargs)
         else:
-            self.model = build_model(hidden, layers, self.tokenizer, experts).to(dtype)
-        self.model.to(self.device)
-        self.cfg = RunConfig.model_validate({
+            model = build_model(hidden, layers, tokenizer, experts).to(dtype)
+        model.to(self.device)
+        cfg = RunConfig.model_validate({
             "rollout": {"engine": engine, "group_size": group, "max_new_tokens": new_tokens, "temperature": 1.0,
                         "top_p": 1.0, "top_k": 0, "stop": [], "vllm": vllm or {}},
             "algorithm": {"advantage_scale": "group", "clip_low": 0.2, "clip_high": 0.2, "loss_agg": "token_mean",
                           "num_iterations": 1},
             "trainer": {"prompts_per_step": prompts_per_step, "micro_batch_size": 64, "lr": LR,
-                        "betas": (0.9, 0.999), "max_grad_norm": 1.0, "weight_decay": 0.0},
+                        "betas": (0.9, 0.999), "max_grad_norm": 1.0, "weight_decay": 0.0, "seed": 0},
         })
-        self.engine = make_engine(self.cfg, self.model, self.tokenizer, self.device)
-        self.scorer = Scorer([RewardSpec("math_answer", 1.0), RewardSpec("format", 0.5)], workers=0)
-        self.sampler = PromptSampler(prompt_rows(512), seed=0)
-        self.optimizer = make_optimizer(self.model, self.cfg.trainer)
-        self.moe = RouterControl(self.model, self.cfg.moe)  # expert-load metrics, as in every MoE run
+        optimizer = make_optimizer(model, cfg.trainer)
+        self.ctx = StepContext(
+            cfg, make_engine(cfg.rollout, model, tokenizer, self.device, seed=0),
+            Scorer([RewardSpec("math_answer", 1.0), RewardSpec("format", 0.5)], workers=0), tokenizer,
+            PromptSampler(prompt_rows(512), seed=0), model, model, optimizer, make_schedule(optimizer, cfg.trainer),
+            self.device, RouterControl(model, cfg.moe),  # expert-load metrics, as in every MoE run
+            sampling=replace(sampling_params(cfg), ignore_eos=True))
+        self.engine, self.model = self.ctx.engine, model
         self.step_index = 0
 
-    def _sync(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
     def __call__(self) -> dict[str, float]:
-        from grpo.distributed import group_seed
-        from grpo.moe import load_metrics
-        from grpo.train import encode_prompts, sampling_params, score_rollouts, with_advantages
-        from grpo.update import policy_update
+        from grpo.step import run_step
 
         self.step_index += 1
-        t0 = self._sync()
-        rows = self.sampler.next_batch(self.prompts_per_step)
-        prompts, prompt_ids = encode_prompts(self.tokenizer, self.cfg.data, rows)
-        seeds = [group_seed(0, self.step_index, i, 0) for i in range(len(rows))]  # per-group seeds, as train does
-        sampling = replace(sampling_params(self.cfg, seeds), ignore_eos=True)
-        rollouts = self.engine.generate(prompt_ids, self.group, sampling)
-        if hasattr(self.engine, "sleep"):
-            self.engine.sleep()
-        t1 = self._sync()
-        rollouts, _ = score_rollouts(self.scorer, rollouts, rows, prompts, self.new_tokens)
-        rollouts, _ = with_advantages(rollouts, self.cfg)
-        t2 = self._sync()
-        policy_update(self.model, self.optimizer, rollouts, self.cfg, self.tokenizer.pad_token_id, self.device,
-                      moe=self.moe)
-        counts = self.moe.take_counts()
-        if counts is not None:
-            load_metrics(counts)
-        t3 = self._sync()
-        if hasattr(self.engine, "wake"):
-            self.engine.wake()
-        self.engine.update_weights(self.model.named_parameters())
-        t4 = self._sync()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        result = run_step(self.ctx, self.step_index)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        rollouts = result.batch.rollouts
         assert all(len(r.completion_ids) == self.new_tokens for r in rollouts)
-        tokens = sum(len(r.completion_ids) for r in rollouts)
-        return {"step": t4 - t0, "generate": t1 - t0, "score": t2 - t1, "train": t3 - t2, "sync": t4 - t3,
-                "tokens_per_s": tokens / max(t1 - t0, 1e-9)}
+        m = result.metrics
+        return {"step": m["time/step"], "generate": m["time/generate"], "score": m["time/score"],
+                "train": m["time/train"], "sync": m["time/weight_sync"], "tokens_per_s": m["rollout/tokens_per_s"]}
 
 
 def run(size: str, steps: int, warmup: int, trl_experts: str | None) -> dict:

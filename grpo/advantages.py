@@ -10,13 +10,21 @@ completions of prompt i. A group's baseline never mixes with another group's.
     rloo:  A_ij =  r_ij - mean_{k != j} r_ik = G/(G-1) (r_ij - mean_j r_ij)   (leave-one-out baseline)
 
 `std` is the sample standard deviation (Bessel-corrected, as in the GRPO reference implementations).
+
+`assign_advantages` is what one training step calls: it builds that tensor from the step's scored
+rollouts (gathered from every rank), adds the overlong penalty and hands each rollout its advantage.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
+
+from grpo.config import AlgorithmConfig
+from grpo.distributed import gather_objects, rank
+from rollout.base import Rollout
 
 EPS = 1e-4
 
@@ -78,3 +86,26 @@ def overlong_penalty(lengths: torch.Tensor, max_tokens: int, buffer_tokens: int)
         return torch.zeros(lengths.shape)
     free = max_tokens - buffer_tokens
     return ((free - lengths.float()) / buffer_tokens).clamp(min=-1.0, max=0.0)  # same shape as lengths
+
+
+def assign_advantages(rollouts: list[Rollout], algorithm: AlgorithmConfig, group_size: int,
+                      max_tokens: int) -> tuple[list[Rollout], dict[str, float]]:
+    """Group advantages of the total reward plus DAPO's soft overlong penalty (when enabled; it is
+    then added to each rollout's total and recorded under rewards["overlong_penalty"]).
+
+    Computed on the global [P, G] reward tensor (gathered from every rank), so any scaling,
+    batch-level std included, is the same as in one process; this rank keeps its rows."""
+    lengths = torch.tensor([r.num_completion_tokens for r in rollouts])  # [P/W*G]
+    penalty = overlong_penalty(lengths, max_tokens, round(algorithm.overlong_buffer * max_tokens))  # [P/W*G]
+    local = (torch.tensor([r.reward for r in rollouts], dtype=torch.float32) + penalty).view(-1, group_size)  # [P/W, G]
+    shares = gather_objects((local, penalty))
+    rewards = torch.cat([s[0] for s in shares])  # [P, G]
+    start = sum(len(s[0]) for s in shares[: rank() if len(shares) > 1 else 0])
+    adv = group_advantages(rewards, scale=algorithm.advantage_scale)[start : start + len(local)].flatten().tolist()
+    metrics = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+               "reward/overlong_penalty": torch.cat([s[1] for s in shares]).mean().item(),
+               "train/zero_variance_groups": zero_variance_fraction(rewards)}
+    if algorithm.overlong_buffer == 0:
+        return [replace(r, advantage=a) for r, a in zip(rollouts, adv)], metrics
+    return [replace(r, reward=float(t), advantage=a, rewards={**r.rewards, "overlong_penalty": float(p)})
+            for r, t, a, p in zip(rollouts, local.flatten().tolist(), adv, penalty.tolist())], metrics

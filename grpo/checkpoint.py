@@ -156,8 +156,9 @@ def _fsync_tree(root: Path) -> None:
 
 
 def save(output_dir: Path, state: TrainState, *, model, unwrapped, tokenizer, optimizer, scheduler,
-         keep_last: int, is_main: bool) -> Path | None:
-    """Write a checkpoint atomically (a collective: call on every rank). Returns its path on rank 0."""
+         keep_last: int, is_main: bool, extra: dict[str, object] | None = None) -> Path | None:
+    """Write a checkpoint atomically (a collective: call on every rank). Returns its path on rank 0.
+    `extra`: more objects, each `torch.save`d to its file name inside the checkpoint."""
     rngs = gather_objects(_rng_state())
     # Replicated (DDP) parameters must be bit-identical on every rank: record each rank's digest.
     digests = gather_objects(None if _sharded(model) else parameter_digest(model))
@@ -176,6 +177,8 @@ def save(output_dir: Path, state: TrainState, *, model, unwrapped, tokenizer, op
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         for rank, rng in enumerate(rngs):
             torch.save(rng, tmp / f"rng-rank{rank}.pt")
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
         payload = {**state.__dict__, "world_size": len(rngs), "parameter_digests": digests}
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2), encoding="utf-8")
         _fsync_tree(tmp)

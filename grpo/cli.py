@@ -30,6 +30,7 @@ from pathlib import Path
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
+EXIT_GENERATION = 4  # asynchronous RL: the generation process failed (its error is printed)
 
 
 def _fail(message: str) -> int:
@@ -105,6 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return launch(config, rest, num_machines=args.num_machines, machine_rank=args.machine_rank,
                       main_process_ip=args.main_process_ip, main_process_port=args.main_process_port)
 
+    from grpo.async_rollouts import GenerationError
     from grpo.distributed import UnsupportedError
     from grpo.train import NonFiniteError, train
     from rewards import UnknownRewardError
@@ -118,6 +120,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except NonFiniteError as exc:
         print(f"grpo: stopped: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
+    except GenerationError as exc:  # the generation process of an asynchronous run failed
+        print(f"grpo: stopped: {exc}", file=sys.stderr)
+        return EXIT_GENERATION
     if "train" not in summary:  # not the main process: rank 0 reports
         return 0
     before, after = summary.get("eval_before"), summary.get("eval_after")
@@ -169,7 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from grpo.data import DataError, load_eval_sets, load_rows
     from grpo.evaluate import evaluate_sets, format_table, make_eval_scorer, write_report
-    from grpo.train import load_policy
+    from grpo.model import load_policy
     from rewards import UnknownRewardError
     from rollout import make_engine
 
@@ -190,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not sets:
         scorer.close()
         return _fail(f"{args.recipe}: nothing to evaluate (eval.num_prompts is 0 and eval.datasets is empty)")
-    engine = make_engine(cfg, model, tokenizer, device, seed=cfg.trainer.seed)  # the recipe's engine
+    engine = make_engine(cfg.rollout, model, tokenizer, device, seed=cfg.trainer.seed)  # the recipe's engine
     try:
         report = evaluate_sets(engine, tokenizer, cfg, sets, scorer, k=args.k, seed=cfg.trainer.seed)
     finally:

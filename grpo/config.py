@@ -251,6 +251,14 @@ class TrainerConfig(Section):
     max_consecutive_skips: int = Field(
         3, ge=1, description="stop the run after this many consecutive steps with a non-finite loss or grad norm"
     )
+    max_staleness: int = Field(
+        0, ge=0, description="asynchronous RL: step s trains on rollouts sampled by the policy of step s-1-k "
+        "(k = this value), generated while earlier steps train; 0 is the synchronous loop (grpo/async_rollouts.py)",
+    )
+    generation_threads: int | None = Field(
+        None, ge=1, description="max_staleness >= 1: torch threads of the generation process (None: half of "
+        "trainer.threads, or of the CPUs; the trainer keeps the rest)",
+    )
 
 
 class MoEConfig(Section):

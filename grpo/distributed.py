@@ -157,6 +157,11 @@ def check_supported(cfg, world: int) -> None:
         raise UnsupportedError(
             f"algorithm.dynamic_sampling=true is not supported with {world} processes yet (ranks would draw "
             "different numbers of prompts); run it in one process, or set algorithm.dynamic_sampling=false")
+    if cfg.trainer.max_staleness and world > 1:
+        raise UnsupportedError(
+            f"trainer.max_staleness={cfg.trainer.max_staleness} (asynchronous RL) is not supported with {world} "
+            "processes yet: one trainer process feeds one generation side. Run it in one process (with "
+            "rollout.vllm.mode=server on GPUs), or set trainer.max_staleness=0")
 
 
 class UnsupportedError(ValueError):
@@ -165,6 +170,11 @@ class UnsupportedError(ValueError):
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    """This process's rank (0 in a single process)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def all_reduce_sum(value: float) -> float:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from grpo.config import RunConfig
@@ -105,11 +106,18 @@ def pass_ks(n: int) -> list[int]:
 # --- scoring ------------------------------------------------------------------------------------
 
 
+def is_correct(scores: Mapping[str, float | None], correct: Sequence[str]) -> bool:
+    """The one definition of a correct completion, for training metrics and evaluation alike:
+    every reward named in `eval.correct` scored exactly 1.0."""
+    return all(scores.get(name) == 1.0 for name in correct)
+
+
 def judge(scorer: Scorer, cfg: RunConfig, completions: list[str], rows: list[dict], prompts: list[str]) -> tuple[list[bool], dict]:
     """(correct per completion, per-function scores)."""
     result = scorer.score(completions, rows, [{"prompt": p} for p in prompts])
     per = result.per_function
-    correct = [all(per[name][i] == 1.0 for name in cfg.eval.correct) for i in range(len(completions))]
+    correct = [is_correct({name: values[i] for name, values in per.items()}, cfg.eval.correct)
+               for i in range(len(completions))]
     return correct, per
 
 

@@ -206,14 +206,65 @@ def shared_prompt_logprobs(
     Returns logprobs [B, S-1] and, if asked, entropy [B, S-1], at completion positions (entry
     t scores token t+1); zeros at prompt and padding positions.
     """
+    batch, width = input_ids.shape
+    lay = _shared_layout(input_ids, attention_mask, prompt_lens.to(input_ids.device))
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    if routing is not None:
+        routing.set_part(_prompt_routing_part(lay, batch, width))
+    out = decoder(input_ids=lay.prompt_ids, attention_mask=lay.prompt_mask, position_ids=_positions(lay.prompt_mask),
+                  use_cache=True)
+    cache = output_cache(out)
+    first_hidden = out.last_hidden_state[:, -1][lay.row_prompt]  # [B, H] scores each completion's first token
+    cache.reorder_cache(lay.row_prompt)  # [P, ...] -> [B, ...] by index_select (differentiable; backward is index_add)
+    if routing is not None:
+        flat = (torch.arange(batch, device=input_ids.device)[:, None] * width + lay.comp_col).reshape(-1)  # [B*Wc]
+        valid = lay.comp_mask.reshape(-1).bool()  # [B*Wc]
+        routing.set_part(TokenPart(flat, valid.to(torch.float32), torch.nonzero(valid).squeeze(-1), flat[valid]))
+    try:
+        comp_hidden = decoder(input_ids=lay.comp_ids,
+                              attention_mask=torch.cat([lay.prompt_mask[lay.row_prompt], lay.comp_mask], 1),
+                              position_ids=lay.prompt_lens[:, None] + lay.ccols, use_cache=True,
+                              **{cache_keyword(decoder): cache}).last_hidden_state  # [B, Wc, H]
+    finally:
+        if routing is not None:
+            routing.set_part(None)
+    hidden = torch.cat([first_hidden[:, None], comp_hidden[:, :-1]], dim=1)  # [B, Wc, H]
+    lp, ent = _head_logprobs(hidden, lay.comp_ids, head, temperature, softcap, chunk)  # [B, Wc] x2
+    # back to the full layout: completion token j of row b is scored at entry prompt_len + j - 1;
+    # padding entries go to an extra column that is cut off
+    entry = torch.where(lay.comp_mask.bool(), lay.prompt_lens[:, None] - 1 + lay.ccols,
+                        torch.full_like(lay.ccols, width - 1))  # [B, Wc]
+    logprobs = lp.new_zeros(batch, width).scatter(1, entry, lp)[:, : width - 1]  # [B, S-1]
+    entropy = ent.new_zeros(batch, width).scatter(1, entry, ent)[:, : width - 1] if with_entropy else None
+    return logprobs, entropy
+
+
+@dataclass(frozen=True)
+class _SharedLayout:
+    """Where a right-padded [B, S] batch's distinct prompts and its completions go."""
+
+    prompt_lens: torch.Tensor  # [B]
+    row_prompt: torch.Tensor  # [B] index of each row's distinct prompt (in order of first appearance)
+    first_row: torch.Tensor  # [P] the first row of each distinct prompt
+    src_col: torch.Tensor  # [P, Wp] full-layout column of each left-padded prompt column
+    prompt_mask: torch.Tensor  # [P, Wp]
+    prompt_ids: torch.Tensor  # [P, Wp] the distinct prompts, left-padded
+    ccols: torch.Tensor  # [1, Wc]
+    comp_mask: torch.Tensor  # [B, Wc]
+    comp_col: torch.Tensor  # [B, Wc] full-layout column of each completion token
+    comp_ids: torch.Tensor  # [B, Wc]
+
+
+def _shared_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor) -> _SharedLayout:
     device = input_ids.device
     batch, width = input_ids.shape
-    prompt_lens = prompt_lens.to(device)
     seq_lens = attention_mask.sum(-1)  # [B]
     # distinct prompts: rows whose prompt tokens (and length) are equal share one
     wp = int(prompt_lens.max())  # the longest prompt: width of the left-padded prompt batch
-    row_cols = torch.arange(width, device=device)[None]  # [1, S]
-    in_prompt = row_cols < prompt_lens[:, None]  # [B, S]
+    in_prompt = torch.arange(width, device=device)[None] < prompt_lens[:, None]  # [B, S]
     keys = torch.where(in_prompt[:, :wp], input_ids[:, :wp], torch.full_like(input_ids[:, :wp], -1))  # [B, Wp]
     _, row_prompt = torch.unique(keys, dim=0, return_inverse=True)  # [B] index of each row's prompt
     num_prompts = int(row_prompt.max()) + 1
@@ -225,53 +276,31 @@ def shared_prompt_logprobs(
     rank[order] = torch.arange(num_prompts, device=device)
     row_prompt = rank[row_prompt]  # [B]
     p_lens = prompt_lens[first_row]  # [P]
-    cols = torch.arange(wp, device=device)[None]  # [1, Wp]
-    src_col = cols - (wp - p_lens[:, None])  # [P, Wp] full-layout column of each left-padded prompt column
+    src_col = torch.arange(wp, device=device)[None] - (wp - p_lens[:, None])  # [P, Wp]
     prompt_mask = (src_col >= 0).long()  # [P, Wp]
     prompt_ids = input_ids[first_row].gather(1, src_col.clamp(min=0)) * prompt_mask  # [P, Wp]
     comp_lens = seq_lens - prompt_lens  # [B]
-    wc = max(int(comp_lens.max()), 1)
-    ccols = torch.arange(wc, device=device)[None]  # [1, Wc]
+    ccols = torch.arange(max(int(comp_lens.max()), 1), device=device)[None]  # [1, Wc]
     comp_mask = (ccols < comp_lens[:, None]).long()  # [B, Wc]
     comp_col = (prompt_lens[:, None] + ccols).clamp(max=width - 1)  # [B, Wc] full-layout column
     comp_ids = input_ids.gather(1, comp_col) * comp_mask  # [B, Wc]
+    return _SharedLayout(prompt_lens, row_prompt, first_row, src_col, prompt_mask, prompt_ids, ccols, comp_mask,
+                         comp_col, comp_ids)
 
-    decoder = model.get_decoder()
-    head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
 
-    if routing is not None:
-        sharing = torch.bincount(row_prompt, minlength=num_prompts).to(torch.float32)  # [P] rows per prompt
-        position = (first_row[:, None] * width + src_col.clamp(min=0)).reshape(-1)  # [P*Wp]
-        weight = (prompt_mask * sharing[:, None]).reshape(-1)  # [P*Wp]
-        # every row's prompt positions, filled from its prompt's token
-        src = (row_prompt[:, None] * wp + (wp - prompt_lens[:, None]) + row_cols)[in_prompt]  # [N]
-        dst = (torch.arange(batch, device=device)[:, None] * width + row_cols)[in_prompt]  # [N]
-        routing.set_part(TokenPart(position, weight, src, dst))
-    out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
-                  use_cache=True)
-    cache = output_cache(out)
-    first_hidden = out.last_hidden_state[:, -1][row_prompt]  # [B, H] scores each completion's first token
-    cache.reorder_cache(row_prompt)  # [P, ...] -> [B, ...] by index_select (differentiable; backward is index_add)
-    if routing is not None:
-        flat = (torch.arange(batch, device=device)[:, None] * width + comp_col).reshape(-1)  # [B*Wc]
-        valid = comp_mask.reshape(-1).bool()  # [B*Wc]
-        routing.set_part(TokenPart(flat, valid.to(torch.float32), torch.nonzero(valid).squeeze(-1), flat[valid]))
-    try:
-        comp_hidden = decoder(input_ids=comp_ids, attention_mask=torch.cat([prompt_mask[row_prompt], comp_mask], 1),
-                              position_ids=prompt_lens[:, None] + ccols, use_cache=True,
-                              **{cache_keyword(decoder): cache}).last_hidden_state  # [B, Wc, H]
-    finally:
-        if routing is not None:
-            routing.set_part(None)
-    hidden = torch.cat([first_hidden[:, None], comp_hidden[:, :-1]], dim=1)  # [B, Wc, H]
-    lp, ent = _head_logprobs(hidden, comp_ids, head, temperature, softcap, chunk)  # [B, Wc] x2
-    # back to the full layout: completion token j of row b is scored at entry prompt_len + j - 1;
-    # padding entries go to an extra column that is cut off
-    entry = torch.where(comp_mask.bool(), prompt_lens[:, None] - 1 + ccols, torch.full_like(ccols, width - 1))  # [B, Wc]
-    logprobs = lp.new_zeros(batch, width).scatter(1, entry, lp)[:, : width - 1]  # [B, S-1]
-    entropy = ent.new_zeros(batch, width).scatter(1, entry, ent)[:, : width - 1] if with_entropy else None
-    return logprobs, entropy
+def _prompt_routing_part(lay: _SharedLayout, batch: int, width: int) -> TokenPart:
+    """The prompt forward's tokens in the full [B, S] layout: each distinct prompt's position is
+    weighted by the rows sharing it, and every row's prompt positions are filled from it."""
+    device = lay.prompt_ids.device
+    num_prompts, wp = lay.prompt_ids.shape
+    row_cols = torch.arange(width, device=device)[None]  # [1, S]
+    in_prompt = row_cols < lay.prompt_lens[:, None]  # [B, S]
+    sharing = torch.bincount(lay.row_prompt, minlength=num_prompts).to(torch.float32)  # [P] rows per prompt
+    position = (lay.first_row[:, None] * width + lay.src_col.clamp(min=0)).reshape(-1)  # [P*Wp]
+    weight = (lay.prompt_mask * sharing[:, None]).reshape(-1)  # [P*Wp]
+    src = (lay.row_prompt[:, None] * wp + (wp - lay.prompt_lens[:, None]) + row_cols)[in_prompt]  # [N]
+    dst = (torch.arange(batch, device=device)[:, None] * width + row_cols)[in_prompt]  # [N]
+    return TokenPart(position, weight, src, dst)
 
 
 def token_logprobs_plain(

@@ -40,6 +40,20 @@ Sampler/trainer mismatch corrections (weights are constants, no gradient flows t
                                                      Training-Inference Mismatch", 2025)
     icepop: w_it = (pi_old/mu) * 1[low <= pi_old/mu <= high]          two-sided token mask (IcePop,
                                                      Ring-1T report, 2510.18855)
+
+Asynchronous RL (`trainer.max_staleness` k >= 1): the batch of step s was sampled by the policy
+mu = pi_{s-1-j} of an earlier step (0 <= j <= k), not by the weights being updated. The loss is then
+the decoupled objective of AReaL (2505.24298, section 5), which separates the behaviour policy that
+sampled the data from the proximal policy the update is clipped around:
+
+    J = E_{y ~ mu} [ (pi_prox / mu) * min( r A, clip(r, 1 - eps_low, 1 + eps_high) A ) ],
+    r = pi / pi_prox,   pi_prox = pi_old (the trainer's log-probs of the batch before this update)
+
+which is the objective above with the behaviour weight w = pi_old/mu: the sampler correction,
+whose mu now also carries the staleness. So an off-policy run always weighs by pi_old/mu: `tis`,
+`mis` or `icepop` bound it as above, and `none` (which would treat stale samples as on-policy)
+becomes `tis` there (see `objective_from_config`). The ratio statistics `train/mismatch_ratio_*`
+are then the off-policy ratios pi_old/mu.
 """
 
 from __future__ import annotations
@@ -244,14 +258,21 @@ def grpo_loss(
     return loss, metrics
 
 
-def objective_from_config(algo) -> tuple[Callable, Callable[[Tensor, int], float]]:
+def behaviour_correction(algo, off_policy: bool) -> str:
+    """The sampler correction in force: the recipe's, except that off-policy batches (asynchronous
+    RL) are always weighted by pi_old/mu, truncated (`tis`) when the recipe asked for `none`."""
+    return "tis" if off_policy and algo.sampler_correction == "none" else algo.sampler_correction
+
+
+def objective_from_config(algo, off_policy: bool = False) -> tuple[Callable, Callable[[Tensor, int], float]]:
     """Resolve an `AlgorithmConfig` once: the loss function (grpo_loss with every choice bound)
-    and the function giving the global normaliser from the global mask and max_new_tokens."""
+    and the function giving the global normaliser from the global mask and max_new_tokens.
+    `off_policy`: batches come from earlier policies (the decoupled objective, see the docstring)."""
     aggregate, normalizer = AGGREGATIONS[algo.loss_agg]
     loss_fn = partial(
         grpo_loss, surrogate=SURROGATES[algo.ratio_level], aggregate=aggregate,
         kl=KL_ESTIMATORS[algo.kl_estimator] if algo.beta > 0 else None,
-        correction=CORRECTIONS[algo.sampler_correction], clip_low=algo.clip_low, clip_high=algo.clip_high,
+        correction=CORRECTIONS[behaviour_correction(algo, off_policy)], clip_low=algo.clip_low, clip_high=algo.clip_high,
         dual_clip=algo.dual_clip, beta=algo.beta, correction_low=algo.correction_low,
         correction_high=algo.correction_high,
     )

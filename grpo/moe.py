@@ -44,12 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from grpo.config import MoEConfig
-
-
-def find_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The top-k router of every MoE layer, in layer order (empty for a dense model)."""
-    return [m for name, m in model.named_modules()
-            if name.endswith("mlp.gate") and hasattr(m, "top_k") and hasattr(m, "num_experts") and hasattr(m, "weight")]
+from rollout.base import find_routers
 
 
 def _normalises(router: torch.nn.Module) -> bool:

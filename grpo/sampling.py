@@ -14,8 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TypeVar
 
 from rollout.base import Rollout
+
+T = TypeVar("T")  # what a group is drawn as: a data row, or the step's PromptGroup record
 
 
 def informative_groups(rollouts: list[Rollout]) -> list[int]:
@@ -27,13 +30,13 @@ def informative_groups(rollouts: list[Rollout]) -> list[int]:
 
 
 def sample_batch(
-    generate_and_score: Callable[[list[dict]], tuple[list[Rollout], dict[str, float]]],
-    next_rows: Callable[[int], list[dict]],
+    generate_and_score: Callable[[list[T]], tuple[list[Rollout], dict[str, float]]],
+    next_rows: Callable[[int], list[T]],
     num_prompts: int,
     *,
     dynamic: bool,
     max_attempts: int,
-) -> tuple[list[dict], list[Rollout], dict[str, float]]:
+) -> tuple[list[T], list[Rollout], dict[str, float]]:
     """Draw prompts and roll them out; with `dynamic`, keep drawing until `num_prompts` groups have
     reward variance (at most `max_attempts` rounds).
 
@@ -46,7 +49,7 @@ def sample_batch(
     rollouts, metrics = generate_and_score(rows)
     if not dynamic:
         return rows, rollouts, metrics
-    kept_rows: list[dict] = []
+    kept_rows: list[T] = []
     kept: list[Rollout] = []
     attempts, drawn = 1, num_prompts
     first_rows, first_rollouts = rows, rollouts

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -81,6 +82,93 @@ def _merge(sums: dict[str, float], metrics: dict[str, float], weight: float) -> 
             sums[key] = sums.get(key, 0.0) + value * weight
 
 
+@dataclass
+class _Plan:
+    """One update's batch on the device and how it is cut: micro-batches, the loss normaliser,
+    the experts to replay and the shared-prompt lengths."""
+
+    batch: dict[str, torch.Tensor]
+    chunks: list[slice]
+    normalizer: float
+    total_tokens: float
+    moe: RouterControl | None
+    replay: tuple[torch.Tensor, torch.Tensor] | None  # [B, S, L, k] experts to impose and [B, S] where known
+    prompt_lens: torch.Tensor | None  # [B]: shared-prompt forwards
+
+    def scope(self, c: slice, **kw):
+        """The routing scope of one micro-batch forward (a no-op for dense models)."""
+        if self.moe is None:
+            return contextlib.nullcontext(None)
+        rep = (self.replay[0][c], self.replay[1][c]) if self.replay is not None else (None, None)
+        return self.moe.scope(self.batch["attention_mask"][c], *rep, keep_logits=self.moe.cfg.aux_loss_coef > 0, **kw)
+
+    def forward(self, model, c: slice, temperature: float, chunk_tokens: int, sc, with_entropy: bool = False):
+        b = self.batch
+        return token_logprobs(model, b["input_ids"][c], b["attention_mask"][c], temperature, with_entropy=with_entropy,
+                              chunk=chunk_tokens, prompt_lens=_rows(self.prompt_lens, c), routing=sc)
+
+
+def _plan(rollouts: list[Rollout], cfg: RunConfig, normalizer_of, pad_id: int, device: torch.device,
+          moe: RouterControl | None) -> _Plan:
+    algo, tr = cfg.algorithm, cfg.trainer
+    batch = {k: v.to(device) for k, v in collate(rollouts, pad_id, algo.overlong_filter).items()}
+    size = len(rollouts)
+    chunks = [slice(i, min(i + tr.micro_batch_size, size)) for i in range(0, size, tr.micro_batch_size)]
+    # every normaliser is additive over rows (tokens, sequences, sequences x L_max): sum over ranks,
+    # clamp once, divide by the world size (gradients are averaged over ranks)
+    local = normalizer_of(batch["mask"], cfg.rollout.max_new_tokens) if bool(batch["mask"].any()) else 0.0
+    normalizer = max(all_reduce_sum(local), 1.0) / world_size()
+    moe = moe if moe is not None and moe.is_moe else None
+    shared, replay = tr.shared_prompt_forward, None
+    if moe is not None and moe.cfg.routing_replay == "R3":
+        replay = replay_from_rollouts(rollouts, batch["input_ids"].shape[1])
+        if replay is None:
+            raise ValueError("moe.routing_replay=R3 needs the rollout engine to record routing")
+        replay = tuple(t.to(device) for t in replay)
+        if shared and not prompt_routing_agrees(rollouts):
+            shared = False  # the sampler routed a shared prompt differently per row: replay each row's own
+    return _Plan(batch, chunks, normalizer, max(batch["mask"].sum().item(), 1.0), moe, replay,
+                 batch["prompt_lens"] if shared else None)
+
+
+@torch.no_grad()
+def _old_logprobs(model, plan: _Plan, cfg: RunConfig) -> torch.Tensor:
+    """Log-probs of the batch before the first pass (num_iterations > 1); under R2 the experts
+    they used become the replay of the later passes."""
+    olds, recorded = [], []
+    for c in plan.chunks:
+        with plan.scope(c, count=False) as sc:
+            olds.append(plan.forward(model, c, cfg.rollout.temperature, cfg.algorithm.logprob_chunk, sc)[0])
+        if sc is not None:
+            recorded.append(sc.used_experts().view(*plan.batch["input_ids"][c].shape, len(plan.moe.routers), -1))
+    if plan.moe is not None and plan.moe.cfg.routing_replay == "R2":
+        plan.replay = (torch.cat(recorded), torch.ones_like(plan.batch["attention_mask"], dtype=torch.bool))
+    return torch.cat(olds)  # [B, S-1]
+
+
+def _accumulate(model, plan: _Plan, cfg: RunConfig, loss_fn, old, ref, sums: dict[str, float]) -> None:
+    """One pass of micro-batch forwards and backwards; the loss metrics, token-weighted, go to `sums`."""
+    batch, moe = plan.batch, plan.moe
+    for c in plan.chunks:
+        mask = batch["mask"][c]  # [b, S-1]
+        with plan.scope(c) as sc:
+            logprobs, entropy = plan.forward(model, c, cfg.rollout.temperature, cfg.algorithm.logprob_chunk, sc,
+                                             with_entropy=True)  # [b, S-1] x2
+        old_lp = old[c] if old is not None else logprobs.detach()  # [b, S-1]
+        loss, metrics = loss_fn(logprobs, old_lp, batch["advantages"][c], mask, normalizer=plan.normalizer,
+                                sampler_logprobs=batch["sampler_logprobs"][c],
+                                ref_logprobs=ref[c] if ref is not None else None)
+        aux = moe.aux_loss(sc) if sc is not None else None
+        if aux is not None:  # weighted by this micro-batch's share of the rank's tokens
+            share = batch["attention_mask"][c].sum() / batch["attention_mask"].sum()
+            loss = loss + moe.cfg.aux_loss_coef * aux * share
+            metrics["train/moe_aux_loss"] = aux.item()
+        loss.backward()
+        metrics["train/loss"] = loss.item()
+        metrics["train/entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
+        _merge(sums, metrics, mask.sum().item() / plan.total_tokens)
+
+
 def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad_id: int,
                   device: torch.device, ref_model=None, moe: RouterControl | None = None) -> dict[str, float]:
     """One or more optimisation passes over the batch, in micro-batches with accumulation.
@@ -92,76 +180,21 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
     non-finite loss or gradient norm skips the optimizer step (`train/skipped` = 1).
     """
     algo, tr = cfg.algorithm, cfg.trainer
-    temperature, chunk_tokens = cfg.rollout.temperature, algo.logprob_chunk
-    shared = tr.shared_prompt_forward
-    loss_fn, normalizer_of = objective_from_config(algo)
-    batch = {k: v.to(device) for k, v in collate(rollouts, pad_id, algo.overlong_filter).items()}
-    size = len(rollouts)
-    chunks = [slice(i, min(i + tr.micro_batch_size, size)) for i in range(0, size, tr.micro_batch_size)]
-    # every normaliser is additive over rows (tokens, sequences, sequences x L_max): sum over ranks,
-    # clamp once, divide by the world size (gradients are averaged over ranks)
-    local = normalizer_of(batch["mask"], cfg.rollout.max_new_tokens) if bool(batch["mask"].any()) else 0.0
-    normalizer = max(all_reduce_sum(local), 1.0) / world_size()
-    total_tokens = max(batch["mask"].sum().item(), 1.0)
-    moe = moe if moe is not None and moe.is_moe else None
-    replay = None  # [B, S, L, k] experts to impose and [B, S] where they are known
-    if moe is not None and moe.cfg.routing_replay == "R3":
-        replay = replay_from_rollouts(rollouts, batch["input_ids"].shape[1])
-        if replay is None:
-            raise ValueError("moe.routing_replay=R3 needs the rollout engine to record routing")
-        replay = tuple(t.to(device) for t in replay)
-        if shared and not prompt_routing_agrees(rollouts):
-            shared = False  # the sampler routed a shared prompt differently per row: replay each row's own
-    prompt_lens = batch["prompt_lens"] if shared else None  # [B]: shared-prompt forwards
-
-    def scope(c, **kw):  # routing scope of one micro-batch forward (a no-op for dense models)
-        if moe is None:
-            return contextlib.nullcontext(None)
-        rep = (replay[0][c], replay[1][c]) if replay is not None else (None, None)
-        return moe.scope(batch["attention_mask"][c], *rep, keep_logits=moe.cfg.aux_loss_coef > 0, **kw)
-
-    old = None
-    if algo.num_iterations > 1:  # old log-probs once, before the first pass
-        olds, recorded = [], []
-        with torch.no_grad():
-            for c in chunks:
-                with scope(c, count=False) as sc:
-                    olds.append(token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c], temperature,
-                                               chunk=chunk_tokens, prompt_lens=_rows(prompt_lens, c), routing=sc)[0])
-                if sc is not None:
-                    recorded.append(sc.used_experts().view(*batch["input_ids"][c].shape, len(moe.routers), -1))
-        old = torch.cat(olds)  # [B, S-1]
-        if moe is not None and moe.cfg.routing_replay == "R2":  # R2: later passes use these experts
-            replay = (torch.cat(recorded), torch.ones_like(batch["attention_mask"], dtype=torch.bool))
+    loss_fn, normalizer_of = objective_from_config(algo, off_policy=tr.max_staleness > 0)
+    plan = _plan(rollouts, cfg, normalizer_of, pad_id, device, moe)
+    old = _old_logprobs(model, plan, cfg) if algo.num_iterations > 1 else None
     ref = None
     if algo.beta > 0:
         if ref_model is None:
             raise ValueError("algorithm.beta > 0 needs a reference model")
-        ref = frozen_logprobs(ref_model, batch, chunks, temperature, chunk_tokens, prompt_lens)
+        ref = frozen_logprobs(ref_model, plan.batch, plan.chunks, cfg.rollout.temperature, algo.logprob_chunk,
+                              plan.prompt_lens)
 
     sums: dict[str, float] = {}
     skipped = 0.0
     for _ in range(algo.num_iterations):
         optimizer.zero_grad(set_to_none=True)
-        for c in chunks:
-            mask = batch["mask"][c]  # [b, S-1]
-            with scope(c) as sc:
-                logprobs, entropy = token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c],
-                                                   temperature, with_entropy=True, chunk=chunk_tokens,
-                                                   prompt_lens=_rows(prompt_lens, c), routing=sc)  # [b, S-1] x2
-            old_lp = old[c] if old is not None else logprobs.detach()  # [b, S-1]
-            loss, metrics = loss_fn(logprobs, old_lp, batch["advantages"][c], mask, normalizer=normalizer,
-                                    sampler_logprobs=batch["sampler_logprobs"][c],
-                                    ref_logprobs=ref[c] if ref is not None else None)
-            aux = moe.aux_loss(sc) if sc is not None else None
-            if aux is not None:  # weighted by this micro-batch's share of the rank's tokens
-                share = batch["attention_mask"][c].sum() / batch["attention_mask"].sum()
-                loss = loss + moe.cfg.aux_loss_coef * aux * share
-                metrics["train/moe_aux_loss"] = aux.item()
-            loss.backward()
-            metrics["train/loss"] = loss.item()
-            metrics["train/entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
-            _merge(sums, metrics, mask.sum().item() / total_tokens)
+        _accumulate(model, plan, cfg, loss_fn, old, ref, sums)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.max_grad_norm)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP2
         if not (math.isfinite(grad_norm) and math.isfinite(all_reduce_sum(sums.get("train/loss", 0.0)))):
@@ -171,7 +204,7 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
         optimizer.step()
     sums = {k: v if k.endswith(("_min", "_max")) else v / algo.num_iterations for k, v in sums.items()}
     sums["train/grad_norm"] = grad_norm
-    sums["train/overlong_filtered_frac"] = 1.0 - batch["mask"].sum().item() / max(
+    sums["train/overlong_filtered_frac"] = 1.0 - plan.batch["mask"].sum().item() / max(
         sum(r.num_completion_tokens for r in rollouts), 1)
     sums["train/skipped"] = skipped
     return sums

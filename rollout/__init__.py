@@ -13,51 +13,57 @@ from rollout.base import Rollout, RolloutEngine, SamplingParams
 __all__ = ["Rollout", "RolloutEngine", "SamplingParams", "make_engine"]
 
 
-def make_engine(cfg, model: torch.nn.Module, tokenizer, device: torch.device | str | None = None,
-                *, record_routing: bool = False, seed: int = 0) -> RolloutEngine:
-    """The engine `cfg.rollout.engine` names, built from `cfg.rollout.hf` / `cfg.rollout.vllm`.
+def make_engine(rollout, model: torch.nn.Module, tokenizer, device: torch.device | str | None = None,
+                *, seed: int, record_routing: bool = False) -> RolloutEngine:
+    """The engine `rollout.engine` names, built from `rollout.hf` / `rollout.vllm`.
 
-    cfg: a `grpo.config.RunConfig` (only `cfg.rollout` is read). seed: the engine's base seed for
-    unseeded requests (the trainer seeds every prompt itself). model: the policy (the HF engine decodes with it directly;
-    vLLM starts from its checkpoint, `model.name_or_path`, then receives weights through
-    `update_weights`). record_routing: build the vLLM engine so it can return routed experts
-    (the HF engine records them per call, on `SamplingParams.record_routing`).
+    rollout: a recipe's `rollout` section (`grpo.config.RolloutConfig`). seed: the engine's base
+    seed for unseeded requests (the trainer seeds every prompt itself). model: the policy (the HF
+    engine decodes with it directly; vLLM starts from its checkpoint, `model.name_or_path`, then
+    receives weights through `update_weights`). record_routing: build the vLLM engine so it can
+    return routed experts (the HF engine records them per call, on `SamplingParams.record_routing`).
     """
-    ro = cfg.rollout
-    if ro.engine == "hf":
+    if rollout.engine == "hf":
         from rollout.hf import HFEngine
 
-        return HFEngine(model, tokenizer, device, fast_decode=ro.hf.fast_decode,
-                        dense_experts_max_rows=ro.hf.dense_experts_max_rows)
-    if ro.engine == "vllm":
-        from rollout.vllm import VLLMEngine
+        return HFEngine(model, tokenizer, device, fast_decode=rollout.hf.fast_decode,
+                        dense_experts_max_rows=rollout.hf.dense_experts_max_rows)
+    if rollout.engine == "vllm":
+        if rollout.vllm.mode == "server":
+            return _vllm_server(rollout.vllm, model, device, record_routing)
+        return _vllm_colocated(rollout.vllm, model, seed, record_routing)
+    raise ValueError(f"unknown rollout engine {rollout.engine!r}; known: hf, vllm")
 
-        v = ro.vllm
-        config = getattr(model, "config", None)
-        model_type = getattr(config, "model_type", None)
-        tied = getattr(config, "tie_word_embeddings", None)
-        if v.mode == "server":
-            from rollout.vllm_server import VLLMServerClient, distributed_role
 
-            if record_routing:
-                raise ValueError("rollout.vllm.mode=server cannot return routed experts (moe.routing_replay=R3)")
-            # every rank generates over HTTP; rank 0 alone pushes weights, the others' update_weights
-            # waits for its push (a collective here: every rank builds its engine)
-            owner, session = distributed_role()
-            return VLLMServerClient(v.server_url, owner=owner, session=session, group_port=v.server_group_port,
-                                    timeout=v.server_timeout_s, model_type=model_type or "qwen3_moe",
-                                    tie_word_embeddings=bool(tied), device=device)
-        checkpoint = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
-        if not checkpoint:
-            raise ValueError("rollout.engine=vllm needs a model loaded from a checkpoint directory or Hub id")
-        dtype = v.dtype
-        if dtype == "auto":  # the policy's dtype, so sampler and trainer compute alike (vLLM's CPU "auto" is bf16)
-            dtype = str(getattr(model, "dtype", "auto")).removeprefix("torch.")
-        kv_bytes = None if v.kv_cache_memory_mb is None else v.kv_cache_memory_mb << 20
-        return VLLMEngine(checkpoint, tensor_parallel_size=v.tensor_parallel_size,
-                          gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_memory_bytes=kv_bytes,
-                          enable_sleep_mode=v.enable_sleep_mode, sleep_level=v.sleep_level, seed=seed, dtype=dtype,
-                          max_model_len=v.max_model_len, enable_prefix_caching=v.enable_prefix_caching,
-                          enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs,
-                          record_routing=record_routing, model_type=model_type, tie_word_embeddings=tied)
-    raise ValueError(f"unknown rollout engine {ro.engine!r}; known: hf, vllm")
+def _vllm_server(v, model: torch.nn.Module, device, record_routing: bool) -> RolloutEngine:
+    from rollout.vllm_server import VLLMServerClient, distributed_role
+
+    if record_routing:
+        raise ValueError("rollout.vllm.mode=server cannot return routed experts (moe.routing_replay=R3)")
+    config = getattr(model, "config", None)
+    # every rank generates over HTTP; rank 0 alone pushes weights, the others' update_weights
+    # waits for its push (a collective here: every rank builds its engine)
+    owner, session = distributed_role()
+    return VLLMServerClient(v.server_url, owner=owner, session=session, group_port=v.server_group_port,
+                            timeout=v.server_timeout_s, model_type=getattr(config, "model_type", None) or "qwen3_moe",
+                            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", None)), device=device)
+
+
+def _vllm_colocated(v, model: torch.nn.Module, seed: int, record_routing: bool) -> RolloutEngine:
+    from rollout.vllm import VLLMEngine
+
+    config = getattr(model, "config", None)
+    checkpoint = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    if not checkpoint:
+        raise ValueError("rollout.engine=vllm needs a model loaded from a checkpoint directory or Hub id")
+    dtype = v.dtype
+    if dtype == "auto":  # the policy's dtype, so sampler and trainer compute alike (vLLM's CPU "auto" is bf16)
+        dtype = str(getattr(model, "dtype", "auto")).removeprefix("torch.")
+    kv_bytes = None if v.kv_cache_memory_mb is None else v.kv_cache_memory_mb << 20
+    return VLLMEngine(checkpoint, tensor_parallel_size=v.tensor_parallel_size,
+                      gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_memory_bytes=kv_bytes,
+                      enable_sleep_mode=v.enable_sleep_mode, sleep_level=v.sleep_level, seed=seed, dtype=dtype,
+                      max_model_len=v.max_model_len, enable_prefix_caching=v.enable_prefix_caching,
+                      enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs, record_routing=record_routing,
+                      model_type=getattr(config, "model_type", None),
+                      tie_word_embeddings=getattr(config, "tie_word_embeddings", None))

@@ -3,9 +3,11 @@
 One `Rollout` travels between the stages of a GRPO step (generate -> score -> advantages ->
 update). Stages return new records (`dataclasses.replace`) instead of mutating shared ones.
 
-An engine is anything with `generate`, `update_weights` and `close` (plus optional `sleep` /
-`wake` for engines that share the accelerator with the trainer). Engines do not inherit from a
-base class; they satisfy the Protocol structurally.
+An engine is anything with `generate`, `update_weights`, the two phase hooks `before_update` /
+`after_update` (an engine that shares the accelerator with the trainer frees its memory in the
+first) and `close`. Engines do not inherit from a base class; they satisfy the Protocol
+structurally. `find_routers` is the one definition of "an MoE router" that the engines (recording
+routed experts) and the trainer (routing replay, expert-load metrics) share.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Rollout:
     rewards: dict[str, float | None] = field(default_factory=dict)  # per reward function
     reward: float = 0.0  # weighted total
     advantage: float = 0.0
+    policy_version: int = 0  # optimizer steps taken by the weights that sampled it (set by the trainer)
 
     @property
     def num_completion_tokens(self) -> int:
@@ -83,4 +86,19 @@ class RolloutEngine(Protocol):
         """Load new policy weights, named as in the transformers model's `state_dict`."""
         ...
 
+    def before_update(self) -> None:
+        """The policy update starts (a colocated engine may release its device memory)."""
+        ...
+
+    def after_update(self) -> None:
+        """The update ended and the new weights were pushed (the engine may take memory back)."""
+        ...
+
     def close(self) -> None: ...
+
+
+def find_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The top-k router of every MoE layer of a transformers model, in layer order (empty for a
+    dense model): the `mlp.gate` modules that carry `top_k`, `num_experts` and a weight."""
+    return [m for name, m in model.named_modules()
+            if name.endswith("mlp.gate") and hasattr(m, "top_k") and hasattr(m, "num_experts") and hasattr(m, "weight")]

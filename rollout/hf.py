@@ -38,11 +38,12 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from rollout.base import Rollout, SamplingParams
+from rollout.base import Rollout, SamplingParams, find_routers
 
 
 def sampling_logprobs(logits: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
@@ -129,7 +130,7 @@ class RoutingRecorder:
     """
 
     def __init__(self, model: torch.nn.Module):
-        self.routers = [m for name, m in model.named_modules() if _is_router(name, m)]
+        self.routers = find_routers(model)
         self._current: list[torch.Tensor] = []
         self._handles: list = []
 
@@ -155,10 +156,6 @@ class RoutingRecorder:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-
-
-def _is_router(name: str, module: torch.nn.Module) -> bool:
-    return name.endswith("mlp.gate") and hasattr(module, "top_k") and hasattr(module, "num_experts")
 
 
 class _StopChecker:
@@ -550,6 +547,12 @@ class HFEngine:
                 if target.data_ptr() != tensor.data_ptr():
                     target.copy_(tensor.to(target.device, target.dtype))
 
+    def before_update(self) -> None:
+        """Nothing to release: the engine decodes with the policy module (or its own copy)."""
+
+    def after_update(self) -> None:
+        """Nothing to take back."""
+
     def close(self) -> None:
         self.model = None
 
@@ -566,7 +569,7 @@ class HFEngine:
             model.train(was_training)
 
     def _decode_eval(self, rows: list[list[int]], sampling: SamplingParams, row_seeds: list[int] | None = None):
-        model, device = self.model, self.device
+        device = self.device
         generator = torch.Generator(device=device)
         if sampling.seed is not None:
             generator.manual_seed(sampling.seed)
@@ -574,11 +577,23 @@ class HFEngine:
             generator.seed()
         row_generators = ([torch.Generator(device=device).manual_seed(s) for s in row_seeds]
                           if row_seeds is not None else None)
-        stopper = _StopChecker(self.tokenizer, sampling, device)
-        batch, max_new = len(rows), sampling.max_new_tokens
+        batch, max_new, record = len(rows), sampling.max_new_tokens, sampling.record_routing
         width = max(map(len, rows))
-        # Each distinct prompt is prefilled once (a group's n rows share it); the cache, the last
-        # logits and the routing record are then copied out to the rows.
+        logits, cache, attention, positions, prefill_routes = self._prefill_distinct(rows, width, record)
+        stepper_cls = _FastQwen3Stepper if self.fast_decode else _GenericStepper
+        kwargs = {"dense_experts_max_rows": self.dense_experts_max_rows} if self.fast_decode else {}
+        stepper = stepper_cls(self.model, cache, attention, positions, max_new, record, **kwargs)
+        del cache
+        out = _Decoded.empty(batch, max_new, self.pad_id, device, prefill_routes.shape[2:] if record else None)
+        noise = RaceNoise(batch, logits.shape[-1], max_new, device, generator, row_generators)
+        _sample_tokens(stepper, logits, sampling, _StopChecker(self.tokenizer, sampling, device), noise, out)
+        return out.results(rows, width, prefill_routes)
+
+    def _prefill_distinct(self, rows: list[list[int]], width: int, record: bool):
+        """Prefill each distinct prompt once (a group's n rows share it), then copy the cache, the
+        last logits and the routing record out to the rows: (logits, cache, attention, positions,
+        prefill routes), all [B, ...]."""
+        device = self.device
         distinct: dict[tuple[int, ...], int] = {}
         row_of = torch.tensor([distinct.setdefault(tuple(row), len(distinct)) for row in rows], device=device)  # [B]
         input_ids = torch.full((len(distinct), width), self.pad_id, dtype=torch.long)  # [P, W]
@@ -588,67 +603,83 @@ class HFEngine:
             attention[p, width - len(row) :] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)  # [P, W]
-
-        record = sampling.record_routing
-        logits, cache, prefill_routes = _prefill(model, input_ids, attention, positions, record)
-        if len(distinct) < batch:  # one prefill row per distinct prompt -> one per decode row
+        logits, cache, prefill_routes = _prefill(self.model, input_ids, attention, positions, record)
+        if len(distinct) < len(rows):  # one prefill row per distinct prompt -> one per decode row
             logits, attention, positions = logits[row_of], attention[row_of], positions[row_of]  # [B, ...]
             prefill_routes = prefill_routes[row_of] if prefill_routes is not None else None
             cache.reorder_cache(row_of)
-        stepper_cls = _FastQwen3Stepper if self.fast_decode else _GenericStepper
-        kwargs = {"dense_experts_max_rows": self.dense_experts_max_rows} if self.fast_decode else {}
-        stepper = stepper_cls(model, cache, attention, positions, max_new, record, **kwargs)
-        del cache
+        return logits, cache, attention, positions, prefill_routes
 
-        tokens = torch.full((batch, max_new), self.pad_id, dtype=torch.long, device=device)  # [B, N]
-        token_lps = torch.zeros((batch, max_new), dtype=torch.float32, device=device)  # [B, N]
-        lengths = torch.full((batch,), max_new, dtype=torch.long, device=device)  # [B]
-        stopped = torch.zeros(batch, dtype=torch.bool, device=device)  # [B]
+
+@dataclass
+class _Decoded:
+    """What decoding writes, per row: tokens and their log-probs [B, N], lengths and whether a stop
+    ended the row [B], and the experts each decoded token was routed to [B, N, L, k] (if recorded)."""
+
+    tokens: torch.Tensor
+    token_lps: torch.Tensor
+    lengths: torch.Tensor
+    stopped: torch.Tensor
+    routes: torch.Tensor | None
+
+    @classmethod
+    def empty(cls, batch: int, max_new: int, pad_id: int, device, route_shape) -> _Decoded:
         routes = None
-        if record:
-            layers, top_k = prefill_routes.shape[2:]
-            routes = torch.full((batch, max_new, layers, top_k), -1, dtype=torch.int16, device=device)  # [B, N, L, k]
-        noise = RaceNoise(batch, logits.shape[-1], max_new, device, generator, row_generators)
-        alive = torch.arange(batch, device=device)  # rows still decoding, as indices into the batch
-        all_alive = True  # while no row has finished, index with slices instead of `alive`
-        for t in range(max_new):
-            lp = sampling_logprobs(logits, sampling)  # [A, V]
-            token = draw(lp, sampling, noise, None if all_alive else alive)  # [A]
-            token_lp = lp.gather(-1, token[:, None]).squeeze(-1)  # [A]
-            if all_alive:
-                tokens[:, t], token_lps[:, t] = token, token_lp
-            else:
-                tokens[alive, t], token_lps[alive, t] = token, token_lp
-            if stopper.active:
-                done = stopper.finished(token, tokens, alive, t)  # [A]
-                if bool(done.any()):
-                    finished = alive[done]
-                    lengths[finished] = t + 1
-                    stopped[finished] = True
-                    keep = (~done).nonzero().squeeze(-1)  # [A']
-                    if keep.numel() == 0:
-                        break
-                    alive, token, all_alive = alive[keep], token[keep], False
-                    stepper.select(keep)
-            if t == max_new - 1:
-                break
-            logits, step_routes = stepper.step(token)
-            if routes is not None:
-                if all_alive:
-                    routes[:, t] = step_routes
-                else:
-                    routes[alive, t] = step_routes
+        if route_shape is not None:
+            routes = torch.full((batch, max_new, *route_shape), -1, dtype=torch.int16, device=device)  # [B, N, L, k]
+        return cls(torch.full((batch, max_new), pad_id, dtype=torch.long, device=device),  # [B, N]
+                   torch.zeros((batch, max_new), dtype=torch.float32, device=device),  # [B, N]
+                   torch.full((batch,), max_new, dtype=torch.long, device=device),  # [B]
+                   torch.zeros(batch, dtype=torch.bool, device=device), routes)  # [B]
 
-        lengths_list = lengths.tolist()
-        tokens_list, lps_list = tokens.tolist(), token_lps.tolist()
-        completions = [tokens_list[b][: lengths_list[b]] for b in range(batch)]
-        logprobs = [lps_list[b][: lengths_list[b]] for b in range(batch)]
-        reasons = ["stop" if s else "length" for s in stopped.tolist()]
+    def results(self, rows: list[list[int]], width: int, prefill_routes: torch.Tensor | None):
+        """(completions, logprobs, finish reasons, routing) as lists, one entry per row."""
+        batch = len(rows)
+        lengths = self.lengths.tolist()
+        tokens, lps = self.tokens.tolist(), self.token_lps.tolist()
+        completions = [tokens[b][: lengths[b]] for b in range(batch)]
+        logprobs = [lps[b][: lengths[b]] for b in range(batch)]
+        reasons = ["stop" if s else "length" for s in self.stopped.tolist()]
         routing = None
-        if routes is not None:
+        if self.routes is not None:
             # The last drawn token of each row was never fed back, so it has no routing:
             # (prompt + completion - 1) rows, the positions a training forward scores.
-            prefill_routes, routes = prefill_routes.cpu(), routes.cpu()
-            routing = [torch.cat([prefill_routes[b, width - len(rows[b]) :], routes[b, : lengths_list[b] - 1]])
+            prefill_routes, routes = prefill_routes.cpu(), self.routes.cpu()
+            routing = [torch.cat([prefill_routes[b, width - len(rows[b]) :], routes[b, : lengths[b] - 1]])
                        for b in range(batch)]
         return completions, logprobs, reasons, routing
+
+
+def _sample_tokens(stepper, logits: torch.Tensor, sampling: SamplingParams, stopper: _StopChecker,
+                   noise: RaceNoise, out: _Decoded) -> None:
+    """The decode loop: draw a token per live row, record it, drop the rows that stopped, step."""
+    batch, max_new = out.tokens.shape
+    alive = torch.arange(batch, device=out.tokens.device)  # rows still decoding, as indices into the batch
+    all_alive = True  # while no row has finished, index with slices instead of `alive`
+    for t in range(max_new):
+        lp = sampling_logprobs(logits, sampling)  # [A, V]
+        token = draw(lp, sampling, noise, None if all_alive else alive)  # [A]
+        token_lp = lp.gather(-1, token[:, None]).squeeze(-1)  # [A]
+        if all_alive:
+            out.tokens[:, t], out.token_lps[:, t] = token, token_lp
+        else:
+            out.tokens[alive, t], out.token_lps[alive, t] = token, token_lp
+        if stopper.active:
+            done = stopper.finished(token, out.tokens, alive, t)  # [A]
+            if bool(done.any()):
+                finished = alive[done]
+                out.lengths[finished] = t + 1
+                out.stopped[finished] = True
+                keep = (~done).nonzero().squeeze(-1)  # [A']
+                if keep.numel() == 0:
+                    break
+                alive, token, all_alive = alive[keep], token[keep], False
+                stepper.select(keep)
+        if t == max_new - 1:
+            break
+        logits, step_routes = stepper.step(token)
+        if out.routes is not None:
+            if all_alive:
+                out.routes[:, t] = step_routes
+            else:
+                out.routes[alive, t] = step_routes

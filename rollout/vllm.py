@@ -528,49 +528,31 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
         import vllm
         from vllm.engine.arg_utils import EngineArgs
-        from vllm.platforms import current_platform
 
         if sleep_level not in (1, 2):
             raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
-        platform = getattr(current_platform, "device_name", None) or type(current_platform).__name__
-        self.on_cpu = current_platform.is_cpu()
-        if record_routing and self.on_cpu:
-            raise RuntimeError(
-                f"moe.routing_replay=R3 needs vLLM to return routed experts, which needs its Model Runner V2 "
-                f"(Triton); vLLM's CPU build (vllm {vllm.__version__}, platform {platform}) has neither. "
-                "Use moe.routing_replay=R2 or none, or rollout.engine=hf, on this machine."
-            )
-        available = getattr(current_platform, "is_sleep_mode_available", lambda: False)()
-        if enable_sleep_mode and not available:
-            logger.warning("vLLM has no sleep mode on platform %s: the engine keeps its memory during updates "
-                           "(rollout.vllm.enable_sleep_mode ignored)", platform)
-            enable_sleep_mode = False
         self.sleep_level = sleep_level
-        self.enable_sleep_mode = enable_sleep_mode
+        self.enable_sleep_mode = self._check_platform(record_routing, enable_sleep_mode)
         self.record_routing = record_routing
         backend = self._join_process_layout(tensor_parallel_size)
-
         wanted: dict[str, Any] = {
             "tensor_parallel_size": tensor_parallel_size,
             "gpu_memory_utilization": gpu_memory_utilization,
-            "enable_sleep_mode": enable_sleep_mode,
+            "enable_sleep_mode": self.enable_sleep_mode,
             "seed": seed + self.tp_group_index,
             "dtype": dtype,
             "enable_prefix_caching": enable_prefix_caching,
             "enforce_eager": enforce_eager,
             "logprobs_mode": "processed_logprobs",
+            "distributed_executor_backend": backend,
+            "enable_return_routed_experts": True if record_routing else None,
+            "max_model_len": max_model_len,
+            "max_num_seqs": max_num_seqs,
+            "max_num_batched_tokens": max_num_batched_tokens,
+            # vLLM's RAM share default on CPU (0.92) would not fit beside a trainer
+            "kv_cache_memory_bytes": 256 << 20 if kv_cache_memory_bytes is None and self.on_cpu else kv_cache_memory_bytes,
         }
-        if kv_cache_memory_bytes is None and self.on_cpu:
-            kv_cache_memory_bytes = 256 << 20  # vLLM's RAM share default (0.92) would not fit beside a trainer
-        if backend is not None:
-            wanted["distributed_executor_backend"] = backend
-        if record_routing:
-            wanted["enable_return_routed_experts"] = True
-        for key, value in (("max_model_len", max_model_len), ("max_num_seqs", max_num_seqs),
-                           ("max_num_batched_tokens", max_num_batched_tokens),
-                           ("kv_cache_memory_bytes", kv_cache_memory_bytes)):
-            if value is not None:
-                wanted[key] = value
+        wanted = {k: v for k, v in wanted.items() if v is not None}
         if self.on_cpu and _mla_with_default_rope(model):
             # vLLM 0.32's CPU rotary kernel reads only 2-D [tokens, heads * dim] input, and the MLA wrapper
             # hands it 3-D q/k views: every position but the first gets wrong rotations, with no error
@@ -588,7 +570,37 @@ class VLLMEngine:
         self._owns_default_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         with _process_state_kept():
             self.llm = vllm.LLM(model=model, **kept)
+        self._read_model_config(model_type, tie_word_embeddings)
+        # Seeds for TP groups: every rank of a group draws the same sequence (it is seeded alike and
+        # called in lockstep), so the group samples identically whatever the trainer did to the
+        # global torch RNG of each rank.
+        self._group_rng = random.Random(seed + self.tp_group_index)
+        self._asleep: set[str] = set()  # memory tags currently released ("weights", "kv_cache")
+        self._weights_discarded = False  # level-2 sleep: weights must be reloaded before generating
 
+    def _check_platform(self, record_routing: bool, enable_sleep_mode: bool) -> bool:
+        """Sets `on_cpu`; refuses R3 where vLLM cannot return routed experts; returns whether sleep
+        mode stays on (off, with a warning, where the platform has none)."""
+        import vllm
+        from vllm.platforms import current_platform
+
+        platform = getattr(current_platform, "device_name", None) or type(current_platform).__name__
+        self.on_cpu = current_platform.is_cpu()
+        if record_routing and self.on_cpu:
+            raise RuntimeError(
+                f"moe.routing_replay=R3 needs vLLM to return routed experts, which needs its Model Runner V2 "
+                f"(Triton); vLLM's CPU build (vllm {vllm.__version__}, platform {platform}) has neither. "
+                "Use moe.routing_replay=R2 or none, or rollout.engine=hf, on this machine."
+            )
+        available = getattr(current_platform, "is_sleep_mode_available", lambda: False)()
+        if enable_sleep_mode and not available:
+            logger.warning("vLLM has no sleep mode on platform %s: the engine keeps its memory during updates "
+                           "(rollout.vllm.enable_sleep_mode ignored)", platform)
+            return False
+        return enable_sleep_mode
+
+    def _read_model_config(self, model_type: str | None, tie_word_embeddings: bool | None) -> None:
+        """What a weight update must match: the checkpoint's manifest, model type and tying."""
         from rollout.vllm_worker import checkpoint_manifest
 
         self._manifest = checkpoint_manifest(self.llm.llm_engine.model_config)  # what an update must match
@@ -598,12 +610,6 @@ class VLLMEngine:
             text_config = getattr(hf_config, "get_text_config", lambda: hf_config)()
             tie_word_embeddings = bool(getattr(text_config, "tie_word_embeddings", False))
         self.tie_word_embeddings = tie_word_embeddings
-        # Seeds for TP groups: every rank of a group draws the same sequence (it is seeded alike and
-        # called in lockstep), so the group samples identically whatever the trainer did to the
-        # global torch RNG of each rank.
-        self._group_rng = random.Random(seed + self.tp_group_index)
-        self._asleep: set[str] = set()  # memory tags currently released ("weights", "kv_cache")
-        self._weights_discarded = False  # level-2 sleep: weights must be reloaded before generating
 
     def _join_process_layout(self, tensor_parallel_size: int) -> str | None:
         """Place this process in the engine layout: one engine per TP group of consecutive ranks.

@@ -481,6 +481,12 @@ class VLLMServerClient:
 
     # --- memory phases ----------------------------------------------------------------------
 
+    def before_update(self) -> None:
+        """Nothing to do: the server's memory is its own (a separate process or GPU pool)."""
+
+    def after_update(self) -> None:
+        """Nothing to do (see `before_update`)."""
+
     def sleep(self, level: int = 1) -> None:
         """Free the server's GPU memory (owner only; needs `--enable-sleep-mode`, not on CPU)."""
         if self.owner:

@@ -66,8 +66,8 @@ def test_overlong_penalty():
 
 
 def test_loop_adds_the_soft_overlong_penalty_before_advantages():
+    from grpo.advantages import assign_advantages
     from grpo.config import RunConfig
-    from grpo.train import with_advantages
     from rollout.base import Rollout
 
     # max_new_tokens 10, buffer 0.2 -> L_cache 2: lengths [4, 9, 10, 10] get penalties [0, -0.5, -1, -1]
@@ -76,10 +76,9 @@ def test_loop_adds_the_soft_overlong_penalty_before_advantages():
                                     "algorithm": {"advantage_scale": "none", "overlong_buffer": 0.2}})
     rollouts = [Rollout(group=0, prompt_ids=(1,), completion_ids=(2,) * n, text="", logprobs=(0.0,) * n,
                         finish_reason="stop", reward=r) for n, r in zip([4, 9, 10, 10], [1.0, 1.0, 1.0, 0.0])]
-    out, metrics = with_advantages(rollouts, cfg)
+    out, metrics = assign_advantages(rollouts, cfg.algorithm, 4, 10)
     assert [r.advantage for r in out] == pytest.approx([0.875, 0.375, -0.125, -1.125])
     assert [r.rewards["overlong_penalty"] for r in out] == [0.0, -0.5, -1.0, -1.0]
     assert metrics["reward/overlong_penalty"] == pytest.approx(-2.5 / 4)
-    plain, _ = with_advantages(rollouts, cfg.model_copy(update={"algorithm": cfg.algorithm.model_copy(
-        update={"overlong_buffer": 0.0})}))
+    plain, _ = assign_advantages(rollouts, cfg.algorithm.model_copy(update={"overlong_buffer": 0.0}), 4, 10)
     assert [r.advantage for r in plain] == pytest.approx([0.25, 0.25, 0.25, -0.75])  # r - 0.75

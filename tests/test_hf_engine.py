@@ -267,7 +267,7 @@ def test_make_engine_builds_the_configured_hf_engine(moe, tokenizer):
     from rollout import make_engine
 
     cfg = RunConfig.model_validate({"rollout": {"engine": "hf", "hf": {"fast_decode": False}}})
-    engine = make_engine(cfg, moe, tokenizer, "cpu")
+    engine = make_engine(cfg.rollout, moe, tokenizer, "cpu", seed=0)
     assert isinstance(engine, HFEngine) and not engine.fast_decode
     cfg = RunConfig.model_validate({"rollout": {"engine": "vllm", "vllm": {"mode": "server", "tensor_parallel_size": 2}}})
     assert cfg.rollout.vllm.tensor_parallel_size == 2

@@ -126,7 +126,7 @@ def server(tmp_path_factory):
     try:
         wait_for_health(url, proc, root / "server.log", STARTUP_S)
         # `current`: the weights the server must be sampling from (the last good push)
-        yield SimpleNamespace(url=url, current=model, log=root / "server.log")
+        yield SimpleNamespace(url=url, current=model, log=root / "server.log", model_dir=root / "tiny-moe")
     finally:
         stop_server(proc)
 
@@ -251,7 +251,7 @@ rank = int(rank)
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
 cfg = RunConfig.model_validate({"rollout": {"engine": "vllm", "vllm": {"mode": "server", "server_url": url}}})
 policy = SimpleNamespace(config=SimpleNamespace(model_type="qwen3_moe", tie_word_embeddings=False))
-engine = make_engine(cfg, policy, None, "cpu")
+engine = make_engine(cfg.rollout, policy, None, "cpu", seed=0)
 if rank == 0:
     time.sleep(2.0)  # rank 1 would sample from the old weights if it did not wait
 engine.update_weights(load_file(weights).items())  # every rank calls it after a step, as the trainer does
@@ -300,12 +300,41 @@ def test_make_engine_gives_a_single_process_the_pushing_client(server):
     from rollout import make_engine
 
     cfg = RunConfig.model_validate({"rollout": {"engine": "vllm", "vllm": {"mode": "server", "server_url": server.url}}})
-    engine = make_engine(cfg, server.current, None, "cpu")
+    engine = make_engine(cfg.rollout, server.current, None, "cpu", seed=0)
     assert isinstance(engine, VLLMServerClient) and engine.owner and engine.channel == "file"
     assert not hasattr(engine, "model")  # the trainer's sync_engine reads `engine.model` as the HF engine's module
     engine.close()
     with pytest.raises(ValueError, match="routed experts"):
-        make_engine(cfg, server.current, None, "cpu", record_routing=True)
+        make_engine(cfg.rollout, server.current, None, "cpu", seed=0, record_routing=True)
+
+
+def test_asynchronous_training_samples_through_the_server_and_pushes_each_version(server, tmp_path):
+    """`grpo train ... trainer.max_staleness=1` with the server engine: the generation process samples
+    over HTTP and pushes the versions its steps need (0, then 1 for step 3); what the server samples
+    from afterwards is the trainer's checkpoint of step 1, to 1e-4."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    args = ["train", "recipes/tiny-cpu.yaml", f"model.name_or_path={server.model_dir}", "rollout.engine=vllm",
+            "rollout.vllm.mode=server", f"rollout.vllm.server_url={server.url}", "trainer.max_staleness=1",
+            "trainer.steps=3", "trainer.save_every=1", "trainer.keep_checkpoints=5", "trainer.prompts_per_step=2",
+            "rollout.group_size=2", "rollout.max_new_tokens=8", "eval.before_and_after=false",
+            "logging.progress=false", "rewards.workers=0", "trainer.threads=2", "trainer.lr=0.02",
+            "rollout.stop=[]", "rewards.functions=[{name: 'tests.async_plugins:text_length'}]", "--output-dir", str(out)]
+    r = subprocess.run([sys.executable, "-m", "grpo", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["async/staleness_max"] for row in rows] == [0.0, 1.0, 1.0]
+    step3 = [json.loads(line) for line in (out / "rollouts" / "step-000003.jsonl").read_text().splitlines()]
+    assert {row["policy_version"] for row in step3} == {1}
+    version1 = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step-000001" / "model", dtype=torch.float32)
+    client = VLLMServerClient(server.url, device="cpu")
+    rollouts = client.generate(PROMPTS, 2, PLAIN)
+    client.close()
+    assert max_logprob_error(version1, rollouts) < TOL
+    assert max_logprob_error(server.current, rollouts) > 1e-2  # the run's pushes replaced what was served
+    server.current = version1
 
 
 def test_a_dead_server_is_a_clear_error_at_once():

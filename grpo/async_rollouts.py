@@ -1,0 +1,292 @@
+"""Asynchronous RL: a generation process samples later steps while the trainer updates.
+
+With `trainer.max_staleness` k >= 1 the batch of step s is sampled by the policy after step
+max(v0, s - 1 - k) (v0: the step the run started or resumed from), in a separate process with its
+own share of the cores (`trainer.generation_threads`):
+
+    trainer   ... learn(s-1) ─ publish v=s-1 ─ learn(s) ─ publish v=s ─ ...
+    generator ... collect(s+k) with v=s-1   ─   collect(s+k+1) with v=s ─ ...
+
+Admission bounds the staleness: the generator starts step s only once the weights of step
+s - 1 - k have been published (it waits; nothing finished is ever discarded, groups stay whole).
+The lag is exactly k once the pipeline is full, whatever the timing, so a run is deterministic:
+the same recipe samples the same rollouts, and a resumed run continues the same sequence.
+Every rollout records the version (`Rollout.policy_version`); the loss treats the batch as
+off-policy (the decoupled objective, grpo/loss.py).
+
+Engines: the transformers engine on CPU (the process keeps its own copy of the policy and loads
+each published version), and vLLM in server mode (the process drives the server over HTTP and
+pushes each version to it). Colocated vLLM shares the device with the trainer and stays
+synchronous (k = 0, with a warning); so does the transformers engine on a GPU.
+
+Checkpoints: a checkpoint after step S holds the batches S+1 .. S+k already sampled (they were
+sampled by weights that no longer exist), and the prompt sampler's position after them; the
+resumed run trains on those first and the new generation process continues from S+k+1 with the
+weights of step S. The batches it had sampled beyond S+k are regenerated, identically.
+
+Failures: an exception in the generation process reaches the trainer as a `GenerationError`
+carrying its message within a fraction of a second; a generation process that dies without one
+is reported with its exit status. The generation process dies with the trainer (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import signal
+import time
+import traceback
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from grpo.config import RunConfig
+from grpo.step import RolloutBatch
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.1  # how often a waiting trainer checks that the generation process is alive
+IN_FLIGHT_FILE = "in_flight.pt"  # a checkpoint's batches sampled ahead of its step
+
+
+class GenerationError(RuntimeError):
+    """The generation process failed; the message is its own error."""
+
+
+def effective_staleness(cfg: RunConfig, device: torch.device) -> int:
+    """`trainer.max_staleness`, or 0 (with a warning) where generation shares the trainer's device."""
+    k, ro = cfg.trainer.max_staleness, cfg.rollout
+    if not k:
+        return 0
+    if ro.engine == "vllm" and ro.vllm.mode != "server":
+        log.warning("trainer.max_staleness=%d needs generation on its own device or process; colocated vLLM "
+                    "shares the device with the trainer, so this run is synchronous (max_staleness 0). "
+                    "Use rollout.vllm.mode=server for asynchronous RL on GPUs.", k)
+        return 0
+    if ro.engine == "hf" and device.type != "cpu":
+        log.warning("trainer.max_staleness=%d with the transformers engine runs on CPU only; on %s this run is "
+                    "synchronous (max_staleness 0). Use rollout.engine=vllm with rollout.vllm.mode=server.",
+                    k, device.type)
+        return 0
+    return k
+
+
+def thread_split(cfg: RunConfig) -> tuple[int, int]:
+    """(trainer threads, generation threads): the generation process gets `generation_threads`,
+    or half of `trainer.threads` (of the CPUs when unset), and the trainer keeps the rest."""
+    total = cfg.trainer.threads or os.cpu_count() or 2
+    gen = cfg.trainer.generation_threads or max(1, total // 2)
+    return max(1, total - gen), gen
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A batch sampled ahead of the trainer, and the prompt sampler's state after drawing it."""
+
+    step: int
+    batch: RolloutBatch
+    sampler_epoch: int
+    sampler_position: int
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """What the generation process needs to start (pickled to it)."""
+
+    cfg: RunConfig
+    model_path: str | None  # the checkpoint's model, None for the recipe's
+    first_step: int  # the first step it samples
+    base_version: int  # the version of the first weights it receives
+    staleness: int
+    threads: int
+    sampler_epoch: int
+    sampler_position: int
+
+
+# --- the generation process --------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """Linux: get SIGKILL when the trainer exits, however it exits (best effort elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _generation_side(spec: _Spec):
+    """(StepContext for sampling only, the module that receives weights or None)."""
+    from grpo.data import PromptSampler, load_rows
+    from grpo.model import load_policy
+    from grpo.step import StepContext, make_scorer, sampling_params
+    from rollout import make_engine
+    from rollout.base import find_routers
+
+    cfg, device = spec.cfg, torch.device("cpu")
+    if cfg.rollout.engine == "hf":
+        model, tokenizer = load_policy(cfg, device, path=spec.model_path)
+        model.eval().requires_grad_(False)
+    else:  # vLLM server: the server holds the weights; the client needs the config and tokenizer only
+        model, tokenizer = _config_only(cfg, spec.model_path)
+    record = bool(find_routers(model)) and cfg.moe.routing_replay == "R3" if cfg.rollout.engine == "hf" else False
+    engine = make_engine(cfg.rollout, model, tokenizer, device, seed=cfg.trainer.seed, record_routing=record)
+    rows = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)[0]
+    prompts = PromptSampler(rows, seed=cfg.data.seed, epoch=spec.sampler_epoch, position=spec.sampler_position)
+    ctx = StepContext(cfg, engine, make_scorer(cfg), tokenizer, prompts, None, None, None, None, device, None,
+                      sampling=sampling_params(cfg, record_routing=record))
+    return ctx, (model if cfg.rollout.engine == "hf" else None)
+
+
+def _config_only(cfg: RunConfig, path: str | None):
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    name = path or cfg.model.name_or_path
+    kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.revision and path is None:
+        kwargs["revision"] = cfg.model.revision
+    tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return SimpleNamespace(config=AutoConfig.from_pretrained(name, **kwargs), name_or_path=name), tokenizer
+
+
+def _load_version(ctx, model, weights: dict[str, torch.Tensor]) -> None:
+    if model is not None:  # the transformers engine decodes with `model`: copy the parameters in
+        own = dict(model.named_parameters())
+        ctx.engine.update_weights((k, v) for k, v in weights.items() if k in own)
+    else:  # vLLM server: push the whole state
+        ctx.engine.update_weights(weights.items())
+
+
+def _generate(spec: _Spec, weights_q, batches_q) -> None:
+    """The generation process: sample steps first_step .. steps in order, each with the weights
+    of step max(base_version, s - 1 - staleness), waiting for those to be published."""
+    from grpo.step import collect_rollouts
+
+    _die_with_parent()
+    try:
+        torch.set_num_threads(spec.threads)
+        ctx, model = _generation_side(spec)
+        version = -1
+        try:
+            for step in range(spec.first_step, spec.cfg.trainer.steps + 1):
+                need, t = max(spec.base_version, step - 1 - spec.staleness), time.perf_counter()
+                while version < need:
+                    message = weights_q.get()
+                    if message is None:  # the trainer is done
+                        return
+                    version, weights = message
+                    _load_version(ctx, model, weights)
+                    del weights
+                batch = collect_rollouts(ctx, step, policy_version=version)
+                batch = replace(batch, generation_wait_s=time.perf_counter() - t)
+                batches_q.put(("batch", InFlight(step, batch, ctx.prompts.epoch, ctx.prompts.position)))
+        finally:
+            ctx.scorer.close()
+            ctx.engine.close()
+    except BaseException as exc:  # noqa: BLE001 - every failure goes back to the trainer, then exit 1
+        batches_q.put(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        batches_q.close()
+        batches_q.join_thread()
+        os._exit(1)
+
+
+# --- the trainer's side ------------------------------------------------------------------------
+
+
+class AsyncRollouts:
+    """The trainer's end of the pipeline: `take(step)` the batch of a step, `publish(step, model)`
+    the weights after it, `in_flight(step)` what a checkpoint after it must keep."""
+
+    def __init__(self, cfg: RunConfig, *, staleness: int, start_step: int, model_path: str | None,
+                 saved: list[InFlight], sampler_epoch: int, sampler_position: int, model: torch.nn.Module):
+        self.cfg, self.k, self.steps = cfg, staleness, cfg.trainer.steps
+        self.ready: dict[int, InFlight] = {f.step: f for f in saved}
+        self.base = start_step - 1  # the version of the weights the trainer starts from
+        self.first_generated = start_step + len(saved)
+        self.process = None
+        if self.first_generated > self.steps:
+            return
+        trainer_threads, gen_threads = thread_split(cfg)
+        torch.set_num_threads(trainer_threads)
+        spec = _Spec(cfg, model_path, self.first_generated, self.base, staleness, gen_threads, sampler_epoch,
+                     sampler_position)
+        mp = torch.multiprocessing.get_context("spawn")
+        self.weights_q, self.batches_q = mp.Queue(), mp.Queue()
+        self.process = mp.Process(target=_generate, args=(spec, self.weights_q, self.batches_q),
+                                  name="grpo-generation", daemon=False)
+        self.process.start()
+        log.info("asynchronous RL: max_staleness %d, generation process %d (%d threads), trainer %d threads",
+                 staleness, self.process.pid, gen_threads, trainer_threads)
+        self._send(self.base, model)
+
+    # versions the generation process will ask for: max(base, s - 1 - k) for its steps
+    def _needed(self, version: int) -> bool:
+        return self.process is not None and max(self.base, self.first_generated - 1 - self.k) <= version <= self.steps - 1 - self.k
+
+    def _send(self, version: int, model: torch.nn.Module) -> None:
+        from grpo.checkpoint import full_model_state
+
+        if version == self.base or self._needed(version):  # a private copy: the trainer keeps updating its own
+            self.weights_q.put((version, {k: v.clone() for k, v in full_model_state(model).items()}))
+
+    def publish(self, step: int, model: torch.nn.Module) -> None:
+        """The weights after `step`'s update (version `step`), if a later batch will use them."""
+        if self.process is not None and step != self.base and self._needed(step):
+            self._send(step, model)
+
+    def _receive(self) -> None:
+        try:
+            message = self.batches_q.get(timeout=POLL_S)
+        except queue.Empty:
+            if self.process is not None and not self.process.is_alive():
+                raise GenerationError(f"the generation process exited with status {self.process.exitcode} "
+                                      "without reporting an error") from None
+            return
+        if message[0] == "error":
+            log.debug("generation process traceback:\n%s", message[2])
+            raise GenerationError(f"generation failed: {message[1]}")
+        self.ready[message[1].step] = message[1]
+
+    def take(self, step: int) -> RolloutBatch:
+        """The batch of `step`, waiting for it (the wait is recorded on the batch)."""
+        t = time.perf_counter()
+        while step not in self.ready:
+            self._receive()
+        return replace(self.ready.pop(step).batch, update_wait_s=time.perf_counter() - t)
+
+    def in_flight(self, step: int) -> tuple[list[InFlight], tuple[int, int] | None]:
+        """The batches of steps step+1 .. step+k (waiting for them: they need no newer weights) and the
+        sampler state after the last of them (None when there is none: the last step)."""
+        upto = min(step + self.k, self.steps)
+        while any(s not in self.ready for s in range(step + 1, upto + 1)):
+            self._receive()
+        kept = [self.ready[s] for s in range(step + 1, upto + 1)]
+        return kept, ((kept[-1].sampler_epoch, kept[-1].sampler_position) if kept else None)
+
+    def close(self) -> None:
+        """Stop the generation process (it is waiting for weights or sampling a batch nobody needs)."""
+        if self.process is None:
+            return
+        self.weights_q.put(None)
+        self.process.join(timeout=5)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.weights_q.cancel_join_thread()
+        self.process = None
+
+    def __enter__(self) -> AsyncRollouts:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def load_in_flight(path: Path) -> list[InFlight]:
+    return torch.load(path, weights_only=False) if path.is_file() else []

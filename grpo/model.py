@@ -1,0 +1,63 @@
+"""Loading what a run trains: the policy and its tokenizer, the frozen reference, the optimizer and
+its learning-rate schedule. `grpo train` and `grpo eval` both load models through here."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from grpo.config import RunConfig, TrainerConfig
+from grpo.experts import experts_implementation
+
+
+def load_policy(cfg: RunConfig, device: torch.device, path: str | Path | None = None):
+    """The policy and its tokenizer: a built-in tiny base (built and cached on first use), a Hub
+    id or a local directory; `path` (a checkpoint's model) replaces the recipe's model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpo.tiny import BUILTIN_PREFIX, ensure_tiny_base
+
+    name = str(path) if path is not None else cfg.model.name_or_path
+    if name.startswith(BUILTIN_PREFIX):
+        name = str(ensure_tiny_base(name[len(BUILTIN_PREFIX) :], progress=cfg.logging.progress))
+    kwargs = {"dtype": getattr(torch, cfg.model.dtype), "trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.revision and path is None:
+        kwargs["revision"] = cfg.model.revision
+    if cfg.model.attn_implementation:
+        kwargs["attn_implementation"] = cfg.model.attn_implementation
+    experts = experts_implementation(cfg.model.experts_implementation, device)
+    if experts:
+        kwargs["experts_implementation"] = experts
+    revision = cfg.model.revision if path is None else None
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=cfg.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(name, **kwargs).to(device)
+    return model, tokenizer
+
+
+def reference_model(cfg: RunConfig, model, device: torch.device, resumed: bool):
+    """The frozen initial policy for the KL term (beta > 0 only; None otherwise). A resumed run
+    reloads the recipe's model: the checkpoint holds the trained policy, not the reference."""
+    if cfg.algorithm.beta <= 0:
+        return None
+    ref = load_policy(cfg, device)[0] if resumed else copy.deepcopy(model)
+    return ref.eval().requires_grad_(False)
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def make_optimizer(model, tr: TrainerConfig, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW over the model's parameters; the fused kernel (one pass over all parameters) where
+    torch has one for their device and dtype, unless `fused` is False (sharded DTensor params)."""
+    params = list(model.parameters())
+    fused = fused and all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES for p in params)
+    return torch.optim.AdamW(params, lr=tr.lr, betas=tr.betas, weight_decay=tr.weight_decay, fused=fused or None)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, tr: TrainerConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `trainer.warmup_steps`, then a constant learning rate."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (tr.warmup_steps + 1)))

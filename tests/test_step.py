@@ -1,0 +1,89 @@
+"""One step as a unit (grpo/step.py): `grpo train` and the step benchmark run the same function."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+SHORT = ["trainer.threads=1", "trainer.prompts_per_step=2", "rollout.group_size=4", "eval.before_and_after=false",
+         "logging.progress=false", "rewards.workers=0", "trainer.steps=2"]
+
+
+def test_train_and_the_step_benchmark_call_the_same_step(tmp_path, monkeypatch, tiny_base):
+    import grpo.step
+    from bench.step_vs_trl import OurStep
+    from grpo.cli import main
+
+    real, callers = grpo.step.run_step, []
+
+    def counted(ctx, step):
+        callers.append(sys._getframe(1).f_code.co_filename)  # who called the step
+        result = real(ctx, step)
+        assert isinstance(result, grpo.step.StepResult) and result.step == step
+        return result
+
+    monkeypatch.setattr(grpo.step, "run_step", counted)
+    assert main(["train", "recipes/tiny-cpu.yaml", *SHORT, "--output-dir", str(tmp_path / "run")]) == 0
+    bench = OurStep(64, 2, prompts_per_step=2, group=4, new_tokens=8)
+    split = [bench() for _ in range(3)]
+    assert sum(f.endswith("grpo/train.py") for f in callers) == 2
+    assert sum(f.endswith("bench/step_vs_trl.py") for f in callers) == 3
+    assert len(callers) == 5
+    assert all(s["step"] >= s["generate"] + s["train"] > 0 for s in split)
+
+
+def test_prompt_groups_carry_row_text_ids_seed_and_global_index(tiny_base):
+    """A PromptGroup holds everything the step needs about its prompt, encoded once; a rank's
+    groups are numbered from its first global prompt index and seeded by that index."""
+    from grpo.config import RunConfig
+    from grpo.distributed import group_seed
+    from grpo.step import StepContext, prompt_groups
+    from grpo.tiny import build_char_tokenizer
+
+    cfg = RunConfig.model_validate({"trainer": {"seed": 7, "prompts_per_step": 4}})
+    tok = build_char_tokenizer()
+
+    class NoMoE:
+        is_moe = False
+
+    ctx = StepContext(cfg, None, None, tok, None, None, None, None, None, "cpu", NoMoE(), batch=slice(2, 4))
+    rows = [{"question": "1+2", "answer": "3"}, {"question": "4+5", "answer": "9"}]
+    groups = prompt_groups(ctx, rows, step=3, sampling_round=1)
+    assert [g.index for g in groups] == [2, 3]
+    assert [g.seed for g in groups] == [group_seed(7, 3, 2, 1), group_seed(7, 3, 3, 1)]
+    for g, row in zip(groups, rows):
+        assert g.row is row and "1+2" in groups[0].text
+        assert list(g.token_ids) == tok.encode(g.text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("rewards,correct,expected", [
+    ({"countdown": 1.0, "format": 1.0}, ["countdown", "format"], True),
+    ({"countdown": 1.0, "format": 0.0}, ["countdown", "format"], False),
+    ({"math_answer": 1.0}, ["math_answer", "format"], False),  # a reward it did not score is not 1.0
+    ({"math_answer": None, "format": 1.0}, ["math_answer", "format"], False),  # "does not apply" is not correct
+])
+def test_one_definition_of_correct(rewards, correct, expected):
+    """Training's rollout/accuracy and evaluation both ask `is_correct` with `eval.correct`."""
+    from grpo.evaluate import is_correct
+
+    assert is_correct(rewards, correct) is expected
+
+
+def test_training_scores_what_eval_correct_names_at_weight_zero():
+    """A countdown recipe's rollout/accuracy counts countdown answers (it once hard-coded math_answer);
+    a correctness reward the recipe does not train on is scored with weight 0."""
+    from grpo.config import load_recipe
+    from grpo.step import make_scorer
+
+    cfg = load_recipe("recipes/countdown-tiny-cpu.yaml", ["rewards.workers=0"])
+    assert set(cfg.eval.correct) <= {f.name for f in cfg.rewards.functions}
+    cfg = load_recipe("recipes/tiny-cpu.yaml", ["rewards.workers=0", "eval.correct=[math_answer,format,countdown]"])
+    scorer = make_scorer(cfg)
+    try:
+        result = scorer.score(["<think>x</think><answer>3</answer>"], [{"answer": "3", "numbers": [1, 2], "target": 3}])
+        assert "countdown" in result.per_function
+        weights = {s.name: s.weight for s in scorer.specs}
+        assert weights["countdown"] == 0.0
+    finally:
+        scorer.close()
