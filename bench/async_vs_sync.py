@@ -1,8 +1,8 @@
 """Asynchronous RL against the synchronous loop: the embedded default's steps per second with
 `trainer.max_staleness=1` over `0`, measured in the same run, alternating, on this machine.
 
-CPU (what `make bench` runs; about 2 minutes on 2 cores with the tiny base cached):
-    python bench/async_vs_sync.py                      # k = 0 and 1, two rounds each
+CPU (what `make bench` runs; about 3 minutes on 2 cores with the tiny base cached):
+    python bench/async_vs_sync.py                      # k = 0 and 1, three rounds each
     python bench/async_vs_sync.py --staleness 1 2 --rounds 3
 GPU: not meant for one (asynchronous RL on GPUs runs vLLM in server mode; see README).
 
@@ -49,7 +49,7 @@ def one_run(staleness: int, steps: int, out: Path) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--staleness", type=int, nargs="+", default=[1], help="values of k compared with 0")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (each runs every k once)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (each runs every k once)")
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()
     ks = [0, *[k for k in args.staleness if k]]
@@ -66,6 +66,8 @@ def main() -> int:
             "bench": "async_vs_sync", "recipe": "recipes/tiny-cpu.yaml", "steps": args.steps, "rounds": args.rounds,
             "max_staleness": k, "sync_steps_per_s": round(med[0]["steps_per_s"], 3),
             "async_steps_per_s": round(med[k]["steps_per_s"], 3), "ratio_async_over_sync": round(ratio, 3),
+            "sync_steps_per_s_each_round": [round(run["steps_per_s"], 3) for run in runs[0]],
+            "async_steps_per_s_each_round": [round(run["steps_per_s"], 3) for run in runs[k]],
             "target": TARGET, "meets_target": ratio >= TARGET,
             "async_trainer_waited_s_per_step": round(med[k]["update_wait_s"], 4),
             "async_generation_waited_s_per_step": round(med[k]["generation_wait_s"], 4),
