@@ -169,6 +169,10 @@ def _generate(spec: _Spec, weights_q, batches_q) -> None:
     from grpo.step import collect_rollouts
 
     _die_with_parent()
+    # the trainer handles Ctrl-C and SIGTERM (it still needs this process's in-flight batches for the
+    # checkpoint it writes on the way out), then stops this process itself
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         torch.set_num_threads(spec.threads)
         ctx, model = _generation_side(spec)

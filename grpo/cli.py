@@ -108,7 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from grpo.async_rollouts import GenerationError
     from grpo.distributed import UnsupportedError
-    from grpo.train import NonFiniteError, train
+    from grpo.train import NonFiniteError, Stopped, train
     from rewards import UnknownRewardError
 
     try:
@@ -123,6 +123,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except GenerationError as exc:  # the generation process of an asynchronous run failed
         print(f"grpo: stopped: {exc}", file=sys.stderr)
         return EXIT_GENERATION
+    except Stopped as exc:  # SIGTERM / SIGINT: after a whole step, checkpointed when checkpoints are on
+        print(f"grpo: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     if "train" not in summary:  # not the main process: rank 0 reports
         return 0
     before, after = summary.get("eval_before"), summary.get("eval_after")

@@ -29,6 +29,8 @@ import contextlib
 import copy
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +44,7 @@ from grpo.config import RunConfig, dump_config
 from grpo.data import PromptSampler, load_eval_sets, load_rows
 from grpo.distributed import (
     UnsupportedError,
+    all_reduce_sum,
     broadcast_object,
     check_supported,
     fsdp_on_cpu,
@@ -61,6 +64,47 @@ from rollout import make_engine
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+class Stopped(RuntimeError):
+    """SIGTERM or SIGINT arrived: the run stopped after a whole step (`signum`: which signal)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM (a scheduler's notice before preemption) and SIGINT (Ctrl-C) ask the loop to stop
+    after the step in progress; a second one stops at once. Every rank stops after the same step
+    (the request is summed over processes each step)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # the second one: no clean stop wanted
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def requested(self) -> int | None:
+        """The signal to stop for, agreed by every rank (None: go on)."""
+        if all_reduce_sum(float(self.signum or 0)) == 0:
+            return None
+        return self.signum or signal.SIGTERM
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 # --- set-up helpers (each one call deep from the loop) -----------------------------------------
@@ -206,12 +250,13 @@ def stop_if_not_finite(run: Run, step: int) -> None:
                              f"Last checkpoint: {checkpoint.latest(run.output_dir) or 'none'}")
 
 
-def save_if_due(run: Run, step: int, source: AsyncRollouts | None = None) -> None:
-    """A checkpoint every `trainer.save_every` steps and after the last one. Asynchronous RL: with
-    the batches already sampled for the next steps, and the prompt sampler's state after them."""
+def save_if_due(run: Run, step: int, source: AsyncRollouts | None = None, now: bool = False) -> Path | None:
+    """A checkpoint every `trainer.save_every` steps and after the last one (`now`: whatever the
+    step, if checkpoints are on). Asynchronous RL: with the batches already sampled for the next
+    steps, and the prompt sampler's state after them."""
     cfg, state, c = run.cfg, run.state, run.ctx
-    if not cfg.trainer.save_every or not (step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps):
-        return
+    if not cfg.trainer.save_every or not (now or step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps):
+        return None
     state.step, state.sampler_epoch, state.sampler_position = step, c.prompts.epoch, c.prompts.position
     in_flight = None
     if source is not None:
@@ -219,9 +264,23 @@ def save_if_due(run: Run, step: int, source: AsyncRollouts | None = None) -> Non
         if sampler is not None:
             state.sampler_epoch, state.sampler_position = sampler
     state.tracker_ids = run.tracker.run_ids() if run.is_main else None
-    checkpoint.save(run.output_dir, state, model=c.model, unwrapped=c.unwrapped, tokenizer=c.tokenizer,
-                    optimizer=c.optimizer, scheduler=c.schedule, keep_last=cfg.trainer.keep_checkpoints,
-                    is_main=run.is_main, extra={IN_FLIGHT_FILE: in_flight} if in_flight else None)
+    return checkpoint.save(run.output_dir, state, model=c.model, unwrapped=c.unwrapped, tokenizer=c.tokenizer,
+                           optimizer=c.optimizer, scheduler=c.schedule, keep_last=cfg.trainer.keep_checkpoints,
+                           is_main=run.is_main, extra={IN_FLIGHT_FILE: in_flight} if in_flight else None)
+
+
+def stop(run: Run, step: int, signum: int, source: AsyncRollouts | None) -> Stopped:
+    """The way out after SIGTERM / SIGINT: a checkpoint of `step` (when checkpoints are on), the
+    reward workers and the engine closed, and the one line that says so."""
+    saved = save_if_due(run, step, source, now=True)
+    run.tracker.close()
+    run.ctx.scorer.close()
+    run.eval_scorer.close()
+    run.ctx.engine.close()
+    name = signal.Signals(signum).name
+    where = (f"checkpoint {saved}; continue with --resume auto" if saved else
+             "no checkpoint written (trainer.save_every is 0)")
+    return Stopped(f"{name} received: stopped after step {step} of {run.cfg.trainer.steps}; {where}", signum)
 
 
 def finish(run: Run, summary: dict, started: float) -> None:
@@ -278,7 +337,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
     cfg, c, first = run.cfg, run.ctx, run.state.step + 1
     summary: dict = {"output_dir": str(run.output_dir), "resumed_from": str(run.resumed_from) if run.resumed_from else None}
     # asynchronous RL: the generation process starts first, so its start-up overlaps the evaluation
-    with rollout_source(run) as source:  # None: synchronous
+    with StopSignals() as signals, rollout_source(run) as source:  # source None: synchronous
         if cfg.eval.before_and_after and run.eval_rows and run.is_main and not run.resumed_from:
             summary["eval_before"] = evaluate_greedy(c.engine, c.tokenizer, cfg, run.eval_rows, run.eval_scorer)
         bar = tqdm(range(first, cfg.trainer.steps + 1), desc="grpo", dynamic_ncols=True,
@@ -295,6 +354,9 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> 
             log_step(run, result, bar)
             stop_if_not_finite(run, step)
             save_if_due(run, step, source)
+            signum = signals.requested()
+            if signum is not None and step < cfg.trainer.steps:
+                raise stop(run, step, signum, source)
 
     # --- final evaluation, model, summary ---
     finish(run, summary, started)

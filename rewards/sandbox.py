@@ -97,6 +97,10 @@ def _zygote_main() -> None:
     import json
 
     _die_with_parent()
+    # Ctrl-C and a scheduler's SIGTERM are the trainer's to handle: it stops the pool itself, and
+    # the workers (forked from here) must not print their own KeyboardInterrupt tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     cfg = json.loads(sys.stdin.readline())
     for name in cfg["preload"]:
         try:
