@@ -23,6 +23,7 @@ dropped from `metrics.jsonl`, so the resumed run appends the steps again once.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -35,6 +36,7 @@ import torch
 from grpo.distributed import gather_objects
 
 STATE_FILE = "state.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,25 +55,111 @@ def checkpoint_dir(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed as asked (damaged, or from a different run set-up)."""
+
+
+def _complete(root: Path) -> list[Path]:
+    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+
+
 def latest(output_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run directory (None if there is none)."""
     root = checkpoint_dir(output_dir)
-    if not root.is_dir():
-        return None
-    done = [p for p in root.iterdir() if p.name.startswith("step-") and (p / STATE_FILE).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
+    return next(iter(_complete(root)), None) if root.is_dir() else None
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot be trusted (None: intact). Checks that its state file
+    parses and that every file it lists has the size it was written with (a checkpoint from before
+    file lists were recorded is trusted as it is)."""
+    try:
+        raw = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{STATE_FILE} unreadable ({exc})"
+    for name, size in (raw.get("files") or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    return None
 
 
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
-    """`auto` -> latest checkpoint in output_dir (None if none yet); a path -> that checkpoint."""
+    """`auto` -> the newest intact checkpoint in output_dir (None if none yet; a damaged newer one
+    is reported and passed over); a path -> that checkpoint, which must be intact. Temporary
+    directories that a killed save left behind are removed."""
     if resume is None:
         return None
-    if resume == "auto":
-        return latest(output_dir)
-    path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
-    return path
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise ResumeError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
+        problem = damage(path)
+        if problem:
+            raise ResumeError(f"{path}: damaged checkpoint: {problem}")
+        return path
+    root = checkpoint_dir(output_dir)
+    if not root.is_dir():
+        return None
+    for stale in root.glob(".tmp-step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for path in _complete(root):
+        problem = damage(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is damaged (%s); passing over it to an older one", path, problem)
+    return None
+
+
+# --- what a resumed run must share with the run it continues -----------------------------------
+
+# Fields a resumed run may change freely: how long it runs, how it is checkpointed, logged and
+# evaluated, and how fast (threads, engine memory, reward sandbox sizing). Anything else changes the
+# experiment under the checkpoint's weights and needs `--allow-change KEY`.
+SAFE_TO_CHANGE = (
+    "trainer.steps", "trainer.save_every", "trainer.keep_checkpoints", "trainer.threads",
+    "trainer.generation_threads", "trainer.max_consecutive_skips", "logging.", "eval.", "launch.",
+    "rewards.workers", "rewards.timeout_s", "rewards.memory_mb", "rewards.fail_fast", "rollout.vllm.",
+    "rollout.hf.", "model.attn_implementation", "model.experts_implementation",
+)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _allowed(key: str, allow: tuple[str, ...]) -> bool:
+    return any(key == a or (a.endswith(".") and key.startswith(a)) or key.startswith(a + ".") for a in allow)
+
+
+def check_resume(path: Path, config: dict, allow: tuple[str, ...] = ()) -> None:
+    """Refuse to resume `path` under a recipe that changed what the checkpoint's weights were
+    trained with (naming every changed key), or with fewer steps than it already took."""
+    raw = json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+    if config["trainer"]["steps"] < raw["step"]:
+        raise ResumeError(f"{path}: trainer.steps={config['trainer']['steps']} is below the checkpoint's step "
+                          f"{raw['step']}; resume with trainer.steps of at least {raw['step']}")
+    saved = raw.get("config")
+    if saved is None:  # written before checkpoints recorded their recipe
+        return
+    now, before = flatten(config), flatten(saved)
+    changed = [k for k in sorted(set(now) | set(before)) if now.get(k) != before.get(k)
+               and not _allowed(k, SAFE_TO_CHANGE + tuple(allow))]
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in changed[:6])
+        more = f" (and {len(changed) - 6} more)" if len(changed) > 6 else ""
+        raise ResumeError(f"{path}: the recipe differs from the one this checkpoint was trained with: {shown}{more}. "
+                          f"Resume with the checkpoint's values, or accept a change with --allow-change KEY")
 
 
 # --- state of the pieces -------------------------------------------------------------------------
@@ -156,9 +244,12 @@ def _fsync_tree(root: Path) -> None:
 
 
 def save(output_dir: Path, state: TrainState, *, model, unwrapped, tokenizer, optimizer, scheduler,
-         keep_last: int, is_main: bool, extra: dict[str, object] | None = None) -> Path | None:
+         keep_last: int, is_main: bool, extra: dict[str, object] | None = None,
+         config: dict | None = None) -> Path | None:
     """Write a checkpoint atomically (a collective: call on every rank). Returns its path on rank 0.
-    `extra`: more objects, each `torch.save`d to its file name inside the checkpoint."""
+    `extra`: more objects, each `torch.save`d to its file name inside the checkpoint. `config`: the
+    recipe (as a dict) that `check_resume` compares a resumed run's with. The state file lists every
+    file with its size, so that `damage` can tell a truncated checkpoint from an intact one."""
     rngs = gather_objects(_rng_state())
     # Replicated (DDP) parameters must be bit-identical on every rank: record each rank's digest.
     digests = gather_objects(None if _sharded(model) else parameter_digest(model))
@@ -179,7 +270,9 @@ def save(output_dir: Path, state: TrainState, *, model, unwrapped, tokenizer, op
             torch.save(rng, tmp / f"rng-rank{rank}.pt")
         for name, obj in (extra or {}).items():
             torch.save(obj, tmp / name)
-        payload = {**state.__dict__, "world_size": len(rngs), "parameter_digests": digests}
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        payload = {**state.__dict__, "world_size": len(rngs), "parameter_digests": digests, "files": files,
+                   "config": config}
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2), encoding="utf-8")
         _fsync_tree(tmp)
         if final.exists():  # a checkpoint of the same step from a run that died after writing it
@@ -201,8 +294,8 @@ def save(output_dir: Path, state: TrainState, *, model, unwrapped, tokenizer, op
 
 def load_state(path: Path) -> TrainState:
     raw = json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
-    raw.pop("world_size", None)
-    raw.pop("parameter_digests", None)
+    for key in ("world_size", "parameter_digests", "files", "config"):
+        raw.pop(key, None)
     return TrainState(**raw)
 
 

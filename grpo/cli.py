@@ -103,16 +103,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         rest = [args.recipe, *args.overrides, "--output-dir", str(output_dir)] + (["--toy"] if args.toy else [])
         if args.resume:
             rest += ["--resume", args.resume]
+        for key in args.allow_change:
+            rest += ["--allow-change", key]
         return launch(config, rest, num_machines=args.num_machines, machine_rank=args.machine_rank,
                       main_process_ip=args.main_process_ip, main_process_port=args.main_process_port)
 
     from grpo.async_rollouts import GenerationError
+    from grpo.checkpoint import ResumeError
     from grpo.distributed import UnsupportedError
-    from grpo.train import NonFiniteError, Stopped, train
+    from grpo.train import AlreadyFinished, NonFiniteError, Stopped, train
     from rewards import UnknownRewardError
 
     try:
-        summary = train(cfg, output_dir, resume=args.resume)
+        summary = train(cfg, output_dir, resume=args.resume, allow_changes=tuple(args.allow_change))
     except UnknownRewardError as exc:
         return _fail(f"{args.recipe}: rewards.functions: {exc}")
     except UnsupportedError as exc:
@@ -123,6 +126,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     except GenerationError as exc:  # the generation process of an asynchronous run failed
         print(f"grpo: stopped: {exc}", file=sys.stderr)
         return EXIT_GENERATION
+    except ResumeError as exc:
+        return _fail(str(exc))
+    except AlreadyFinished as exc:
+        print(f"grpo: {exc}", file=sys.stderr)
+        return 0
     except Stopped as exc:  # SIGTERM / SIGINT: after a whole step, checkpointed when checkpoints are on
         print(f"grpo: {exc}", file=sys.stderr)
         return 128 + exc.signum
@@ -280,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<recipe>-<time>)")
     train.add_argument("--resume", metavar="auto|PATH",
                        help="continue from a checkpoint: auto = the newest in --output-dir (none yet: start), or a path")
+    train.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                       help="with --resume: accept a recipe key (or a section, e.g. algorithm) that differs from the "
+                       "checkpoint's (run length, logging, evaluation and speed settings may always change)")
     train.add_argument("--toy", action="store_true",
                        help="toy scale: the recipe's code path with a random-init model of its architecture family, "
                        "a local tokenizer and local data in its columns, 2 steps (grpo/toy.py); no network")

@@ -66,6 +66,10 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
+class AlreadyFinished(RuntimeError):
+    """`--resume auto` on a run that already took all its steps: nothing to do, nothing rewritten."""
+
+
 class Stopped(RuntimeError):
     """SIGTERM or SIGINT arrived: the run stopped after a whole step (`signum`: which signal)."""
 
@@ -162,7 +166,24 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def set_up(cfg: RunConfig, output_dir: str | Path, resume: str | None) -> Run:
+def check_restart(cfg: RunConfig, output_dir: Path, ckpt: Path | None, resume: str | None, allow: tuple[str, ...]) -> None:
+    """Resume checks before anything loads: a finished run is not trained again, a run directory
+    without a checkpoint is not overwritten, a checkpoint is not resumed under another recipe."""
+    if resume == "auto" and (output_dir / "summary.json").is_file():
+        done = checkpoint.load_state(ckpt).step if ckpt else None
+        if done is None or done >= cfg.trainer.steps:
+            raise AlreadyFinished(f"{output_dir} already finished (summary.json); nothing to resume. To train on, raise "
+                                  "trainer.steps above its last checkpoint's step, or start a new run in another directory")
+    if resume == "auto" and ckpt is None and (output_dir / "metrics.jsonl").is_file():
+        logged = sum(1 for line in (output_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if line.strip())
+        if logged:
+            raise checkpoint.ResumeError(f"{output_dir}: holds a run ({logged} steps in metrics.jsonl) but no checkpoint to "
+                                         "resume from (trainer.save_every was 0?); start a new run in another directory")
+    if ckpt:
+        checkpoint.check_resume(ckpt, cfg.model_dump(mode="json"), allow)
+
+
+def set_up(cfg: RunConfig, output_dir: str | Path, resume: str | None, allow_changes: tuple[str, ...] = ()) -> Run:
     """Processes, rewards (resolved before any model loads), models, engine, data and tracker."""
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
@@ -174,6 +195,7 @@ def set_up(cfg: RunConfig, output_dir: str | Path, resume: str | None) -> Run:
     cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"max_staleness": staleness})})
     output_dir = Path(broadcast_object(str(output_dir)))
     ckpt = broadcast_object(checkpoint.resolve_resume(resume, output_dir))
+    check_restart(cfg, output_dir, ckpt, resume, allow_changes)
     state = checkpoint.load_state(ckpt) if ckpt else checkpoint.TrainState()
     in_flight = _saved_in_flight(ckpt, staleness) if ckpt else []
     scorer, eval_scorer = make_scorer(cfg), make_eval_scorer(cfg)
@@ -266,7 +288,8 @@ def save_if_due(run: Run, step: int, source: AsyncRollouts | None = None, now: b
     state.tracker_ids = run.tracker.run_ids() if run.is_main else None
     return checkpoint.save(run.output_dir, state, model=c.model, unwrapped=c.unwrapped, tokenizer=c.tokenizer,
                            optimizer=c.optimizer, scheduler=c.schedule, keep_last=cfg.trainer.keep_checkpoints,
-                           is_main=run.is_main, extra={IN_FLIGHT_FILE: in_flight} if in_flight else None)
+                           is_main=run.is_main, extra={IN_FLIGHT_FILE: in_flight} if in_flight else None,
+                           config=cfg.model_dump(mode="json"))
 
 
 def stop(run: Run, step: int, signum: int, source: AsyncRollouts | None) -> Stopped:
@@ -327,13 +350,14 @@ def rollout_source(run: Run):
 # --- the loop -----------------------------------------------------------------------------------
 
 
-def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None) -> dict:
+def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None, allow_changes: tuple[str, ...] = ()) -> dict:
     """Run one training job on this process (one of several under accelerate); returns the
-    summary (rank 0 also writes it to summary.json). `resume`: None, "auto" or a checkpoint path."""
+    summary (rank 0 also writes it to summary.json). `resume`: None, "auto" or a checkpoint path;
+    `allow_changes`: recipe keys a resumed run may change besides `checkpoint.SAFE_TO_CHANGE`."""
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    run = set_up(cfg, output_dir, resume)
+    run = set_up(cfg, output_dir, resume, allow_changes)
     cfg, c, first = run.cfg, run.ctx, run.state.step + 1
     summary: dict = {"output_dir": str(run.output_dir), "resumed_from": str(run.resumed_from) if run.resumed_from else None}
     # asynchronous RL: the generation process starts first, so its start-up overlaps the evaluation
