@@ -11,7 +11,9 @@
 
 Recipe problems (unknown key, wrong type, missing file, malformed YAML) print one line naming the
 file and the dotted key, exit with status 2, and write nothing. A run stopped by repeated
-non-finite losses exits with status 3.
+non-finite losses, or by a reward that fails on every sample step after step, exits with status 3;
+an asynchronous run whose generation process failed, with 4; one stopped by SIGTERM or Ctrl-C after
+a whole step, with 143 or 130.
 
 `--accelerate-config` re-runs this command under `accelerate launch` with that config (a file of
 recipes/accelerate/ by name, or a path); the launcher flags override the config's, e.g. for a
@@ -111,7 +113,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from grpo.async_rollouts import GenerationError
     from grpo.checkpoint import ResumeError
     from grpo.distributed import UnsupportedError
-    from grpo.train import AlreadyFinished, NonFiniteError, Stopped, train
+    from grpo.train import AlreadyFinished, NonFiniteError, RewardFailure, Stopped, train
     from rewards import UnknownRewardError
 
     try:
@@ -120,7 +122,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail(f"{args.recipe}: rewards.functions: {exc}")
     except UnsupportedError as exc:
         return _fail(f"{args.recipe}: {exc}")
-    except NonFiniteError as exc:
+    except (NonFiniteError, RewardFailure) as exc:
         print(f"grpo: stopped: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
     except GenerationError as exc:  # the generation process of an asynchronous run failed

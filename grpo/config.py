@@ -228,6 +228,10 @@ class RewardsConfig(Section):
     timeout_score: float = Field(0.0, description="score of an item that hit the deadline")
     error_score: float = Field(0.0, description="score of an item whose reward function raised")
     fail_fast: bool = Field(False, description="stop the run at the first reward error instead of counting it")
+    max_failing_steps: int = Field(
+        3, ge=0, description="stop the run (exit 3) after this many consecutive steps in which one reward failed or "
+        "timed out on every sample (0: never)",
+    )
 
 
 class TrainerConfig(Section):

@@ -66,6 +66,10 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
 
+class RewardFailure(RuntimeError):
+    """A reward failed or timed out on every sample for `rewards.max_failing_steps` steps in a row."""
+
+
 class AlreadyFinished(RuntimeError):
     """`--resume auto` on a run that already took all its steps: nothing to do, nothing rewritten."""
 
@@ -159,6 +163,7 @@ class Run:
     eval_rows: list[dict]
     eval_sets: dict[str, list[dict]]
     in_flight: list[InFlight] = field(default_factory=list)  # batches a checkpoint saved (asynchronous RL)
+    failing_steps: dict[str, int] = field(default_factory=dict)  # reward -> consecutive steps it failed everywhere
     format_history: list[float] = field(default_factory=list)
 
     @property
@@ -260,6 +265,25 @@ def count_skip(run: Run, result: StepResult) -> None:
     state = run.state
     state.consecutive_skips = state.consecutive_skips + 1 if result.skipped else 0
     state.skipped_steps += int(result.skipped)
+
+
+def stop_if_rewards_fail(run: Run, result: StepResult) -> None:
+    """A reward that failed (raised, returned a non-number, timed out) on every sample of
+    `rewards.max_failing_steps` consecutive steps stops the run: its scores are only the error score."""
+    cfg, limit = run.cfg, run.cfg.rewards.max_failing_steps
+    if not limit:
+        return
+    samples = len(range(cfg.trainer.prompts_per_step)[run.ctx.batch]) * cfg.rollout.group_size  # this rank's first round
+    for spec in run.ctx.scorer.specs:
+        m = result.metrics
+        failed = m.get(f"reward/{spec.name}/errors", 0.0) + m.get(f"reward/{spec.name}/timeouts", 0.0)
+        run.failing_steps[spec.name] = run.failing_steps.get(spec.name, 0) + 1 if failed >= samples else 0
+        if run.failing_steps[spec.name] >= limit:
+            run.tracker.close()
+            raise RewardFailure(f"step {result.step}: reward {spec.name!r} failed or timed out on every sample for {limit} "
+                                "consecutive steps (its log lines above say why); fix it, or set "
+                                f"rewards.max_failing_steps=0 to go on. Last checkpoint: "
+                                f"{checkpoint.latest(run.output_dir) or 'none'}")
 
 
 def stop_if_not_finite(run: Run, step: int) -> None:
@@ -377,6 +401,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None, all
             count_skip(run, result)
             log_step(run, result, bar)
             stop_if_not_finite(run, step)
+            stop_if_rewards_fail(run, result)
             save_if_due(run, step, source)
             signum = signals.requested()
             if signum is not None and step < cfg.trainer.steps:

@@ -21,6 +21,7 @@ import asyncio
 import functools
 import inspect
 import math
+import numbers
 
 from rewards.registry import resolve
 
@@ -50,6 +51,8 @@ def call_reward(fn, completion: str, example: dict, context: dict, kwargs: dict,
         out = asyncio.run(_await(out))
     if out is None:
         return None
+    if not isinstance(out, numbers.Real):  # a string "0.75", a tensor, a list: an error, never coerced
+        raise TypeError(f"reward returned {type(out).__name__} {str(out)[:40]!r}, not a number (return a float or None)")
     value = float(out)
     if not math.isfinite(value):
         raise ValueError(f"reward returned {value}")

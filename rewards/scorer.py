@@ -100,17 +100,15 @@ class Scorer:
         for j, spec in enumerate(self.specs):
             values: list[float | None] = []
             timeouts = errors = 0
+            failures: dict[str, list] = {}  # message -> the samples that failed with it
             for i in range(n):
                 status, value, msg = results[j * n + i]
                 if status == TIMEOUT:
                     timeouts += 1
                     value = self.timeout_score
-                    log.warning("reward %s timed out (> %.1f s) on sample %s", spec.name, self.timeout_s,
-                                contexts[i].get("sample_id", i))
                 elif status == ERROR:
                     errors += 1
-                    sid = contexts[i].get("sample_id", i)
-                    log.error("reward %s failed on sample %s: %s", spec.name, sid, msg)
+                    failures.setdefault(msg, []).append(contexts[i].get("sample_id", i))
                     value = self.error_score
                 values.append(value)
                 if value is not None:
@@ -120,6 +118,10 @@ class Scorer:
             metrics[f"reward/{spec.name}"] = sum(applicable) / len(applicable) if applicable else float("nan")
             metrics[f"reward/{spec.name}/timeouts"] = float(timeouts)
             metrics[f"reward/{spec.name}/errors"] = float(errors)
+            if timeouts:  # one line a reward a call, not one a sample
+                log.warning("reward %s timed out (> %.1f s) on %d of %d samples", spec.name, self.timeout_s, timeouts, n)
+            if errors:
+                _log_failures(spec.name, errors, n, failures)
         return ScoreResult(total=total, per_function=per_function, metrics=metrics)
 
     def _raise_first_failure(self, results, contexts, n) -> None:
@@ -145,3 +147,13 @@ class Scorer:
             self.close()
         except Exception:
             pass
+
+
+def _log_failures(name: str, errors: int, n: int, failures: dict[str, list], most: int = 5) -> None:
+    """One line a reward a call, then one a distinct message (at most `most`), naming a few samples."""
+    log.error("reward %s failed on %d of %d samples", name, errors, n)
+    for msg, samples in list(failures.items())[:most]:
+        shown = ", ".join(str(s) for s in samples[:3]) + (f" and {len(samples) - 3} more" if len(samples) > 3 else "")
+        log.error("  %s: %s", shown, msg)
+    if len(failures) > most:
+        log.error("  and %d more distinct errors", len(failures) - most)

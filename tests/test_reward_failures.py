@@ -1,0 +1,44 @@
+"""A reward that fails on every sample, step after step, stops the run (exit 3) with a line that
+names it; a non-number is an error, never coerced; a failing reward logs one line a step, not one
+a sample."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = ["trainer.threads=1", "trainer.prompts_per_step=2", "rollout.group_size=4", "eval.before_and_after=false",
+         "logging.progress=false", "trainer.steps=20"]
+
+
+def test_a_string_is_not_a_score():
+    from rewards.run import ERROR, call_reward, run_item
+
+    with pytest.raises(TypeError, match="returned str '0.75', not a number"):
+        call_reward(lambda c, e, **k: "0.75", "x", {}, {}, {})
+    status, value, message = run_item(("tests.failing_plugins:returns_a_string", {}, "x", {}, {}))
+    assert (status, value) == (ERROR, None) and "not a number" in message
+    assert call_reward(lambda c, e, **k: 1, "x", {}, {}, {}) == 1.0  # ints (and numpy numbers) are numbers
+
+
+@pytest.mark.parametrize("plugin,workers", [("always_raises", "0"), ("returns_a_string", "1")])
+def test_a_reward_failing_everywhere_for_k_steps_stops_the_run(tmp_path, tiny_base, plugin, workers):
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "grpo", "train", "recipes/tiny-cpu.yaml", *SHORT,
+                        f"rewards.workers={workers}", "rewards.max_failing_steps=2",
+                        f"rewards.functions=[{{name: 'tests.failing_plugins:{plugin}'}}, {{name: format}}]",
+                        "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 3, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert f"step 2: reward 'tests.failing_plugins:{plugin}' failed or timed out on every sample for 2" in r.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(row[f"reward/tests.failing_plugins:{plugin}/errors"] == 8 for row in rows)
+    assert r.stderr.count(f"reward tests.failing_plugins:{plugin} failed on 8 of 8 samples") == 2  # a line a step
