@@ -22,6 +22,7 @@ dropped from `metrics.jsonl`, so the resumed run appends the steps again once.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -284,13 +285,27 @@ def save(output_dir: Path, state: TrainState, *, model, unwrapped, tokenizer, op
             os.fsync(fd)
         finally:
             os.close(fd)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _out_of_space(exc, root):
+            raise OSError(errno.ENOSPC, f"no space left while writing checkpoint {final.name}", str(root)) from exc
         raise
     done = sorted((p for p in root.iterdir() if p.name.startswith("step-")), key=lambda p: int(p.name.split("-")[1]))
     for old in done[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _out_of_space(exc: BaseException, root: Path) -> bool:
+    """A write that failed because the disk is full (torch.save says only "file write failed")."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(exc, (OSError, RuntimeError)) and "write" in str(exc).lower():
+        try:
+            return shutil.disk_usage(root).free < 64 << 20
+        except OSError:
+            return False
+    return False
 
 
 def load_state(path: Path) -> TrainState:

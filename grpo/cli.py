@@ -9,8 +9,9 @@
     grpo score FILE.jsonl --reward NAME [--out RESULTS.jsonl]
     grpo dashboard RUNS_DIR [--host 127.0.0.1] [--port 8050] [--export report.html]
 
-Recipe problems (unknown key, wrong type, missing file, malformed YAML) print one line naming the
-file and the dotted key, exit with status 2, and write nothing. A run stopped by repeated
+Recipe problems (unknown key, wrong type, missing file, malformed YAML), and data, model,
+checkpoint and disk problems, print one line naming the file, row or key and exit with status 2
+(`grpo -v ...` adds the traceback; grpo/errors.py says which errors are the user's). A run stopped by repeated
 non-finite losses, or by a reward that fails on every sample step after step, exits with status 3;
 an asynchronous run whose generation process failed, with 4; one stopped by SIGTERM or Ctrl-C after
 a whole step, with 143 or 130.
@@ -28,6 +29,7 @@ import argparse
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -369,7 +371,17 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as exc:  # the one boundary: a user error is one line, a bug keeps its traceback
+        from grpo.errors import describe
+
+        message = describe(exc)
+        if message is None:
+            raise
+        if args.verbose:
+            traceback.print_exc()
+        return _fail(message)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ plus any task fields the rewards need (countdown: `numbers`, `target`). Rows com
 - a Hub data set name, read with `datasets.load_dataset(name, config, split=, revision=)`.
 
 `prompt_field`/`answer_field`/`extra_fields` map the source's columns onto row keys. A row with a
-missing or mistyped field stops loading with an error naming the file and the row number, unless
-`data.skip_bad_rows` is set, in which case it is skipped and counted.
+missing or mistyped field, a line that is not valid JSON or not UTF-8, or a row over `MAX_ROW_CHARS`
+stops loading with an error naming the file and the row number, unless `data.skip_bad_rows` is
+set, in which case it is skipped and counted. With `data.max_prompt_tokens`, a prompt too long to
+fit in it even at the tokenizer's longest token is dropped before it is tokenised.
 
 The prompt template turns a row into the text the policy continues; `chat` renders the problem as
 the user turn of the tokenizer's own chat template (which may prefill `<think>`: see
@@ -116,6 +118,9 @@ class DataError(ValueError):
     """A data problem, phrased for a person: `where: row N: what is wrong`."""
 
 
+MAX_ROW_CHARS = 1_000_000  # a row (a JSON line, a text field) longer than this is a bad row, never tokenised
+
+
 @dataclass
 class LoadStats:
     """What loading dropped, so a run can report it."""
@@ -143,19 +148,42 @@ def _records(src: SourceFields) -> tuple[str, Iterator[tuple[int, Any]]]:
 
 
 def _jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    """Line by line, in bytes: a line that is too long, not UTF-8 or not JSON is a bad row named by
+    its number; a long line is never decoded whole."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(_bounded_lines(f), start=1):
+            if raw is None:
+                yield number, DataError(f"{path}: row {number}: longer than {MAX_ROW_CHARS:,} bytes")
+                continue
+            if not raw.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                yield number, json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                yield number, DataError(f"{path}: row {number}: not valid UTF-8 (byte {exc.start} of the line)")
             except json.JSONDecodeError as exc:
                 yield number, DataError(f"{path}: row {number}: not valid JSON ({exc.msg})")
+
+
+def _bounded_lines(f) -> Iterator[bytes | None]:
+    """The lines of a binary file; None for a line over MAX_ROW_CHARS bytes (read past in chunks)."""
+    while True:
+        line = f.readline(MAX_ROW_CHARS + 1)
+        if not line:
+            return
+        if len(line) > MAX_ROW_CHARS and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # skip the rest of the long line
+                line = f.readline(1 << 20)
+            yield None
+            continue
+        yield line
 
 
 def _json(path: Path) -> Iterator[tuple[int, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: not valid JSON at line {exc.lineno} ({exc.msg})") from None
     if isinstance(data, dict):  # {"data": [...]} or any one list of records
@@ -169,14 +197,27 @@ def _json(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def _parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    import pyarrow
     import pyarrow.parquet as pq
 
-    return enumerate(pq.read_table(path).to_pylist(), start=1)
+    try:
+        table = pq.read_table(path)
+    except pyarrow.ArrowException as exc:
+        raise DataError(f"{path}: not a readable parquet file ({str(exc)[:200]})") from None
+    return enumerate(table.to_pylist(), start=1)
 
 
 def _csv(path: Path) -> Iterator[tuple[int, Any]]:
     with open(path, encoding="utf-8", newline="") as f:
-        yield from enumerate(csv.DictReader(f), start=1)  # row 1 is the first line after the header
+        rows = csv.DictReader(f)
+        number = 0
+        try:
+            for number, row in enumerate(rows, start=1):  # row 1 is the first line after the header
+                yield number, row
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: row {number + 1}: not valid UTF-8 (byte {exc.start} of its block)") from None
+        except csv.Error as exc:
+            raise DataError(f"{path}: row {number + 1}: {exc}") from None
 
 
 _READERS = {".jsonl": _jsonl, ".json": _json, ".parquet": _parquet, ".csv": _csv}
@@ -192,6 +233,8 @@ def _file_records(path: Path) -> Iterator[tuple[int, Any]]:
 def _directory_dataset(path: Path, src: SourceFields):
     import datasets
 
+    if not any(path.iterdir()):
+        raise DataError(f"{path}: empty directory (no data files)")
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
@@ -218,6 +261,8 @@ def _check_field(key: str, value: Any) -> tuple[Any, str | None]:
     """(converted value, problem or None) for one row key."""
     if value is None:
         return None, "is empty (null)"
+    if isinstance(value, str) and len(value) > MAX_ROW_CHARS:
+        return None, f"is {len(value):,} characters long (over {MAX_ROW_CHARS:,})"
     if key == "question":
         if not isinstance(value, str) or not value.strip():
             return None, f"must be non-empty text, got {type(value).__name__} {str(value)[:40]!r}"
@@ -308,9 +353,25 @@ def filter_long_prompts(rows: list[dict], cfg: DataConfig, tokenizer) -> tuple[l
     if cfg.max_prompt_tokens is None or tokenizer is None or not rows:  # fast tokenizers reject an empty batch
         return rows, 0
     prompts = render_prompts(cfg, rows, tokenizer)
-    lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-    kept = [row for row, n in zip(rows, lengths) if n <= cfg.max_prompt_tokens]
+    # a text longer than max_prompt_tokens tokens of the longest token is too long: never tokenised
+    fits = [len(p) <= cfg.max_prompt_tokens * _longest_token(tokenizer) for p in prompts]
+    candidates = [p for p, ok in zip(prompts, fits) if ok]
+    lengths = iter([len(ids) for ids in tokenizer(candidates, add_special_tokens=False)["input_ids"]] if candidates else [])
+    kept = [row for row, ok in zip(rows, fits) if ok and next(lengths) <= cfg.max_prompt_tokens]
     return kept, len(rows) - len(kept)
+
+
+def _longest_token(tokenizer) -> int:
+    """An upper bound on the characters one token decodes to: the longest vocabulary entry (byte-level
+    and SentencePiece vocabularies spell each byte or character with one symbol, or more)."""
+    cached = getattr(tokenizer, "_grpo_longest_token", None)
+    if cached is None:
+        cached = max(map(len, tokenizer.get_vocab()), default=1)
+        try:
+            tokenizer._grpo_longest_token = cached
+        except AttributeError:
+            pass
+    return max(cached, 1)
 
 
 def load_rows(cfg: DataConfig, num_eval: int, tokenizer=None, stats: LoadStats | None = None) -> tuple[list[dict], list[dict]]:

@@ -4,7 +4,9 @@ its learning-rate schedule. `grpo train` and `grpo eval` both load models throug
 from __future__ import annotations
 
 import copy
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -12,9 +14,61 @@ from grpo.config import RunConfig, TrainerConfig
 from grpo.experts import experts_implementation
 
 
+class ModelError(ValueError):
+    """The model cannot be loaded, phrased for a person: `name: what is wrong (what to do)`."""
+
+
+HUB_PROBE_S = 3.0  # how long a Hub that is not cached may take to answer before the run gives up
+
+
+def _hub_reachable() -> bool:
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=HUB_PROBE_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_model_source(name: str, revision: str | None = None) -> None:
+    """Fail at once, with a line that says why, where loading `name` could only fail slowly or
+    with a library traceback: a local path that does not exist or holds no config.json, or a Hub
+    id that is not cached while the Hub cannot be reached."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{name}: not a model directory (no config.json)")
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.exists():
+        raise ModelError(f"{name}: no such model directory")
+    if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return
+    if not _hub_reachable():
+        raise ModelError(f"{name}: not a local directory and not in the Hub cache ({constants.HF_HUB_CACHE}), and "
+                         f"{constants.ENDPOINT} could not be reached (no network?); download it where there is "
+                         f"network (hf download {name}) or give a local path")
+
+
+def _load(what: str, name: str, load):
+    """`load()`, with what the libraries raise for a broken model directory or Hub id turned into
+    a ModelError naming it (the original stays chained for --verbose)."""
+    from safetensors import SafetensorError
+
+    try:
+        return load()
+    except (OSError, ValueError, SafetensorError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelError(f"{name}: the {what} could not be loaded: {first}") from exc
+
+
 def load_policy(cfg: RunConfig, device: torch.device, path: str | Path | None = None):
     """The policy and its tokenizer: a built-in tiny base (built and cached on first use), a Hub
-    id or a local directory; `path` (a checkpoint's model) replaces the recipe's model."""
+    id or a local directory; `path` (a checkpoint's model) replaces the recipe's model. A model
+    that cannot be loaded is a `ModelError` naming it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grpo.tiny import BUILTIN_PREFIX, ensure_tiny_base
@@ -22,6 +76,8 @@ def load_policy(cfg: RunConfig, device: torch.device, path: str | Path | None = 
     name = str(path) if path is not None else cfg.model.name_or_path
     if name.startswith(BUILTIN_PREFIX):
         name = str(ensure_tiny_base(name[len(BUILTIN_PREFIX) :], progress=cfg.logging.progress))
+    revision = cfg.model.revision if path is None else None
+    check_model_source(name, revision)
     kwargs = {"dtype": getattr(torch, cfg.model.dtype), "trust_remote_code": cfg.model.trust_remote_code}
     if cfg.model.revision and path is None:
         kwargs["revision"] = cfg.model.revision
@@ -30,11 +86,11 @@ def load_policy(cfg: RunConfig, device: torch.device, path: str | Path | None = 
     experts = experts_implementation(cfg.model.experts_implementation, device)
     if experts:
         kwargs["experts_implementation"] = experts
-    revision = cfg.model.revision if path is None else None
-    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = _load("tokenizer", name, lambda: AutoTokenizer.from_pretrained(
+        name, revision=revision, trust_remote_code=cfg.model.trust_remote_code))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name, **kwargs).to(device)
+    model = _load("model", name, lambda: AutoModelForCausalLM.from_pretrained(name, **kwargs)).to(device)
     return model, tokenizer
 
 

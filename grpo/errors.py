@@ -1,0 +1,38 @@
+"""The one error boundary of the `grpo` verbs: which exceptions are the user's to fix.
+
+A user error (bad data, model, checkpoint or recipe, a full disk, a missing file, a reward that
+cannot be found, a busy port) becomes one line that names the file, row or key, and exit status
+2; `grpo -v VERB ...` also prints its traceback. Anything else is a bug in grpo-zero or a library,
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from grpo.checkpoint import ResumeError
+    from grpo.config import ConfigError
+    from grpo.data import DataError
+    from grpo.distributed import UnsupportedError
+    from grpo.model import ModelError
+    from rewards import UnknownRewardError
+
+    return ConfigError, DataError, ModelError, ResumeError, UnknownRewardError, UnsupportedError
+
+
+def describe(exc: BaseException) -> str | None:
+    """The one line to print for a user error; None for anything else (a bug: show its traceback)."""
+    if isinstance(exc, _user_error_types()):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"no space left on device{where}: {exc.strerror or exc}; free some space or write elsewhere (--output-dir)"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return f"the port is already in use ({exc.strerror}); choose another with --port"
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and exc.filename:
+        return f"{exc.filename}: {exc.strerror}"
+    return None
