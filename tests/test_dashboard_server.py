@@ -172,3 +172,61 @@ def test_odd_run_names_are_listed_but_symlinked_runs_outside_are_not(tmp_path):
     write_synthetic_run(tmp_path / "runs" / "100% <b>", steps=2, rollout_every=2)
     os.symlink(outside, tmp_path / "runs" / "linked")
     assert [r.name for r in RunsDir(tmp_path / "runs").runs()] == ["100% <b>"]
+
+
+def test_api_routes_never_follow_a_symlinked_rollout_or_metrics_file_out_of_runs_dir(tmp_path):
+    """/api/rollouts, /api/search and /api/run resolve run files the way /files does."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "step-000099.jsonl").write_text(json.dumps({"step": 99, "prompt": SECRET, "completion": SECRET}) + "\n")
+    (outside / "metrics.jsonl").write_text(json.dumps({"step": 1, "secret/metric": 42.0}) + "\n")
+    runs = tmp_path / "runs"
+    write_synthetic_run(runs / "a", steps=8, rollout_every=4)
+    os.symlink(outside / "step-000099.jsonl", runs / "a" / "rollouts" / "step-000099.jsonl")
+    (runs / "b" / "rollouts").mkdir(parents=True)
+    os.symlink(outside / "metrics.jsonl", runs / "b" / "metrics.jsonl")
+    dash = Dashboard(runs, port=0).start()
+    try:
+        assert json.loads(get(dash, "/api/rollouts?name=a&step=99")[1])["rows"] == []
+        assert json.loads(get(dash, f"/api/search?name=a&q={SECRET}")[1])["rows"] == []
+        assert json.loads(get(dash, "/api/run?name=a")[1])["rollout_steps"] == [4, 8]
+        status, body, _ = get(dash, "/api/run?name=b")
+        assert SECRET not in body and "secret/metric" not in body
+        assert get(dash, "/files/a/rollouts/step-000099.jsonl")[0] == 403  # as /files always did
+    finally:
+        dash.stop()
+
+
+def test_a_silent_connection_is_closed_after_the_idle_timeout(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from grpo.dashboard import server
+
+    monkeypatch.setattr(server.Handler, "timeout", 1.0)
+    dash = Dashboard(tmp_path, port=0).start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", dash.port), timeout=10)
+        t = time.monotonic()
+        assert sock.recv(1024) == b""  # the server closed it: nothing was ever sent
+        assert time.monotonic() - t < 5
+        sock.close()
+        assert get(dash, "/api/runs")[0] == 200  # and it still serves others
+    finally:
+        dash.stop()
+
+
+def test_a_busy_port_is_one_line_and_exit_2(tmp_path, capsys):
+    import socket
+
+    from grpo.cli import main as grpo_main
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        code = grpo_main(["dashboard", str(tmp_path), "--port", str(busy.getsockname()[1])])
+    finally:
+        busy.close()
+    err = capsys.readouterr().err
+    assert code == 2 and "port is already in use" in err and "Traceback" not in err, err

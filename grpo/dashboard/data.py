@@ -189,13 +189,22 @@ def _phrase_pattern(phrase: str) -> re.Pattern:
     return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)")
 
 
-class Run:
-    """One run directory. Thread-safe: the HTTP server reads it from several threads."""
+def inside(root: Path, path: Path) -> bool:
+    """Whether `path`, symlinks resolved, stays inside `root` (what `safe_join` checks for URLs)."""
+    real = path.resolve()
+    return real == root or root in real.parents
 
-    def __init__(self, name: str, path: Path):
+
+class Run:
+    """One run directory. Thread-safe: the HTTP server reads it from several threads. `root`: the
+    served RUNS_DIR; a file of the run that resolves outside it (a symlink) is never read."""
+
+    def __init__(self, name: str, path: Path, root: Path | None = None):
         self.name = name
         self.path = path
-        self.metrics = MetricsFile(path / "metrics.jsonl")
+        self.root = (root or path).resolve()
+        metrics = path / "metrics.jsonl"
+        self.metrics = MetricsFile(metrics if inside(self.root, metrics) else path / ".refused-metrics.jsonl")
         self._lock = threading.Lock()
         self._payload = None
         self._payload_version = None
@@ -213,7 +222,7 @@ class Run:
             return out
         for name in names:
             m = _ROLLOUT_FILE.match(name)
-            if m:
+            if m and inside(self.root, folder / name):  # a symlink out of RUNS_DIR is not a rollout file
                 out[int(m.group(1))] = folder / name
         return dict(sorted(out.items()))
 
@@ -357,7 +366,7 @@ class RunsDir:
                         found[child.name] = child
             for name, path in found.items():
                 if name not in self._runs:
-                    self._runs[name] = Run(name, path)
+                    self._runs[name] = Run(name, path, self.root)
             return [self._runs[name] for name in found]
 
     def get(self, name: str) -> Run | None:

@@ -29,6 +29,7 @@ from urllib.parse import parse_qs
 from grpo.dashboard.data import DEFAULT_AHA_PHRASES, RunsDir, UnsafePath, safe_join
 
 STATIC = Path(__file__).parent / "static"
+IDLE_TIMEOUT_S = 30.0  # seconds a keep-alive connection may stay silent before it is closed
 
 CSP_LIVE = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
             "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; base-uri 'none'; "
@@ -75,6 +76,7 @@ def json_for_html(value) -> str:
 class Handler(BaseHTTPRequestHandler):
     server_version = "grpo-dashboard"
     protocol_version = "HTTP/1.1"
+    timeout = IDLE_TIMEOUT_S  # a connection that sends nothing for this long is closed (half-open clients)
 
     def __init__(self, *args, app: Dashboard, **kwargs):
         self.app = app
@@ -114,7 +116,7 @@ class Handler(BaseHTTPRequestHandler):
             self._route()
         except UnsafePath:
             self._error(HTTPStatus.FORBIDDEN, "path outside RUNS_DIR refused")
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass
 
     def _route(self) -> None:
@@ -190,7 +192,7 @@ class Dashboard:
         self.aha_phrases = tuple(aha_phrases)
         self.poll_seconds = poll_seconds
         self.verbose = verbose
-        self.httpd = ThreadingHTTPServer((host, port), partial(Handler, app=self))
+        self.httpd = ThreadingHTTPServer((host, port), partial(Handler, app=self))  # a busy port: OSError EADDRINUSE
         self.httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
         self._json_cache: dict[str, tuple] = {}
