@@ -20,8 +20,9 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     from grpo.distributed import UnsupportedError
     from grpo.model import ModelError
     from rewards import UnknownRewardError
+    from rewards.scorer import RewardError
 
-    return ConfigError, DataError, ModelError, ResumeError, UnknownRewardError, UnsupportedError
+    return ConfigError, DataError, ModelError, ResumeError, RewardError, UnknownRewardError, UnsupportedError
 
 
 def describe(exc: BaseException) -> str | None:

@@ -131,12 +131,16 @@ def make_scorer(cfg: RunConfig) -> Scorer:
 
 def score_rollouts(scorer: Scorer, rollouts: list[Rollout], groups: list[PromptGroup],
                    max_tokens: int) -> tuple[list[Rollout], dict[str, float]]:
-    """Attach per-function rewards and the weighted total to every rollout."""
-    contexts = [
-        {"prompt": groups[r.group].text, "finish_reason": r.finish_reason, "num_tokens": r.num_completion_tokens,
-         "max_tokens": max_tokens, "sample_id": f"group{r.group}/{i}"}
-        for i, r in enumerate(rollouts)
-    ]
+    """Attach per-function rewards and the weighted total to every rollout. A sample is named
+    `prompt P completion J (#I)`: P the prompt's global index in the step, J the completion's in its
+    group, I the sample's in this call."""
+    seen: dict[int, int] = {}
+    contexts = []
+    for i, r in enumerate(rollouts):
+        j = seen[r.group] = seen.get(r.group, -1) + 1
+        contexts.append({"prompt": groups[r.group].text, "finish_reason": r.finish_reason,
+                         "num_tokens": r.num_completion_tokens, "max_tokens": max_tokens,
+                         "sample_id": f"prompt {groups[r.group].index} completion {j} (#{i})"})
     result = scorer.score([r.text for r in rollouts], [groups[r.group].row for r in rollouts], contexts)
     scored = [
         replace(r, example=groups[r.group].row, reward=result.total[i],

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.metadata
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +71,31 @@ def _import_target(target: str) -> RewardFn:
     return fn
 
 
+IMPORT_TIMEOUT_S = 60.0  # a plugin module that takes longer to import is reported, not waited on
+
+
+def _import_bounded(name: str, load: Callable[[], RewardFn]) -> RewardFn:
+    """`load()` (a plugin's import) on a helper thread, given IMPORT_TIMEOUT_S: a module that hangs
+    when imported (waiting on a socket, a lock, input) is an error naming it instead of a silent hang."""
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            result["fn"] = load()
+        except BaseException as e:  # noqa: BLE001 - handed back to the caller
+            result["error"] = e
+
+    thread = threading.Thread(target=work, name=f"import reward {name}", daemon=True)
+    thread.start()
+    thread.join(IMPORT_TIMEOUT_S)
+    if thread.is_alive():
+        raise UnknownRewardError(f"reward {name!r}: importing it took over {IMPORT_TIMEOUT_S:g} s (does its module "
+                                 "wait on something when it is imported?)")
+    if "error" in result:
+        raise result["error"]
+    return result["fn"]
+
+
 @functools.cache
 def resolve(name: str) -> RewardFn:
     """The function a reward name stands for; raises `UnknownRewardError` if there is none.
@@ -83,15 +109,23 @@ def resolve(name: str) -> RewardFn:
         return _import_target(BUILTIN_REWARDS[name])
     if ":" in name:
         try:
-            return _import_target(name)
-        except (ImportError, AttributeError, TypeError, ValueError) as e:
+            return _import_bounded(name, lambda: _import_target(name))
+        except UnknownRewardError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever a plugin raises while it is imported
             raise UnknownRewardError(
                 f"reward {name!r} could not be imported ({type(e).__name__}: {e}); "
                 f"known names: {', '.join(known_reward_names())}, or any 'package.module:function'"
             ) from None
     eps = _entry_points()
     if name in eps:
-        fn = eps[name].load()
+        try:
+            fn = _import_bounded(name, eps[name].load)
+        except UnknownRewardError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise UnknownRewardError(f"entry point {name!r} ({eps[name].value}) could not be loaded "
+                                     f"({type(e).__name__}: {e})") from None
         if not callable(fn):
             raise UnknownRewardError(f"entry point {name!r} ({eps[name].value}) is not callable")
         return fn

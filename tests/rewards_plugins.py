@@ -58,8 +58,8 @@ def huge_pow(completion, example, **context):
 
 
 def raises_one_in_ten(completion, example, sample_id="", **context):
-    """Raises on every tenth sample of a training batch (sample ids end in `/<index>`)."""
-    index = int(str(sample_id).rsplit("/", 1)[-1] or 0)
+    """Raises on every tenth sample of a training batch (sample ids end in `(#<index>)`)."""
+    index = int(str(sample_id).rsplit("#", 1)[-1].rstrip(")") or 0)
     if index % 10 == 0:
         raise ValueError(f"plugin failure on {sample_id}")
     return 0.0

@@ -42,3 +42,35 @@ def test_a_reward_failing_everywhere_for_k_steps_stops_the_run(tmp_path, tiny_ba
     assert [row["step"] for row in rows] == [1, 2]
     assert all(row[f"reward/tests.failing_plugins:{plugin}/errors"] == 8 for row in rows)
     assert r.stderr.count(f"reward tests.failing_plugins:{plugin} failed on 8 of 8 samples") == 2  # a line a step
+
+
+@pytest.mark.parametrize("module,message", [
+    ("plugin_raises_at_import", "could not be imported (RuntimeError: this plugin module is broken at import)"),
+    ("plugin_hangs_at_import", "importing it took over 1 s"),
+])
+def test_a_plugin_that_raises_or_hangs_when_imported_is_one_line_before_any_model_loads(
+        tmp_path, capsys, monkeypatch, module, message):
+    import time
+
+    import rewards.registry
+    from grpo.cli import main
+
+    monkeypatch.setattr(rewards.registry, "IMPORT_TIMEOUT_S", 1.0)
+    rewards.registry.resolve.cache_clear()
+    t = time.monotonic()
+    code = main(["train", "recipes/tiny-cpu.yaml", *SHORT, f"rewards.functions=[{{name: 'tests.{module}:reward'}}]",
+                 "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and f"tests.{module}:reward" in err and "Traceback" not in err, err
+    assert time.monotonic() - t < 10
+    assert not (tmp_path / "run").exists()
+
+
+def test_fail_fast_is_one_line_that_names_the_prompt_and_completion(tmp_path, capsys, tiny_base):
+    from grpo.cli import main
+
+    code = main(["train", "recipes/tiny-cpu.yaml", *SHORT, "rewards.workers=0", "rewards.fail_fast=true",
+                 "rewards.functions=[{name: 'tests.failing_plugins:always_raises'}]", "--output-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert "failed on sample prompt 0 completion 0 (#0): RuntimeError: this reward is broken" in err, err
