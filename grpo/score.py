@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
+from pathlib import Path
 
 CONTEXT_FIELDS = ("prompt", "finish_reason", "num_tokens", "max_tokens")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -68,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("not a JSON object")
     except ValueError as e:
         print(f"grpo score: --reward-kwargs must be a JSON object ({e})", file=sys.stderr)
+        return 2
+    if args.out and not Path(args.out).resolve().parent.is_dir():  # before any scoring, not after it
+        print(f"grpo score: --out {args.out}: the directory {Path(args.out).resolve().parent} does not exist",
+              file=sys.stderr)
         return 2
     rows, bad = read_rows(args)
     completions = [str(row[args.completion_field]) for _, row in rows]
@@ -143,11 +149,13 @@ def write_rows(path: str, rows, values, bad: dict[int, str]) -> int:
     out = [(lineno, {**row, "reward": value}) for (lineno, row), value in zip(rows, values)]
     out += [(lineno, {"line": lineno, "error": why, "reward": None}) for lineno, why in bad.items()]
     repaired = 0
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")  # written whole, then renamed: never half a file
+    with open(tmp, "w", encoding="utf-8") as f:
         for _, obj in sorted(out, key=lambda x: x[0]):
             clean, changed = _scrub(obj)
             repaired += changed
             f.write(json.dumps(clean, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
     return repaired
 
 

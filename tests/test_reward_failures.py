@@ -74,3 +74,19 @@ def test_fail_fast_is_one_line_that_names_the_prompt_and_completion(tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     assert "failed on sample prompt 0 completion 0 (#0): RuntimeError: this reward is broken" in err, err
+
+
+def test_grpo_score_refuses_a_missing_input_or_output_directory_before_scoring(tmp_path, capsys):
+    from grpo.cli import main
+
+    good = tmp_path / "in.jsonl"
+    good.write_text('{"completion": "<answer>1</answer>", "answer": "1"}\n')
+    assert main(["score", str(tmp_path / "missing.jsonl"), "--reward", "math_answer"]) == 2
+    assert "missing.jsonl: No such file or directory" in capsys.readouterr().err
+    out = tmp_path / "no" / "such" / "dir" / "out.jsonl"
+    assert main(["score", str(good), "--reward", "math_answer", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err and "mean" not in err  # nothing was scored
+    assert main(["score", str(good), "--reward", "math_answer", "--out", str(tmp_path / "out.jsonl")]) == 0
+    assert json.loads((tmp_path / "out.jsonl").read_text())["reward"] == 1.0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
