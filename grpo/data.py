@@ -140,10 +140,28 @@ def _records(src: SourceFields) -> tuple[str, Iterator[tuple[int, Any]]]:
         return str(path), enumerate(_directory_dataset(path, src), start=1)
     if path.suffix.lower() in _READERS or src.source.startswith((".", "/", "~")):
         raise DataError(f"{src.source}: data file not found")
+    return _hub_records(src)
+
+
+def _hub_records(src: SourceFields) -> tuple[str, Iterator[tuple[int, Any]]]:
+    """A Hub data set; with the Hub out of reach, its cached copy or, at once, an error saying so."""
     import datasets
 
-    ds = datasets.load_dataset(src.source, src.config, split=src.split, revision=src.revision)
+    from grpo.hub import hub_reachable
+
     where = f"{src.source}" + (f" ({src.config})" if src.config else "") + f" [{src.split}]"
+    was_offline = datasets.config.HF_HUB_OFFLINE
+    unreachable = not was_offline and not hub_reachable()
+    datasets.config.HF_HUB_OFFLINE = was_offline or unreachable  # cached copies only, no retries
+    try:
+        ds = datasets.load_dataset(src.source, src.config, split=src.split, revision=src.revision)
+    except (ConnectionError, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        hint = (" The Hub could not be reached (no network?) and there is no cached copy: download it where there is "
+                "network, or give a local file" if unreachable else "")
+        raise DataError(f"{where}: the data set could not be loaded ({first}).{hint}") from exc
+    finally:
+        datasets.config.HF_HUB_OFFLINE = was_offline
     return where, enumerate(ds, start=1)
 
 

@@ -4,32 +4,17 @@ its learning-rate schedule. `grpo train` and `grpo eval` both load models throug
 from __future__ import annotations
 
 import copy
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
 from grpo.config import RunConfig, TrainerConfig
 from grpo.experts import experts_implementation
+from grpo.hub import hub_reachable
 
 
 class ModelError(ValueError):
     """The model cannot be loaded, phrased for a person: `name: what is wrong (what to do)`."""
-
-
-HUB_PROBE_S = 3.0  # how long a Hub that is not cached may take to answer before the run gives up
-
-
-def _hub_reachable() -> bool:
-    from huggingface_hub import constants
-
-    endpoint = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=HUB_PROBE_S).close()
-        return True
-    except OSError:
-        return False
 
 
 def check_model_source(name: str, revision: str | None = None) -> None:
@@ -47,7 +32,7 @@ def check_model_source(name: str, revision: str | None = None) -> None:
         raise ModelError(f"{name}: no such model directory")
     if constants.HF_HUB_OFFLINE or isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
         return
-    if not _hub_reachable():
+    if not hub_reachable():
         raise ModelError(f"{name}: not a local directory and not in the Hub cache ({constants.HF_HUB_CACHE}), and "
                          f"{constants.ENDPOINT} could not be reached (no network?); download it where there is "
                          f"network (hf download {name}) or give a local path")

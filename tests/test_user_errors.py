@@ -81,9 +81,9 @@ def test_a_missing_local_model_and_an_unreachable_hub_fail_at_once(tmp_path, cap
     code, err = run_train(tmp_path, capsys, f"model.name_or_path={tmp_path / 'no' / 'such' / 'model'}")
     assert code == 2 and "no such model directory" in err, err
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    import grpo.model
+    import grpo.hub
 
-    monkeypatch.setattr(grpo.model, "HUB_PROBE_S", 2.0)
+    monkeypatch.setattr(grpo.hub, "PROBE_S", 2.0)
     t = time.monotonic()
     code, err = run_train(tmp_path / "hub", capsys, "model.name_or_path=grpo-zero-tests/not-cached-anywhere")
     assert code == 2 and "could not be reached" in err and "grpo-zero-tests/not-cached-anywhere" in err, err
@@ -144,3 +144,13 @@ def test_a_long_prompt_is_dropped_before_it_is_tokenised():
     kept, dropped = filter_long_prompts(rows, cfg, tok)
     assert kept == rows[:1] and dropped == 1
     assert seen and max(seen) < 1000  # the 900k-character prompt never reached the tokenizer
+
+
+def test_a_hub_data_set_that_cannot_be_reached_fails_in_seconds(tmp_path, capsys, tiny_base, monkeypatch):
+    import grpo.hub
+
+    monkeypatch.setattr(grpo.hub, "PROBE_S", 2.0)
+    t = time.monotonic()
+    code, err = run_train(tmp_path, capsys, "data.source=grpo-zero-tests/no-such-data-set")
+    assert code == 2 and "grpo-zero-tests/no-such-data-set [train]: the data set could not be loaded" in err, err
+    assert time.monotonic() - t < 15
