@@ -7,3 +7,10 @@ def always_raises(completion, example, **context):
 
 def returns_a_string(completion, example, **context):
     return "0.75"
+
+
+def always_sleeps(completion, example, **context):
+    import time
+
+    time.sleep(60)
+    return 1.0

@@ -27,11 +27,12 @@ def test_a_string_is_not_a_score():
     assert call_reward(lambda c, e, **k: 1, "x", {}, {}, {}) == 1.0  # ints (and numpy numbers) are numbers
 
 
-@pytest.mark.parametrize("plugin,workers", [("always_raises", "0"), ("returns_a_string", "1")])
-def test_a_reward_failing_everywhere_for_k_steps_stops_the_run(tmp_path, tiny_base, plugin, workers):
+@pytest.mark.parametrize("plugin,workers,kind", [("always_raises", "0", "errors"), ("returns_a_string", "1", "errors"),
+                                                 ("always_sleeps", "2", "timeouts")])
+def test_a_reward_failing_everywhere_for_k_steps_stops_the_run(tmp_path, tiny_base, plugin, workers, kind):
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "grpo", "train", "recipes/tiny-cpu.yaml", *SHORT,
-                        f"rewards.workers={workers}", "rewards.max_failing_steps=2",
+                        f"rewards.workers={workers}", "rewards.max_failing_steps=2", "rewards.timeout_s=0.3",
                         f"rewards.functions=[{{name: 'tests.failing_plugins:{plugin}'}}, {{name: format}}]",
                         "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -40,8 +41,9 @@ def test_a_reward_failing_everywhere_for_k_steps_stops_the_run(tmp_path, tiny_ba
     assert f"step 2: reward 'tests.failing_plugins:{plugin}' failed or timed out on every sample for 2" in r.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
-    assert all(row[f"reward/tests.failing_plugins:{plugin}/errors"] == 8 for row in rows)
-    assert r.stderr.count(f"reward tests.failing_plugins:{plugin} failed on 8 of 8 samples") == 2  # a line a step
+    assert all(row[f"reward/tests.failing_plugins:{plugin}/{kind}"] == 8 for row in rows)
+    said = "failed on 8 of 8 samples" if kind == "errors" else "timed out (> 0.3 s) on 8 of 8 samples"
+    assert r.stderr.count(f"reward tests.failing_plugins:{plugin} {said}") == 2  # a line a step, not a sample
 
 
 @pytest.mark.parametrize("module,message", [
