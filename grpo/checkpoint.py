@@ -107,11 +107,15 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
         return None
     for stale in root.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    passed_over = False
     for path in _complete(root):
         problem = damage(path)
         if problem is None:
+            if passed_over:
+                log.warning("resuming from %s, the newest intact checkpoint", path)
             return path
         log.warning("checkpoint %s is damaged (%s); passing over it to an older one", path, problem)
+        passed_over = True
     return None
 
 

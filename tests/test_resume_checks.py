@@ -73,6 +73,7 @@ def test_a_damaged_newest_checkpoint_is_passed_over_for_an_intact_one(run4):
              "trainer.keep_checkpoints=5", "--output-dir", str(run4), "--resume", "auto")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "step-000004 is damaged (model/model.safetensors has" in r.stderr and "older one" in r.stderr
+    assert "resuming from " in r.stderr and "step-000002, the newest intact checkpoint" in r.stderr
     assert steps(run4) == [1, 2, 3, 4]  # steps 3-4 again, from the step-2 checkpoint
     assert not stale.exists()
     # asked for by path, a damaged checkpoint is an error that says what is wrong
