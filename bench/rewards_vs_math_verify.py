@@ -17,7 +17,7 @@ say false). Both checkers get the case's options: ``float_rounding``, ``strict``
 ``allow_set_relation_comp`` (ours: ``relation_as_set``) and the extraction targets (ours:
 ``plain_numbers=False`` when the case extracts LaTeX only).
 
-Cases: ``../shared/bench/math_equiv_cases.jsonl`` (349 cases) and ``bench/data/public_equiv_cases.jsonl``
+Cases: ``bench/data/math_equiv_cases.jsonl`` (349 cases, described in bench/data/math_equiv_cases.md) and ``bench/data/public_equiv_cases.jsonl``
 (56 cases mined later from other graders' test suites, each with its source; see bench/data/README.md).
 
 Groups: ``math_verify_tests`` (Math-Verify's tests and example file), ``lighteval``,
@@ -46,7 +46,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_CASES = [Path(__file__).resolve().parents[2] / "shared" / "bench" / "math_equiv_cases.jsonl",
+DEFAULT_CASES = [Path(__file__).resolve().parent / "data" / "math_equiv_cases.jsonl",
                  Path(__file__).resolve().parent / "data" / "public_equiv_cases.jsonl"]
 NEW_GROUPS = {"hendrycks/math": "hendrycks_math", "QwenLM/Qwen2.5-Math": "qwen25_math"}
 
