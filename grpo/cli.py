@@ -88,32 +88,40 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     accelerate_config = _launch_config(args, cfg)
     if accelerate_config:
-        from grpo.distributed import (
-            UnsupportedError,
-            check_supported,
-            launch,
-            launched_processes,
-            resolve_accelerate_config,
-        )
+        return _relaunch(args, cfg, output_dir, accelerate_config)
+    return _train_here(args, cfg, output_dir)
 
-        try:
-            config = resolve_accelerate_config(accelerate_config)
-        except FileNotFoundError as exc:
-            return _fail(str(exc))
-        try:  # refuse unsupported layouts here, before the launcher starts any process
-            check_supported(cfg, launched_processes(config, args.num_machines))
-        except UnsupportedError as exc:
-            return _fail(f"{args.recipe}: {exc}")
-        rest = [args.recipe, *args.overrides, "--output-dir", str(output_dir)] + (["--toy"] if args.toy else [])
-        if args.resume:
-            rest += ["--resume", args.resume]
-        for key in args.allow_change:
-            rest += ["--allow-change", key]
-        return launch(config, rest, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                      main_process_ip=args.main_process_ip, main_process_port=args.main_process_port)
 
+def _relaunch(args: argparse.Namespace, cfg, output_dir: Path, accelerate_config: str) -> int:
+    """This `grpo train` again, under `accelerate launch` with that config."""
+    from grpo.distributed import (
+        UnsupportedError,
+        check_supported,
+        launch,
+        launched_processes,
+        resolve_accelerate_config,
+    )
+
+    try:
+        config = resolve_accelerate_config(accelerate_config)
+    except FileNotFoundError as exc:
+        return _fail(str(exc))
+    try:  # refuse unsupported layouts here, before the launcher starts any process
+        check_supported(cfg, launched_processes(config, args.num_machines))
+    except UnsupportedError as exc:
+        return _fail(f"{args.recipe}: {exc}")
+    rest = [args.recipe, *args.overrides, "--output-dir", str(output_dir)] + (["--toy"] if args.toy else [])
+    if args.resume:
+        rest += ["--resume", args.resume]
+    for key in args.allow_change:
+        rest += ["--allow-change", key]
+    return launch(config, rest, num_machines=args.num_machines, machine_rank=args.machine_rank,
+                  main_process_ip=args.main_process_ip, main_process_port=args.main_process_port)
+
+
+def _train_here(args: argparse.Namespace, cfg, output_dir: Path) -> int:
+    """Train in this process; the ways a run stops early, each with its line and exit status."""
     from grpo.async_rollouts import GenerationError
-    from grpo.checkpoint import ResumeError
     from grpo.distributed import UnsupportedError
     from grpo.train import AlreadyFinished, NonFiniteError, RewardFailure, Stopped, train
     from rewards import UnknownRewardError
@@ -130,16 +138,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     except GenerationError as exc:  # the generation process of an asynchronous run failed
         print(f"grpo: stopped: {exc}", file=sys.stderr)
         return EXIT_GENERATION
-    except ResumeError as exc:
-        return _fail(str(exc))
     except AlreadyFinished as exc:
         print(f"grpo: {exc}", file=sys.stderr)
         return 0
     except Stopped as exc:  # SIGTERM / SIGINT: after a whole step, checkpointed when checkpoints are on
         print(f"grpo: {exc}", file=sys.stderr)
         return 128 + exc.signum
-    if "train" not in summary:  # not the main process: rank 0 reports
-        return 0
+    if "train" in summary:  # the main process reports
+        _report(summary, output_dir)
+    return 0
+
+
+def _report(summary: dict, output_dir: Path) -> None:
     before, after = summary.get("eval_before"), summary.get("eval_after")
     if before and after:
         print(f"held-out greedy accuracy (correct answer in the required format): "
@@ -149,7 +159,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if fmt is not None:
         print(f"format reward over the last 10% of steps: {fmt:.3f}")
     print(f"run directory: {output_dir}  ({summary['train']['seconds']:.0f} s)")
-    return 0
 
 
 def _checkpoint_label(checkpoint: Path, step: int | None) -> str:
