@@ -36,6 +36,7 @@ import logging
 import os
 import queue
 import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -282,7 +283,13 @@ class AsyncRollouts:
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
-        self.weights_q.cancel_join_thread()
+        # Let the queue's feeder thread finish what it is writing (it may be inside torch, sharing a
+        # tensor's storage): left running into interpreter exit, it can abort the process. Bounded,
+        # in case the pipe is full and its reader is gone.
+        self.weights_q.close()
+        flush = threading.Thread(target=self.weights_q.join_thread, name="grpo-weights-flush", daemon=True)
+        flush.start()
+        flush.join(timeout=5)
         self.process = None
 
     def __enter__(self) -> AsyncRollouts:
