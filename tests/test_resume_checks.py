@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,14 +28,19 @@ def steps(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-@pytest.fixture()
-def run4(tmp_path, tiny_base):
-    """A finished 4-step run with checkpoints after steps 2 and 4."""
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_base):
+    out = tmp_path_factory.mktemp("resume") / "run"
     r = grpo("train", "recipes/tiny-cpu.yaml", *SHORT, "trainer.steps=4", "trainer.save_every=2",
              "trainer.keep_checkpoints=5", "--output-dir", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     return out
+
+
+@pytest.fixture()
+def run4(tmp_path, finished_run):
+    """A finished 4-step run with checkpoints after steps 2 and 4 (a copy of one run per test)."""
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
 
 
 def test_finished_run_is_not_trained_again_and_a_changed_recipe_is_refused_by_key(run4):

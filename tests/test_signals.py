@@ -19,7 +19,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["train", "recipes/tiny-cpu.yaml", "trainer.threads=1", "trainer.prompts_per_step=4", "rollout.group_size=4",
-        "eval.before_and_after=false", "logging.progress=false", "trainer.steps=24", "trainer.keep_checkpoints=10"]
+        "eval.before_and_after=false", "logging.progress=false", "trainer.steps=12", "trainer.keep_checkpoints=10"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
@@ -54,7 +54,7 @@ def interrupt(args: list[str], out: Path, signum: int, after_step: int) -> tuple
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_base):
     out = tmp_path_factory.mktemp("signals") / "whole"
-    r = subprocess.run([sys.executable, "-m", "grpo", *ARGS, "trainer.save_every=7", "rewards.workers=0",
+    r = subprocess.run([sys.executable, "-m", "grpo", *ARGS, "trainer.save_every=4", "rewards.workers=0",
                         "--output-dir", str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
@@ -62,12 +62,12 @@ def uninterrupted(tmp_path_factory, tiny_base):
 
 def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_to_the_same_weights(tmp_path, uninterrupted):
     out = tmp_path / "run"
-    args = [*ARGS, "trainer.save_every=7", "rewards.workers=0"]
-    r, seconds = interrupt(args, out, signal.SIGTERM, after_step=random.Random().randint(3, 12))
+    args = [*ARGS, "trainer.save_every=4", "rewards.workers=0"]
+    r, seconds = interrupt(args, out, signal.SIGTERM, after_step=random.Random().randint(2, 8))
     assert r.returncode == 128 + signal.SIGTERM, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     last = logged_steps(out)[-1]
-    assert f"SIGTERM received: stopped after step {last} of 24" in r.stderr and "--resume auto" in r.stderr
+    assert f"SIGTERM received: stopped after step {last} of 12" in r.stderr and "--resume auto" in r.stderr
     assert seconds < 10  # one tiny step and a checkpoint
     from grpo.checkpoint import latest, load_state
 
@@ -75,7 +75,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_to_the_same_
     resumed = subprocess.run([sys.executable, "-m", "grpo", *args, "--output-dir", str(out), "--resume", "auto"],
                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert logged_steps(out) == list(range(1, 25))
+    assert logged_steps(out) == list(range(1, 13))
     whole, mine = final_weights(uninterrupted), final_weights(out)
     assert whole.keys() == mine.keys() and all(torch.equal(whole[k], mine[k]) for k in whole)
 
