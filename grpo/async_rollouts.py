@@ -31,7 +31,6 @@ is reported with its exit status. The generation process dies with the trainer (
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import queue
@@ -46,6 +45,7 @@ import torch
 
 from grpo.config import RunConfig
 from grpo.step import RolloutBatch
+from rewards.sandbox import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +110,6 @@ class _Spec:
 # --- the generation process --------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGKILL when the trainer exits, however it exits (best effort elsewhere)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def _generation_side(spec: _Spec):
     """(StepContext for sampling only, the module that receives weights or None)."""
     from grpo.data import PromptSampler, load_rows
@@ -169,7 +161,7 @@ def _generate(spec: _Spec, weights_q, batches_q) -> None:
     of step max(base_version, s - 1 - staleness), waiting for those to be published."""
     from grpo.step import collect_rollouts
 
-    _die_with_parent()
+    die_with_parent()
     # the trainer handles Ctrl-C and SIGTERM (it still needs this process's in-flight batches for the
     # checkpoint it writes on the way out), then stops this process itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)

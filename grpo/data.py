@@ -147,6 +147,7 @@ def _hub_records(src: SourceFields) -> tuple[str, Iterator[tuple[int, Any]]]:
     """A Hub data set; with the Hub out of reach, its cached copy or, at once, an error saying so."""
     import datasets
 
+    from grpo.errors import first_line
     from grpo.hub import hub_reachable
 
     where = f"{src.source}" + (f" ({src.config})" if src.config else "") + f" [{src.split}]"
@@ -156,7 +157,7 @@ def _hub_records(src: SourceFields) -> tuple[str, Iterator[tuple[int, Any]]]:
     try:
         ds = datasets.load_dataset(src.source, src.config, split=src.split, revision=src.revision)
     except (ConnectionError, OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc)
         hint = (" The Hub could not be reached (no network?) and there is no cached copy: download it where there is "
                 "network, or give a local file" if unreachable else "")
         raise DataError(f"{where}: the data set could not be loaded ({first}).{hint}") from exc

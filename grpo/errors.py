@@ -13,6 +13,11 @@ import errno
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of a library's error message (its type when it has none), for a one-line error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from grpo.checkpoint import ResumeError
     from grpo.config import ConfigError

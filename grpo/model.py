@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from grpo.config import RunConfig, TrainerConfig
+from grpo.errors import first_line
 from grpo.experts import experts_implementation
 from grpo.hub import hub_reachable
 
@@ -46,8 +47,7 @@ def _load(what: str, name: str, load):
     try:
         return load()
     except (OSError, ValueError, SafetensorError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise ModelError(f"{name}: the {what} could not be loaded: {first}") from exc
+        raise ModelError(f"{name}: the {what} could not be loaded: {first_line(exc)}") from exc
 
 
 def load_policy(cfg: RunConfig, device: torch.device, path: str | Path | None = None):

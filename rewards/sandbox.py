@@ -46,7 +46,7 @@ class SandboxError(RuntimeError):
     """The worker pool could not start or replace a worker."""
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: get SIGKILL when the parent process exits (best effort elsewhere)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -82,7 +82,7 @@ def _serve(conn: Connection, memory_mb: int) -> None:
 
 
 def _worker_process(address: str, token: str, memory_mb: int) -> None:
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(address)
@@ -96,7 +96,7 @@ def _zygote_main() -> None:
     import importlib
     import json
 
-    _die_with_parent()
+    die_with_parent()
     # Ctrl-C and a scheduler's SIGTERM are the trainer's to handle: it stops the pool itself, and
     # the workers (forked from here) must not print their own KeyboardInterrupt tracebacks.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
