@@ -27,6 +27,12 @@ their own groups: ``hendrycks_math`` (MATH's ``is_equiv`` tests), ``qwen25_math`
 grader tests and its listed pairs), ``lighteval_letters`` (multiple-choice letters). Math-verify has
 no letter extraction, so on ``lighteval_letters`` it runs with its LaTeX and expression targets.
 
+Conventions: where two sources in the set label the same form oppositely (a reordered bare list;
+``28\\%`` against ``28``), no checker can meet both, so the case whose label contradicts the
+others carries ``upstream_expected`` (the source's label), ``expected`` (the set's one label for
+that form) and a ``convention:`` note naming the cases it contradicts. The report lists them as
+``relabelled_by_convention``, with both labels and both checkers' verdicts.
+
 False positives: cases that expect false and that a checker calls true; those whose note starts
 with ``policy:`` (a convention the upstream harness pins, such as string comparison of lists) or
 says "policy question" are counted apart, as ``policy_false_positives``.
@@ -204,6 +210,11 @@ def main(argv=None) -> int:
     report["ours_policy_false_positive_cases"] = [
         {"gold": c["gold"], "pred": c["pred"], "source": c["source"]}
         for c, e, v in zip(cases, expected, ours) if v and not e and is_policy_case(c)
+    ]
+    report["relabelled_by_convention"] = [
+        {"gold": c["gold"], "pred": c["pred"], "source": c["source"], "upstream_expected": c["upstream_expected"],
+         "expected": c["expected"], "ours": bool(o), "math_verify": bool(m)}
+        for c, o, m in zip(cases, ours, mv) if "upstream_expected" in c and c["upstream_expected"] != c["expected"]
     ]
     if args.show_disagreements:
         for i, (c, e, o, m) in enumerate(zip(cases, expected, ours, mv)):

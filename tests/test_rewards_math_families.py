@@ -64,6 +64,22 @@ CASES = [
     ("matrix", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\boxed{\\{1, 2\\}}", None, False),  # a set has no order
     ("matrix", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\boxed{[[1,3],[2,4]]}", None, False),
     ("matrix", "(1, 2, 3)", "\\boxed{[1, 2, 3]}", None, True),
+    # convention (bench/data/README.md): a bare list is unordered, as Math-Verify's tests label it;
+    # the same values in another order match, other values or a missing or extra value do not
+    ("bare-list", "10, 4, -2", "<answer>4, 10, -2</answer>", None, True),
+    ("bare-list", "0.1, 4, 2", "<answer>4, .1, 2</answer>", None, True),
+    ("bare-list", "10, 4, -2", "<answer>4, 10, 2</answer>", None, False),
+    ("bare-list", "10, 4, -2", "<answer>4, 10</answer>", None, False),
+    ("bare-list", "10, 4", "<answer>4, 10, -2</answer>", None, False),
+    ("bare-list", "(1, 2)", "<answer>(2, 1)</answer>", None, False),  # a tuple keeps its order
+    # convention: a % sign on one side only accepts the same number or its hundredth (hendrycks,
+    # NeMo-Skills and Math-Verify >= 0.9 label 10% ~ 10)
+    ("percent-sign", "28\\%", "<answer>28</answer>", None, True),
+    ("percent-sign", "28\\%", "<answer>0.28</answer>", None, True),
+    ("percent-sign", "28", "<answer>28\\%</answer>", None, True),
+    ("percent-sign", "28\\%", "<answer>2.8</answer>", None, False),
+    ("percent-sign", "28\\%", "<answer>29</answer>", None, False),
+    ("percent-sign", "28\\%", "<answer>0.29</answer>", None, False),
     # complex numbers in another algebraic form
     ("complex", "2i", "\\boxed{2e^{i\\pi/2}}", None, True),
     ("complex", "2i", "\\boxed{(1+i)^2}", None, True),
