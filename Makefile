@@ -48,7 +48,7 @@ setup:
 		from transformers import Qwen3MoeForCausalLM; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"; fi
 
 train:
-	$(BIN)/grpo train recipes/tiny-cpu.yaml --output-dir $(OUT)-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/grpo train recipes/tiny-reasoning-cpu.yaml --output-dir $(OUT)-$$(date +%Y%m%d-%H%M%S)
 
 test:
 	$(BIN)/ruff check .

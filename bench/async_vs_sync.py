@@ -1,4 +1,4 @@
-"""Asynchronous RL against the synchronous loop: the embedded default's steps per second with
+"""Asynchronous RL against the synchronous loop: the tiny-cpu recipe's steps per second with
 `trainer.max_staleness=1` over `0`, measured in the same run, alternating, on this machine.
 
 CPU (what `make bench` runs; about 3 minutes on 2 cores with the tiny base cached):

@@ -158,6 +158,11 @@ def _report(summary: dict, output_dir: Path) -> None:
     fmt = summary["train"]["format_reward_last"]
     if fmt is not None:
         print(f"format reward over the last 10% of steps: {fmt:.3f}")
+    think = summary.get("thinking")
+    if think and think["think_tokens_last_10pct"]:
+        print(f"tokens inside <think> per completion, first -> last 10% of steps: {think['think_tokens_first_10pct']:.1f} -> "
+              f"{think['think_tokens_last_10pct']:.1f}; consistent steps {think['consistent_first_10pct']:.2f} -> "
+              f"{think['consistent_last_10pct']:.2f}")
     print(f"run directory: {output_dir}  ({summary['train']['seconds']:.0f} s)")
 
 

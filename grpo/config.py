@@ -46,6 +46,13 @@ class ArithmeticOptions(Section):
     ops: list[Literal["+", "-"]] = Field(["+"], min_length=1, description="operators to draw from")
 
 
+class SumsOptions(Section):
+    terms: int = Field(4, ge=2, le=12, description="numbers in a sum")
+    min_first: int = Field(10, ge=0, le=100_000, description="the first number is drawn from [min_first, max_first]")
+    max_first: int = Field(99, ge=1, le=100_000, description="the first number is drawn from [min_first, max_first]")
+    max_term: int = Field(9, ge=1, le=100_000, description="every other number is drawn from [1, max_term]")
+
+
 class CountdownOptions(Section):
     min_numbers: int = Field(3, ge=2, le=6, description="fewest numbers in a problem")
     max_numbers: int = Field(4, ge=2, le=6, description="most numbers in a problem")
@@ -66,7 +73,7 @@ class SourceFields(Section):
 
     source: str = Field(
         "arithmetic",
-        description="built-in task (arithmetic, countdown), a local .jsonl/.json/.parquet/.csv file, "
+        description="built-in task (arithmetic, sums, countdown), a local .jsonl/.json/.parquet/.csv file, "
         "a `datasets` directory (save_to_disk or a folder of data files) or a Hub data set name",
     )
     config: str | None = Field(None, description="Hub data set configuration (subset) name")
@@ -88,6 +95,7 @@ class DataConfig(SourceFields):
     max_prompt_tokens: int | None = Field(None, ge=1, description="drop problems whose rendered prompt is longer (tokens)")
     skip_bad_rows: bool = Field(False, description="skip and count rows with a missing or mistyped field instead of stopping")
     arithmetic: ArithmeticOptions = Field(default_factory=ArithmeticOptions, description="options of the arithmetic task")
+    sums: SumsOptions = Field(default_factory=SumsOptions, description="options of the sums task (several numbers)")
     countdown: CountdownOptions = Field(default_factory=CountdownOptions, description="options of the countdown task")
     seed: int = Field(0, description="seed of the train/held-out split and of prompt shuffling")
 

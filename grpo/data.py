@@ -3,7 +3,7 @@
 A data row is a dict with `question` (the problem text) and `answer` (the gold answer, a string),
 plus any task fields the rewards need (countdown: `numbers`, `target`). Rows come from
 
-- a built-in synthetic task: `arithmetic`, `countdown` (generated from `data.seed`, no download);
+- a built-in synthetic task: `arithmetic`, `sums`, `countdown` (generated from `data.seed`, no download);
 - a local file: `.jsonl`, `.json` (a list of objects), `.parquet`, `.csv`;
 - a `datasets` directory: what `Dataset.save_to_disk` wrote, or a folder of data files;
 - a Hub data set name, read with `datasets.load_dataset(name, config, split=, revision=)`.
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo.config import DataConfig, EvalSet, SourceFields
-from grpo.tasks import SYNTHETIC_TASKS, ArithmeticTask, CountdownTask
+from grpo.tasks import SYNTHETIC_TASKS, ArithmeticTask, CountdownTask, SumsTask
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,17 @@ TEMPLATES = {
     "r1_zero_tiny": (
         "User: {question}=? Show work in <think></think> then answer in <answer></answer>.\n"
         "Assistant:"
+    ),
+    # `sums_tiny` opens the thinking block with the sum, as `countdown` opens it with "<think>":
+    # the model may close it at once with the value or work the sum out step by step first.
+    # `sums_tiny_nothink` forbids thinking (an empty block): the ablation that shows its worth.
+    "sums_tiny": (
+        "User: Show work in <think></think> then answer in <answer></answer>. {question}=?\n"
+        "Assistant: <think>{question}="
+    ),
+    "sums_tiny_nothink": (
+        "User: Show work in <think></think> then answer in <answer></answer>. {question}=?\n"
+        "Assistant: <think></think>"
     ),
     "r1_zero_short": (
         "User: {question} Show work in <think></think> then answer in <answer></answer>.\n"
@@ -360,9 +371,12 @@ def read_rows(src: SourceFields, skip_bad_rows: bool = False, needed: Iterable[s
     return rows, stats
 
 
-def synthetic_task(cfg: DataConfig) -> ArithmeticTask | CountdownTask:
+def synthetic_task(cfg: DataConfig) -> ArithmeticTask | SumsTask | CountdownTask:
     if cfg.source == "arithmetic":
         return ArithmeticTask(cfg.arithmetic.max_first, cfg.arithmetic.max_second, tuple(cfg.arithmetic.ops))
+    if cfg.source == "sums":
+        o = cfg.sums
+        return SumsTask(o.terms, o.min_first, o.max_first, o.max_term)
     o = cfg.countdown
     return CountdownTask(o.min_numbers, o.max_numbers, o.max_number, o.max_target, tuple(o.ops), o.num_problems)
 

@@ -227,6 +227,7 @@ def learn(ctx: StepContext, step: int, batch: RolloutBatch) -> StepResult:
     # synchronous: the step waited for its own generation; asynchronous: only for what was not ready
     waited = batch.update_wait_s if cfg.trainer.max_staleness else batch.generate_s + batch.score_s
     metrics = reduce_metrics({**batch.metrics, **train_metrics, **rollout_metrics(rollouts, cfg, batch.generate_s),
+                              **thinking_metrics(rollouts, [g.text for g in batch.groups], ctx.tokenizer),
                               "time/generate": batch.generate_s, "time/score": batch.score_s,
                               "time/step": waited + time.perf_counter() - started})
     if cfg.trainer.max_staleness:
@@ -248,6 +249,20 @@ def rollout_metrics(rollouts: list[Rollout], cfg: RunConfig, seconds: float) -> 
         "rollout/tokens_per_s": sum(lengths) / max(seconds, 1e-9),
         "rollout/accuracy": sum(is_correct(r.rewards, cfg.eval.correct) for r in rollouts) / len(rollouts),
     }
+
+
+def thinking_metrics(rollouts: list[Rollout], prompts: list[str], tokenizer) -> dict[str, float]:
+    """R1-Zero's signature: tokens inside the thinking block per completion (0 without a closed
+    block), and the share of completions whose arithmetic steps there are consistent
+    (`rewards.thinking`: bounded, linear, nothing evaluated)."""
+    from rewards.thinking import steps_consistent, written_think
+
+    blocks = [written_think(r.text, prompts[r.group]) or "" for r in rollouts]
+    filled = [b for b in blocks if b]
+    counts = iter(len(ids) for ids in tokenizer(filled, add_special_tokens=False)["input_ids"]) if filled else iter(())
+    tokens = [next(counts) if b else 0 for b in blocks]
+    return {"rollout/think_tokens_mean": sum(tokens) / len(tokens),
+            "rollout/think_consistent": sum(steps_consistent(r.text, prompts[r.group]) for r in rollouts) / len(rollouts)}
 
 
 def async_metrics(step: int, batch: RolloutBatch) -> dict[str, float]:

@@ -42,6 +42,61 @@ class ArithmeticTask:
 
 
 @dataclass(frozen=True)
+class SumsTask:
+    """A sum of `terms` numbers, the first in `[min_first, max_first]`, the others in `[1, max_term]`
+    (default: a two-digit number plus three one-digit ones, 65,610 distinct problems).
+
+    A task where thinking pays for a tiny model: one addition of a one-digit number is easy, the
+    whole sum at once is not. `chain` writes the work out as a rewrite of the remaining sum, one
+    addition per step (``47+8+6+9=55+6+9=61+9=70``), so that every step reads only the part just
+    written, not a term far back in the prompt.
+    """
+
+    terms: int = 4
+    min_first: int = 10
+    max_first: int = 99
+    max_term: int = 9
+
+    def __post_init__(self):
+        if self.terms < 2 or not 0 <= self.min_first <= self.max_first or self.max_term < 1:
+            raise ValueError(f"sums: need terms >= 2, 0 <= min_first <= max_first and max_term >= 1 (got {self})")
+
+    def sample_terms(self, rng: random.Random) -> list[int]:
+        return [rng.randint(self.min_first, self.max_first)] + [rng.randint(1, self.max_term) for _ in range(self.terms - 1)]
+
+    def sample_problem(self, rng: random.Random) -> tuple[str, str]:
+        terms = self.sample_terms(rng)
+        return "+".join(map(str, terms)), str(sum(terms))
+
+    @staticmethod
+    def chain(terms: list[int]) -> str:
+        """The worked sum: each step adds the first two terms and copies the rest.
+
+        >>> SumsTask.chain([47, 8, 6, 9])
+        '47+8+6+9=55+6+9=61+9=70'
+        """
+        parts, rest = ["+".join(map(str, terms))], list(terms)
+        while len(rest) > 1:
+            rest = [rest[0] + rest[1], *rest[2:]]
+            parts.append("+".join(map(str, rest)))
+        return "=".join(parts)
+
+    def all_rows(self) -> list[dict]:
+        rows = [[a] for a in range(self.min_first, self.max_first + 1)]
+        for _ in range(self.terms - 1):
+            rows = [r + [b] for r in rows for b in range(1, self.max_term + 1)]
+        return [{"question": "+".join(map(str, r)), "answer": str(sum(r))} for r in rows]
+
+    def split(self, num_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
+        """Disjoint (train, held-out) rows; the held-out set never appears among RL prompts."""
+        rows = self.all_rows()
+        if num_eval >= len(rows):
+            raise ValueError(f"num_eval={num_eval} leaves no training problems (only {len(rows)})")
+        random.Random(seed).shuffle(rows)
+        return rows[num_eval:], rows[:num_eval]
+
+
+@dataclass(frozen=True)
 class CountdownTask:
     """TinyZero's Countdown: reach `target` from `numbers` with + - * /, each number used once.
 
@@ -110,4 +165,4 @@ class CountdownTask:
         return rows[num_eval:], rows[:num_eval]
 
 
-SYNTHETIC_TASKS = ("arithmetic", "countdown")
+SYNTHETIC_TASKS = ("arithmetic", "sums", "countdown")

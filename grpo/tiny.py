@@ -24,6 +24,18 @@ accuracy after RL; the bar is 0.90): 8 rows x 1600 steps 0.995 (0.985 after 20 R
 weak for RL to build on. Two processes of one thread each, splitting a step's rows, were no
 faster than one process on two threads (68 ms a step).
 
+A second base, `tiny-sums-moe` (same shape), is pretrained on the `sums` corpus (`sums_document`):
+sums of a two-digit number and three one-digit ones, where a chain of one-digit additions is
+easy and the whole sum at once is hard, and where answers almost never work the sum out; RL then
+has to make the worked chain the habit (recipes/tiny-reasoning-cpu.yaml). Its built-in values
+sit in a narrow band, measured here with the reasoning recipe after each build:
+- chain answers at 15% of the tagged ones, one thread: greedy accuracy 0.11 before RL, 0.85 after;
+- the same corpus on two threads: 0.63 before (its direct answers were already right too often);
+- chain answers at 5% or 10%: RL did not find the chain (0.10 -> 0.11 and 0.10 -> 0.12);
+- no whole sums in the equation blocks: the base wrote chains but copied a wrong value into
+  `<answer>` (pass@8 0.33).
+It is built on one thread (`threads=1`; 216 s here), since a build on two threads is another model.
+
 Usage::
 
     path = ensure_tiny_base("tiny-arith-moe")     # builds on first call (about 2 minutes on 2 cores)
@@ -45,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from grpo.tasks import ArithmeticTask
+from grpo.tasks import ArithmeticTask, SumsTask
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +123,25 @@ class TinyBaseSpec:
     threads: int = 2  # torch threads of the build: fixed, because the float sums depend on it
     experts_implementation: str = "grouped_mm"  # torch 2.13's CPU grouped GEMM: 1.2x the per-expert loop here
     version: int = 7  # bump when the corpus or the training code changes meaning
+    # corpus "sums" (`sums_document`): sums of `terms` numbers, a two-digit one first, where a
+    # chain of one-digit additions is easy and the whole sum at once is hard
+    corpus: str = "arithmetic"
+    terms: int = 4
+    chain_share: float = 0.0  # share of equation lines written as a worked chain
+    whole_share: float = 0.0  # share of equation lines giving a whole sum at once
+    chain_answer_share: float = 0.0  # share of tagged answers whose thinking is the worked chain
+    tagged_restate_share: float = 1.0  # share of the other tagged answers that think "a+b+c=s" (else "s")
+    plain_chain_share: float = 0.0  # share of plain answers that are the worked chain
+    restate_share: float = 0.0  # share of the other plain answers that restate the sum before its value
 
 
-BUILTIN_BASES = {"tiny-arith-moe": TinyBaseSpec()}
+BUILTIN_BASES = {
+    "tiny-arith-moe": TinyBaseSpec(),
+    # 2400 steps: at 1600 the steps of a worked chain were right too seldom for RL to build on
+    "tiny-sums-moe": TinyBaseSpec(corpus="sums", pretrain_steps=2400, tagged_share=0.5, chain_share=0.5,
+                                  whole_share=0.1, chain_answer_share=0.15, restate_share=0.5, threads=1,
+                                  version=1),
+}
 
 
 def tiny_moe_config(spec: TinyBaseSpec, vocab_size: int, pad_id: int, eos_id: int):
@@ -166,6 +194,59 @@ def pretraining_document(rng: random.Random, task: ArithmeticTask, tagged_share:
     return f"User: {question}\nAssistant: {a}"
 
 
+_SUMS_INSTRUCTIONS = ("", "", "Be brief. ", "Show work in <think></think> then answer in <answer></answer>. ")
+
+
+def sums_document(rng: random.Random, task: SumsTask, spec: TinyBaseSpec) -> str:
+    """One document of the `sums` corpus (`tiny-sums-moe`).
+
+    Most documents (60%) are blocks of equations, as in a textbook: one-digit additions to a
+    number of up to three digits (the single step, ``x+d=y``), a share `whole_share` of whole sums
+    given at once and a share `chain_share` of sums worked as chains (`SumsTask.chain`). The rest
+    are question/answer exchanges, the instruction before the sum. A share `tagged_share` of them
+    answer in the R1 format, and of those only `chain_answer_share` think in steps: the others
+    close the thinking block with the value at once (``<think>47+8+6+9=70</think>``). Plain answers
+    give the value, restating the sum first for a share `restate_share`. So worked answers are rare
+    (7.5% of exchanges at the built-in values): the base answers at once, mostly wrongly, until RL
+    makes the worked chain its habit.
+    """
+    if rng.random() < 0.6:
+        lines = []
+        for _ in range(rng.randint(4, 8)):
+            r = rng.random()
+            if r < spec.chain_share:
+                lines.append(task.chain(task.sample_terms(rng)))
+            elif r < spec.chain_share + spec.whole_share:
+                q, a = task.sample_problem(rng)
+                lines.append(f"{q}={a}")
+            else:
+                x = rng.randint(task.min_first, task.max_first + (task.terms - 2) * task.max_term)
+                d = rng.randint(1, task.max_term)
+                lines.append(f"{x}+{d}={x + d}")
+        return "\n".join(lines)
+    terms = task.sample_terms(rng)
+    q, a = "+".join(map(str, terms)), str(sum(terms))
+    question = rng.choice(_SUMS_INSTRUCTIONS) + rng.choice(_QUESTIONS).format(q=q)
+    if rng.random() < spec.tagged_share:
+        if rng.random() < spec.chain_answer_share:
+            think = task.chain(terms)
+        else:
+            think = f"{q}={a}" if rng.random() < spec.tagged_restate_share else a
+        return f"User: {question}\nAssistant: <think>{think}</think><answer>{a}</answer>"
+    if rng.random() < spec.plain_chain_share:
+        return f"User: {question}\nAssistant: {task.chain(terms)}"
+    at_once = f"{q}={a}" if rng.random() < spec.restate_share else a
+    return f"User: {question}\nAssistant: {at_once}"
+
+
+def corpus_task(spec: TinyBaseSpec) -> ArithmeticTask | SumsTask:
+    if spec.corpus == "sums":
+        return SumsTask(terms=spec.terms, min_first=10, max_first=spec.max_first, max_term=spec.max_second)
+    if spec.corpus == "arithmetic":
+        return ArithmeticTask(max_first=spec.max_first, max_second=spec.max_second)
+    raise ValueError(f"unknown tiny-base corpus {spec.corpus!r}; known: arithmetic, sums")
+
+
 class DocumentPacker:
     """Packs whole synthetic documents, each ended by `<eos>`, into rows of `row_tokens` tokens.
 
@@ -187,7 +268,10 @@ class DocumentPacker:
 
     def _document(self) -> list[int]:
         if not self._ready:  # documents are drawn in order and encoded 256 at a time (one fast call)
-            texts = [pretraining_document(self.rng, self.task, self.spec.tagged_share) for _ in range(256)]
+            if isinstance(self.task, SumsTask):
+                texts = [sums_document(self.rng, self.task, self.spec) for _ in range(256)]
+            else:
+                texts = [pretraining_document(self.rng, self.task, self.spec.tagged_share) for _ in range(256)]
             encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
             eos, cap = self.tokenizer.eos_token_id, self.spec.row_tokens - 1
             self._ready = [ids[:cap] + [eos] for ids in reversed(encoded)]
@@ -244,7 +328,7 @@ def _pretrain(spec: TinyBaseSpec, out_dir: Path, progress: bool) -> Path:
 
     torch.manual_seed(spec.seed)
     rng = random.Random(spec.seed)
-    task = ArithmeticTask(max_first=spec.max_first, max_second=spec.max_second)
+    task = corpus_task(spec)
     tokenizer = build_char_tokenizer()
     config = tiny_moe_config(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_config(
@@ -289,8 +373,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("GRPO_ZERO_CACHE", Path.home() / ".cache" / "grpo-zero"))
 
 
+_SUMS_FIELDS = ("corpus", "terms", "chain_share", "whole_share", "chain_answer_share", "tagged_restate_share",
+                "plain_chain_share", "restate_share")
+
+
 def spec_hash(spec: TinyBaseSpec) -> str:
-    payload = json.dumps({**asdict(spec), "torch": torch.__version__}, sort_keys=True)
+    fields = asdict(spec)
+    if spec.corpus == "arithmetic":  # fields of the later `sums` corpus leave the first base's key as it was
+        fields = {k: v for k, v in fields.items() if k not in _SUMS_FIELDS}
+    payload = json.dumps({**fields, "torch": torch.__version__}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 

@@ -1,6 +1,6 @@
 """The GRPO training loop: sample prompts -> generate -> score -> advantages -> update -> sync -> log.
 
-CPU (the embedded default: a tiny MoE pretrained locally, then RL only; a few minutes on 2 cores):
+CPU (the tiny-cpu recipe: a tiny MoE pretrained locally, then RL only; a few minutes on 2 cores):
     grpo train recipes/tiny-cpu.yaml
     grpo train recipes/tiny-cpu.yaml --accelerate-config cpu-2proc       # 2 processes, gloo
 GPU cluster (see recipes/ for real-model recipes, recipes/accelerate/ for launcher configs):
@@ -342,6 +342,7 @@ def finish(run: Run, summary: dict, started: float) -> None:
                             "skipped_steps": run.state.skipped_steps,
                             "format_reward_last": sum(tail) / len(tail) if tail else None,
                             "seconds": time.perf_counter() - started}
+        summary["thinking"] = thinking_summary(run.output_dir / "metrics.jsonl")
         c.unwrapped.save_pretrained(run.output_dir / "final", state_dict=weights)
         c.tokenizer.save_pretrained(run.output_dir / "final")
         (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
@@ -355,6 +356,24 @@ def finish(run: Run, summary: dict, started: float) -> None:
         # Join the process group's threads now: left to interpreter exit, a rank sometimes aborted
         # ("terminate called without an active exception") after the run had finished.
         torch.distributed.destroy_process_group()
+
+
+def thinking_summary(metrics_path: Path) -> dict | None:
+    """Tokens written inside the thinking block and the share of completions with consistent steps,
+    each as the mean over the first and over the last 10% of steps (read from metrics.jsonl, so a
+    resumed run counts every step)."""
+    rows = []
+    if metrics_path.exists():
+        for line in metrics_path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if "rollout/think_tokens_mean" in row:
+                rows.append(row)
+    if not rows:
+        return None
+    k = max(1, math.ceil(len(rows) / 10))
+    return {f"{name}_{end}_10pct": sum(r[key] for r in part) / len(part)
+            for name, key in (("think_tokens", "rollout/think_tokens_mean"), ("consistent", "rollout/think_consistent"))
+            for end, part in (("first", rows[:k]), ("last", rows[-k:]))}
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 Both checks run in linear time: they only count and find fixed tags (no regular expression, so no
 backtracking on thousands of repeated tags). Chat templates that prefill ``<think>`` are handled:
 when the prompt (context ``prompt``) ends with ``<think>``, the completion starts inside the
-thinking block and must not open it again.
+thinking block and must not open it again; when it ends with ``<think></think>`` (thinking
+forbidden), the completion is the answer part alone.
 """
 
 from __future__ import annotations
@@ -13,18 +14,35 @@ ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 
 
 def prompt_opens_think(prompt: str | None) -> bool:
-    """True when the prompt already ends with ``<think>`` (a prefilling chat template).
+    """True when the prompt leaves a thinking block open (a prefilling chat template ends with
+    ``<think>``; a template may also start the thinking for the model): its last ``<think>`` comes
+    after its last ``</think>``.
 
     >>> prompt_opens_think("User: 2+2?\\nAssistant: <think>\\n")
     True
-    >>> prompt_opens_think("User: 2+2?\\nAssistant:")
+    >>> prompt_opens_think("User: 2+2? Think in <think></think>.\\nAssistant: <think>2+2=")
+    True
+    >>> prompt_opens_think("User: 2+2? Think in <think></think>.\\nAssistant:")
     False
     """
-    return bool(prompt) and prompt.rstrip().endswith(THINK_OPEN)
+    return bool(prompt) and prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
+
+
+def prompt_closes_think(prompt: str | None) -> bool:
+    """True when the prompt ends with an empty, closed thinking block (thinking forbidden: the
+    answer comes at once).
+
+    >>> prompt_closes_think("User: 2+2?\\nAssistant: <think></think>")
+    True
+    """
+    text = (prompt or "").rstrip()
+    return text.endswith(THINK_CLOSE) and text[: -len(THINK_CLOSE)].rstrip().endswith(THINK_OPEN)
 
 
 def _effective_text(completion: str, prompt: str | None) -> str:
-    """The completion as if the thinking block were opened by it (prefilled prompts)."""
+    """The completion as if it wrote the part of the thinking block the prompt prefilled."""
+    if prompt_closes_think(prompt):
+        return THINK_OPEN + THINK_CLOSE + completion
     return THINK_OPEN + completion if prompt_opens_think(prompt) else completion
 
 

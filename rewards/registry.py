@@ -30,6 +30,7 @@ BUILTIN_REWARDS: dict[str, str] = {
     "format_partial": "rewards.format:format_partial",
     "countdown": "rewards.countdown:countdown",
     "overlong_penalty": "rewards.countdown:overlong_penalty",
+    "think_steps": "rewards.thinking:think_steps",
 }
 
 RewardFn = Callable[..., Any]

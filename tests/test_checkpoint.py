@@ -1,4 +1,4 @@
-"""Checkpoints and resume (the real CLI on the embedded default, a few short steps), failed
+"""Checkpoints and resume (the real CLI on the tiny-cpu recipe, a few short steps), failed
 checkpoint writes, and non-finite steps.
 """
 

@@ -1,4 +1,4 @@
-"""The real CLI in a subprocess on the embedded default: the run directory it writes, and learning.
+"""The real CLI in a subprocess on the tiny-cpu recipe: the run directory it writes, and learning.
 
 Both tests use the built-in tiny base (pretrained by our own code and cached); the fixture builds
 it once per machine before the timed part starts.
@@ -55,3 +55,29 @@ def test_shortened_recipe_learns(tmp_path, tiny_base):
     before, after = summary["eval_before"]["accuracy"], summary["eval_after"]["accuracy"]
     print(f"accuracy {before:.3f} -> {after:.3f} in {seconds:.0f} s")
     assert after - before >= 0.3, summary
+
+
+@pytest.fixture(scope="session")
+def sums_base():
+    """The built-in base of the reasoning recipe (`tiny-sums-moe`), built before any timed part."""
+    from grpo.tiny import ensure_tiny_base
+
+    return ensure_tiny_base("tiny-sums-moe", progress=False)
+
+
+@pytest.mark.slow
+def test_shortened_reasoning_recipe_raises_correctness_and_thinking(tmp_path, sums_base):
+    """RL alone on the reasoning recipe: correctness itself rises (the answer anywhere, not only in
+    the format), the completions think longer, and their steps are more often right."""
+    out = tmp_path / "run"
+    result = run_cli("train", "recipes/tiny-reasoning-cpu.yaml", "trainer.steps=60", "eval.num_prompts=100",
+                     "logging.progress=false", "--output-dir", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    before, after, think = summary["eval_before"], summary["eval_after"], summary["thinking"]
+    print(before["answer_anywhere"], after["answer_anywhere"], think)
+    assert after["answer_anywhere"] - before["answer_anywhere"] >= 0.3, summary
+    assert after["accuracy"] >= 0.6, summary
+    assert think["think_tokens_last_10pct"] >= 1.5 * think["think_tokens_first_10pct"], think
+    assert think["consistent_last_10pct"] - think["consistent_first_10pct"] >= 0.3, think
+    assert "tokens inside <think> per completion" in result.stdout

@@ -1,7 +1,7 @@
 """The dashboard in real headless Chromium (Debian's /usr/bin/chromium driven by playwright).
 
 RUNS_DIR for these tests holds:
-- the run under test: a real run of the embedded default made here by the CLI
+- the run under test: a real run of the tiny-cpu recipe made here by the CLI
   (`grpo train recipes/tiny-cpu.yaml trainer.steps=4 ...`), or the run GRPO_DASHBOARD_RUN_DIR
   points at;
 - a "hostile" run whose completions are HTML/script payloads, to show that nothing executes.
@@ -60,7 +60,7 @@ def build_runs_dir(base: Path, real_run_dir: Path | None = None) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     real = os.environ.get("GRPO_DASHBOARD_RUN_DIR")
-    if not real:  # a real run of the embedded default, made by the CLI
+    if not real:  # a real run of the tiny-cpu recipe, made by the CLI
         from tests.conftest import run_cli
 
         real = tmp_path_factory.mktemp("real") / "run"

@@ -72,7 +72,7 @@ def _run(args, env, timeout=900):
 
 @pytest.mark.slow
 def test_grpo_eval_reproduces_the_training_summary(tmp_path):
-    """A short run of the embedded default, then `grpo eval` on its final model: the same held-out
+    """A short run of the tiny-cpu recipe, then `grpo eval` on its final model: the same held-out
     prompts, greedy, give the same accuracy (and the same completions) as the training summary;
     the in-training evaluation wrote eval/step-N.json and logged eval/ metrics."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}

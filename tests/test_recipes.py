@@ -69,7 +69,7 @@ def test_recipe_loads_and_resolves(path):
 def test_recipe_header_states_what_it_is(path):
     lines = header(path)
     assert lines and lines[0], f"{path.name}: needs a one-line summary comment at the top"
-    if path.name == "tiny-cpu.yaml":  # the embedded default, documented in the README
+    if path.name == "tiny-cpu.yaml":  # the format recipe, documented in the README
         return
     text = "\n".join(lines)
     for field in HEADER_FIELDS:

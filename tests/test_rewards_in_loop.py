@@ -1,4 +1,4 @@
-"""A reward plugin that raises on one sample in ten does not stop the embedded default: the errors
+"""A reward plugin that raises on one sample in ten does not stop the tiny-cpu recipe: the errors
 are counted per step in metrics.jsonl and the run finishes."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Several processes on this CPU: 1 vs 2 processes (DDP and FSDP2, gloo), two machines on
-loopback, launcher configs. Everything runs the real CLI in subprocesses on the embedded default
+loopback, launcher configs. Everything runs the real CLI in subprocesses on the tiny-cpu recipe
 (the tiny MoE base, cached), shortened to a few steps of 4 prompts x 4 completions.
 """
 

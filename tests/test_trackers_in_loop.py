@@ -1,4 +1,4 @@
-"""The embedded default with `logging.report_to: [wandb, tensorboard]`: an offline wandb run and a
+"""The tiny-cpu recipe with `logging.report_to: [wandb, tensorboard]`: an offline wandb run and a
 TensorBoard event file are written, and a run resumed from its checkpoint continues the same wandb
 run (its id is stored in the checkpoint)."""
 

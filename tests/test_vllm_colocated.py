@@ -69,7 +69,7 @@ def optimizer_step(model, opt, seed: int) -> None:
     model.eval()
 
 
-# Qwen3 dense with untied and tied embeddings, and Qwen3-MoE tied (the embedded default's layout; an
+# Qwen3 dense with untied and tied embeddings, and Qwen3-MoE tied (the built-in bases' layout; an
 # untied MoE passed too, and is left out to keep the suite short: its head is the dense-untied case's).
 CASES = {"dense-untied": ("dense", False), "dense-tied": ("dense", True), "moe-tied": ("moe", True)}
 

@@ -1,4 +1,4 @@
-"""The embedded default with `rollout.engine=vllm`: the real CLI in a subprocess, vLLM's CPU build.
+"""The tiny-cpu recipe with `rollout.engine=vllm`: the real CLI in a subprocess, vLLM's CPU build.
 
 `grpo train` samples every rollout and runs both held-out evaluations with the colocated vLLM engine
 (weights pushed after every step), then `grpo eval` evaluates the final model with the recipe's

@@ -66,6 +66,8 @@
     { id: 'reward', title: 'Reward (total)', match: re('^reward/(mean|std)$') },
     { id: 'reward_fn', title: 'Reward per function', match: re('^reward/(?!mean$|std$)[^/]+$') },
     { id: 'accuracy', title: 'Accuracy (rollout, eval)', match: re('^(rollout|eval)/accuracy$'), markers: re('^eval/'), fullKeys: true },
+    { id: 'think_tokens', title: 'Thinking: tokens inside the think block per completion', match: re('^rollout/think_tokens_mean$') },
+    { id: 'think_consistent', title: 'Thinking: share of completions with consistent arithmetic steps', match: re('^rollout/think_consistent$') },
     { id: 'length', title: 'Response length (tokens)', match: re('^rollout/response_length_(mean|max)$') },
     { id: 'truncated', title: 'Truncation rate', match: re('^rollout/truncated_frac$') },
     { id: 'entropy', title: 'Entropy', match: re('^train/entropy$') },
