@@ -4,9 +4,11 @@
 CPU (what `make bench` runs; about 3 minutes on 2 cores with the tiny base cached):
     python bench/async_vs_sync.py                      # k = 0 and 1, three rounds each
     python bench/async_vs_sync.py --staleness 1 2 --rounds 3
+    python bench/async_vs_sync.py --recipe recipes/tiny-reasoning-cpu.yaml   # what make train runs
 GPU: not meant for one (asynchronous RL on GPUs runs vLLM in server mode; see README).
 
-Each run is the real CLI (`python -m grpo train recipes/tiny-cpu.yaml`, held-out evaluations off).
+Each run is the real CLI (`python -m grpo train RECIPE`, default recipes/tiny-cpu.yaml, the recipe
+the 1.25 target is set for; held-out evaluations off).
 Steps per second count from the end of the first step to the end of the last (metrics.jsonl's
 timestamps), so the generation process's start-up and the first step's wait are left out on both
 sides. The time each side waited is the per-step mean of `time/update_wait` (the trainer waiting for a
@@ -28,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.25
 
 
-def one_run(staleness: int, steps: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "grpo", "train", "recipes/tiny-cpu.yaml", f"trainer.max_staleness={staleness}",
+def one_run(staleness: int, steps: int, out: Path, recipe: str = "recipes/tiny-cpu.yaml") -> dict:
+    cmd = [sys.executable, "-m", "grpo", "train", recipe, f"trainer.max_staleness={staleness}",
            f"trainer.steps={steps}", "eval.before_and_after=false", "logging.progress=false", "--output-dir", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if r.returncode:
@@ -51,19 +53,21 @@ def main() -> int:
     parser.add_argument("--staleness", type=int, nargs="+", default=[1], help="values of k compared with 0")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (each runs every k once)")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--recipe", default="recipes/tiny-cpu.yaml",
+                        help="recipe to time (make train's recipes/tiny-reasoning-cpu.yaml works too)")
     args = parser.parse_args()
     ks = [0, *[k for k in args.staleness if k]]
     runs: dict[int, list[dict]] = {k: [] for k in ks}
     with tempfile.TemporaryDirectory(prefix="grpo-bench-async-") as tmp:
         for r in range(args.rounds):
             for k in ks if r % 2 == 0 else reversed(ks):  # alternate the order: load drifts hit both sides
-                runs[k].append(one_run(k, args.steps, Path(tmp) / f"k{k}-r{r}"))
+                runs[k].append(one_run(k, args.steps, Path(tmp) / f"k{k}-r{r}", args.recipe))
                 print(f"round {r + 1}, max_staleness {k}: {runs[k][-1]['steps_per_s']:.2f} steps/s", file=sys.stderr)
     med = {k: {key: statistics.median(run[key] for run in v) for key in v[0]} for k, v in runs.items()}
     for k in ks[1:]:
         ratio = med[k]["steps_per_s"] / med[0]["steps_per_s"]
         print(json.dumps({
-            "bench": "async_vs_sync", "recipe": "recipes/tiny-cpu.yaml", "steps": args.steps, "rounds": args.rounds,
+            "bench": "async_vs_sync", "recipe": args.recipe, "steps": args.steps, "rounds": args.rounds,
             "max_staleness": k, "sync_steps_per_s": round(med[0]["steps_per_s"], 3),
             "async_steps_per_s": round(med[k]["steps_per_s"], 3), "ratio_async_over_sync": round(ratio, 3),
             "sync_steps_per_s_each_round": [round(run["steps_per_s"], 3) for run in runs[0]],

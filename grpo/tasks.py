@@ -10,6 +10,14 @@ import random
 from dataclasses import dataclass
 
 
+def shuffled_split(rows: list[dict], num_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out): the first `num_eval` rows of a seeded shuffle are held out."""
+    if num_eval >= len(rows):
+        raise ValueError(f"num_eval={num_eval} leaves no training problems (only {len(rows)})")
+    random.Random(seed).shuffle(rows)
+    return rows[num_eval:], rows[:num_eval]
+
+
 @dataclass(frozen=True)
 class ArithmeticTask:
     """`a op b` with a in `[0, max_first]` and b in `[0, max_second]` (default: two-digit plus
@@ -34,11 +42,7 @@ class ArithmeticTask:
 
     def split(self, num_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
         """Disjoint (train, held-out) rows; the held-out set never appears among RL prompts."""
-        rows = self.all_rows()
-        if num_eval >= len(rows):
-            raise ValueError(f"num_eval={num_eval} leaves no training problems (only {len(rows)})")
-        random.Random(seed).shuffle(rows)
-        return rows[num_eval:], rows[:num_eval]
+        return shuffled_split(self.all_rows(), num_eval, seed)
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,7 @@ class SumsTask:
 
     def split(self, num_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
         """Disjoint (train, held-out) rows; the held-out set never appears among RL prompts."""
-        rows = self.all_rows()
-        if num_eval >= len(rows):
-            raise ValueError(f"num_eval={num_eval} leaves no training problems (only {len(rows)})")
-        random.Random(seed).shuffle(rows)
-        return rows[num_eval:], rows[:num_eval]
+        return shuffled_split(self.all_rows(), num_eval, seed)
 
 
 @dataclass(frozen=True)
