@@ -16,7 +16,7 @@ The shape fits vLLM's CPU build as well as transformers: head_dim 32 (its CPU at
 The result is cached under `$GRPO_ZERO_CACHE` (default `~/.cache/grpo-zero`) keyed by a hash of
 everything that determines it, so it is built once per machine. Building it is deterministic for a
 given torch version (it always runs on `spec.threads` threads, see `pretrain_tiny_base`). Most of a
-cold `make train` is this pretraining: 1600 steps of 8 x 128 tokens, 50-85 ms each on two threads
+cold tiny-cpu run is this pretraining (tiny-arith-moe): 1600 steps of 8 x 128 tokens, 50-85 ms each on two threads
 here. Measured on this 2-core machine, each with the tiny-cpu RL recipe after it (held-out greedy
 accuracy after RL; the bar is 0.90): 8 rows x 1600 steps 0.995 (0.985 after 20 RL steps);
 8 x 1800 1.00; 16 x 1800 0.99 (about twice the time); 16 x 1100 0.78; 8 x 1400 0.50; 6 x 1800

@@ -39,6 +39,7 @@ def step_metrics(step: int, steps: int, rng: random.Random, moe_layers: int, exp
         "reward/math_answer/errors": 0.0, "rollout/accuracy": acc,
         "rollout/response_length_mean": 40 + 120 * p + rng.gauss(0, 4),
         "rollout/response_length_max": 64 + 200 * p, "rollout/truncated_frac": max(0.0, 0.2 - 0.2 * p),
+        "rollout/think_tokens_mean": 30 + 100 * p + rng.gauss(0, 3), "rollout/think_consistent": min(1.0, 0.9 * acc),
         "rollout/tokens_per_s": 900 + rng.gauss(0, 30), "time/generate": 0.16 + rng.gauss(0, 0.01),
         "time/score": 0.01, "time/train": 0.06, "time/weight_sync": 0.005, "time/step": 0.24,
     }
