@@ -21,8 +21,8 @@ arithmetic, so it breaks the chain instead of costing time.
 
 from __future__ import annotations
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+from rewards.format import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, prompt_closes_think, prompt_opens_think
+
 MAX_THINK_CHARS = 4000
 MAX_DIGITS = 30
 MAX_TERMS = 64
@@ -41,11 +41,9 @@ def written_think(completion: str, prompt: str | None = None) -> str | None:
     >>> written_think("55") is None
     True
     """
-    prompt = prompt or ""
-    tail = prompt.rstrip()
-    if tail.endswith(THINK_CLOSE) and tail[: -len(THINK_CLOSE)].rstrip().endswith(THINK_OPEN):
+    if prompt_closes_think(prompt):
         return ""
-    if prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE):  # the prompt opened the block
+    if prompt_opens_think(prompt):
         start = 0
     else:
         start = completion.find(THINK_OPEN)
@@ -64,7 +62,7 @@ def think_block(completion: str, prompt: str | None = None) -> str | None:
     '47+8=55'
     """
     written = written_think(completion, prompt)
-    if not written or not prompt or prompt.rfind(THINK_OPEN) <= prompt.rfind(THINK_CLOSE):
+    if not written or not prompt_opens_think(prompt):
         return written
     return prompt[prompt.rfind(THINK_OPEN) + len(THINK_OPEN) :][-MAX_THINK_CHARS:] + written
 
