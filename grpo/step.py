@@ -223,6 +223,7 @@ def learn(ctx: StepContext, step: int, batch: RolloutBatch) -> StepResult:
     cfg, started = ctx.cfg, time.perf_counter()
     rollouts, adv_metrics = assign_advantages(batch.rollouts, cfg.algorithm, cfg.rollout.group_size,
                                               cfg.rollout.max_new_tokens)
+    lr = ctx.schedule.get_last_lr()[0]  # the rate this update uses (the schedule steps after it)
     train_metrics, skipped = update_policy(ctx, rollouts)
     # synchronous: the step waited for its own generation; asynchronous: only for what was not ready
     waited = batch.update_wait_s if cfg.trainer.max_staleness else batch.generate_s + batch.score_s
@@ -232,7 +233,7 @@ def learn(ctx: StepContext, step: int, batch: RolloutBatch) -> StepResult:
                               "time/step": waited + time.perf_counter() - started})
     if cfg.trainer.max_staleness:
         metrics.update(async_metrics(step, batch))
-    metrics.update(adv_metrics, **{"train/lr": ctx.schedule.get_last_lr()[0]})
+    metrics.update(adv_metrics, **{"train/lr": lr})
     counts = ctx.moe.take_counts()
     if counts is not None:
         metrics.update(load_metrics(all_reduce_tensor(counts)))

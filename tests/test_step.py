@@ -33,6 +33,24 @@ def test_train_and_the_step_benchmark_call_the_same_step(tmp_path, monkeypatch, 
     assert all(s["step"] >= s["generate"] + s["train"] > 0 for s in split)
 
 
+def test_each_step_logs_the_learning_rate_it_trained_with(tmp_path, tiny_base):
+    """`train/lr` is the rate of that step's update: warm-up, then the decay of `trainer.lr_schedule`."""
+    import json
+
+    from grpo.cli import main
+    from grpo.config import TrainerConfig
+    from grpo.model import lr_factor
+
+    out = tmp_path / "run"
+    sched = ["trainer.lr=1e-3", "trainer.warmup_steps=1", "trainer.lr_schedule=cosine", "trainer.min_lr_ratio=0.1"]
+    assert main(["train", "recipes/tiny-cpu.yaml", *SHORT, "trainer.steps=4", *sched, "--output-dir", str(out)]) == 0
+    logged = [json.loads(line)["train/lr"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    tr = TrainerConfig(steps=4, lr=1e-3, warmup_steps=1, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert logged == pytest.approx([1e-3 * lr_factor(s, tr) for s in range(4)])
+    assert logged[0] == pytest.approx(5e-4) and logged[1] == pytest.approx(1e-3)  # half-way up, then the peak
+    assert logged[1] > logged[2] > logged[3] > 1e-4  # decaying towards lr * min_lr_ratio, not there yet
+
+
 def test_prompt_groups_carry_row_text_ids_seed_and_global_index(tiny_base):
     """A PromptGroup holds everything the step needs about its prompt, encoded once; a rank's
     groups are numbered from its first global prompt index and seeded by that index."""
