@@ -85,7 +85,36 @@ def test_recipe_at_toy_scale_with_the_transformers_engine(recipe, tmp_path, caps
     _train_and_eval(recipe, tmp_path / "run", "hf", capsys)
 
 
-@pytest.mark.parametrize("recipe", RECIPES)
+def _vllm_path(recipe: str) -> str:
+    """What the vLLM engine sees of a recipe at toy scale: the toy model's config, the model, rollout
+    and MoE sections (template, rewards and loss act before and after it)."""
+    toy, _ = toy_recipe(load_recipe(REPO / "recipes" / f"{recipe}.yaml"), ["rollout.engine=vllm"], cuda=False)
+    config = json.loads((Path(toy.model.name_or_path) / "config.json").read_text())
+    config.pop("_name_or_path", None)
+    return json.dumps([config, toy.model.model_dump(mode="json", exclude={"name_or_path"}),
+                       toy.rollout.model_dump(mode="json"), toy.moe.model_dump(mode="json")], sort_keys=True)
+
+
+def _vllm_cases() -> list:
+    """One recipe per distinct vLLM path (the first by name), its id naming the recipes it stands for;
+    every recipe still runs its own path with the transformers engine above."""
+    groups: dict[str, list[str]] = {}
+    for recipe in RECIPES:
+        groups.setdefault(_vllm_path(recipe), []).append(recipe)
+    return [pytest.param(names[0], id="+".join(names)) for names in groups.values()]
+
+
+def test_every_recipe_has_a_vllm_case_that_shares_its_path():
+    cases = _vllm_cases()
+    covered = [name for case in cases for name in case.id.split("+")]
+    assert sorted(covered) == RECIPES
+    for case in cases:
+        first, *rest = case.id.split("+")
+        assert all(_vllm_path(name) == _vllm_path(first) for name in rest), case.id
+    assert len(cases) < len(RECIPES)  # the tiny CPU recipes share the built-in base's shape and the engine options
+
+
+@pytest.mark.parametrize("recipe", _vllm_cases())
 def test_recipe_at_toy_scale_with_vllm(recipe, tmp_path, capsys, kept_threads):
     from tests.conftest import require_vllm
 
