@@ -2,7 +2,7 @@
 over `0`, measured in the same run, alternating, on this machine, for the embedded default
 (recipes/tiny-reasoning-cpu.yaml, what `make train` runs) and for recipes/tiny-cpu.yaml.
 
-CPU (what `make bench` runs; about 6 minutes on 2 cores with the tiny bases cached):
+CPU (what `make bench` runs, with the tiny bases cached):
     python bench/async_vs_sync.py                      # k = 0 and 1, three rounds each, both recipes
     python bench/async_vs_sync.py --staleness 1 2 --rounds 3 --recipe recipes/tiny-cpu.yaml
 GPU: not meant for one (asynchronous RL on GPUs runs vLLM in server mode; see README).
