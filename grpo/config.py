@@ -256,11 +256,11 @@ class TrainerConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas")
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
-        "constant", description="learning rate after the warm-up: constant, or decayed over the remaining steps "
-        "to lr * min_lr_ratio at the last step, linearly or along a half cosine",
+        "constant", description="learning rate after the warm-up: constant, or decayed linearly or along a half "
+        "cosine towards lr * min_lr_ratio, reached one step after the last (grpo.model.lr_factor)",
     )
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="lr_schedule linear/cosine: the last step's learning "
-                                "rate as a share of lr")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="lr_schedule linear/cosine: where the decay ends, as a "
+                                "share of lr")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient-norm clip")
     seed: int = Field(0, description="seed of sampling and initialisation (ranks derive theirs from it)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads per process (None: torch's default)")

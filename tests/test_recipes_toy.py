@@ -12,6 +12,7 @@ recipe states its routing replay, and the launch commands in the headers parse.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shlex
@@ -85,6 +86,7 @@ def test_recipe_at_toy_scale_with_the_transformers_engine(recipe, tmp_path, caps
     _train_and_eval(recipe, tmp_path / "run", "hf", capsys)
 
 
+@functools.cache
 def _vllm_path(recipe: str) -> str:
     """What the vLLM engine sees of a recipe at toy scale: the toy model's config, the model, rollout
     and MoE sections (template, rewards and loss act before and after it)."""
