@@ -44,8 +44,8 @@ def main() -> int:
     import transformers
 
     from bench.step_vs_trl import SIZES, build_model, prompt_rows
-    from grpo.data import render_prompt
-    from grpo.tiny import build_char_tokenizer
+    from grpo.data.prompts import render_prompt
+    from grpo.model.tiny import build_char_tokenizer
     from rollout.base import SamplingParams
     from rollout.hf import HFEngine
 

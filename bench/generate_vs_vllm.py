@@ -63,9 +63,9 @@ def run(size: str, args, vllm_version: str) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     from bench.step_vs_trl import SIZES, build_model, prompt_rows
-    from grpo.data import render_prompt
-    from grpo.experts import experts_implementation
-    from grpo.tiny import build_char_tokenizer
+    from grpo.data.prompts import render_prompt
+    from grpo.model.experts import experts_implementation
+    from grpo.model.tiny import build_char_tokenizer
     from rollout.hf import HFEngine
     from rollout.vllm import VLLMEngine
 
@@ -84,7 +84,7 @@ def run(size: str, args, vllm_version: str) -> list[dict]:
         built.save_pretrained(path)
         tokenizer.save_pretrained(path)
         del built
-        experts = experts_implementation(None, device)  # as grpo.train.load_policy picks
+        experts = experts_implementation(None, device)  # as grpo.run.train.load_policy picks
         kwargs = {"experts_implementation": experts} if experts else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype), **kwargs)
         model = model.to(device).eval()

@@ -67,7 +67,7 @@ timeout 90 "$PYTHON" - <<'EOF'
 import os, torch, transformers
 transformers.logging.set_verbosity_error()
 from bench.step_vs_trl import build_model
-from grpo.tiny import build_char_tokenizer
+from grpo.model.tiny import build_char_tokenizer
 from rollout.base import SamplingParams
 dev = os.environ["GPU_CHECK_DEVICE"]
 from rollout.hf import HFEngine
@@ -153,7 +153,7 @@ EOF
 import sys, torch, transformers
 transformers.logging.set_verbosity_error()
 from bench.step_vs_trl import build_model
-from grpo.tiny import build_char_tokenizer
+from grpo.model.tiny import build_char_tokenizer
 tok = build_char_tokenizer()
 model = build_model(128, 4, tok, None)
 model.config.output_router_logits = False

@@ -1,4 +1,4 @@
-"""Peak memory of chunked log-probs (grpo/logprobs.py) against the plain full-logits log_softmax.
+"""Peak memory of chunked log-probs (grpo/algo/logprobs.py) against the plain full-logits log_softmax.
 
     python bench/logprob_memory.py            # both variants, each in its own process; one JSON line
     python bench/logprob_memory.py --chunk 256 --threads 2
@@ -14,7 +14,7 @@ compares the two log-prob tensors and prints one JSON line:
      "max_abs_diff" (at most 1e-5 to pass), "chunk", "model_rss_mb", "seconds", "pass"}
 
 Both variants run under torch.no_grad (the plain one with grad would need well over 15 GB here);
-grpo/logprobs.py applies activation checkpointing per chunk, so backward memory is bounded by the
+grpo/algo/logprobs.py applies activation checkpointing per chunk, so backward memory is bounded by the
 same chunk (tests/test_logprobs.py checks that autograd saves no full-size logits; `--backward`
 also measures the chunked forward + backward, "chunked_fwd_bwd_peak_mb"). Exit status 1 if a
 bound is not met.
@@ -45,7 +45,7 @@ def run_variant(variant: str, chunk: int, out: str, threads: int) -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from grpo.logprobs import token_logprobs, token_logprobs_plain
+    from grpo.algo.logprobs import token_logprobs, token_logprobs_plain
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ The work, identical on both sides:
 - the same random-init Qwen3-MoE built locally from a config (hidden 128, 4 layers, 4 heads /
   2 KV heads, 8 experts, top-2, expert width 128, router logits on, float32; or the `small` size:
   hidden 512, 8 layers), the same initial weights (same seed), and the character-level tokenizer
-  of `grpo.tiny` (no download);
+  of `grpo.model.tiny` (no download);
 - 2 prompts x 8 completions per step from the arithmetic task's R1-Zero prompt template, exactly
   32 new tokens each (EOS suppressed: our `ignore_eos`, TRL's `min_new_tokens=32`), temperature 1,
   no top-k / top-p;
@@ -23,8 +23,8 @@ The work, identical on both sides:
 
 Our side is what `grpo train` runs with its defaults on CPU: per-group sampling seeds, the HF
 engine's fast decode path with one prefill per distinct prompt, the `grpo_sorted` experts kernel
-for training (`grpo.experts`), shared-prompt training forwards (`trainer.shared_prompt_forward`),
-the MoE router hooks with expert-load metrics, and the fused AdamW of `grpo.model.make_optimizer`.
+for training (`grpo.model.experts`), shared-prompt training forwards (`trainer.shared_prompt_forward`),
+the MoE router hooks with expert-load metrics, and the fused AdamW of `grpo.model.optim.make_optimizer`.
 Where our speed comes from, measured on this 2-core machine: generation avoids `generate`'s
 per-token overhead and prefills each prompt once instead of 8 times; training runs each prompt
 once instead of 8 times (this benchmark's prompts are ~58 tokens against 32 completion tokens,
@@ -44,7 +44,7 @@ Fairness notes for TRL's side (each choice makes TRL's side faster or equal, nev
 
 Timing: TRL's `train()` runs the loop; after each of its optimizer steps a callback runs one step of
 ours, so the two alternate step by step under the same machine load. A TRL step is the wall time
-between consecutive callbacks minus the time spent in our step; ours is `grpo.step.run_step` (draw
+between consecutive callbacks minus the time spent in our step; ours is `grpo.run.step.run_step` (draw
 prompts -> encode -> generate -> score -> advantages -> update -> weight sync), the function
 `grpo train` calls for every step, and its split is the step's own `time/*` metrics.
 The first 3 steps of each are warm-up; medians of the next 30 are reported, with the 1-minute load
@@ -75,7 +75,7 @@ PROMPTS_PER_STEP, GROUP, NEW_TOKENS, LR = 2, 8, 32, 1e-5
 def build_model(hidden: int, layers: int, tokenizer, experts: str | None, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
-    from grpo.tiny import TinyBaseSpec, tiny_moe_config
+    from grpo.model.tiny import TinyBaseSpec, tiny_moe_config
 
     spec = TinyBaseSpec(hidden_size=hidden, num_layers=layers, num_heads=4, num_kv_heads=2, num_experts=8,
                         top_k=2, expert_width=128)
@@ -87,7 +87,7 @@ def build_model(hidden: int, layers: int, tokenizer, experts: str | None, seed: 
 
 
 def prompt_rows(n: int, seed: int = 0) -> list[dict]:
-    from grpo.tasks import ArithmeticTask
+    from grpo.data.tasks import ArithmeticTask
 
     rows = ArithmeticTask(99, 9).all_rows()
     random.Random(seed).shuffle(rows)
@@ -95,7 +95,7 @@ def prompt_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 class OurStep:
-    """One step of grpo-zero's loop: `grpo.step.run_step`, the function `grpo train` calls for every
+    """One step of grpo-zero's loop: `grpo.run.step.run_step`, the function `grpo train` calls for every
     step, over a `StepContext` built here (the model and tokenizer of this benchmark, EOS ignored).
 
     Also used by bench/gpu_check.sh (CUDA, bf16, either engine): `device`, `dtype`, `engine`,
@@ -105,20 +105,21 @@ class OurStep:
     def __init__(self, hidden: int, layers: int, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  engine: str = "hf", checkpoint: str | None = None, prompts_per_step: int = PROMPTS_PER_STEP,
                  group: int = GROUP, new_tokens: int = NEW_TOKENS, vllm: dict | None = None):
+        from grpo.algo.moe import RouterControl
         from grpo.config import RunConfig
-        from grpo.data import PromptSampler
-        from grpo.experts import experts_implementation
-        from grpo.model import make_optimizer, make_schedule
-        from grpo.moe import RouterControl
-        from grpo.step import StepContext, sampling_params
-        from grpo.tiny import build_char_tokenizer
+        from grpo.data.prompts import PromptSampler
+        from grpo.model.experts import experts_implementation
+        from grpo.model.optim import make_optimizer, make_schedule
+        from grpo.model.tiny import build_char_tokenizer
+        from grpo.run.sampling import SamplingContext, sampling_params
+        from grpo.run.step import LearningContext, StepContext
         from rewards import RewardSpec, Scorer
         from rollout import make_engine
 
         self.device = torch.device(device)
         self.new_tokens = new_tokens
         tokenizer = build_char_tokenizer()
-        experts = experts_implementation(None, self.device)  # as grpo.model.load_policy picks
+        experts = experts_implementation(None, self.device)  # as grpo.model.loading.load_policy picks
         if checkpoint:
             from transformers import AutoModelForCausalLM
 
@@ -136,17 +137,18 @@ class OurStep:
                         "betas": (0.9, 0.999), "max_grad_norm": 1.0, "weight_decay": 0.0, "seed": 0},
         })
         optimizer = make_optimizer(model, cfg.trainer)
-        self.ctx = StepContext(
-            cfg, make_engine(cfg.rollout, model, tokenizer, self.device, seed=0),
-            Scorer([RewardSpec("math_answer", 1.0), RewardSpec("format", 0.5)], workers=0), tokenizer,
-            PromptSampler(prompt_rows(512), seed=0), model, model, optimizer, make_schedule(optimizer, cfg.trainer),
-            self.device, RouterControl(model, cfg.moe),  # expert-load metrics, as in every MoE run
-            sampling=replace(sampling_params(cfg), ignore_eos=True))
-        self.engine, self.model = self.ctx.engine, model
+        engine = make_engine(cfg.rollout, model, tokenizer, self.device, seed=0)
+        sampling = SamplingContext(
+            cfg, engine, Scorer([RewardSpec("math_answer", 1.0), RewardSpec("format", 0.5)], workers=0), tokenizer,
+            PromptSampler(prompt_rows(512), seed=0), sampling=replace(sampling_params(cfg.rollout), ignore_eos=True))
+        learning = LearningContext(cfg, engine, tokenizer, model, model, optimizer, make_schedule(optimizer, cfg.trainer),
+                                   self.device, RouterControl(model, cfg.moe))  # expert-load metrics, as in every MoE run
+        self.ctx = StepContext(sampling, learning)
+        self.engine, self.model = engine, model
         self.step_index = 0
 
     def __call__(self) -> dict[str, float]:
-        from grpo.step import run_step
+        from grpo.run.step import run_step
 
         self.step_index += 1
         if self.device.type == "cuda":
@@ -166,8 +168,8 @@ def run(size: str, steps: int, warmup: int, trl_experts: str | None) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from grpo.data import render_prompt
-    from grpo.tiny import build_char_tokenizer
+    from grpo.data.prompts import render_prompt
+    from grpo.model.tiny import build_char_tokenizer
     from rewards import RewardSpec, Scorer
 
     hidden, layers = SIZES[size]

@@ -32,6 +32,9 @@ import time
 import traceback
 from pathlib import Path
 
+from grpo import dashboard
+from grpo.commands import score
+
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
 EXIT_GENERATION = 4  # asynchronous RL: the generation process failed (its error is printed)
@@ -43,10 +46,10 @@ def _fail(message: str) -> int:
 
 
 def _toy(cfg, args: argparse.Namespace):
-    """The recipe at toy scale (grpo/toy.py), its changes listed on stderr once per job."""
+    """The recipe at toy scale (grpo/commands/toy.py), its changes listed on stderr once per job."""
     import os
 
-    from grpo.toy import toy_recipe
+    from grpo.commands.toy import toy_recipe
 
     cfg, notes = toy_recipe(cfg, args.overrides, source=args.recipe)
     if notes and os.environ.get("GRPO_ZERO_LAUNCHED") != "1":
@@ -54,18 +57,18 @@ def _toy(cfg, args: argparse.Namespace):
     return cfg
 
 
-def _launch_config(args: argparse.Namespace, cfg) -> str | None:
+def _launch_config(args: argparse.Namespace, launch) -> str | None:
     """The accelerate config this `grpo train` relaunches itself under: `--accelerate-config` (`none`:
     this process), else the recipe's `launch.accelerate_config`; never inside a launched job."""
     import os
 
     if os.environ.get("GRPO_ZERO_LAUNCHED") == "1":
         return None
-    choice = args.accelerate_config or cfg.launch.accelerate_config
+    choice = args.accelerate_config or launch.accelerate_config
     if choice == "none":
         return None
-    if args.num_machines is None and choice == cfg.launch.accelerate_config:
-        args.num_machines = cfg.launch.num_machines
+    if args.num_machines is None and choice == launch.accelerate_config:
+        args.num_machines = launch.num_machines
     return choice
 
 
@@ -86,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and args.resume != "auto" and not (Path(args.resume) / "state.json").is_file():
         return _fail(f"--resume {args.resume}: not a checkpoint directory (no state.json)")
 
-    accelerate_config = _launch_config(args, cfg)
+    accelerate_config = _launch_config(args, cfg.launch)
     if accelerate_config:
         return _relaunch(args, cfg, output_dir, accelerate_config)
     return _train_here(args, cfg, output_dir)
@@ -94,13 +97,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _relaunch(args: argparse.Namespace, cfg, output_dir: Path, accelerate_config: str) -> int:
     """This `grpo train` again, under `accelerate launch` with that config."""
-    from grpo.distributed import (
-        UnsupportedError,
-        check_supported,
-        launch,
-        launched_processes,
-        resolve_accelerate_config,
-    )
+    from grpo.config import resolve_accelerate_config
+    from grpo.run.launch import launch, launched_processes
+    from grpo.run.processes import UnsupportedError, check_supported
 
     try:
         config = resolve_accelerate_config(accelerate_config)
@@ -121,9 +120,9 @@ def _relaunch(args: argparse.Namespace, cfg, output_dir: Path, accelerate_config
 
 def _train_here(args: argparse.Namespace, cfg, output_dir: Path) -> int:
     """Train in this process; the ways a run stops early, each with its line and exit status."""
-    from grpo.async_rollouts import GenerationError
-    from grpo.distributed import UnsupportedError
-    from grpo.train import AlreadyFinished, NonFiniteError, RewardFailure, Stopped, train
+    from grpo.run.async_rollouts import GenerationError
+    from grpo.run.processes import UnsupportedError
+    from grpo.run.train import AlreadyFinished, NonFiniteError, RewardFailure, Stopped, train
     from rewards import UnknownRewardError
 
     try:
@@ -201,9 +200,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from grpo.data import DataError, load_eval_sets, load_rows
-    from grpo.evaluate import evaluate_sets, format_table, make_eval_scorer, write_report
-    from grpo.model import load_policy
+    from grpo.data.sources import DataError, load_eval_sets, load_rows
+    from grpo.model.loading import load_policy
+    from grpo.run.evaluate import evaluate_sets, format_table, make_eval_scorer, write_report
     from rewards import UnknownRewardError
     from rollout import make_engine
 
@@ -215,7 +214,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except UnknownRewardError as exc:
         return _fail(f"{args.recipe}: eval.correct: {exc}")
     try:
-        model, tokenizer = load_policy(cfg, device)
+        model, tokenizer = load_policy(cfg.model, device, progress=cfg.logging.progress)
         _, heldout = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)
         sets = load_eval_sets(cfg, heldout)
     except DataError as exc:
@@ -239,8 +238,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from grpo.commands.plan import format_report, layout_from_recipe, make_plan, resolve_arch, workload_from_recipe
     from grpo.config import ConfigError, load_recipe
-    from grpo.plan import format_report, layout_from_recipe, make_plan, resolve_arch, workload_from_recipe
 
     try:
         cfg = load_recipe(args.recipe, args.overrides)
@@ -311,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "checkpoint's (run length, logging, evaluation and speed settings may always change)")
     train.add_argument("--toy", action="store_true",
                        help="toy scale: the recipe's code path with a random-init model of its architecture family, "
-                       "a local tokenizer and local data in its columns, 2 steps (grpo/toy.py); no network")
+                       "a local tokenizer and local data in its columns, 2 steps (grpo/commands/toy.py); no network")
     launch = train.add_argument_group("launching (accelerate)")
     launch.add_argument("--accelerate-config", metavar="NAME|PATH",
                         help="run under `accelerate launch` with recipes/accelerate/NAME.yaml or a config file "
@@ -368,8 +367,6 @@ def build_parser() -> argparse.ArgumentParser:
                            description="List the recipes shipped in recipes/ with the first line of each header comment.")
     rec.add_argument("--dir", metavar="DIR", help="another folder of recipes")
     rec.set_defaults(func=cmd_recipes)
-
-    from grpo import dashboard, score
 
     score.add_parser(verbs)
     dashboard.add_parser(verbs)

@@ -16,8 +16,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from grpo.errors import UserError
 
-class ConfigError(ValueError):
+ACCELERATE_DIR = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
+
+
+class ConfigError(UserError):
     """A recipe problem, phrased for a person: `file: dotted.key: what is wrong`."""
 
 
@@ -87,7 +91,7 @@ class SourceFields(Section):
 
 
 class DataConfig(SourceFields):
-    template: str = Field("r1_zero_tiny", description="prompt template name (see grpo.data.TEMPLATES) or `chat`")
+    template: str = Field("r1_zero_tiny", description="prompt template name (see grpo.data.prompts.TEMPLATES) or `chat`")
     chat_instruction: str = Field(
         "Please reason step by step, and put your final answer within \\boxed{}.",
         description="template `chat`: appended to the problem in the user turn of the tokenizer's chat template",
@@ -168,7 +172,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 class AlgorithmConfig(Section):
-    """The RL objective (grpo/advantages.py, grpo/loss.py, grpo/update.py). `preset` fills the
+    """The RL objective (grpo/algo/advantages.py, grpo/algo/loss.py, grpo/algo/update.py). `preset` fills the
     fields the recipe leaves out; `algorithm: dapo` is short for `algorithm: {preset: dapo}`."""
 
     preset: Literal["grpo", "dr_grpo", "dapo", "gspo"] | None = Field(
@@ -233,8 +237,6 @@ class RewardsConfig(Section):
     workers: int = Field(2, ge=0, description="reward worker processes (0 scores in-process, for debugging)")
     timeout_s: float = Field(2.0, gt=0, description="per-item wall-clock deadline")
     memory_mb: int = Field(1024, ge=64, description="address-space limit of each worker")
-    timeout_score: float = Field(0.0, description="score of an item that hit the deadline")
-    error_score: float = Field(0.0, description="score of an item whose reward function raised")
     fail_fast: bool = Field(False, description="stop the run at the first reward error instead of counting it")
     max_failing_steps: int = Field(
         3, ge=0, description="stop the run (exit 3) after this many consecutive steps in which one reward failed or "
@@ -257,7 +259,7 @@ class TrainerConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="learning rate after the warm-up: constant, or decayed linearly or along a half "
-        "cosine towards lr * min_lr_ratio, reached one step after the last (grpo.model.lr_factor)",
+        "cosine towards lr * min_lr_ratio, reached one step after the last (grpo.model.optim.lr_factor)",
     )
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="lr_schedule linear/cosine: where the decay ends, as a "
                                 "share of lr")
@@ -271,7 +273,7 @@ class TrainerConfig(Section):
     )
     max_staleness: int = Field(
         0, ge=0, description="asynchronous RL: step s trains on rollouts sampled by the policy of step s-1-k "
-        "(k = this value), generated while earlier steps train; 0 is the synchronous loop (grpo/async_rollouts.py)",
+        "(k = this value), generated while earlier steps train; 0 is the synchronous loop (grpo/run/async_rollouts.py)",
     )
     generation_threads: int | None = Field(
         None, ge=1, description="max_staleness >= 1: torch threads of the generation process (None: half of "
@@ -331,8 +333,6 @@ class LaunchConfig(Section):
     @classmethod
     def _exists(cls, value: str | None) -> str | None:
         if value is not None:
-            from grpo.distributed import resolve_accelerate_config
-
             try:
                 resolve_accelerate_config(value)
             except FileNotFoundError as exc:
@@ -371,6 +371,19 @@ class RunConfig(Section):
 
 
 # --- loading ----------------------------------------------------------------------------------
+
+
+def resolve_accelerate_config(name_or_path: str) -> Path:
+    """An accelerate config named by a recipe or `--accelerate-config`: a file, or NAME for
+    `recipes/accelerate/NAME.yaml`."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = ACCELERATE_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"accelerate config {name_or_path!r}: not a file, nor one of {known}")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:

@@ -4,6 +4,10 @@ A user error (bad data, model, checkpoint or recipe, a full disk, a missing file
 cannot be found, a busy port) becomes one line that names the file, row or key, and exit status
 2; `grpo -v VERB ...` also prints its traceback. Anything else is a bug in grpo-zero or a library,
 and keeps its traceback.
+
+Each floor declares its own user errors as subclasses of `UserError` (`ConfigError`, `DataError`,
+`ModelError`, `ResumeError`, `UnsupportedError`); the rewards package's own (`RewardError`,
+`UnknownRewardError`) are recognised here by type.
 """
 
 from __future__ import annotations
@@ -13,26 +17,21 @@ import errno
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
 
 
+class UserError(ValueError):
+    """A problem the user fixes (a recipe, data, model, checkpoint or process layout), phrased for a
+    person: its message is the one line `grpo` prints."""
+
+
 def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of a library's error message (its type when it has none), for a one-line error."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
 
 
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    from grpo.checkpoint import ResumeError
-    from grpo.config import ConfigError
-    from grpo.data import DataError
-    from grpo.distributed import UnsupportedError
-    from grpo.model import ModelError
-    from rewards import UnknownRewardError
-    from rewards.scorer import RewardError
-
-    return ConfigError, DataError, ModelError, ResumeError, RewardError, UnknownRewardError, UnsupportedError
-
-
 def describe(exc: BaseException) -> str | None:
     """The one line to print for a user error; None for anything else (a bug: show its traceback)."""
-    if isinstance(exc, _user_error_types()):
+    from rewards import RewardError, UnknownRewardError
+
+    if isinstance(exc, (UserError, RewardError, UnknownRewardError)):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in NO_SPACE:
         where = f" ({exc.filename})" if exc.filename else ""

@@ -1,4 +1,4 @@
-"""Rewards for R1-Zero-style RL: math answers, format, countdown, overlong penalty, plugins.
+"""Rewards for R1-Zero-style RL: math answers, format, countdown, worked steps, plugins.
 
 Untrusted model text is never evaluated as code; with ``workers >= 1`` every reward runs in a
 sandboxed worker process with a per-item deadline and a memory limit (`rewards.sandbox`).
@@ -12,7 +12,7 @@ from rewards.registry import (
     known_reward_names,
     resolve,
 )
-from rewards.scorer import RewardError, Scorer, ScoreResult
+from rewards.scorer import RewardError, Scorer, ScoreResult, is_correct
 
 __all__ = [
     "BUILTIN_REWARDS",
@@ -22,6 +22,7 @@ __all__ = [
     "ScoreResult",
     "Scorer",
     "UnknownRewardError",
+    "is_correct",
     "known_reward_names",
     "resolve",
 ]

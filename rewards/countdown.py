@@ -1,6 +1,4 @@
-"""Countdown (TinyZero's task) and the DAPO soft overlong penalty.
-
-Countdown: the answer is an arithmetic expression that uses each given number exactly once and
+"""Countdown (TinyZero's task): the answer is an arithmetic expression that uses each given number exactly once and
 evaluates to the target. The expression is evaluated by `evaluate_arithmetic`, a small parser that
 accepts only non-negative integers, ``+ - * /`` and parentheses, with exact fractions; it never
 calls `eval`.
@@ -11,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from fractions import Fraction
 
-from rewards.format import ANSWER_CLOSE, ANSWER_OPEN
+from rewards.format import answer_block
 
 MAX_EXPR_CHARS = 400
 MAX_DEPTH = 50
@@ -125,13 +123,10 @@ def evaluate_arithmetic(expr: str) -> tuple[Fraction, list[int]]:
 
 
 def _answer_text(completion: str) -> str | None:
-    start = completion.rfind(ANSWER_OPEN)
-    if start == -1:
+    text = answer_block(completion)
+    if text is None:
         return None
-    end = completion.find(ANSWER_CLOSE, start)
-    if end == -1:
-        return None
-    text = completion[start + len(ANSWER_OPEN) : end].strip()
+    text = text.strip()
     if "=" in text:  # "(a+b)*c = 24": judge the left-hand side
         text = text.split("=", 1)[0].strip()
     return text
@@ -162,38 +157,3 @@ def countdown(completion: str, example: dict, format_score: float = 0.1, **conte
     if Counter(used) != Counter(int(x) for x in example["numbers"]):
         return format_score
     return 1.0 if value == Fraction(int(example["target"])) else format_score
-
-
-def overlong_penalty(
-    completion: str,
-    example: dict,
-    buffer_tokens: int = 4096,
-    max_tokens: int | None = None,
-    num_tokens: int | None = None,
-    **context,
-) -> float | None:
-    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), in [-1, 0].
-
-    With L = ``num_tokens``, L_max = ``max_tokens`` and buffer B = ``buffer_tokens`` (clipped to
-    L_max): 0 when L <= L_max - B, (L_max - B - L) / B inside the buffer, -1 beyond L_max.
-    ``num_tokens``/``max_tokens`` come from the rollout context (a ``max_tokens`` kwarg overrides);
-    without them the reward does not apply (None).
-
-    >>> overlong_penalty("", {}, buffer_tokens=4, num_tokens=10, max_tokens=16)
-    0.0
-    >>> overlong_penalty("", {}, buffer_tokens=4, num_tokens=14, max_tokens=16)
-    -0.5
-    >>> overlong_penalty("", {}, buffer_tokens=4, num_tokens=16, max_tokens=16)
-    -1.0
-    >>> overlong_penalty("", {}) is None
-    True
-    """
-    if num_tokens is None or max_tokens is None or max_tokens <= 0:
-        return None
-    buffer = max(1, min(int(buffer_tokens), int(max_tokens)))
-    expected = max_tokens - buffer
-    if num_tokens <= expected:
-        return 0.0
-    if num_tokens <= max_tokens:
-        return (expected - num_tokens) / buffer
-    return -1.0

@@ -39,6 +39,26 @@ def prompt_closes_think(prompt: str | None) -> bool:
     return text.endswith(THINK_CLOSE) and text[: -len(THINK_CLOSE)].rstrip().endswith(THINK_OPEN)
 
 
+def answer_block(text: str, closed: bool = True) -> str | None:
+    """The contents of the last ``<answer>`` block: the one reader of the answer tag for every reward,
+    metric and evaluation. None when the text has no ``<answer>``, or (``closed``) when its last
+    ``<answer>`` is never closed; with ``closed=False`` an unclosed last block runs to the end.
+
+    >>> answer_block("<answer>1</answer> so <answer> 2 </answer>.")
+    ' 2 '
+    >>> answer_block("<answer>1</answer><answer>2") is None, answer_block("<answer>2", closed=False)
+    (True, '2')
+    """
+    start = text.rfind(ANSWER_OPEN)
+    if start == -1:
+        return None
+    start += len(ANSWER_OPEN)
+    end = text.find(ANSWER_CLOSE, start)
+    if end == -1:
+        return None if closed else text[start:]
+    return text[start:end]
+
+
 def _effective_text(completion: str, prompt: str | None) -> str:
     """The completion as if it wrote the part of the thinking block the prompt prefilled."""
     if prompt_closes_think(prompt):

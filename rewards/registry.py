@@ -29,8 +29,13 @@ BUILTIN_REWARDS: dict[str, str] = {
     "format": "rewards.format:format_reward",
     "format_partial": "rewards.format:format_partial",
     "countdown": "rewards.countdown:countdown",
-    "overlong_penalty": "rewards.countdown:overlong_penalty",
     "think_steps": "rewards.thinking:think_steps",
+}
+
+# names that are no longer rewards: where the setting lives now (the error says so)
+MOVED: dict[str, str] = {
+    "overlong_penalty": "DAPO's soft overlong penalty is the recipe field algorithm.overlong_buffer (a share of "
+    "rollout.max_new_tokens, e.g. 0.2), added to the total reward before the advantages",
 }
 
 RewardFn = Callable[..., Any]
@@ -130,6 +135,8 @@ def resolve(name: str) -> RewardFn:
         if not callable(fn):
             raise UnknownRewardError(f"entry point {name!r} ({eps[name].value}) is not callable")
         return fn
+    if name in MOVED:
+        raise UnknownRewardError(f"reward {name!r} is not a reward any more: {MOVED[name]}")
     raise UnknownRewardError(
         f"unknown reward {name!r}; known names: {', '.join(known_reward_names())}, "
         f"or any 'package.module:function', or an entry point in group {ENTRY_POINT_GROUP!r}"

@@ -9,6 +9,7 @@ no deadline and is meant for debugging trusted rewards only.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rewards.registry import RewardSpec, resolve
@@ -30,6 +31,18 @@ class ScoreResult:
     total: list[float]
     per_function: dict[str, list[float | None]]
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def is_correct(scores: Mapping[str, float | None], correct: Sequence[str]) -> bool:
+    """The one definition of a correct completion, for training metrics and evaluation alike:
+    every reward named in `correct` (a recipe's `eval.correct`) scored exactly 1.0.
+
+    >>> is_correct({"math_answer": 1.0, "format": 1.0}, ["math_answer", "format"])
+    True
+    >>> is_correct({"math_answer": 1.0, "format": None}, ["math_answer", "format"])  # "does not apply" is not 1.0
+    False
+    """
+    return all(scores.get(name) == 1.0 for name in correct)
 
 
 def run_items_inline(items, stop_on_error: bool = False):

@@ -21,7 +21,7 @@ arithmetic, so it breaks the chain instead of costing time.
 
 from __future__ import annotations
 
-from rewards.format import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, prompt_closes_think, prompt_opens_think
+from rewards.format import THINK_CLOSE, THINK_OPEN, answer_block, prompt_closes_think, prompt_opens_think
 
 MAX_THINK_CHARS = 4000
 MAX_DIGITS = 30
@@ -106,14 +106,6 @@ def arithmetic_steps(text: str) -> list[list[int | None]]:
     return chains
 
 
-def _answer(completion: str) -> str | None:
-    start = completion.rfind(ANSWER_OPEN)
-    if start == -1:
-        return None
-    end = completion.find(ANSWER_CLOSE, start)
-    return None if end == -1 else completion[start + len(ANSWER_OPEN) : end].strip()
-
-
 def steps_consistent(completion: str, prompt: str | None = None) -> bool:
     """Worked steps in the thinking block (two equalities or more), every step keeps the value,
     and the last value is the answer (see the module docstring).
@@ -131,8 +123,8 @@ def steps_consistent(completion: str, prompt: str | None = None) -> bool:
     chains = arithmetic_steps(block)
     if sum(len(c) - 1 for c in chains) < 2 or any(None in c or len(set(c)) != 1 for c in chains):
         return False  # a worked step needs a value between the question and the answer
-    answer = _answer(completion)
-    return answer is not None and _value(answer) == chains[-1][-1]
+    answer = answer_block(completion)
+    return answer is not None and _value(answer.strip()) == chains[-1][-1]
 
 
 def think_steps(completion: str, example: dict | None = None, **context) -> float:

@@ -50,7 +50,7 @@ def require_vllm():
 def tiny_base():
     """The built-in tiny base (pretrained by our own code, cached per machine), built before any
     timed part of a test starts."""
-    from grpo.tiny import ensure_tiny_base
+    from grpo.model.tiny import ensure_tiny_base
 
     return ensure_tiny_base("tiny-arith-moe", progress=False)
 
@@ -60,7 +60,7 @@ def tiny_qwen3(kind: str = "moe", tied: bool = True, seed: int = 0):
     build (head_dim 32, widths multiples of 32) with the local character tokenizer."""
     from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from grpo.tiny import build_char_tokenizer
+    from grpo.model.tiny import build_char_tokenizer
 
     tok = build_char_tokenizer()
     common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=64, num_hidden_layers=2,

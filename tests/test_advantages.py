@@ -1,4 +1,4 @@
-"""Hand-computed advantages (grpo/advantages.py): group std, batch std, none, RLOO; zero-variance
+"""Hand-computed advantages (grpo/algo/advantages.py): group std, batch std, none, RLOO; zero-variance
 fraction; DAPO's soft overlong penalty."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo.advantages import EPS, group_advantages, overlong_penalty, zero_variance_fraction
+from grpo.algo.advantages import EPS, group_advantages, overlong_penalty, zero_variance_fraction
 
 # group 0 has signal, group 1 has none
 REWARDS = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0]], dtype=torch.float64)
@@ -63,10 +63,13 @@ def test_overlong_penalty():
     # L_max 20, L_cache 4: free up to 16 tokens; 18 -> (16 - 18) / 4 = -0.5; 20 -> -1; 25 -> -1 (clamped)
     close(overlong_penalty(torch.tensor([3, 16, 17, 18, 20, 25]), 20, 4), [0.0, 0.0, -0.25, -0.5, -1.0, -1.0])
     close(overlong_penalty(torch.tensor([20]), 20, 0), [0.0])  # buffer 0 disables it
+    # L_max = 20, buffer 8: no penalty up to 12 tokens, linear to -1 at 20, -1 beyond (the cases of the
+    # reward route this replaced, rewards.countdown:overlong_penalty)
+    close(overlong_penalty(torch.tensor([10, 12, 16, 20, 25]), 20, 8), [0.0, 0.0, -0.5, -1.0, -1.0])
 
 
 def test_loop_adds_the_soft_overlong_penalty_before_advantages():
-    from grpo.advantages import assign_advantages
+    from grpo.algo.advantages import assign_advantages
     from grpo.config import RunConfig
     from rollout.base import Rollout
 

@@ -1,4 +1,4 @@
-"""Asynchronous RL (`trainer.max_staleness`, grpo/async_rollouts.py): the real CLI in subprocesses,
+"""Asynchronous RL (`trainer.max_staleness`, grpo/run/async_rollouts.py): the real CLI in subprocesses,
 the built-in tiny base, a generation process beside the trainer."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_every_rollout_records_its_policy_version_and_staleness_is_bounded(async
     rollouts = [json.loads(line) for line in (async_run / "rollouts" / "step-000006.jsonl").read_text().splitlines()]
     assert rollouts and {r["policy_version"] for r in rollouts} == {4}
     # the checkpoint after step 2 holds the batch of step 3, sampled by the weights of step 1
-    from grpo.async_rollouts import IN_FLIGHT_FILE, load_in_flight
+    from grpo.run.async_rollouts import IN_FLIGHT_FILE, load_in_flight
 
     saved = load_in_flight(async_run / "checkpoints" / "step-000002" / IN_FLIGHT_FILE)
     assert [f.step for f in saved] == [3] and {r.policy_version for r in saved[0].batch.rollouts} == {1}
@@ -115,7 +115,7 @@ def test_a_failure_in_the_generation_process_stops_the_run_within_10_s(tmp_path,
     assert r.returncode == 4, r.stderr[-3000:]
     assert "planted failure in the generation process" in r.stderr and "Traceback" not in r.stderr
     assert ended - float(stamp.read_text()) < 10
-    from grpo.checkpoint import latest, load_state
+    from grpo.run.checkpoint import latest, load_state
 
     ckpt = latest(out)
     assert ckpt is not None and load_state(ckpt).step >= 2
@@ -124,15 +124,15 @@ def test_a_failure_in_the_generation_process_stops_the_run_within_10_s(tmp_path,
 
 
 def test_refusals_and_fallbacks(tmp_path):
-    from grpo.async_rollouts import effective_staleness, thread_split
     from grpo.config import RunConfig
-    from grpo.distributed import UnsupportedError, check_supported
+    from grpo.run.async_rollouts import effective_staleness, thread_split
+    from grpo.run.processes import UnsupportedError, check_supported
 
     cfg = RunConfig.model_validate({"trainer": {"max_staleness": 2, "threads": 2}})
     with pytest.raises(UnsupportedError, match="max_staleness=2.*2 processes"):
         check_supported(cfg, 2)
     assert effective_staleness(cfg, torch.device("cpu")) == 2
-    assert thread_split(cfg) == (1, 1)
+    assert thread_split(cfg.trainer) == (1, 1)
     colocated = RunConfig.model_validate({"trainer": {"max_staleness": 2}, "rollout": {"engine": "vllm"}})
     assert effective_staleness(colocated, torch.device("cpu")) == 0  # shares the device: synchronous
     server = RunConfig.model_validate({"trainer": {"max_staleness": 1},
@@ -143,8 +143,8 @@ def test_refusals_and_fallbacks(tmp_path):
 def test_off_policy_batches_are_always_weighted_by_the_behaviour_ratio():
     """The decoupled objective: with max_staleness >= 1 and sampler_correction none, tokens are
     weighted by min(pi_old / mu, C) (TIS); on-policy runs keep the recipe's choice."""
+    from grpo.algo.loss import objective_from_config
     from grpo.config import AlgorithmConfig
-    from grpo.loss import objective_from_config
 
     algo = AlgorithmConfig()
     assert algo.sampler_correction == "none"

@@ -82,7 +82,7 @@ def test_output_dir_refusal_allows_resume(tmp_path, tiny_base):
 def _tiny_model_and_friends():
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from grpo.tiny import build_char_tokenizer
+    from grpo.model.tiny import build_char_tokenizer
 
     tok = build_char_tokenizer()
     cfg = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
@@ -101,7 +101,7 @@ def test_checkpoint_write_failing_half_way_keeps_the_previous_one(tmp_path, monk
     first checkpoint stays the latest and loads; no partial directory is left behind."""
     from transformers import AutoModelForCausalLM
 
-    from grpo import checkpoint
+    from grpo.run import checkpoint
 
     model, tok, opt, sched = _tiny_model_and_friends()
     first = checkpoint.save(tmp_path, checkpoint.TrainState(step=1, sampler_position=4), model=model, unwrapped=model,
@@ -134,7 +134,7 @@ def test_checkpoint_write_failing_half_way_keeps_the_previous_one(tmp_path, monk
 
 
 def test_keeps_only_the_last_n(tmp_path):
-    from grpo import checkpoint
+    from grpo.run import checkpoint
 
     model, tok, opt, sched = _tiny_model_and_friends()
     for step in (2, 4, 6):
@@ -147,7 +147,7 @@ def test_keeps_only_the_last_n(tmp_path):
 
 NAN_DRIVER = """
 import sys
-import grpo.step as t
+import grpo.run.step as t
 from dataclasses import replace
 real = t.score_rollouts
 calls = {"n": 0}

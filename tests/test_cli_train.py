@@ -60,7 +60,7 @@ def test_shortened_recipe_learns(tmp_path, tiny_base):
 @pytest.fixture(scope="session")
 def sums_base():
     """The built-in base of the reasoning recipe (`tiny-sums-moe`), built before any timed part."""
-    from grpo.tiny import ensure_tiny_base
+    from grpo.model.tiny import ensure_tiny_base
 
     return ensure_tiny_base("tiny-sums-moe", progress=False)
 

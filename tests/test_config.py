@@ -49,12 +49,12 @@ def test_bad_recipe_is_one_clear_line_exit_2_and_nothing_written(tmp_path, capsy
 
 
 def test_unknown_reward_fails_before_any_model_loads(tmp_path, capsys, monkeypatch):
-    import grpo.train
+    import grpo.run.train
 
     def no_model(*a, **k):  # pragma: no cover - reaching it is the failure
         raise AssertionError("a model was loaded before the reward names were checked")
 
-    monkeypatch.setattr(grpo.train, "load_policy", no_model)
+    monkeypatch.setattr(grpo.run.train, "load_policy", no_model)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(GOOD.replace("name: format,", "name: no_such_reward,"))
     out = tmp_path / "run"

@@ -198,7 +198,7 @@ def test_live_page_updates_while_a_run_writes(page, server, runs):
     import random
 
     from grpo.dashboard.synthetic import step_metrics, step_rollouts
-    from grpo.tracking import JsonlSink
+    from grpo.run.tracking import JsonlSink
 
     open_dashboard(page, server.url)
     run_dir = runs["root"] / "growing"

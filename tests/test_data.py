@@ -9,20 +9,16 @@ from fractions import Fraction
 import pytest
 
 from grpo.config import DataConfig, EvalSet, RunConfig
-from grpo.data import (
+from grpo.data.prompts import (
     TEMPLATES,
-    DataError,
-    LoadStats,
     PromptSampler,
-    load_eval_sets,
-    load_rows,
     prompt_prefills_think,
-    read_rows,
     render_prompt,
     render_prompts,
     template_fields,
 )
-from grpo.tasks import CountdownTask
+from grpo.data.sources import DataError, LoadStats, load_eval_sets, load_rows, read_rows
+from grpo.data.tasks import CountdownTask
 
 ROWS = [{"problem": f"What is {i} + {i}?", "solution": str(2 * i)} for i in range(20)]
 
@@ -160,7 +156,7 @@ def test_templates_r1_zero_and_qwen_boxed():
 
 
 def _chat_tokenizer(template: str):
-    from grpo.tiny import build_char_tokenizer
+    from grpo.model.tiny import build_char_tokenizer
 
     tok = build_char_tokenizer()
     tok.chat_template = template
@@ -183,7 +179,7 @@ def test_chat_template_mode_and_think_prefill():
 
 
 def test_prompt_length_filter_drops_long_prompts(tmp_path):
-    from grpo.tiny import build_char_tokenizer
+    from grpo.model.tiny import build_char_tokenizer
 
     tok = build_char_tokenizer()
     rows = [{"problem": "1+" * n + "1", "solution": str(n + 1)} for n in range(1, 41)]

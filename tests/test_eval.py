@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo.evaluate import final_answer, format_table, majority_correct, pass_at_k, pass_ks
+from grpo.run.evaluate import final_answer, format_table, majority_correct, pass_at_k, pass_ks
 
 REPO = Path(__file__).resolve().parent.parent
 

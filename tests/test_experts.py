@@ -1,4 +1,4 @@
-"""The sorted-dispatch experts forward (grpo/experts.py) against transformers' eager experts:
+"""The sorted-dispatch experts forward (grpo/model/experts.py) against transformers' eager experts:
 same outputs and the same gradients (float64), on four MoE families, with and without tokens
 routed to expert-parallel sentinels."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from grpo.experts import NAME, experts_implementation, register, sorted_experts_forward
+from grpo.model.experts import NAME, experts_implementation, register, sorted_experts_forward
 from tests.test_moe import tiny_moe
 
 FAMILIES = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral"]
@@ -72,18 +72,18 @@ def test_policy_loads_with_sorted_experts_on_cpu_only():
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
 def test_per_expert_loop_matches_eager_too(family, monkeypatch):
     """With padding ruled out, the per-expert loop runs; same values and gradients."""
-    import grpo.experts
+    import grpo.model.experts
 
-    monkeypatch.setattr(grpo.experts, "PADDED_MAX_WASTE", 0.0)
+    monkeypatch.setattr(grpo.model.experts, "PADDED_MAX_WASTE", 0.0)
     test_sorted_matches_eager_values_and_gradients(family)
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
 def test_padded_products_match_eager(family, monkeypatch):
     """With any padding allowed, the batched (padded) products run; same values and gradients."""
-    import grpo.experts
+    import grpo.model.experts
 
-    monkeypatch.setattr(grpo.experts, "PADDED_MAX_WASTE", float("inf"))
+    monkeypatch.setattr(grpo.model.experts, "PADDED_MAX_WASTE", float("inf"))
     test_sorted_matches_eager_values_and_gradients(family)
 
 
@@ -91,11 +91,11 @@ def test_padded_products_match_eager(family, monkeypatch):
 def test_grouped_products_match_eager_in_float32(family, monkeypatch):
     """Uneven load in float32 on CPU: torch._grouped_mm runs (counted) and matches eager to float32
     rounding, values and gradients."""
-    import grpo.experts
+    import grpo.model.experts
 
-    if not grpo.experts._grouped_mm_works(torch.zeros(1, dtype=torch.float32)):
+    if not grpo.model.experts._grouped_mm_works(torch.zeros(1, dtype=torch.float32)):
         pytest.skip("torch._grouped_mm does not run here")
-    monkeypatch.setattr(grpo.experts, "PADDED_MAX_WASTE", 0.0)
+    monkeypatch.setattr(grpo.model.experts, "PADDED_MAX_WASTE", 0.0)
     calls = []
     real = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -115,10 +115,10 @@ def test_grouped_products_match_eager_in_float32(family, monkeypatch):
 def test_grouped_probe_is_not_fooled_by_inference_mode(monkeypatch):
     """The engine's prefill is the first caller, under inference mode; the probe must still find
     out whether the grouped product works with autograd (it did not, and was cached as False)."""
-    import grpo.experts
+    import grpo.model.experts
 
-    monkeypatch.setattr(grpo.experts, "_GROUPED_MM_WORKS", {})
+    monkeypatch.setattr(grpo.model.experts, "_GROUPED_MM_WORKS", {})
     with torch.inference_mode():
-        inside = grpo.experts._grouped_mm_works(torch.zeros(1, dtype=torch.float32))
-    monkeypatch.setattr(grpo.experts, "_GROUPED_MM_WORKS", {})
-    assert inside == grpo.experts._grouped_mm_works(torch.zeros(1, dtype=torch.float32))
+        inside = grpo.model.experts._grouped_mm_works(torch.zeros(1, dtype=torch.float32))
+    monkeypatch.setattr(grpo.model.experts, "_GROUPED_MM_WORKS", {})
+    assert inside == grpo.model.experts._grouped_mm_works(torch.zeros(1, dtype=torch.float32))

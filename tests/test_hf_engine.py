@@ -1,7 +1,7 @@
 """The transformers rollout engine against teacher-forced forward passes of the same model.
 
 Real small models built from configs (a Qwen3-MoE and a dense Qwen3) and the character-level
-tokenizer of `grpo.tiny`; nothing is downloaded. Both decode paths are checked: the fast
+tokenizer of `grpo.model.tiny`; nothing is downloaded. Both decode paths are checked: the fast
 Qwen3 step (`fast_decode=True`) and the model's own forward (`fast_decode=False`).
 """
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from grpo.tiny import TinyBaseSpec, build_char_tokenizer, tiny_moe_config
+from grpo.model.tiny import TinyBaseSpec, build_char_tokenizer, tiny_moe_config
 from rollout.base import SamplingParams
 from rollout.hf import HFEngine
 

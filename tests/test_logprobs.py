@@ -1,4 +1,4 @@
-"""Chunked log-probs (grpo/logprobs.py) against the plain full-logits computation, on tiny real
+"""Chunked log-probs (grpo/algo/logprobs.py) against the plain full-logits computation, on tiny real
 transformers models (a Qwen3-MoE and a dense Llama built from configs)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from grpo.logprobs import token_logprobs, token_logprobs_plain
+from grpo.algo.logprobs import token_logprobs, token_logprobs_plain
 
 VOCAB = 50
 
@@ -77,9 +77,9 @@ def test_no_grad_path_and_entropy_off():
 def test_backward_keeps_no_full_logits(monkeypatch):
     """Autograd saves nothing of size [B, S-1, V] or [B, chunk > 4, V]: the chunks are recomputed
     (when the batch's logits are over CHECKPOINT_ABOVE_BYTES; here the threshold is set to 0)."""
-    import grpo.logprobs
+    import grpo.algo.logprobs
 
-    monkeypatch.setattr(grpo.logprobs, "CHECKPOINT_ABOVE_BYTES", 0)
+    monkeypatch.setattr(grpo.algo.logprobs, "CHECKPOINT_ABOVE_BYTES", 0)
     model = tiny_moe()
     ids, am = batch()
     saved = saved_shapes(lambda: token_logprobs(model, ids, am, chunk=4))

@@ -1,4 +1,4 @@
-"""Hand-computed checks of every loss variant (grpo/loss.py). Each expected value has its arithmetic
+"""Hand-computed checks of every loss variant (grpo/algo/loss.py). Each expected value has its arithmetic
 written next to it; log-probs are chosen so that ratios are round numbers (old log-prob 0)."""
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from grpo.config import AlgorithmConfig
-from grpo.loss import (
+from grpo.algo.loss import (
     count_sequences,
     count_sequences_times_max,
     count_tokens,
@@ -26,6 +25,7 @@ from grpo.loss import (
     tis_weights,
     token_ratio_losses,
 )
+from grpo.config import AlgorithmConfig
 
 D = torch.float64
 

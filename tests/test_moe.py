@@ -14,9 +14,9 @@ import copy
 import pytest
 import torch
 
+from grpo.algo.moe import RouterControl, find_routers, load_metrics, replay_from_rollouts
 from grpo.config import MoEConfig, RunConfig
-from grpo.moe import RouterControl, find_routers, load_metrics, replay_from_rollouts
-from grpo.tiny import build_char_tokenizer
+from grpo.model.tiny import build_char_tokenizer
 from rollout.base import SamplingParams
 from rollout.hf import HFEngine
 
@@ -91,8 +91,8 @@ def sample_with_bf16_sampler(model, tok, n_prompts=4, group=4, seed=0, sampler=N
 
 
 def training_forward(model, rollouts, tok, control, replay: bool):
-    from grpo.logprobs import token_logprobs
-    from grpo.update import collate
+    from grpo.algo.logprobs import token_logprobs
+    from grpo.algo.update import collate
 
     batch = collate(rollouts, tok.pad_token_id)
     experts, valid = replay_from_rollouts(rollouts, batch["input_ids"].shape[1])
@@ -155,7 +155,7 @@ def test_replay_keeps_router_gradients():
 
 
 def mismatch_after_update(model, rollouts, tok, replay: str) -> dict:
-    from grpo.update import policy_update
+    from grpo.algo.update import policy_update
 
     cfg = RunConfig.model_validate({"moe": {"routing_replay": replay}, "trainer": {"lr": 1e-6}})
     trainer_model = copy.deepcopy(model)
@@ -185,7 +185,7 @@ def test_r3_lowers_the_trainer_sampler_logprob_mismatch(sampler_kind):
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared_prompts", "full_forward"])
 def test_r2_later_passes_use_the_old_forwards_experts(shared):
-    from grpo.update import policy_update
+    from grpo.algo.update import policy_update
 
     model, tok = tiny_moe("qwen3_moe")
     rollouts = sample_with_bf16_sampler(model, tok)
@@ -229,7 +229,7 @@ def test_router_float32_in_a_bf16_model():
 
 
 def test_aux_loss_hand_computed_and_reaches_the_router():
-    from grpo.moe import RoutingScope
+    from grpo.algo.moe import RoutingScope
 
     model, _ = tiny_moe("qwen3_moe")
     control = RouterControl(model, MoEConfig(aux_loss_coef=0.01))
@@ -246,7 +246,7 @@ def test_aux_loss_hand_computed_and_reaches_the_router():
 
 
 def test_aux_loss_coefficient_changes_router_gradients():
-    from grpo.update import policy_update
+    from grpo.algo.update import policy_update
 
     model, tok = tiny_moe("qwen3_moe")
     rollouts = sample_with_bf16_sampler(model, tok)

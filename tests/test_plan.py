@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from grpo.cli import main
-from grpo.plan import (
+from grpo.commands.plan import (
     GPUS,
     KNOWN_ARCHS,
     Workload,

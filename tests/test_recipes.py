@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import rewards
+from grpo.commands.plan import resolve_arch
 from grpo.config import load_recipe
-from grpo.data import CHAT, TEMPLATES, template_fields
-from grpo.plan import resolve_arch
-from grpo.tasks import SYNTHETIC_TASKS
+from grpo.data.prompts import CHAT, TEMPLATES, template_fields
+from grpo.data.tasks import SYNTHETIC_TASKS
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""Every shipped recipe runs its own code path at toy scale (`grpo train RECIPE --toy`, grpo/toy.py).
+"""Every shipped recipe runs its own code path at toy scale (`grpo train RECIPE --toy`, grpo/commands/toy.py).
 
 Each recipe trains 2 steps with a random-init model of its architecture family (Qwen2, Qwen3-MoE,
 DeepSeek-V2 with MLA, OLMoE), a locally built tokenizer and local rows in its data columns, then
@@ -23,9 +23,9 @@ import torch
 import yaml
 
 from grpo.cli import build_parser, main
+from grpo.commands.plan import KNOWN_ARCHS
+from grpo.commands.toy import toy_recipe
 from grpo.config import load_recipe
-from grpo.plan import KNOWN_ARCHS
-from grpo.toy import toy_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))

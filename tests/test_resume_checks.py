@@ -1,4 +1,4 @@
-"""Resume checks before it trusts (grpo/checkpoint.py, grpo/train.py:check_restart): a damaged
+"""Resume checks before it trusts (grpo/run/checkpoint.py, grpo/run/train.py:check_restart): a damaged
 newest checkpoint is passed over for an intact older one, a recipe that changed what the weights
 were trained with is refused by key, a finished run is not trained again, a run directory without
 a checkpoint is not overwritten, stale temporary directories are removed."""

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run_score(*args):
-    return subprocess.run([sys.executable, "-m", "grpo.score", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "grpo.commands.score", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
 
 
@@ -69,7 +69,7 @@ def test_entry_point_reward_resolves_and_runs_in_workers(entry_point):
 
 def test_errors_from_a_plugin_reach_metrics_jsonl(tmp_path):
     """A reward that raises on one sample in ten: the run goes on and metrics.jsonl counts the errors."""
-    from grpo.tracking import JsonlSink
+    from grpo.run.tracking import JsonlSink
 
     sink = JsonlSink(tmp_path)
     name = "tests.rewards_plugins:raises_on_tenth"

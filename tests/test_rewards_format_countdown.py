@@ -1,11 +1,11 @@
-"""Format rewards (linear time, prefilled <think>), countdown's evaluator, the overlong penalty."""
+"""Format rewards (linear time, prefilled <think>), countdown's evaluator."""
 
 import time
 from fractions import Fraction
 
 import pytest
 
-from rewards.countdown import ArithmeticError_, countdown, evaluate_arithmetic, overlong_penalty
+from rewards.countdown import ArithmeticError_, countdown, evaluate_arithmetic
 from rewards.format import format_partial, format_reward
 
 PROMPT = "User: what is 3+4?\nAssistant:"
@@ -56,10 +56,3 @@ def test_countdown():
     assert countdown("<answer>4 * 6 * 1 * 1 * 1</answer>", ex) == 0.1  # used twice
     assert countdown("<answer>4 + 6 + 1 + 1</answer>", ex, format_score=0.0) == 0.0
     assert countdown("no tags", ex) == 0.0
-
-
-def test_overlong_penalty_follows_dapo():
-    # L_max = 20, buffer 8: no penalty up to 12 tokens, linear to -1 at 20, -1 beyond
-    values = [overlong_penalty("", {}, buffer_tokens=8, num_tokens=n, max_tokens=20) for n in (10, 12, 16, 20, 25)]
-    assert values == [0.0, 0.0, -0.5, -1.0, -1.0]
-    assert overlong_penalty("", {}) is None

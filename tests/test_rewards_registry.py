@@ -4,9 +4,15 @@ from rewards import RewardSpec, Scorer, UnknownRewardError, known_reward_names, 
 
 
 def test_builtin_names_resolve():
-    for name in ["math_answer", "format", "format_partial", "countdown", "overlong_penalty"]:
+    for name in ["math_answer", "format", "format_partial", "countdown", "think_steps"]:
         assert name in known_reward_names()
         assert callable(resolve(name))
+
+
+def test_a_name_that_moved_says_where():
+    """The soft overlong penalty has one route, algorithm.overlong_buffer; its old reward name says so."""
+    with pytest.raises(UnknownRewardError, match="algorithm.overlong_buffer"):
+        resolve("overlong_penalty")
 
 
 def test_module_function_resolves():

@@ -1,6 +1,6 @@
 """`grpo score` on invalid text: a lone surrogate, NUL, invalid UTF-8 bytes and a 10 MB line.
 
-The real CLI runs in a subprocess (`python -m grpo.score`, the code behind `grpo score`): it must
+The real CLI runs in a subprocess (`python -m grpo.commands.score`, the code behind `grpo score`): it must
 exit 0, score every valid row, mark the bad ones (stderr, the summary, the output file) and write
 valid UTF-8 JSON.
 """
@@ -33,7 +33,7 @@ def test_invalid_text_never_stops_a_scoring_job(tmp_path):
     ]
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_bytes(b"".join(lines))
-    p = subprocess.run([sys.executable, "-m", "grpo.score", str(src), "--reward", "math_answer", "--out", str(out)],
+    p = subprocess.run([sys.executable, "-m", "grpo.commands.score", str(src), "--reward", "math_answer", "--out", str(out)],
                        cwd=ROOT, capture_output=True, timeout=300)
     assert p.returncode == 0, p.stderr.decode("utf-8", "replace")
     summary = json.loads(p.stdout.decode("utf-8").strip().splitlines()[-1])

@@ -1,10 +1,10 @@
-"""DAPO dynamic sampling (grpo/sampling.py). `generate_and_score` is the callable the loop passes in;
+"""DAPO dynamic sampling (grpo/algo/dynamic_sampling.py). `generate_and_score` is the callable the loop passes in;
 here it is a plain function that gives each prompt row fixed rewards, so the expected batch can be
 written down by hand."""
 
 from __future__ import annotations
 
-from grpo.sampling import informative_groups, sample_batch
+from grpo.algo.dynamic_sampling import informative_groups, sample_batch
 from rollout.base import Rollout
 
 G = 2

@@ -99,7 +99,7 @@ def test_fsdp2_on_cpu_matches_one_process(tmp_path, one_process):
 
 def test_two_machines_on_loopback(tmp_path, tiny_base):
     """--num_machines 2, machine ranks 0 and 1 on 127.0.0.1, one process each: 3 steps."""
-    from grpo.distributed import free_port
+    from grpo.run.launch import free_port
 
     out = tmp_path / "run"
     port = str(free_port())
@@ -121,7 +121,8 @@ def test_two_machines_on_loopback(tmp_path, tiny_base):
 def test_every_launcher_config_makes_a_launch_command():
     """Each recipes/accelerate file parses, and `--accelerate-config NAME` builds the
     `accelerate launch` command for it, with machine overrides applied."""
-    from grpo.distributed import ACCELERATE_DIR, launch_command, resolve_accelerate_config
+    from grpo.config import ACCELERATE_DIR, resolve_accelerate_config
+    from grpo.run.launch import launch_command
 
     names = sorted(p.stem for p in ACCELERATE_DIR.glob("*.yaml"))
     assert {"cpu-2proc", "single-gpu", "ddp", "fsdp2", "zero3", "multi-node-cpu", "multi-node-fsdp2"} <= set(names)
@@ -144,7 +145,7 @@ def test_every_launcher_config_makes_a_launch_command():
 def test_accelerate_launch_module_entry(tmp_path, tiny_base):
     """`accelerate launch -m grpo train RECIPE` works directly (2 CPU processes)."""
     out = tmp_path / "run"
-    from grpo.distributed import free_port
+    from grpo.run.launch import free_port
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "recipes/accelerate/cpu-2proc.yaml",
            "--main_process_port", str(free_port()), "-m", "grpo", "train", "recipes/tiny-cpu.yaml", "trainer.steps=1",
@@ -158,8 +159,9 @@ def test_accelerate_launch_module_entry(tmp_path, tiny_base):
 def test_dynamic_sampling_is_refused_under_several_processes():
     """Dynamic sampling with world size > 1 is a documented unsupported combination: it fails at
     start-up with a message naming the setting; one process, or dynamic sampling off, is fine."""
+    from grpo.collectives import group_seed
     from grpo.config import RunConfig
-    from grpo.distributed import UnsupportedError, check_supported, group_seed
+    from grpo.run.processes import UnsupportedError, check_supported
 
     dapo = RunConfig.model_validate({"algorithm": {"dynamic_sampling": True}})
     check_supported(dapo, 1)

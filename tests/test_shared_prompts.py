@@ -1,4 +1,4 @@
-"""Shared-prompt training forwards (grpo.logprobs.shared_prompt_logprobs): each distinct prompt of a
+"""Shared-prompt training forwards (grpo.algo.logprobs.shared_prompt_logprobs): each distinct prompt of a
 micro-batch runs once and its completions run on copies of its KV cache. Everything the update
 computes must equal the one-forward-per-row path: log-probs, entropy, gradients, the loss and its
 metrics, expert-load counts, the load-balancing loss, and routing replay (R2, R3)."""
@@ -11,10 +11,10 @@ from dataclasses import replace
 import pytest
 import torch
 
+from grpo.algo.logprobs import shared_prompt_logprobs, shared_prompt_supported, token_logprobs
+from grpo.algo.moe import RouterControl
+from grpo.algo.update import collate, policy_update
 from grpo.config import RunConfig
-from grpo.logprobs import shared_prompt_logprobs, shared_prompt_supported, token_logprobs
-from grpo.moe import RouterControl
-from grpo.update import collate, policy_update
 from rollout.base import Rollout
 from tests.test_moe import ExpertsSpy, sample_with_bf16_sampler, tiny_moe
 

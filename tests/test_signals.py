@@ -69,7 +69,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_to_the_same_
     last = logged_steps(out)[-1]
     assert f"SIGTERM received: stopped after step {last} of 12" in r.stderr and "--resume auto" in r.stderr
     assert seconds < 10  # one tiny step and a checkpoint
-    from grpo.checkpoint import latest, load_state
+    from grpo.run.checkpoint import latest, load_state
 
     assert load_state(latest(out)).step == last  # the checkpoint of the last finished step
     resumed = subprocess.run([sys.executable, "-m", "grpo", *args, "--output-dir", str(out), "--resume", "auto"],

@@ -1,4 +1,4 @@
-"""One step as a unit (grpo/step.py): `grpo train` and the step benchmark run the same function."""
+"""One step as a unit (grpo/run/step.py): `grpo train` and the step benchmark run the same function."""
 
 from __future__ import annotations
 
@@ -11,23 +11,23 @@ SHORT = ["trainer.threads=1", "trainer.prompts_per_step=2", "rollout.group_size=
 
 
 def test_train_and_the_step_benchmark_call_the_same_step(tmp_path, monkeypatch, tiny_base):
-    import grpo.step
+    import grpo.run.step
     from bench.step_vs_trl import OurStep
     from grpo.cli import main
 
-    real, callers = grpo.step.run_step, []
+    real, callers = grpo.run.step.run_step, []
 
     def counted(ctx, step):
         callers.append(sys._getframe(1).f_code.co_filename)  # who called the step
         result = real(ctx, step)
-        assert isinstance(result, grpo.step.StepResult) and result.step == step
+        assert isinstance(result, grpo.run.step.StepResult) and result.step == step
         return result
 
-    monkeypatch.setattr(grpo.step, "run_step", counted)
+    monkeypatch.setattr(grpo.run.step, "run_step", counted)
     assert main(["train", "recipes/tiny-cpu.yaml", *SHORT, "--output-dir", str(tmp_path / "run")]) == 0
     bench = OurStep(64, 2, prompts_per_step=2, group=4, new_tokens=8)
     split = [bench() for _ in range(3)]
-    assert sum(f.endswith("grpo/train.py") for f in callers) == 2
+    assert sum(f.endswith("grpo/run/train.py") for f in callers) == 2
     assert sum(f.endswith("bench/step_vs_trl.py") for f in callers) == 3
     assert len(callers) == 5
     assert all(s["step"] >= s["generate"] + s["train"] > 0 for s in split)
@@ -39,7 +39,7 @@ def test_each_step_logs_the_learning_rate_it_trained_with(tmp_path, tiny_base):
 
     from grpo.cli import main
     from grpo.config import TrainerConfig
-    from grpo.model import lr_factor
+    from grpo.model.optim import lr_factor
 
     out = tmp_path / "run"
     sched = ["trainer.lr=1e-3", "trainer.warmup_steps=1", "trainer.lr_schedule=cosine", "trainer.min_lr_ratio=0.1"]
@@ -54,18 +54,15 @@ def test_each_step_logs_the_learning_rate_it_trained_with(tmp_path, tiny_base):
 def test_prompt_groups_carry_row_text_ids_seed_and_global_index(tiny_base):
     """A PromptGroup holds everything the step needs about its prompt, encoded once; a rank's
     groups are numbered from its first global prompt index and seeded by that index."""
+    from grpo.collectives import group_seed
     from grpo.config import RunConfig
-    from grpo.distributed import group_seed
-    from grpo.step import StepContext, prompt_groups
-    from grpo.tiny import build_char_tokenizer
+    from grpo.model.tiny import build_char_tokenizer
+    from grpo.run.sampling import SamplingContext, prompt_groups
 
     cfg = RunConfig.model_validate({"trainer": {"seed": 7, "prompts_per_step": 4}})
     tok = build_char_tokenizer()
 
-    class NoMoE:
-        is_moe = False
-
-    ctx = StepContext(cfg, None, None, tok, None, None, None, None, None, "cpu", NoMoE(), batch=slice(2, 4))
+    ctx = SamplingContext(cfg, None, None, tok, None, batch=slice(2, 4))
     rows = [{"question": "1+2", "answer": "3"}, {"question": "4+5", "answer": "9"}]
     groups = prompt_groups(ctx, rows, step=3, sampling_round=1)
     assert [g.index for g in groups] == [2, 3]
@@ -83,7 +80,7 @@ def test_prompt_groups_carry_row_text_ids_seed_and_global_index(tiny_base):
 ])
 def test_one_definition_of_correct(rewards, correct, expected):
     """Training's rollout/accuracy and evaluation both ask `is_correct` with `eval.correct`."""
-    from grpo.evaluate import is_correct
+    from rewards import is_correct
 
     assert is_correct(rewards, correct) is expected
 
@@ -92,7 +89,7 @@ def test_training_scores_what_eval_correct_names_at_weight_zero():
     """A countdown recipe's rollout/accuracy counts countdown answers (it once hard-coded math_answer);
     a correctness reward the recipe does not train on is scored with weight 0."""
     from grpo.config import load_recipe
-    from grpo.step import make_scorer
+    from grpo.run.sampling import make_scorer
 
     cfg = load_recipe("recipes/countdown-tiny-cpu.yaml", ["rewards.workers=0"])
     assert set(cfg.eval.correct) <= {f.name for f in cfg.rewards.functions}

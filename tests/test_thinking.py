@@ -1,4 +1,4 @@
-"""What the thinking block holds (rewards/thinking.py), the sums task (grpo/tasks.py) and the
+"""What the thinking block holds (rewards/thinking.py), the sums task (grpo/data/tasks.py) and the
 format reward on prompts that open, begin or forbid the thinking block."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from grpo.tasks import SumsTask
+from grpo.data.tasks import SumsTask
 from rewards.format import format_reward
 from rewards.thinking import arithmetic_steps, steps_consistent, think_block, think_steps, written_think
 

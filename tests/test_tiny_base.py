@@ -1,4 +1,4 @@
-"""The built-in tiny base (grpo/tiny.py): its shape fits vLLM's CPU kernels, and its pretraining
+"""The built-in tiny base (grpo/model/tiny.py): its shape fits vLLM's CPU kernels, and its pretraining
 rows keep documents apart.
 
 Real pieces only: the character tokenizer built locally, a randomly initialised tiny Qwen3-MoE
@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
-from grpo.tasks import ArithmeticTask
-from grpo.tiny import BUILTIN_BASES, DocumentPacker, TinyBaseSpec, build_char_tokenizer, tiny_moe_config
+from grpo.data.tasks import ArithmeticTask
+from grpo.model.tiny import BUILTIN_BASES, DocumentPacker, TinyBaseSpec, build_char_tokenizer, tiny_moe_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

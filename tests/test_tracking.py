@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from grpo.tracking import JsonlSink, make_tracker, rollout_table, wandb_mode
+from grpo.run.tracking import JsonlSink, make_tracker, rollout_table, wandb_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def test_mlflow_and_trackio_through_tracker(tmp_path):
     pytest.importorskip("trackio")
     script = textwrap.dedent(f"""
         import json
-        from grpo.tracking import make_tracker
+        from grpo.run.tracking import make_tracker
         rows = {_rows(1)!r}
         t = make_tracker({str(tmp_path / 'run')!r}, report_to=["mlflow", "trackio"], run_name="r", config={{"a": {{"b": 1}}}})
         t.log({{"train/loss": 0.5}}, 1)

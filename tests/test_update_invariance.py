@@ -1,4 +1,4 @@
-"""Invariants of the policy update (grpo/update.py) on a tiny real Qwen3-MoE, in float64:
+"""Invariants of the policy update (grpo/algo/update.py) on a tiny real Qwen3-MoE, in float64:
 
 - the same parameter update whether a global batch of 8 sequences runs as 1x8, 2x4 or 8x1
   micro-batches with gradient accumulation;
@@ -14,11 +14,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-import grpo.update
-from grpo.advantages import group_advantages
+import grpo.algo.update
+from grpo.algo.advantages import group_advantages
+from grpo.algo.logprobs import token_logprobs_plain
+from grpo.algo.update import collate, policy_update
 from grpo.config import RunConfig
-from grpo.logprobs import token_logprobs_plain
-from grpo.update import collate, policy_update
 from rollout.base import Rollout
 from tests.test_logprobs import VOCAB, tiny_moe
 
@@ -117,13 +117,13 @@ def test_on_policy_gradient_is_reinforce_with_group_baseline():
 
 def test_old_logprobs_are_computed_once(monkeypatch):
     calls = {"no_grad": 0, "grad": 0}
-    real = grpo.update.token_logprobs
+    real = grpo.algo.update.token_logprobs
 
     def counting(*args, **kwargs):
         calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(grpo.update, "token_logprobs", counting)
+    monkeypatch.setattr(grpo.algo.update, "token_logprobs", counting)
     _, metrics = updated(4, lr=2.0, num_iterations=3, clip_low=0.01, clip_high=0.01)
     assert calls == {"no_grad": 2, "grad": 6}  # old log-probs: once per micro-batch; 3 passes x 2 micro-batches
     # later passes see ratios away from 1 (the old log-probs stayed fixed), so some tokens clip

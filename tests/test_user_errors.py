@@ -100,8 +100,8 @@ def test_verbose_adds_the_traceback(tmp_path, capsys, tiny_base):
 def test_a_full_disk_while_checkpointing_is_named_and_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
     import torch
 
-    from grpo import checkpoint
     from grpo.errors import describe
+    from grpo.run import checkpoint
     from tests.test_checkpoint import _tiny_model_and_friends
 
     model, tok, opt, sched = _tiny_model_and_friends()
@@ -126,8 +126,8 @@ def test_a_full_disk_while_checkpointing_is_named_and_leaves_no_partial_checkpoi
 
 def test_a_long_prompt_is_dropped_before_it_is_tokenised():
     from grpo.config import DataConfig
-    from grpo.data import filter_long_prompts
-    from grpo.tiny import build_char_tokenizer
+    from grpo.data.sources import filter_long_prompts
+    from grpo.model.tiny import build_char_tokenizer
 
     tok = build_char_tokenizer()
     seen = []

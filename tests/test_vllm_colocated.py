@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from grpo.distributed import free_port
+from grpo.run.launch import free_port
 from rollout.base import SamplingParams
 from tests.conftest import ROOT, require_vllm, tiny_qwen3
 
@@ -223,7 +223,7 @@ def test_routing_replay_r3_on_a_vllm_that_cannot_return_experts_stops_at_start_u
 
 
 # The other families the shipped recipes (and Mixtral users) train, as toy scale builds them
-# (grpo/toy.py): OLMoE, Mixtral (its MoE block is renamed in checkpoints), DeepSeek-V2 with MLA and
+# (grpo/commands/toy.py): OLMoE, Mixtral (its MoE block is renamed in checkpoints), DeepSeek-V2 with MLA and
 # YaRN RoPE (V2-Lite's), and with plain RoPE (vLLM's CPU rotary kernel is wrong for MLA there, and
 # the engine turns it off). Only the update check runs for them, to keep the suite short.
 FAMILIES = {
@@ -239,8 +239,8 @@ FAMILIES = {
 def test_other_families_match_transformers_after_three_real_updates(family, tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from grpo.plan import KNOWN_ARCHS, Arch
-    from grpo.toy import build_byte_tokenizer, toy_config_kwargs
+    from grpo.commands.plan import KNOWN_ARCHS, Arch
+    from grpo.commands.toy import build_byte_tokenizer, toy_config_kwargs
     from rollout.vllm import VLLMEngine
 
     name, extra = FAMILIES[family]

@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from grpo.distributed import free_port
+from grpo.run.launch import free_port
 from rollout.base import SamplingParams
 from rollout.vllm_server import VLLMServerClient, VLLMServerError, completion_bodies
 from tests.conftest import ROOT, require_vllm, tiny_qwen3

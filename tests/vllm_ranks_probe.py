@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 
 def main(model_dir: str, out_path: str) -> None:
-    from grpo.distributed import rank_slice
+    from grpo.collectives import rank_slice
     from rollout.base import SamplingParams
     from rollout.vllm import VLLMEngine
 

@@ -12,6 +12,11 @@ Panels: curves (reward total and per function, accuracy, response length, trunca
 KL, clip fractions, importance ratios, gradient norm, learning rate, step-time split, and any other
 logged key), MoE expert-load heatmaps per layer, "aha" phrase frequencies next to response length,
 and a rollout browser (step, group, completions with rewards and advantage, text search).
+
+The package: `grpo.dashboard.data` reads run directories (bounded, never outside RUNS_DIR),
+`grpo.dashboard.server` serves the page and its JSON, `grpo.dashboard.export` writes the offline
+file, `grpo.dashboard.synthetic` writes demo runs. May import: `grpo.run` (the run-directory
+writer, for demo runs) and the floors below it; it never runs training.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reading run directories for the dashboard: metrics, rollouts, MoE load, "aha" phrases.
 
-Everything here is plain Python over the files the training loop writes (see `grpo/tracking.py`):
+Everything here is plain Python over the files the training loop writes (see `grpo/run/tracking.py`):
 `metrics.jsonl` is parsed incrementally (only the bytes appended since the last read), curves are
 downsampled on the server (min and max of each bucket kept, so spikes survive), and rollouts are
 read one step at a time, only when asked for.

@@ -11,7 +11,7 @@ import math
 import random
 from pathlib import Path
 
-from grpo.tracking import JsonlSink
+from grpo.run.tracking import JsonlSink
 
 XSS_PAYLOADS = (
     "<script>window.__xss = 1</script>",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import re
 
+from rewards.format import ANSWER_OPEN, answer_block
 from rewards.math.values import MAX_CHARS
 
 MAX_SCAN_CHARS = 20_000  # only the tail of a completion is searched for the final answer
@@ -193,21 +194,18 @@ def is_bare(text: str) -> bool:
     """A bare answer: short, no prose, no math delimiters (``-3``, ``x^2+1``, ``\\frac{1}{2}``)."""
     text = text.strip()
     return 0 < len(text) <= MAX_CHARS and "$" not in text.replace("\\$", "") and not _is_prose(text) and (
-        "\\boxed" not in text and "<answer>" not in text and _FINAL.search(text) is None
+        "\\boxed" not in text and ANSWER_OPEN not in text and _FINAL.search(text) is None
         and "\\[" not in text and "\\(" not in text
     )
 
 
 def candidates(text: str) -> list[tuple[str, bool]]:
-    a = text.rfind("<answer>")
-    if a != -1:
-        end = text.find("</answer>", a)
-        inner = text[a + len("<answer>") : end if end != -1 else len(text)]
-        if len(inner) > MAX_SCAN_CHARS:
-            return [(inner[:MAX_CHARS + 1], True)]  # over the limit: the parser refuses it
+    inner = answer_block(text, closed=False)  # the last <answer> block, closed or not
+    if inner is not None and len(inner) > MAX_SCAN_CHARS:
+        return [(inner[:MAX_CHARS + 1], True)]  # over the limit: the parser refuses it
     if len(text) > MAX_SCAN_CHARS:
         text = text[-MAX_SCAN_CHARS:]
-    if a != -1:
+    if inner is not None:
         boxed = _last_boxed(inner)
         strong = _strip_delims(boxed if boxed is not None else inner)
         if not strong:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rewards.format import ANSWER_CLOSE, ANSWER_OPEN, answer_block
 from rewards.math import choice, fallback
 from rewards.math.compare import equivalent
 from rewards.math.extract import NUMBER, after_think, candidates, is_bare
@@ -36,7 +37,7 @@ def read_answer(text: str, fallback_ok: bool = False, plain_numbers: bool = True
             a = _parse(c)
             if a is not None:
                 return a
-    marked = "<answer>" in text or is_bare(text)  # the tagged or bare answer is the whole answer
+    marked = ANSWER_OPEN in text or is_bare(text)  # the tagged or bare answer is the whole answer
     use_mv = fallback_ok and fallback.available()
     if marked:  # math-verify may read it as LaTeX, but never pick a number out of it
         return fallback.mv_answer("$" + cands[0][0] + "$", False) if (use_mv and cands) else None
@@ -129,11 +130,10 @@ def math_answer(completion: str, example: dict, float_rounding: int | None = Non
     if gold is None or not isinstance(completion, str):
         return 0.0
     if answer_tag:
-        start = completion.rfind("<answer>")
-        end = completion.find("</answer>", start + 1) if start != -1 else -1
-        if end == -1:
+        inner = answer_block(completion)
+        if inner is None:
             return 0.0
-        completion = completion[start : end + len("</answer>")]
+        completion = ANSWER_OPEN + inner + ANSWER_CLOSE
     ok = answers_match(str(gold), completion, float_rounding, fallback, strict, plain_numbers, relation_as_set,
                        bounded=bounded, question=_question(example, context))
     return 1.0 if ok else 0.0

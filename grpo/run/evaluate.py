@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from grpo.config import RunConfig
-from grpo.data import render_prompts
-from rewards import RewardSpec, Scorer
+from grpo.data.prompts import render_prompts
+from rewards import RewardSpec, Scorer, is_correct
+from rewards.format import answer_block
 from rollout.base import SamplingParams
 
 
@@ -34,7 +35,7 @@ def make_eval_scorer(cfg: RunConfig) -> Scorer:
     """A scorer of the rewards that define correctness, sandboxed like the training rewards."""
     r = cfg.rewards
     return Scorer([RewardSpec(name) for name in cfg.eval.correct], workers=r.workers, timeout_s=r.timeout_s,
-                  memory_mb=r.memory_mb, timeout_score=r.timeout_score, error_score=r.error_score)
+                  memory_mb=r.memory_mb)
 
 
 # --- estimators ---------------------------------------------------------------------------------
@@ -67,11 +68,9 @@ def final_answer(text: str) -> str | None:
     >>> final_answer("<think>..</think><answer> 1 + 2 </answer>"), final_answer("so \\\\boxed{\\\\frac{1}{2}}.")
     ('1+2', '\\\\frac{1}{2}')
     """
-    start = text.rfind("<answer>")
-    if start != -1:
-        end = text.find("</answer>", start)
-        if end != -1:
-            return "".join(text[start + 8 : end].split()) or None
+    inner = answer_block(text)
+    if inner is not None:
+        return "".join(inner.split()) or None
     start = text.rfind("\\boxed{")
     if start == -1:
         return None
@@ -106,19 +105,12 @@ def pass_ks(n: int) -> list[int]:
 # --- scoring ------------------------------------------------------------------------------------
 
 
-def is_correct(scores: Mapping[str, float | None], correct: Sequence[str]) -> bool:
-    """The one definition of a correct completion, for training metrics and evaluation alike:
-    every reward named in `eval.correct` scored exactly 1.0."""
-    return all(scores.get(name) == 1.0 for name in correct)
-
-
-def judge(scorer: Scorer, cfg: RunConfig, completions: list[str], rows: list[dict], prompts: list[str]) -> tuple[list[bool], dict]:
+def judge(scorer: Scorer, correct: Sequence[str], completions: list[str], rows: list[dict],
+          prompts: list[str]) -> tuple[list[bool], dict]:
     """(correct per completion, per-function scores)."""
     result = scorer.score(completions, rows, [{"prompt": p} for p in prompts])
     per = result.per_function
-    correct = [is_correct({name: values[i] for name, values in per.items()}, cfg.eval.correct)
-               for i in range(len(completions))]
-    return correct, per
+    return [is_correct({name: values[i] for name, values in per.items()}, correct) for i in range(len(completions))], per
 
 
 def evaluate_greedy(engine, tokenizer, cfg: RunConfig, rows: list[dict], scorer: Scorer) -> dict:
@@ -128,7 +120,7 @@ def evaluate_greedy(engine, tokenizer, cfg: RunConfig, rows: list[dict], scorer:
     sampling = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                               temperature=0.0, stop=tuple(cfg.rollout.stop))
     outs = engine.generate(prompt_ids, 1, sampling)
-    correct, per = judge(scorer, cfg, [o.text for o in outs], rows, prompts)
+    correct, per = judge(scorer, cfg.eval.correct, [o.text for o in outs], rows, prompts)
     n = len(rows)
     summary = {"accuracy": sum(correct) / n}
     if "format" in per:
@@ -151,7 +143,7 @@ def evaluate_sampled(engine, tokenizer, cfg: RunConfig, rows: list[dict], scorer
                               top_p=ro.top_p, top_k=ro.top_k, stop=tuple(ro.stop), seed=seed)
     outs = engine.generate(prompt_ids, k, sampling)  # prompt-major: sample j of problem i at i * k + j
     texts = [o.text for o in outs]
-    correct, _ = judge(scorer, cfg, texts, [rows[i // k] for i in range(len(outs))], [prompts[i // k] for i in range(len(outs))])
+    correct, _ = judge(scorer, cfg.eval.correct, texts, [rows[i // k] for i in range(len(outs))], [prompts[i // k] for i in range(len(outs))])
     counts = [sum(correct[i * k : (i + 1) * k]) for i in range(len(rows))]
     out = {f"avg@{k}": sum(counts) / (k * len(rows))}
     for kk in pass_ks(k):

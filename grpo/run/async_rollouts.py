@@ -12,7 +12,7 @@ s - 1 - k have been published (it waits; nothing finished is ever discarded, gro
 The lag is exactly k once the pipeline is full, whatever the timing, so a run is deterministic:
 the same recipe samples the same rollouts, and a resumed run continues the same sequence.
 Every rollout records the version (`Rollout.policy_version`); the loss treats the batch as
-off-policy (the decoupled objective, grpo/loss.py).
+off-policy (the decoupled objective, grpo/algo/loss.py).
 
 Engines: the transformers engine on CPU (the process keeps its own copy of the policy and loads
 each published version), and vLLM in server mode (the process drives the server over HTTP and
@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 
-from grpo.config import RunConfig
-from grpo.step import RolloutBatch
+from grpo.config import ModelConfig, RunConfig, TrainerConfig
+from grpo.run.sampling import RolloutBatch
 from rewards.sandbox import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,11 @@ def effective_staleness(cfg: RunConfig, device: torch.device) -> int:
     return k
 
 
-def thread_split(cfg: RunConfig) -> tuple[int, int]:
+def thread_split(trainer: TrainerConfig) -> tuple[int, int]:
     """(trainer threads, generation threads): the generation process gets `generation_threads`,
     or half of `trainer.threads` (of the CPUs when unset), and the trainer keeps the rest."""
-    total = cfg.trainer.threads or os.cpu_count() or 2
-    gen = cfg.trainer.generation_threads or max(1, total // 2)
+    total = trainer.threads or os.cpu_count() or 2
+    gen = trainer.generation_threads or max(1, total // 2)
     return max(1, total - gen), gen
 
 
@@ -111,37 +111,38 @@ class _Spec:
 
 
 def _generation_side(spec: _Spec):
-    """(StepContext for sampling only, the module that receives weights or None)."""
-    from grpo.data import PromptSampler, load_rows
-    from grpo.model import load_policy
-    from grpo.step import StepContext, make_scorer, sampling_params
+    """(the sampling context, the module that receives weights or None)."""
+    from grpo.data.prompts import PromptSampler
+    from grpo.data.sources import load_rows
+    from grpo.model.loading import load_policy
+    from grpo.run.sampling import SamplingContext, make_scorer, sampling_params
     from rollout import make_engine
     from rollout.base import find_routers
 
     cfg, device = spec.cfg, torch.device("cpu")
     if cfg.rollout.engine == "hf":
-        model, tokenizer = load_policy(cfg, device, path=spec.model_path)
+        model, tokenizer = load_policy(cfg.model, device, path=spec.model_path, progress=cfg.logging.progress)
         model.eval().requires_grad_(False)
     else:  # vLLM server: the server holds the weights; the client needs the config and tokenizer only
-        model, tokenizer = _config_only(cfg, spec.model_path)
+        model, tokenizer = _config_only(cfg.model, spec.model_path)
     record = bool(find_routers(model)) and cfg.moe.routing_replay == "R3" if cfg.rollout.engine == "hf" else False
     engine = make_engine(cfg.rollout, model, tokenizer, device, seed=cfg.trainer.seed, record_routing=record)
     rows = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)[0]
     prompts = PromptSampler(rows, seed=cfg.data.seed, epoch=spec.sampler_epoch, position=spec.sampler_position)
-    ctx = StepContext(cfg, engine, make_scorer(cfg), tokenizer, prompts, None, None, None, None, device, None,
-                      sampling=sampling_params(cfg, record_routing=record))
+    ctx = SamplingContext(cfg, engine, make_scorer(cfg), tokenizer, prompts,
+                          sampling=sampling_params(cfg.rollout, record_routing=record))
     return ctx, (model if cfg.rollout.engine == "hf" else None)
 
 
-def _config_only(cfg: RunConfig, path: str | None):
+def _config_only(model: ModelConfig, path: str | None):
     from types import SimpleNamespace
 
     from transformers import AutoConfig, AutoTokenizer
 
-    name = path or cfg.model.name_or_path
-    kwargs = {"trust_remote_code": cfg.model.trust_remote_code}
-    if cfg.model.revision and path is None:
-        kwargs["revision"] = cfg.model.revision
+    name = path or model.name_or_path
+    kwargs = {"trust_remote_code": model.trust_remote_code}
+    if model.revision and path is None:
+        kwargs["revision"] = model.revision
     tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -159,7 +160,7 @@ def _load_version(ctx, model, weights: dict[str, torch.Tensor]) -> None:
 def _generate(spec: _Spec, weights_q, batches_q) -> None:
     """The generation process: sample steps first_step .. steps in order, each with the weights
     of step max(base_version, s - 1 - staleness), waiting for those to be published."""
-    from grpo.step import collect_rollouts
+    from grpo.run.sampling import collect_rollouts
 
     die_with_parent()
     # the trainer handles Ctrl-C and SIGTERM (it still needs this process's in-flight batches for the
@@ -209,7 +210,7 @@ class AsyncRollouts:
         self.process = None
         if self.first_generated > self.steps:
             return
-        trainer_threads, gen_threads = thread_split(cfg)
+        trainer_threads, gen_threads = thread_split(cfg.trainer)
         torch.set_num_threads(trainer_threads)
         spec = _Spec(cfg, model_path, self.first_generated, self.base, staleness, gen_threads, sampler_epoch,
                      sampler_position)
@@ -227,7 +228,7 @@ class AsyncRollouts:
         return self.process is not None and max(self.base, self.first_generated - 1 - self.k) <= version <= self.steps - 1 - self.k
 
     def _send(self, version: int, model: torch.nn.Module) -> None:
-        from grpo.checkpoint import full_model_state
+        from grpo.run.checkpoint import full_model_state
 
         if version == self.base or self._needed(version):  # a private copy: the trainer keeps updating its own
             self.weights_q.put((version, {k: v.clone() for k, v in full_model_state(model).items()}))

@@ -81,7 +81,7 @@ class RoutingScope:
 
     Positions are those of the right-padded batch [B, S] the scope was opened for. A scope may
     span several forwards over other token layouts (shared prompts: `set_part` before each one,
-    see `grpo.logprobs.TokenPart`); replay, counts, the aux loss and `used_experts` then map
+    see `grpo.algo.logprobs.TokenPart`); replay, counts, the aux loss and `used_experts` then map
     every token back onto [B, S].
     """
 

@@ -37,27 +37,21 @@ from pathlib import Path
 
 import torch
 
-import grpo.step
-from grpo import checkpoint
-from grpo.async_rollouts import IN_FLIGHT_FILE, AsyncRollouts, InFlight, effective_staleness, load_in_flight
+import grpo.run.step
+from grpo.algo.moe import RouterControl
+from grpo.collectives import all_reduce_sum, broadcast_object, gather_objects, rank_slice
 from grpo.config import RunConfig, dump_config
-from grpo.data import PromptSampler, load_eval_sets, load_rows
-from grpo.distributed import (
-    UnsupportedError,
-    all_reduce_sum,
-    broadcast_object,
-    check_supported,
-    fsdp_on_cpu,
-    fully_shard_cpu,
-    gather_objects,
-    make_accelerator,
-    rank_slice,
-)
-from grpo.evaluate import evaluate_greedy, evaluate_step, make_eval_scorer
-from grpo.model import load_policy, make_optimizer, make_schedule, reference_model
-from grpo.moe import RouterControl
-from grpo.step import StepContext, StepResult, make_scorer, rollout_rows, sync_engine
-from grpo.tracking import make_tracker
+from grpo.data.prompts import PromptSampler
+from grpo.data.sources import load_eval_sets, load_rows
+from grpo.model.loading import load_policy, reference_model
+from grpo.model.optim import make_optimizer, make_schedule
+from grpo.run import checkpoint
+from grpo.run.async_rollouts import IN_FLIGHT_FILE, AsyncRollouts, InFlight, effective_staleness, load_in_flight
+from grpo.run.evaluate import evaluate_greedy, evaluate_step, make_eval_scorer
+from grpo.run.processes import UnsupportedError, check_supported, fsdp_on_cpu, fully_shard_cpu, make_accelerator
+from grpo.run.sampling import SamplingContext, make_scorer, sampling_params
+from grpo.run.step import LearningContext, StepContext, StepResult, rollout_rows, sync_engine
+from grpo.run.tracking import make_tracker
 from rewards import Scorer
 from rollout import make_engine
 
@@ -204,7 +198,8 @@ def set_up(cfg: RunConfig, output_dir: str | Path, resume: str | None, allow_cha
     state = checkpoint.load_state(ckpt) if ckpt else checkpoint.TrainState()
     in_flight = _saved_in_flight(ckpt, staleness) if ckpt else []
     scorer, eval_scorer = make_scorer(cfg), make_eval_scorer(cfg)
-    model, tokenizer = load_policy(cfg, accelerator.device, path=ckpt / "model" if ckpt else None)
+    model, tokenizer = load_policy(cfg.model, accelerator.device, path=ckpt / "model" if ckpt else None,
+                                   progress=cfg.logging.progress)
     ref_model = reference_model(cfg, model, accelerator.device, resumed=bool(ckpt))  # before router hooks
     moe = RouterControl(model, cfg.moe)
     model, unwrapped, optimizer, schedule, engine = prepare_training(cfg, accelerator, model, tokenizer)
@@ -213,9 +208,13 @@ def set_up(cfg: RunConfig, output_dir: str | Path, resume: str | None, allow_cha
     sync_engine(engine, model, unwrapped)  # an engine with its own weights starts from exactly the policy
     train_rows, eval_rows = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)
     prompts = PromptSampler(train_rows, seed=cfg.data.seed, epoch=state.sampler_epoch, position=state.sampler_position)
-    ctx = StepContext(cfg, engine, scorer, tokenizer, prompts, model, unwrapped, optimizer, schedule,
-                      accelerator.device, moe, ref_model=ref_model,
-                      batch=rank_slice(cfg.trainer.prompts_per_step, rank, world))
+    record_routing = moe.is_moe and cfg.moe.routing_replay == "R3"
+    sampling = SamplingContext(cfg, engine, scorer, tokenizer, prompts,
+                               batch=rank_slice(cfg.trainer.prompts_per_step, rank, world),
+                               sampling=sampling_params(cfg.rollout, record_routing=record_routing))
+    learning = LearningContext(cfg, engine, tokenizer, model, unwrapped, optimizer, schedule, accelerator.device, moe,
+                               ref_model=ref_model)
+    ctx = StepContext(sampling, learning)
     tracker = _open_tracker(cfg, output_dir, state, ckpt) if accelerator.is_main_process else _NoTracker()
     return Run(cfg, output_dir, accelerator, ctx, state, ckpt, tracker, eval_scorer, eval_rows,
                load_eval_sets(cfg, eval_rows), in_flight)
@@ -255,7 +254,7 @@ def log_step(run: Run, result: StepResult, bar) -> None:
         shares = gather_objects(rollout_rows(result, cfg.rollout.group_size))
         run.tracker.log_rollouts([row for share in shares for row in share], step)
     if cfg.eval.every and step % cfg.eval.every == 0 and run.is_main:
-        c = run.ctx
+        c = run.ctx.learning
         evaluate_step(c.engine, c.tokenizer, cfg, run.eval_sets, run.eval_scorer, step, run.output_dir, run.tracker)
     bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['rollout/accuracy']:.2f}",
                     tok_s=f"{metrics['rollout/tokens_per_s']:.0f}")
@@ -273,8 +272,8 @@ def stop_if_rewards_fail(run: Run, result: StepResult) -> None:
     cfg, limit = run.cfg, run.cfg.rewards.max_failing_steps
     if not limit:
         return
-    samples = len(range(cfg.trainer.prompts_per_step)[run.ctx.batch]) * cfg.rollout.group_size  # this rank's first round
-    for spec in run.ctx.scorer.specs:
+    samples = len(range(cfg.trainer.prompts_per_step)[run.ctx.sampling.batch]) * cfg.rollout.group_size  # this rank's first round
+    for spec in run.ctx.sampling.scorer.specs:
         m = result.metrics
         failed = m.get(f"reward/{spec.name}/errors", 0.0) + m.get(f"reward/{spec.name}/timeouts", 0.0)
         run.failing_steps[spec.name] = run.failing_steps.get(spec.name, 0) + 1 if failed >= samples else 0
@@ -300,10 +299,10 @@ def save_if_due(run: Run, step: int, source: AsyncRollouts | None = None, now: b
     """A checkpoint every `trainer.save_every` steps and after the last one (`now`: whatever the
     step, if checkpoints are on). Asynchronous RL: with the batches already sampled for the next
     steps, and the prompt sampler's state after them."""
-    cfg, state, c = run.cfg, run.state, run.ctx
+    cfg, state, c, prompts = run.cfg, run.state, run.ctx.learning, run.ctx.sampling.prompts
     if not cfg.trainer.save_every or not (now or step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps):
         return None
-    state.step, state.sampler_epoch, state.sampler_position = step, c.prompts.epoch, c.prompts.position
+    state.step, state.sampler_epoch, state.sampler_position = step, prompts.epoch, prompts.position
     in_flight = None
     if source is not None:
         in_flight, sampler = source.in_flight(step)
@@ -321,9 +320,9 @@ def stop(run: Run, step: int, signum: int, source: AsyncRollouts | None) -> Stop
     reward workers and the engine closed, and the one line that says so."""
     saved = save_if_due(run, step, source, now=True)
     run.tracker.close()
-    run.ctx.scorer.close()
+    run.ctx.sampling.scorer.close()
     run.eval_scorer.close()
-    run.ctx.engine.close()
+    run.ctx.learning.engine.close()
     name = signal.Signals(signum).name
     where = (f"checkpoint {saved}; continue with --resume auto" if saved else
              "no checkpoint written (trainer.save_every is 0)")
@@ -332,7 +331,7 @@ def stop(run: Run, step: int, signum: int, source: AsyncRollouts | None) -> Stop
 
 def finish(run: Run, summary: dict, started: float) -> None:
     """Final evaluation, the final model and the summary (rank 0 writes), then close everything."""
-    cfg, c = run.cfg, run.ctx
+    cfg, c = run.cfg, run.ctx.learning
     weights = checkpoint.full_model_state(c.model)
     if run.is_main:
         if cfg.eval.before_and_after and run.eval_rows:
@@ -347,7 +346,7 @@ def finish(run: Run, summary: dict, started: float) -> None:
         c.tokenizer.save_pretrained(run.output_dir / "final")
         (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     run.tracker.close()
-    c.scorer.close()
+    run.ctx.sampling.scorer.close()
     run.eval_scorer.close()
     c.engine.close()
     run.accelerator.wait_for_everyone()
@@ -386,7 +385,7 @@ def rollout_source(run: Run):
     with AsyncRollouts(run.cfg, staleness=run.cfg.trainer.max_staleness, start_step=state.step + 1,
                        model_path=str(resumed / "model") if resumed else None, saved=run.in_flight,
                        sampler_epoch=state.sampler_epoch, sampler_position=state.sampler_position,
-                       model=run.ctx.model) as source:
+                       model=run.ctx.learning.model) as source:
         yield source
 
 
@@ -401,7 +400,7 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None, all
 
     started = time.perf_counter()
     run = set_up(cfg, output_dir, resume, allow_changes)
-    cfg, c, first = run.cfg, run.ctx, run.state.step + 1
+    cfg, c, first = run.cfg, run.ctx.learning, run.state.step + 1
     summary: dict = {"output_dir": str(run.output_dir), "resumed_from": str(run.resumed_from) if run.resumed_from else None}
     # asynchronous RL: the generation process starts first, so its start-up overlaps the evaluation
     with StopSignals() as signals, rollout_source(run) as source:  # source None: synchronous
@@ -410,11 +409,11 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None, all
         bar = tqdm(range(first, cfg.trainer.steps + 1), desc="grpo", dynamic_ncols=True,
                    disable=not (cfg.logging.progress and run.is_main), initial=first - 1, total=cfg.trainer.steps)
         for step in bar:
-            # --- generate, score, advantages, update, weight sync (grpo/step.py) ---
+            # --- generate, score, advantages, update, weight sync (grpo/run/step.py) ---
             if source is None:
-                result = grpo.step.run_step(c, step)
+                result = grpo.run.step.run_step(run.ctx, step)
             else:  # this step's batch was sampled ahead, while earlier steps trained
-                result = grpo.step.learn(c, step, source.take(step))
+                result = grpo.run.step.learn(c, step, source.take(step))
                 source.publish(step, c.model)
             # --- skipped-step accounting, logging, evaluation, checkpoint ---
             count_skip(run, result)

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
+from grpo.algo.logprobs import token_logprobs
+from grpo.algo.loss import objective_from_config
+from grpo.algo.moe import RouterControl, replay_from_rollouts
+from grpo.collectives import all_reduce_sum, world_size
 from grpo.config import RunConfig
-from grpo.distributed import all_reduce_sum, world_size
-from grpo.logprobs import token_logprobs
-from grpo.loss import objective_from_config
-from grpo.moe import RouterControl, replay_from_rollouts
 from rollout.base import Rollout
 
 

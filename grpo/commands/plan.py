@@ -169,7 +169,7 @@ def resolve_arch(name_or_path: str, offline: bool = False) -> Arch:
     if name in KNOWN_ARCHS:
         return KNOWN_ARCHS[name]
     if name.startswith("builtin:"):
-        from grpo.tiny import BUILTIN_BASES, build_char_tokenizer, tiny_moe_config
+        from grpo.model.tiny import BUILTIN_BASES, build_char_tokenizer, tiny_moe_config
 
         spec = BUILTIN_BASES[name.split(":", 1)[1]]
         tok = build_char_tokenizer()
@@ -360,7 +360,7 @@ def layout_from_recipe(cfg) -> dict:
         out["tp"] = cfg.rollout.vllm.tensor_parallel_size
         out["engine_share"] = cfg.rollout.vllm.gpu_memory_utilization
     if cfg.launch.accelerate_config:
-        from grpo.distributed import resolve_accelerate_config
+        from grpo.config import resolve_accelerate_config
 
         path = resolve_accelerate_config(cfg.launch.accelerate_config)
         conf = yaml.safe_load(path.read_text(encoding="utf-8")) or {}

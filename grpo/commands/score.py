@@ -190,7 +190,7 @@ def _replace_surrogates(s: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m grpo.score FILE --reward NAME ...`` (the same as ``grpo score``)."""
+    """``python -m grpo.commands.score FILE --reward NAME ...`` (the same as ``grpo score``)."""
     parser = argparse.ArgumentParser(prog="grpo score", description=__doc__.split("\n\n")[0])
     _add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -1,7 +1,7 @@
 """Built-in synthetic tasks: problems generated from a seed, no download.
 
 A task yields rows `{"question": str, "answer": str}` (plus task fields: countdown adds `numbers`,
-`target`); the prompt template turns a row into the text the policy sees (see `grpo.data`).
+`target`); the prompt template turns a row into the text the policy sees (see `grpo.data.prompts`).
 """
 
 from __future__ import annotations

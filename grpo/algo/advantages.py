@@ -22,8 +22,8 @@ from dataclasses import replace
 
 import torch
 
+from grpo.collectives import gather_objects, rank
 from grpo.config import AlgorithmConfig
-from grpo.distributed import gather_objects, rank
 from rollout.base import Rollout
 
 EPS = 1e-4

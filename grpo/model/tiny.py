@@ -57,7 +57,7 @@ from pathlib import Path
 
 import torch
 
-from grpo.tasks import ArithmeticTask, SumsTask
+from grpo.data.tasks import ArithmeticTask, SumsTask
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from grpo.distributed import gather_objects
+from grpo.collectives import gather_objects
+from grpo.errors import UserError
 
 STATE_FILE = "state.json"
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def checkpoint_dir(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     """A checkpoint that cannot be resumed as asked (damaged, or from a different run set-up)."""
 
 

@@ -8,7 +8,7 @@ checkpointing and evaluation) with three things replaced:
   experts and leading dense layers, multi-head latent attention with or without a query LoRA,
   grouped-query attention, tied embeddings), at widths of 64 and 2 layers (MLA keeps its 512 + 64
   latent, the only one vLLM's CPU kernels run). The family comes from
-  the planner's table of known models (`grpo.plan.KNOWN_ARCHS`), a local `config.json`, or the
+  the planner's table of known models (`grpo.commands.plan.KNOWN_ARCHS`), a local `config.json`, or the
   Hub cache on this machine (never a download);
 - the tokenizer: a byte-level one built here (every text encodes; built-in bases keep theirs);
 - the data: local JSON-lines files with the recipe's columns (`prompt_field`, `answer_field`,
@@ -33,9 +33,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from grpo.commands.plan import Arch, resolve_arch
 from grpo.config import RunConfig, _set_dotted, apply_overrides, parse_recipe_dict
-from grpo.plan import Arch, resolve_arch
-from grpo.tasks import SYNTHETIC_TASKS, ArithmeticTask, CountdownTask
+from grpo.data.tasks import SYNTHETIC_TASKS, ArithmeticTask, CountdownTask
 
 TOY_VERSION = 1  # bump when a toy model or data file changes meaning
 TOY_WIDTH = 64
@@ -81,11 +81,11 @@ class ToyError(ValueError):
 
 
 def source_arch(name_or_path: str) -> Arch:
-    """The architecture of the recipe's model, without the network (`grpo.plan.resolve_arch` offline)."""
+    """The architecture of the recipe's model, without the network (`grpo.commands.plan.resolve_arch` offline)."""
     try:
         return resolve_arch(name_or_path, offline=True)
     except ValueError as exc:
-        raise ToyError(f"{exc}; download its config.json once, or add it to grpo.plan.KNOWN_ARCHS") from None
+        raise ToyError(f"{exc}; download its config.json once, or add it to grpo.commands.plan.KNOWN_ARCHS") from None
 
 
 def _moe_kwargs(arch: Arch) -> dict[str, Any]:
@@ -159,7 +159,7 @@ def build_byte_tokenizer(model_max_length: int = TOY_POSITIONS):
 
 
 def toy_root() -> Path:
-    from grpo.tiny import cache_root
+    from grpo.model.tiny import cache_root
 
     return cache_root() / "toy"
 
@@ -174,8 +174,8 @@ def _digest(payload: Any) -> str:
 
 
 def _cached_dir(name: str, build: Callable[[Path], None]) -> Path:
-    """`toy_root()/name`, built once by `build(tmp)` (atomically: `grpo.tiny.build_once`)."""
-    from grpo.tiny import build_once
+    """`toy_root()/name`, built once by `build(tmp)` (atomically: `grpo.model.tiny.build_once`)."""
+    from grpo.model.tiny import build_once
 
     def complete(tmp: Path) -> None:
         build(tmp)
@@ -189,7 +189,7 @@ def ensure_toy_model(name_or_path: str, seed: int = 0) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from grpo.tiny import BUILTIN_BASES, BUILTIN_PREFIX, build_char_tokenizer, tiny_moe_config
+    from grpo.model.tiny import BUILTIN_BASES, BUILTIN_PREFIX, build_char_tokenizer, tiny_moe_config
 
     if name_or_path.startswith(BUILTIN_PREFIX):  # the built-in base's own shape and tokenizer, not pretrained
         base = name_or_path[len(BUILTIN_PREFIX):]
@@ -234,7 +234,7 @@ def _problem_rows(countdown: bool, n: int, seed: int) -> list[dict]:
 
 
 def _as_record(row: dict, prompt_field: str | None, answer_field: str | None, extra: dict[str, str]) -> dict:
-    """A row written in the source's own column names (what `grpo.data.read_rows` maps back)."""
+    """A row written in the source's own column names (what `grpo.data.sources.read_rows` maps back)."""
     record: dict[str, Any] = {}
     if prompt_field:
         record[prompt_field] = row["question"]
@@ -271,7 +271,7 @@ def toy_recipe(cfg: RunConfig, overrides: Sequence[str] = (), source: str = "rec
                cuda: bool | None = None) -> tuple[RunConfig, list[str]]:
     """(the recipe at toy scale, one line per change). `overrides` (key=value, as on the command
     line) are applied last, so they win over the cuts."""
-    from grpo.data import template_fields
+    from grpo.data.prompts import template_fields
 
     if cuda is None:
         import torch

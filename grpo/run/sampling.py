@@ -1,0 +1,149 @@
+"""The sampling half of a step: draw this rank's prompts, sample G completions of each, score them.
+
+    batch = collect_rollouts(ctx, step)     PromptGroup records -> engine.generate -> rewards; DAPO's
+                                            dynamic sampling draws more rounds when it is on
+
+Records flow one way: a `PromptGroup` carries a prompt (its row, rendered text, token ids,
+sampling seed and global index) through the step; the `Rollout`s it produces index their group
+with `Rollout.group`; a `RolloutBatch` is what the learning half (`grpo.run.step.learn`) receives,
+in the trainer's process or, under asynchronous RL, from the generation process.
+
+Seeds: group i of sampling round r of step s samples with `group_seed(seed, s, first + i, r)`,
+where `first` is this rank's first global prompt index, so a group samples the same completions
+whichever rank (and however many) sample it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+from grpo.algo.dynamic_sampling import sample_batch
+from grpo.collectives import group_seed
+from grpo.config import RolloutConfig, RunConfig
+from grpo.data.prompts import PromptSampler, render_prompts
+from rewards import RewardSpec, Scorer
+from rollout.base import Rollout, RolloutEngine, SamplingParams
+
+
+@dataclass(frozen=True)
+class PromptGroup:
+    """One prompt of a step and everything the step needs about it."""
+
+    index: int  # global index of the prompt in the step's batch (over every rank)
+    row: dict  # the data row (gold answer, metadata)
+    text: str  # the rendered prompt
+    token_ids: tuple[int, ...]
+    seed: int  # the sampling seed of its G completions
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """This rank's scored groups of one step; `rollouts[i].group` indexes `groups`."""
+
+    groups: tuple[PromptGroup, ...]
+    rollouts: list[Rollout]
+    metrics: dict[str, float]  # reward metrics (of the first round) and dynamic-sampling metrics
+    generate_s: float  # drawing, encoding and sampling
+    score_s: float
+    policy_version: int = 0  # optimizer steps taken by the weights that sampled it
+    generation_wait_s: float = 0.0  # asynchronous RL: the generation side waited this long for those weights
+    update_wait_s: float = 0.0  # asynchronous RL: the trainer waited this long for this batch
+
+
+@dataclass
+class SamplingContext:
+    """What the rollout half works with: where prompts come from, the engine that samples them and the
+    rewards that score them. Built once per run, by the trainer (synchronous RL), by the generation
+    process (asynchronous RL) or by a benchmark."""
+
+    cfg: RunConfig
+    engine: RolloutEngine  # samples the completions
+    scorer: Scorer
+    tokenizer: object
+    prompts: PromptSampler
+    batch: slice = field(default_factory=lambda: slice(0, None))  # this rank's share of the global prompts
+    sampling: SamplingParams | None = None  # None: from cfg.rollout (a benchmark may set ignore_eos)
+
+    def __post_init__(self) -> None:
+        if self.sampling is None:
+            self.sampling = sampling_params(self.cfg.rollout)
+
+
+def sampling_params(rollout: RolloutConfig, prompt_seeds: list[int] = (), record_routing: bool = False) -> SamplingParams:
+    """The recipe's sampling settings; `record_routing` asks the engine for the experts it chose."""
+    return SamplingParams(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
+                          top_k=rollout.top_k, stop=tuple(rollout.stop), prompt_seeds=tuple(prompt_seeds),
+                          record_routing=record_routing)
+
+
+def prompt_groups(ctx: SamplingContext, rows: list[dict], step: int, sampling_round: int) -> list[PromptGroup]:
+    """Render and encode `rows` once; group i gets its seed for `sampling_round` of `step`."""
+    first = ctx.batch.start or 0
+    texts = render_prompts(ctx.cfg.data, rows, ctx.tokenizer)
+    return [PromptGroup(index=first + i, row=row, text=text,
+                        token_ids=tuple(ctx.tokenizer.encode(text, add_special_tokens=False)),
+                        seed=group_seed(ctx.cfg.trainer.seed, step, first + i, sampling_round))
+            for i, (row, text) in enumerate(zip(rows, texts))]
+
+
+def make_scorer(cfg: RunConfig) -> Scorer:
+    """The training rewards; a reward that `eval.correct` names and the recipe does not train on
+    is scored too, with weight 0, so that `rollout/accuracy` means what evaluation means."""
+    r = cfg.rewards
+    specs = [RewardSpec(f.name, f.weight, dict(f.kwargs)) for f in r.functions]
+    specs += [RewardSpec(name, 0.0) for name in cfg.eval.correct if name not in {f.name for f in r.functions}]
+    return Scorer(specs, workers=r.workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb, fail_fast=r.fail_fast)
+
+
+def score_rollouts(scorer: Scorer, rollouts: list[Rollout], groups: list[PromptGroup],
+                   max_tokens: int) -> tuple[list[Rollout], dict[str, float]]:
+    """Attach per-function rewards and the weighted total to every rollout. A sample is named
+    `prompt P completion J (#I)`: P the prompt's global index in the step, J the completion's in its
+    group, I the sample's in this call."""
+    seen: dict[int, int] = {}
+    contexts = []
+    for i, r in enumerate(rollouts):
+        j = seen[r.group] = seen.get(r.group, -1) + 1
+        contexts.append({"prompt": groups[r.group].text, "finish_reason": r.finish_reason,
+                         "num_tokens": r.num_completion_tokens, "max_tokens": max_tokens,
+                         "sample_id": f"prompt {groups[r.group].index} completion {j} (#{i})"})
+    result = scorer.score([r.text for r in rollouts], [groups[r.group].row for r in rollouts], contexts)
+    scored = [
+        replace(r, example=groups[r.group].row, reward=result.total[i],
+                rewards={name: values[i] for name, values in result.per_function.items()})
+        for i, r in enumerate(rollouts)
+    ]
+    return scored, result.metrics
+
+
+def collect_rollouts(ctx: SamplingContext, step: int, policy_version: int | None = None) -> RolloutBatch:
+    """This rank's prompts of `step`, G completions each, scored (more rounds under dynamic sampling).
+    `policy_version`: the optimizer steps the engine's weights have taken (synchronous: step - 1)."""
+    cfg, seconds = ctx.cfg, {"generate": 0.0, "score": 0.0}
+    version = step - 1 if policy_version is None else policy_version
+    rounds = iter(range(cfg.algorithm.max_sampling_attempts + 1))
+
+    def draw(n: int) -> list[PromptGroup]:
+        t = time.perf_counter()
+        groups = prompt_groups(ctx, ctx.prompts.next_batch(n)[ctx.batch], step, next(rounds))
+        seconds["generate"] += time.perf_counter() - t
+        return groups
+
+    def generate_and_score(groups: list[PromptGroup]) -> tuple[list[Rollout], dict[str, float]]:
+        t = time.perf_counter()
+        sampling = replace(ctx.sampling, prompt_seeds=tuple(g.seed for g in groups))
+        rollouts = ctx.engine.generate([g.token_ids for g in groups], cfg.rollout.group_size, sampling)
+        rollouts = [replace(r, policy_version=version) for r in rollouts]
+        ts = time.perf_counter()
+        scored = score_rollouts(ctx.scorer, rollouts, groups, cfg.rollout.max_new_tokens)
+        seconds["generate"] += ts - t
+        seconds["score"] += time.perf_counter() - ts
+        return scored
+
+    groups, rollouts, metrics = sample_batch(generate_and_score, draw, cfg.trainer.prompts_per_step,
+                                             dynamic=cfg.algorithm.dynamic_sampling,
+                                             max_attempts=cfg.algorithm.max_sampling_attempts)
+    first = ctx.batch.start or 0  # kept groups are renumbered: their index is their place in the batch
+    groups = tuple(replace(g, index=first + i) for i, g in enumerate(groups))
+    return RolloutBatch(groups, rollouts, metrics, seconds["generate"], seconds["score"], version)

@@ -1,0 +1,169 @@
+"""One GRPO step as a unit: prompts -> generate -> score -> advantages -> update -> sync weights.
+
+    batch  = collect_rollouts(ctx.sampling, step)   the sampling half (`grpo.run.sampling`): this rank's
+                                                    prompts, G completions each, scored
+    result = learn(ctx.learning, step, batch)       advantages over the global batch, the policy update
+                                                    between the engine's `before_update` / `after_update`,
+                                                    the new weights pushed to the engine, the step's metrics
+    run_step(ctx, step) = learn(ctx.learning, step, collect_rollouts(ctx.sampling, step))
+
+`grpo.run.train.train` builds a `StepContext` once and calls `run_step` for every step; the benchmark
+`bench/step_vs_trl.py` calls the same function. Under asynchronous RL the generation process runs
+the sampling half (`grpo.run.async_rollouts`) and the trainer calls `learn` on what it sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from grpo.algo.advantages import assign_advantages
+from grpo.algo.moe import RouterControl, load_metrics
+from grpo.algo.update import policy_update
+from grpo.collectives import all_reduce_tensor, reduce_metrics
+from grpo.config import RunConfig
+from grpo.run.sampling import RolloutBatch, SamplingContext, collect_rollouts
+from rewards import is_correct
+from rollout.base import Rollout, RolloutEngine
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int
+    batch: RolloutBatch  # its rollouts carry their advantages
+    metrics: dict[str, float]  # what the step logs (averaged over ranks, expert loads summed)
+    skipped: bool  # the loss or gradient norm was not finite: no optimizer step was taken
+
+
+@dataclass
+class LearningContext:
+    """What the learning half works with: the policy, its optimizer and schedule, the reference, the
+    MoE router control, and the engine that receives the new weights after each update."""
+
+    cfg: RunConfig
+    engine: RolloutEngine  # receives the weights (the same engine as sampling's in a synchronous run)
+    tokenizer: object
+    model: torch.nn.Module  # the trainer's module (wrapped by accelerate or sharded)
+    unwrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    device: torch.device
+    moe: RouterControl
+    ref_model: torch.nn.Module | None = None
+
+
+@dataclass
+class StepContext:
+    """Both halves of a synchronous step (`run_step`)."""
+
+    sampling: SamplingContext
+    learning: LearningContext
+
+
+def run_step(ctx: StepContext, step: int) -> StepResult:
+    """One whole step: sample, score, then learn from what was sampled."""
+    return learn(ctx.learning, step, collect_rollouts(ctx.sampling, step))
+
+
+def update_policy(ctx: LearningContext, rollouts: list[Rollout]) -> tuple[dict[str, float], bool]:
+    """The policy update between the engine's phase hooks, then the new weights pushed to it.
+    Returns the update's metrics (with its seconds) and whether it was skipped (not finite)."""
+    cfg = ctx.cfg
+    t = time.perf_counter()
+    ctx.engine.before_update()
+    metrics = policy_update(ctx.model, ctx.optimizer, rollouts, cfg, ctx.tokenizer.pad_token_id, ctx.device,
+                            ref_model=ctx.ref_model, moe=ctx.moe)
+    skipped = metrics.pop("train/skipped") > 0
+    if not skipped:
+        ctx.schedule.step()
+    t_sync = time.perf_counter()
+    sync_engine(ctx.engine, ctx.model, ctx.unwrapped)
+    ctx.engine.after_update()
+    metrics.update({"time/train": t_sync - t, "time/weight_sync": time.perf_counter() - t_sync})
+    return metrics, skipped
+
+
+def sync_engine(engine: RolloutEngine, model, unwrapped) -> None:
+    """Push the policy's weights to an engine that keeps its own (nothing to do when it decodes
+    with the policy module itself)."""
+    from grpo.run.checkpoint import full_model_state
+
+    engine_model = getattr(engine, "model", None)  # the HF engine decodes with a module; vLLM has its own
+    if engine_model is unwrapped:  # colocated, same tensors: nothing to copy
+        return
+    full = full_model_state(model, every_rank=True)  # a collective under FSDP2
+    if engine_model is not None:
+        own = dict(engine_model.named_parameters())
+        full = {k: v for k, v in full.items() if k in own}
+    engine.update_weights(full.items())
+
+
+def learn(ctx: LearningContext, step: int, batch: RolloutBatch) -> StepResult:
+    """Advantages over the global batch, the update, the weight push and the step's metrics."""
+    cfg, started = ctx.cfg, time.perf_counter()
+    rollouts, adv_metrics = assign_advantages(batch.rollouts, cfg.algorithm, cfg.rollout.group_size,
+                                              cfg.rollout.max_new_tokens)
+    lr = ctx.schedule.get_last_lr()[0]  # the rate this update uses (the schedule steps after it)
+    train_metrics, skipped = update_policy(ctx, rollouts)
+    # synchronous: the step waited for its own generation; asynchronous: only for what was not ready
+    waited = batch.update_wait_s if cfg.trainer.max_staleness else batch.generate_s + batch.score_s
+    metrics = reduce_metrics({**batch.metrics, **train_metrics, **rollout_metrics(rollouts, cfg.eval.correct, batch.generate_s),
+                              **thinking_metrics(rollouts, [g.text for g in batch.groups], ctx.tokenizer),
+                              "time/generate": batch.generate_s, "time/score": batch.score_s,
+                              "time/step": waited + time.perf_counter() - started})
+    if cfg.trainer.max_staleness:
+        metrics.update(async_metrics(step, batch))
+    metrics.update(adv_metrics, **{"train/lr": lr})
+    counts = ctx.moe.take_counts()
+    if counts is not None:
+        metrics.update(load_metrics(all_reduce_tensor(counts)))
+    return StepResult(step, replace(batch, rollouts=rollouts), metrics, skipped)
+
+
+def rollout_metrics(rollouts: list[Rollout], correct: Sequence[str], seconds: float) -> dict[str, float]:
+    """Lengths, truncation, throughput and accuracy (`eval.correct`: the same definition as evaluation)."""
+    lengths = [r.num_completion_tokens for r in rollouts]
+    return {
+        "rollout/response_length_mean": sum(lengths) / len(lengths),
+        "rollout/response_length_max": float(max(lengths)),
+        "rollout/truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
+        "rollout/tokens_per_s": sum(lengths) / max(seconds, 1e-9),
+        "rollout/accuracy": sum(is_correct(r.rewards, correct) for r in rollouts) / len(rollouts),
+    }
+
+
+def thinking_metrics(rollouts: list[Rollout], prompts: list[str], tokenizer) -> dict[str, float]:
+    """R1-Zero's signature: tokens inside the thinking block per completion (0 without a closed
+    block), and the share of completions whose arithmetic steps there are consistent
+    (`rewards.thinking`: bounded, linear, nothing evaluated)."""
+    from rewards.thinking import steps_consistent, written_think
+
+    blocks = [written_think(r.text, prompts[r.group]) or "" for r in rollouts]
+    filled = [b for b in blocks if b]
+    counts = iter(len(ids) for ids in tokenizer(filled, add_special_tokens=False)["input_ids"]) if filled else iter(())
+    tokens = [next(counts) if b else 0 for b in blocks]
+    return {"rollout/think_tokens_mean": sum(tokens) / len(tokens),
+            "rollout/think_consistent": sum(steps_consistent(r.text, prompts[r.group]) for r in rollouts) / len(rollouts)}
+
+
+def async_metrics(step: int, batch: RolloutBatch) -> dict[str, float]:
+    """Asynchronous RL: how stale the batch was (policy versions behind the weights being updated)
+    and how long each side waited for the other."""
+    staleness = [step - 1 - r.policy_version for r in batch.rollouts]
+    return {"async/staleness_mean": sum(staleness) / len(staleness), "async/staleness_max": float(max(staleness)),
+            "time/generation_wait": batch.generation_wait_s, "time/update_wait": batch.update_wait_s}
+
+
+def rollout_rows(result: StepResult, group_size: int) -> list[dict]:
+    """This rank's rollouts of a step as tracker rows; `group` is the global prompt index."""
+    groups = result.batch.groups
+    return [
+        {"step": result.step, "group": groups[r.group].index, "index": i % group_size, "prompt": groups[r.group].text,
+         "completion": r.text, "answer": str(r.example.get("answer", "")), "rewards": r.rewards, "reward": r.reward,
+         "advantage": r.advantage, "finish_reason": r.finish_reason, "num_tokens": r.num_completion_tokens,
+         "policy_version": r.policy_version}
+        for i, r in enumerate(result.batch.rollouts)
+    ]
