@@ -147,7 +147,7 @@ def test_keeps_only_the_last_n(tmp_path):
 
 NAN_DRIVER = """
 import sys
-import grpo.run.step as t
+import grpo.run.sampling as t
 from dataclasses import replace
 real = t.score_rollouts
 calls = {"n": 0}
