@@ -1,6 +1,7 @@
 """The shape the code keeps: no function over 80 lines in the packages, and no import back up the
-layers (docs/architecture.md): `rewards/` and `rollout/` never import `grpo`, and nothing below the
-run imports the trainer or the command line."""
+layers (docs/architecture.md): `rewards/` and `rollout/` never import `grpo` (`rollout/` not
+`rewards` either), nothing below the run imports the trainer or the command line, and the modules of
+`rollout/` import one another without circles."""
 
 from __future__ import annotations
 
@@ -44,6 +45,38 @@ def test_no_function_is_longer_than_80_lines():
 def test_lower_layers_never_import_grpo(package):
     bad = [f"{p.relative_to(ROOT)}: {m}" for p in _files(package) for m in _imports(p) if m.split(".")[0] == "grpo"]
     assert not bad, bad
+
+
+def test_rollout_never_imports_rewards():
+    bad = [f"{p.relative_to(ROOT)}: {m}" for p in _files("rollout") for m in _imports(p) if m.split(".")[0] == "rewards"]
+    assert not bad, bad
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_rollout_modules_import_without_circles():
+    """Counts every import of one `rollout/` module by another, at the top or inside a function."""
+    modules = {_module(p): p for p in _files("rollout")}
+    edges = {name: sorted(m for m in _imports(path) if m in modules and m != name) for name, path in modules.items()}
+    state: dict[str, str] = {}  # "open" while on the path, "done" after
+
+    def circle_from(name: str, path: list[str]) -> list[str] | None:
+        state[name] = "open"
+        for dep in edges[name]:
+            if state.get(dep) == "open":
+                return [*path[path.index(dep):], dep]  # the open modules are `path`
+            if dep not in state and (found := circle_from(dep, [*path, dep])):
+                return found
+        state[name] = "done"
+        return None
+
+    for name in sorted(modules):
+        if name not in state:
+            found = circle_from(name, [name])
+            assert found is None, " -> ".join(found)
 
 
 def test_nothing_below_the_run_imports_the_trainer_or_the_cli():
