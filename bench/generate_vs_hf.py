@@ -47,7 +47,7 @@ def main() -> int:
     from grpo.data.prompts import render_prompt
     from grpo.model.tiny import build_char_tokenizer
     from rollout.base import SamplingParams
-    from rollout.hf import HFEngine
+    from rollout.hf.engine import HFEngine
 
     transformers.logging.set_verbosity_error()
     device = torch.device(args.device)

@@ -5,9 +5,9 @@ CPU (what `make bench` runs):
     python bench/generate_vs_vllm.py --batch 2x8,8x8     # also a bigger batch (one line per size and batch)
 GPU: python bench/generate_vs_vllm.py --device cuda --dtype bfloat16 [--vllm-compile]
 
-The comparison to make before choosing `rollout.engine`: `rollout.hf.HFEngine` against the colocated
-`rollout.vllm.VLLMEngine` (in-process, `enforce_eager=True` unless --vllm-compile), both as
-`grpo train` builds them, on one model. The model is the random-init Qwen3-MoE of
+The comparison to make before choosing `rollout.engine`: `rollout.hf.engine.HFEngine` against the
+colocated `rollout.vllm.engine.VLLMEngine` (in-process, `enforce_eager=True` unless --vllm-compile),
+both as `grpo train` builds them, on one model. The model is the random-init Qwen3-MoE of
 bench/step_vs_trl.py (tiny: hidden 128, 4 layers; small: hidden 512, 8 layers; 4 heads / 2 KV
 heads of head_dim 32, 8 experts top-2 of width 128: shapes vLLM's CPU attention and MoE kernels
 take), with the local character tokenizer, saved to a temporary directory for vLLM and loaded
@@ -66,8 +66,8 @@ def run(size: str, args, vllm_version: str) -> list[dict]:
     from grpo.data.prompts import render_prompt
     from grpo.model.experts import experts_implementation
     from grpo.model.tiny import build_char_tokenizer
-    from rollout.hf import HFEngine
-    from rollout.vllm import VLLMEngine
+    from rollout.hf.engine import HFEngine
+    from rollout.vllm.engine import VLLMEngine
 
     device = torch.device(args.device)
     tokenizer = build_char_tokenizer()
@@ -84,7 +84,7 @@ def run(size: str, args, vllm_version: str) -> list[dict]:
         built.save_pretrained(path)
         tokenizer.save_pretrained(path)
         del built
-        experts = experts_implementation(None, device)  # as grpo.run.train.load_policy picks
+        experts = experts_implementation(None, device)  # as grpo.model.loading.load_policy picks
         kwargs = {"experts_implementation": experts} if experts else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype), **kwargs)
         model = model.to(device).eval()

@@ -70,7 +70,7 @@ from bench.step_vs_trl import build_model
 from grpo.model.tiny import build_char_tokenizer
 from rollout.base import SamplingParams
 dev = os.environ["GPU_CHECK_DEVICE"]
-from rollout.hf import HFEngine
+from rollout.hf.engine import HFEngine
 tok = build_char_tokenizer()
 model = build_model(128, 4, tok, None).to(dev, torch.bfloat16).eval()
 prompts = [tok.encode("User: 12+3=?\nAssistant:"), tok.encode("9+9=")]

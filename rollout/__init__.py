@@ -1,7 +1,18 @@
 """Rollout engines behind one Protocol (`rollout.base.RolloutEngine`); `make_engine` picks one.
 
-`vllm` is imported only inside `rollout.vllm`, and only when the vLLM engine is chosen, so this
-package imports on machines without it.
+The package, in the order data travels:
+
+- `rollout.base`: what goes in and comes out (`SamplingParams`, the `Rollout` record), the engine
+  Protocol and `find_routers`;
+- `make_engine` (here): the engine a recipe's `rollout` section names;
+- `rollout.hf`: the transformers engine (`rollout.hf.engine.HFEngine`): prefill, decode step
+  (generic or the hand-written Qwen3 one), sampling, stops, routing records;
+- `rollout.vllm`: the vLLM engines, colocated (`rollout.vllm.engine.VLLMEngine`) or a client of a
+  vLLM server (`rollout.vllm.server.VLLMServerClient`), with their request, weight-name and
+  process-layout helpers and the code that runs inside vLLM's workers (`rollout.vllm.worker`).
+
+`vllm` is imported only inside `rollout.vllm`'s functions, and only when the vLLM engine is chosen,
+so this package imports on machines without it. Nothing here imports `grpo` or `rewards`.
 """
 
 from __future__ import annotations
@@ -24,7 +35,7 @@ def make_engine(rollout, model: torch.nn.Module, tokenizer, device: torch.device
     return routed experts (the HF engine records them per call, on `SamplingParams.record_routing`).
     """
     if rollout.engine == "hf":
-        from rollout.hf import HFEngine
+        from rollout.hf.engine import HFEngine
 
         return HFEngine(model, tokenizer, device, fast_decode=rollout.hf.fast_decode,
                         dense_experts_max_rows=rollout.hf.dense_experts_max_rows)
@@ -36,7 +47,7 @@ def make_engine(rollout, model: torch.nn.Module, tokenizer, device: torch.device
 
 
 def _vllm_server(v, model: torch.nn.Module, device, record_routing: bool) -> RolloutEngine:
-    from rollout.vllm_server import VLLMServerClient, distributed_role
+    from rollout.vllm.server import VLLMServerClient, distributed_role
 
     if record_routing:
         raise ValueError("rollout.vllm.mode=server cannot return routed experts (moe.routing_replay=R3)")
@@ -50,7 +61,7 @@ def _vllm_server(v, model: torch.nn.Module, device, record_routing: bool) -> Rol
 
 
 def _vllm_colocated(v, model: torch.nn.Module, seed: int, record_routing: bool) -> RolloutEngine:
-    from rollout.vllm import VLLMEngine
+    from rollout.vllm.engine import VLLMEngine
 
     config = getattr(model, "config", None)
     checkpoint = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from grpo.model.tiny import TinyBaseSpec, build_char_tokenizer, tiny_moe_config
 from rollout.base import SamplingParams
-from rollout.hf import HFEngine
+from rollout.hf.engine import HFEngine
 
 PATHS = [pytest.param(True, id="fast"), pytest.param(False, id="generic")]
 

@@ -18,7 +18,7 @@ from grpo.algo.moe import RouterControl, find_routers, load_metrics, replay_from
 from grpo.config import MoEConfig, RunConfig
 from grpo.model.tiny import build_char_tokenizer
 from rollout.base import SamplingParams
-from rollout.hf import HFEngine
+from rollout.hf.engine import HFEngine
 
 
 def tiny_moe(family: str, seed: int = 0, layers: int = 2):

@@ -1,4 +1,4 @@
-"""The colocated vLLM engine for real (`rollout.vllm.VLLMEngine`), on vLLM's CPU build or a GPU.
+"""The colocated vLLM engine for real (`rollout.vllm.engine.VLLMEngine`), on vLLM's CPU build or a GPU.
 
 Tiny Qwen3 / Qwen3-MoE models built from configs (head_dim 32: vLLM's CPU attention takes head sizes
 32, 64, 80, 96, 112, 128 and up; widths multiples of 32), a character tokenizer built locally, saved
@@ -77,7 +77,7 @@ CASES = {"dense-untied": ("dense", False), "dense-tied": ("dense", True), "moe-t
 @pytest.fixture(scope="module", params=list(CASES))
 def setup(request, tmp_path_factory):
     """(engine, model, optimizer, case): a fresh engine over a saved tiny checkpoint."""
-    from rollout.vllm import VLLMEngine
+    from rollout.vllm.engine import VLLMEngine
 
     kind, tied = CASES[request.param]
     model, tok = tiny_qwen3(kind, tied)
@@ -122,7 +122,7 @@ def test_a_half_update_is_an_error_and_a_planted_stale_update_is_caught(setup, m
     if not engine.on_cpu or case == "dense-untied":
         return  # the planted fault below is about vLLM's CPU post-load processing of experts and tied heads
     # Plant vLLM 0.32's own CPU behaviour: no rebuild of the MoE kernel, no repack of a tied head.
-    import rollout.vllm_worker as worker
+    import rollout.vllm.worker as worker
 
     monkeypatch.setattr(worker, "_cpu_moe_layers", lambda model: [])
     monkeypatch.setattr(worker, "_rebuild_cpu_heads", lambda model: 0)
@@ -165,7 +165,7 @@ import json, random, sys, tempfile
 import torch, torch.distributed as dist
 sys.path.insert(0, {str(ROOT)!r})
 from tests.conftest import tiny_qwen3
-from rollout.vllm import VLLMEngine
+from rollout.vllm.engine import VLLMEngine
 model, tok = tiny_qwen3("dense", True)
 path = tempfile.mkdtemp(); model.save_pretrained(path); tok.save_pretrained(path)
 dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
@@ -214,7 +214,7 @@ def test_one_and_two_processes_sample_identical_rollouts(tmp_path):
 def test_routing_replay_r3_on_a_vllm_that_cannot_return_experts_stops_at_start_up(tmp_path):
     from vllm.platforms import current_platform
 
-    from rollout.vllm import VLLMEngine
+    from rollout.vllm.engine import VLLMEngine
 
     if not current_platform.is_cpu():
         pytest.skip("on GPU vLLM can return routed experts")
@@ -241,7 +241,7 @@ def test_other_families_match_transformers_after_three_real_updates(family, tmp_
 
     from grpo.commands.plan import KNOWN_ARCHS, Arch
     from grpo.commands.toy import build_byte_tokenizer, toy_config_kwargs
-    from rollout.vllm import VLLMEngine
+    from rollout.vllm.engine import VLLMEngine
 
     name, extra = FAMILIES[family]
     arch = KNOWN_ARCHS[name] if name else Arch("mixtral", "test", 0, 0, 0, 8, 2, 0, 0, num_experts=8, top_k=2,

@@ -1,7 +1,7 @@
-"""Tests of the pure parts of the vLLM engine (`rollout/vllm.py`), which need no vLLM.
+"""Tests of the pure parts of the vLLM engines (`rollout/vllm/`), which need no vLLM.
 
 The parameter-name mapping on a real tiny Qwen3-MoE, sampling-parameter mapping, TP-group
-splitting, seeds, output conversion, and the fact that importing the module does not import vLLM.
+splitting, seeds, output conversion, and the fact that importing the package does not import vLLM.
 The output-conversion tests feed hand-built stand-ins of vLLM's `RequestOutput` and of the
 server's JSON (their names say `fake`) to pin edge cases (routing padding, aborted requests) that
 the real engine rarely produces. The real engine runs in `tests/test_vllm_colocated.py` (and the
@@ -19,17 +19,14 @@ import pytest
 import torch
 
 from rollout.base import Rollout, SamplingParams
-from rollout.vllm import (
+from rollout.vllm.layout import flatten_gathered, request_seeds, tp_groups
+from rollout.vllm.requests import (
     completion_response_to_rollouts,
-    expert_layout,
     filter_engine_kwargs,
-    flatten_gathered,
-    hf_to_vllm_weights,
     request_output_to_rollouts,
-    request_seeds,
     to_vllm_sampling_kwargs,
-    tp_groups,
 )
+from rollout.vllm.weights import expert_layout, hf_to_vllm_weights
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,9 +86,30 @@ def save_tiny_checkpoint(path: Path, model) -> Path:
 # --- import hygiene -------------------------------------------------------------------------------
 
 
-def test_importing_the_module_does_not_import_vllm():
-    code = "import sys, rollout.vllm, rollout.vllm_worker; assert 'vllm' not in sys.modules, 'vllm imported'"
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+# every module of the `rollout` package, imported one by one; then the vLLM door's lazy names
+IMPORT_ALL_ROLLOUT = """
+import importlib, pkgutil, sys
+import rollout
+names = sorted(m.name for m in pkgutil.walk_packages(rollout.__path__, "rollout."))
+assert {"rollout.hf.engine", "rollout.vllm.engine", "rollout.vllm.server", "rollout.vllm.worker"} <= set(names), names
+for name in names:
+    importlib.import_module(name)
+import rollout.vllm
+assert rollout.vllm.VLLMEngine.__module__ == "rollout.vllm.engine"
+assert rollout.vllm.VLLMServerClient.__module__ == "rollout.vllm.server"
+loaded = sorted(m for m, v in sys.modules.items() if m.split(".")[0] == "vllm" and v is not None)
+assert not loaded, f"vllm imported: {loaded[:5]}"
+"""
+
+
+def test_importing_the_package_does_not_import_vllm():
+    subprocess.run([sys.executable, "-c", IMPORT_ALL_ROLLOUT], cwd=REPO, check=True, timeout=120)
+
+
+def test_the_package_imports_where_vllm_is_missing():
+    # `sys.modules["vllm"] = None` makes every `import vllm` fail, as on a machine without it
+    code = "import sys; sys.modules['vllm'] = None\n" + IMPORT_ALL_ROLLOUT
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
 
 
 # --- parameter names ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The vLLM engine's server mode for real (`rollout.vllm_server.VLLMServerClient`).
+"""The vLLM engine's server mode for real (`rollout.vllm.server.VLLMServerClient`).
 
 A real vLLM OpenAI server (`python -m vllm.entrypoints.openai.api_server`, our worker extension)
 runs as a subprocess on 127.0.0.1 for the whole module, serving a tiny Qwen3-MoE (head_dim 32,
@@ -31,7 +31,7 @@ import torch
 
 from grpo.run.launch import free_port
 from rollout.base import SamplingParams
-from rollout.vllm_server import VLLMServerClient, VLLMServerError, completion_bodies
+from rollout.vllm.server import VLLMServerClient, VLLMServerError, completion_bodies
 from tests.conftest import ROOT, require_vllm, tiny_qwen3
 
 require_vllm()
@@ -109,7 +109,7 @@ def start_server(model_dir: Path, log: Path, extra_env: dict | None = None, extr
         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
         "--kv-cache-memory-bytes", str(32 << 20), "--enforce-eager", "--seed", "0",
         "--logprobs-mode", "processed_logprobs",
-        "--worker-extension-cls", "rollout.vllm_worker.WeightSyncExtension", *extra_args,
+        "--worker-extension-cls", "rollout.vllm.worker.WeightSyncExtension", *extra_args,
     ]  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 def main(model_dir: str, out_path: str) -> None:
     from grpo.collectives import rank_slice
     from rollout.base import SamplingParams
-    from rollout.vllm import VLLMEngine
+    from rollout.vllm.engine import VLLMEngine
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from rollout.hf import cache_keyword, output_cache
+from rollout.hf.steppers import cache_keyword, output_cache
 
 # Below this size of batch logits (float32 bytes) keeping them for backward costs less than
 # recomputing them chunk by chunk (tiny vocabularies, short batches).

