@@ -108,9 +108,6 @@ class HFEngineOptions(Section):
     fast_decode: bool = Field(
         True, description="hand-written decode step for Qwen3/Qwen3-MoE (other models always use their own forward)"
     )
-    dense_experts_max_rows: int = Field(
-        64, ge=0, description="fast decode evaluates all experts densely up to this many rows, sparse above"
-    )
 
 
 class VLLMOptions(Section):

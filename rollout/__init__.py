@@ -37,8 +37,7 @@ def make_engine(rollout, model: torch.nn.Module, tokenizer, device: torch.device
     if rollout.engine == "hf":
         from rollout.hf.engine import HFEngine
 
-        return HFEngine(model, tokenizer, device, fast_decode=rollout.hf.fast_decode,
-                        dense_experts_max_rows=rollout.hf.dense_experts_max_rows)
+        return HFEngine(model, tokenizer, device, fast_decode=rollout.hf.fast_decode)
     if rollout.engine == "vllm":
         if rollout.vllm.mode == "server":
             return _vllm_server(rollout.vllm, model, device, record_routing)
