@@ -12,12 +12,12 @@
 #   2. Training steps, CUDA bf16, HF engine: step time split generate/score/train/sync and tokens/s
 #      (2 prompts x 8 x 32 tokens, then 8 prompts x 8 x 128 tokens).
 #   3. If `import vllm` works (and vLLM's platform is the device's; anything else fails):
-#      3a. the real-engine tests, run on the device: tests/test_vllm_colocated.py (float32 logprobs
+#      3a. the real-engine tests, run on the device: tests/rollout/test_vllm_colocated.py (float32 logprobs
 #          against a teacher-forced transformers forward to 1e-4 after three real optimizer-step
 #          updates, dense tied/untied and MoE tied/untied, temperature 1 and top-k; a half update is
 #          an error; per-prompt seeds; greedy; engine start/close keep the trainer's RNG, threads
 #          and process group; 1 vs 2 processes only with 2+ GPUs, as external_launcher puts rank r
-#          on device r) and tests/test_vllm_server.py (a vLLM server on the device, logprobs after
+#          on device r) and tests/rollout/test_vllm_server.py (a vLLM server on the device, logprobs after
 #          pushed updates, failed pushes; its NCCL test needs 2 GPUs). Float32, no TF32
 #          (VLLM_FLOAT32_MATMUL_PRECISION=highest), so the CPU tolerances hold.
 #      3b. tokens/s, HF engine vs vLLM (bench/generate_vs_vllm.py, bf16, CUDA graphs on a GPU), tiny
@@ -132,11 +132,11 @@ EOF
   say "3a. vLLM engine tests on $GPU_CHECK_DEVICE (float32: logprobs after real updates, seeds, close)"
   deselect=()
   if [ "$GPU_CHECK_DEVICE" = cuda ] && [ "$(timeout 60 "$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" -lt 2 ]; then
-    deselect=(--deselect tests/test_vllm_colocated.py::test_one_and_two_processes_sample_identical_rollouts)
+    deselect=(--deselect tests/rollout/test_vllm_colocated.py::test_one_and_two_processes_sample_identical_rollouts)
     echo "one GPU: the 1 vs 2 processes test is deselected (vLLM's external_launcher puts rank r on device r)"
   fi
   GRPO_ZERO_REQUIRE_VLLM=1 VLLM_FLOAT32_MATMUL_PRECISION=highest timeout 900 \
-    "$PYTHON" -m pytest tests/test_vllm_colocated.py tests/test_vllm_server.py -q -p no:cacheprovider \
+    "$PYTHON" -m pytest tests/rollout/test_vllm_colocated.py tests/rollout/test_vllm_server.py -q -p no:cacheprovider \
     ${deselect[@]+"${deselect[@]}"}
 
   say "3b. tokens/s: HF engine vs vLLM, bf16 (bench/generate_vs_vllm.py)"

@@ -15,7 +15,7 @@ compares the two log-prob tensors and prints one JSON line:
 
 Both variants run under torch.no_grad (the plain one with grad would need well over 15 GB here);
 grpo/algo/logprobs.py applies activation checkpointing per chunk, so backward memory is bounded by the
-same chunk (tests/test_logprobs.py checks that autograd saves no full-size logits; `--backward`
+same chunk (tests/grpo/algo/test_logprobs.py checks that autograd saves no full-size logits; `--backward`
 also measures the chunked forward + backward, "chunked_fwd_bwd_peak_mb"). Exit status 1 if a
 bound is not met.
 """

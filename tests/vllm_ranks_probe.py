@@ -1,4 +1,4 @@
-"""Run by tests/test_vllm_colocated.py under torchrun (or alone): each rank samples its share of the
+"""Run by tests/rollout/test_vllm_colocated.py under torchrun (or alone): each rank samples its share of the
 prompts with the colocated vLLM engine; rank 0 writes every rank's rollouts to a JSON file."""
 
 from __future__ import annotations

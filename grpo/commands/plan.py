@@ -23,7 +23,7 @@ Not modelled: communication beyond what the utilisation absorbs, reward time, we
 evaluation, stragglers. N_active counts matmul parameters a token passes through (the output head
 included, the embedding lookup not); for a Mixture of Experts, the routed top-k and shared experts.
 
-Checked against published figures in tests/test_plan.py (DeepSeek-V3 pre-training utilisation,
+Checked against published figures in tests/grpo/commands/test_plan.py (DeepSeek-V3 pre-training utilisation,
 the Oat-Zero-7B RL run).
 """
 

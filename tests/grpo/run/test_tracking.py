@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from grpo.run.tracking import JsonlSink, make_tracker, rollout_table, wandb_mode
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = ROOT
 
 
 def _rows(step: int) -> list[dict]:

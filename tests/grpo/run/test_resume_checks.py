@@ -15,7 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
+ROOT = ROOT
 SHORT = ["trainer.threads=1", "trainer.prompts_per_step=2", "rollout.group_size=4", "eval.before_and_after=false",
          "logging.progress=false", "rewards.workers=0"]
 

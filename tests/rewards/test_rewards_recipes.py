@@ -1,13 +1,13 @@
 """Every reward named in a recipe under recipes/ resolves (names fail before a model loads)."""
 
-from pathlib import Path
 
 import pytest
 import yaml
 
 from rewards import resolve
+from tests.conftest import ROOT
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 
 def _reward_names(cfg) -> list[str]:

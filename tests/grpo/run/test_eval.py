@@ -7,13 +7,13 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from grpo.run.evaluate import final_answer, format_table, majority_correct, pass_at_k, pass_ks
+from tests.conftest import ROOT
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = ROOT
 
 
 def test_pass_at_k_hand_computed():

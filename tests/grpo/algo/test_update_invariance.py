@@ -20,7 +20,7 @@ from grpo.algo.logprobs import token_logprobs_plain
 from grpo.algo.update import collate, policy_update
 from grpo.config import RunConfig
 from rollout.base import Rollout
-from tests.test_logprobs import VOCAB, tiny_moe
+from tests.grpo.algo.test_logprobs import VOCAB, tiny_moe
 
 CPU = torch.device("cpu")
 G = 4  # group size: 8 sequences are 2 groups of 4

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
+ROOT = ROOT
 ARGS = ["train", "recipes/tiny-cpu.yaml", "trainer.threads=1", "trainer.prompts_per_step=4", "rollout.group_size=4",
         "eval.before_and_after=false", "logging.progress=false", "trainer.steps=12", "trainer.keep_checkpoints=10"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}

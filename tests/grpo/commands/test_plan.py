@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -20,8 +19,9 @@ from grpo.commands.plan import (
     pretraining_flops,
     resolve_arch,
 )
+from tests.conftest import ROOT
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = ROOT
 REAL_RECIPES = {  # recipe -> (nodes, gpus per node, gpu) it is written for
     "qwen2.5-math-1.5b-zero": (1, 8, "a100"),
     "qwen2.5-math-7b-zero": (1, 8, "a100"),

@@ -5,7 +5,7 @@
 engine, which must score what vLLM scored after the last push. A broken engine path fails here: a
 start-up error, a weight sync that raises or leaves stale weights, or an evaluation that silently
 falls back to the transformers engine (the engine's log line is checked). `grpo eval` on the vLLM
-engine runs for every recipe in tests/test_recipes_toy.py.
+engine runs for every recipe in tests/grpo/commands/test_recipes_toy.py.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from tests.conftest import ROOT, run_cli
 # weight after 2 steps; with matching micro-batches the weights came out bit-identical here.
 # shared_prompt_forward=false: a DDP/FSDP-wrapped model always runs one forward per row, and the
 # shared-prompt forward of one process sums a prompt's gradients in another order (equal to float
-# rounding, tests/test_shared_prompts.py), so the 1-process reference runs the same layout.
+# rounding, tests/grpo/algo/test_shared_prompts.py), so the 1-process reference runs the same layout.
 SHORT = ["trainer.threads=1", "trainer.prompts_per_step=4", "rollout.group_size=4", "eval.before_and_after=false",
          "logging.progress=false", "rewards.workers=0", "trainer.save_every=1", "trainer.keep_checkpoints=100",
          "trainer.micro_batch_size=8", "trainer.shared_prompt_forward=false"]

@@ -10,11 +10,11 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 
 from rewards import RewardSpec, Scorer
+from tests.conftest import ROOT
 
-DATA = Path(__file__).parent / "data" / "adversarial_rewards.jsonl"
+DATA = ROOT / "tests" / "data" / "adversarial_rewards.jsonl"
 TIMEOUT_S = 2.0
 REWARDS = ["math_answer", "format", "format_partial", "countdown"]
 

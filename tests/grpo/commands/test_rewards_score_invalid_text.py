@@ -8,9 +8,10 @@ valid UTF-8 JSON.
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
+ROOT = ROOT
 
 
 def _line(obj) -> bytes:

@@ -102,7 +102,7 @@ def test_a_full_disk_while_checkpointing_is_named_and_leaves_no_partial_checkpoi
 
     from grpo.errors import describe
     from grpo.run import checkpoint
-    from tests.test_checkpoint import _tiny_model_and_friends
+    from tests.grpo.run.test_checkpoint import _tiny_model_and_friends
 
     model, tok, opt, sched = _tiny_model_and_friends()
     real_save = torch.save

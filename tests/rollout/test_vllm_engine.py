@@ -4,8 +4,8 @@ The parameter-name mapping on a real tiny Qwen3-MoE, sampling-parameter mapping,
 splitting, seeds, output conversion, and the fact that importing the package does not import vLLM.
 The output-conversion tests feed hand-built stand-ins of vLLM's `RequestOutput` and of the
 server's JSON (their names say `fake`) to pin edge cases (routing padding, aborted requests) that
-the real engine rarely produces. The real engine runs in `tests/test_vllm_colocated.py` (and the
-server in `tests/test_vllm_server.py`).
+the real engine rarely produces. The real engine runs in `tests/rollout/test_vllm_colocated.py` (and the
+server in `tests/rollout/test_vllm_server.py`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from rollout.vllm.requests import (
     to_vllm_sampling_kwargs,
 )
 from rollout.vllm.weights import expert_layout, hf_to_vllm_weights
+from tests.conftest import ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT
 
 # --- a tiny Qwen3-MoE with a character tokenizer, built locally ---------------------------------
 

@@ -16,7 +16,7 @@ from grpo.algo.moe import RouterControl
 from grpo.algo.update import collate, policy_update
 from grpo.config import RunConfig
 from rollout.base import Rollout
-from tests.test_moe import ExpertsSpy, sample_with_bf16_sampler, tiny_moe
+from tests.grpo.algo.test_moe import ExpertsSpy, sample_with_bf16_sampler, tiny_moe
 
 FAMILIES = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral"]
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from grpo.model.experts import NAME, experts_implementation, register, sorted_experts_forward
-from tests.test_moe import tiny_moe
+from tests.grpo.algo.test_moe import tiny_moe
 
 FAMILIES = ["qwen3_moe", "qwen2_moe", "olmoe", "mixtral"]
 

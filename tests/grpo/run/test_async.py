@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+
+ROOT = ROOT
 SHORT = ["trainer.threads=2", "trainer.prompts_per_step=4", "rollout.group_size=4", "eval.before_and_after=false",
          "logging.progress=false", "rewards.workers=0"]
 
