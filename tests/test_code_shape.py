@@ -252,6 +252,30 @@ def test_a_planted_upward_import_is_caught(monkeypatch):
     assert upward_imports() == ["grpo.config -> grpo.run.train"]
 
 
+def _recipe_readers(tree: ast.AST):
+    """(function, parameter, sections read, used whole) for every parameter annotated `RunConfig`."""
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for arg in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs:
+            if arg.annotation is None or "RunConfig" not in ast.unparse(arg.annotation):
+                continue
+            names = [n for n in ast.walk(fn) if isinstance(n, ast.Name) and n.id == arg.arg]
+            reads = {n for n in ast.walk(fn) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                     and n.value.id == arg.arg}
+            sections = {a.attr for a in reads} - {"model_dump", "model_copy"}
+            whole = len(names) > len(reads) or any(a.attr in ("model_dump", "model_copy") for a in reads)
+            yield fn, arg.arg, sections, whole
+
+
+def test_functions_take_the_sections_they_read():
+    """A function that reads one section of the recipe takes that section, not the whole `RunConfig`."""
+    narrow = [f"{path.relative_to(ROOT)}:{fn.lineno} {fn.name}({name}) reads only {name}.{next(iter(sections))}"
+              for path in _files("grpo") for fn, name, sections, whole in _recipe_readers(ast.parse(path.read_text()))
+              if len(sections) == 1 and not whole]
+    assert not narrow, "pass the section instead:\n" + "\n".join(narrow)
+
+
 def test_no_function_is_longer_than_80_lines():
     long = []
     for path in _files(*PACKAGES):
