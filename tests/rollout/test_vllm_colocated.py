@@ -196,7 +196,8 @@ def test_one_and_two_processes_sample_identical_rollouts(tmp_path):
     model.save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    probe = str(ROOT / "tests" / "vllm_ranks_probe.py")
+    # run as a script, its folder is its sys.path[0]: tests/rollout/ holds no folder named like a package
+    probe = str(ROOT / "tests" / "rollout" / "vllm_ranks_probe.py")
     runs = {"one": [sys.executable, probe], "two": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                                    "--master_port", str(free_port()), probe]}
     out = {}
