@@ -88,7 +88,7 @@ def test_errors_from_a_plugin_reach_metrics_jsonl(tmp_path):
 def test_score_add_parser_wires_into_a_cli(tmp_path, capsys):
     import argparse
 
-    from grpo import score
+    from grpo.commands import score
 
     src = tmp_path / "c.jsonl"
     src.write_text(json.dumps({"completion": "<think>x</think><answer>7</answer>", "answer": "7"}) + "\n")
