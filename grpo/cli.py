@@ -203,6 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from grpo.data.sources import DataError, load_eval_sets, load_rows
     from grpo.model.loading import load_policy
     from grpo.run.evaluate import evaluate_sets, format_table, make_eval_scorer, write_report
+    from grpo.run.sampling import engine_lengths
     from rewards import UnknownRewardError
     from rollout import make_engine
 
@@ -223,7 +224,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not sets:
         scorer.close()
         return _fail(f"{args.recipe}: nothing to evaluate (eval.num_prompts is 0 and eval.datasets is empty)")
-    engine = make_engine(cfg.rollout, model, tokenizer, device, seed=cfg.trainer.seed)  # the recipe's engine
+    engine = make_engine(cfg.rollout, model, tokenizer, device, seed=cfg.trainer.seed,  # the recipe's engine
+                         **engine_lengths(cfg, tokenizer, *sets.values()))
     try:
         report = evaluate_sets(engine, tokenizer, cfg, sets, scorer, k=args.k, seed=cfg.trainer.seed)
     finally:

@@ -117,7 +117,8 @@ class VLLMOptions(Section):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per colocated vLLM engine (divides the world size)")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="GPU share vLLM may take (weights + KV cache)")
     kv_cache_memory_mb: int | None = Field(
-        None, ge=1, description="vLLM's KV cache in MiB (None: from gpu_memory_utilization on GPU, 256 on CPU)"
+        None, ge=1, description="vLLM's KV cache in MiB (None: from gpu_memory_utilization on GPU; on CPU room for "
+        "one group of max_model_len tokens, at least 256)"
     )
     enable_sleep_mode: bool = Field(
         True, description="free vLLM's GPU memory during the training phase (off, with one log line, where the "
@@ -125,10 +126,17 @@ class VLLMOptions(Section):
     )
     sleep_level: Literal[1, 2] = Field(1, description="1: offload weights, drop KV cache; 2: drop both")
     dtype: str = Field("auto", description="vLLM model dtype (auto: the policy's dtype)")
-    max_model_len: int | None = Field(None, ge=1, description="context length vLLM reserves (None: the model's)")
+    max_model_len: int | None = Field(
+        None, ge=1, description="context length vLLM reserves (None: the longest prompt of the run plus the longest "
+        "completion, rounded up to 128, at most the model's)"
+    )
     enable_prefix_caching: bool = Field(True, description="share KV cache across the G completions of a prompt")
     enforce_eager: bool = Field(False, description="disable CUDA graphs (faster start, slower decode)")
     max_num_seqs: int | None = Field(None, ge=1, description="vLLM's concurrent sequence cap (None: vLLM's default)")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="vLLM's token budget per engine step (None: vLLM's default; on CPU at least "
+        "max_model_len, since a prompt is never split there)"
+    )
     server_url: str = Field("http://127.0.0.1:8000", description="server mode: base URL of `vllm serve`")
     server_group_port: int = Field(51216, ge=1, le=65535, description="server mode: NCCL rendezvous port for weight pushes")
     server_timeout_s: float = Field(600.0, gt=0, description="server mode: HTTP timeout")

@@ -7,7 +7,7 @@ and keeps its traceback.
 
 Each floor declares its own user errors as subclasses of `UserError` (`ConfigError`, `DataError`,
 `ModelError`, `ResumeError`, `UnsupportedError`); the rewards package's own (`RewardError`,
-`UnknownRewardError`) are recognised here by type.
+`UnknownRewardError`) and the vLLM engine's sizing error (`EngineSizeError`) are recognised here by type.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 def describe(exc: BaseException) -> str | None:
     """The one line to print for a user error; None for anything else (a bug: show its traceback)."""
     from rewards import RewardError, UnknownRewardError
+    from rollout.vllm.sizing import EngineSizeError
 
-    if isinstance(exc, (UserError, RewardError, UnknownRewardError)):
+    if isinstance(exc, (UserError, RewardError, UnknownRewardError, EngineSizeError)):
         return str(exc)
     if isinstance(exc, OSError) and exc.errno in NO_SPACE:
         where = f" ({exc.filename})" if exc.filename else ""

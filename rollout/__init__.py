@@ -17,15 +17,20 @@ so this package imports on machines without it. Nothing here imports `grpo` or `
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from rollout.base import Rollout, RolloutEngine, SamplingParams
 
 __all__ = ["Rollout", "RolloutEngine", "SamplingParams", "make_engine"]
 
+logger = logging.getLogger(__name__)
+
 
 def make_engine(rollout, model: torch.nn.Module, tokenizer, device: torch.device | str | None = None,
-                *, seed: int, record_routing: bool = False) -> RolloutEngine:
+                *, seed: int, record_routing: bool = False, longest_prompt: int | None = None,
+                max_new_tokens: int | None = None) -> RolloutEngine:
     """The engine `rollout.engine` names, built from `rollout.hf` / `rollout.vllm`.
 
     rollout: a recipe's `rollout` section (`grpo.config.RolloutConfig`). seed: the engine's base
@@ -33,6 +38,10 @@ def make_engine(rollout, model: torch.nn.Module, tokenizer, device: torch.device
     engine decodes with it directly; vLLM starts from its checkpoint, `model.name_or_path`, then
     receives weights through `update_weights`). record_routing: build the vLLM engine so it can
     return routed experts (the HF engine records them per call, on `SamplingParams.record_routing`).
+    longest_prompt: tokens of the longest prompt the engine will be given (template applied), and
+    max_new_tokens the longest completion (None: `rollout.max_new_tokens`): the colocated vLLM
+    engine's context and CPU KV cache follow from them where the recipe leaves those unset
+    (`rollout.vllm.sizing`); with longest_prompt None, vLLM's default context (the model's) stays.
     """
     if rollout.engine == "hf":
         from rollout.hf.engine import HFEngine
@@ -41,7 +50,8 @@ def make_engine(rollout, model: torch.nn.Module, tokenizer, device: torch.device
     if rollout.engine == "vllm":
         if rollout.vllm.mode == "server":
             return _vllm_server(rollout.vllm, model, device, record_routing)
-        return _vllm_colocated(rollout.vllm, model, seed, record_routing)
+        lengths = (longest_prompt, max_new_tokens or rollout.max_new_tokens, rollout.group_size)
+        return _vllm_colocated(rollout.vllm, model, seed, record_routing, lengths)
     raise ValueError(f"unknown rollout engine {rollout.engine!r}; known: hf, vllm")
 
 
@@ -59,8 +69,11 @@ def _vllm_server(v, model: torch.nn.Module, device, record_routing: bool) -> Rol
                             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", None)), device=device)
 
 
-def _vllm_colocated(v, model: torch.nn.Module, seed: int, record_routing: bool) -> RolloutEngine:
+def _vllm_colocated(v, model: torch.nn.Module, seed: int, record_routing: bool,
+                    lengths: tuple[int | None, int, int]) -> RolloutEngine:
+    """lengths: (longest prompt or None, longest completion, group size), for `engine_sizes`."""
     from rollout.vllm.engine import VLLMEngine
+    from rollout.vllm.sizing import engine_sizes, vllm_on_cpu
 
     config = getattr(model, "config", None)
     checkpoint = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None)
@@ -69,11 +82,18 @@ def _vllm_colocated(v, model: torch.nn.Module, seed: int, record_routing: bool) 
     dtype = v.dtype
     if dtype == "auto":  # the policy's dtype, so sampler and trainer compute alike (vLLM's CPU "auto" is bf16)
         dtype = str(getattr(model, "dtype", "auto")).removeprefix("torch.")
-    kv_bytes = None if v.kv_cache_memory_mb is None else v.kv_cache_memory_mb << 20
+    longest_prompt, max_new_tokens, group_size = lengths
+    # checked before vLLM loads anything: a context the model lacks, a KV cache this machine lacks
+    sizes = engine_sizes(config, max_model_len=v.max_model_len, kv_cache_mb=v.kv_cache_memory_mb,
+                         longest_prompt=longest_prompt, max_new_tokens=max_new_tokens, group_size=group_size,
+                         dtype=dtype, on_cpu=vllm_on_cpu(), max_num_batched_tokens=v.max_num_batched_tokens)
+    if sizes.derived:
+        logger.warning(sizes.describe(longest_prompt, max_new_tokens))
     return VLLMEngine(checkpoint, tensor_parallel_size=v.tensor_parallel_size,
-                      gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_memory_bytes=kv_bytes,
+                      gpu_memory_utilization=v.gpu_memory_utilization, kv_cache_memory_bytes=sizes.kv_cache_bytes,
                       enable_sleep_mode=v.enable_sleep_mode, sleep_level=v.sleep_level, seed=seed, dtype=dtype,
-                      max_model_len=v.max_model_len, enable_prefix_caching=v.enable_prefix_caching,
-                      enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs, record_routing=record_routing,
+                      max_model_len=sizes.max_model_len, enable_prefix_caching=v.enable_prefix_caching,
+                      enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs,
+                      max_num_batched_tokens=v.max_num_batched_tokens, record_routing=record_routing,
                       model_type=getattr(config, "model_type", None),
                       tie_word_embeddings=getattr(config, "tie_word_embeddings", None))

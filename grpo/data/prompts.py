@@ -93,6 +93,30 @@ def render_prompts(cfg: DataConfig, rows: list[dict], tokenizer=None) -> list[st
     return [render_prompt(cfg.template, row, tokenizer, cfg.chat_instruction) for row in rows]
 
 
+def longest_prompt_tokens(cfg: DataConfig, rows: list[dict], tokenizer, batch: int = 512) -> int:
+    """Tokens of the longest rendered prompt among `rows`, encoded as the sampler encodes prompts
+    (no special tokens added); 0 for no rows. What a rollout engine's context must hold besides the
+    completion.
+
+    Prompts are encoded longest (in UTF-8 bytes) first, and encoding stops once no prompt left can
+    be longer in tokens than the longest found: a token spans at least one byte (byte-level BPE,
+    a character vocabulary, SentencePiece's byte fallback), plus one word-start marker that
+    SentencePiece may add, so a text of b bytes has at most b + 1 tokens.
+    """
+    texts = sorted(render_prompts(cfg, rows, tokenizer), key=_utf8_length, reverse=True)
+    longest = 0
+    for start in range(0, len(texts), batch):
+        if _utf8_length(texts[start]) + 1 <= longest:  # sorted: no later text can be longer
+            break
+        ids = tokenizer(texts[start : start + batch], add_special_tokens=False)["input_ids"]
+        longest = max(longest, *map(len, ids))
+    return longest
+
+
+def _utf8_length(text: str) -> int:
+    return len(text.encode("utf-8"))
+
+
 def prompt_prefills_think(prompt: str) -> bool:
     """True when the prompt already opens the thinking block (some chat templates and `countdown`):
     the completion then starts inside `<think>` and must not open it again."""

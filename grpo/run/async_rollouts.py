@@ -115,7 +115,7 @@ def _generation_side(spec: _Spec):
     from grpo.data.prompts import PromptSampler
     from grpo.data.sources import load_rows
     from grpo.model.loading import load_policy
-    from grpo.run.sampling import SamplingContext, make_scorer, sampling_params
+    from grpo.run.sampling import SamplingContext, engine_lengths, make_scorer, sampling_params
     from rollout import make_engine
     from rollout.base import find_routers
 
@@ -126,8 +126,9 @@ def _generation_side(spec: _Spec):
     else:  # vLLM server: the server holds the weights; the client needs the config and tokenizer only
         model, tokenizer = _config_only(cfg.model, spec.model_path)
     record = bool(find_routers(model)) and cfg.moe.routing_replay == "R3" if cfg.rollout.engine == "hf" else False
-    engine = make_engine(cfg.rollout, model, tokenizer, device, seed=cfg.trainer.seed, record_routing=record)
     rows = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)[0]
+    engine = make_engine(cfg.rollout, model, tokenizer, device, seed=cfg.trainer.seed, record_routing=record,
+                         **engine_lengths(cfg, tokenizer, rows))  # it samples training prompts only
     prompts = PromptSampler(rows, seed=cfg.data.seed, epoch=spec.sampler_epoch, position=spec.sampler_position)
     ctx = SamplingContext(cfg, engine, make_scorer(cfg), tokenizer, prompts,
                           sampling=sampling_params(cfg.rollout, record_routing=record))

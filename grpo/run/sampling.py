@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from grpo.algo.dynamic_sampling import sample_batch
 from grpo.collectives import group_seed
 from grpo.config import RolloutConfig, RunConfig
-from grpo.data.prompts import PromptSampler, render_prompts
+from grpo.data.prompts import PromptSampler, longest_prompt_tokens, render_prompts
 from rewards import RewardSpec, Scorer
 from rollout.base import Rollout, RolloutEngine, SamplingParams
 
@@ -75,6 +75,19 @@ def sampling_params(rollout: RolloutConfig, prompt_seeds: list[int] = (), record
     return SamplingParams(max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature, top_p=rollout.top_p,
                           top_k=rollout.top_k, stop=tuple(rollout.stop), prompt_seeds=tuple(prompt_seeds),
                           record_routing=record_routing)
+
+
+def engine_lengths(cfg: RunConfig, tokenizer, *row_sets: list[dict]) -> dict[str, int]:
+    """`make_engine`'s longest_prompt and max_new_tokens for an engine that will be given prompts of
+    `row_sets` (training, evaluation) and asked for rollout or evaluation completions. Measured
+    (every prompt rendered and encoded) only for the colocated vLLM engine with
+    `rollout.vllm.max_model_len` unset, which sizes its context and KV cache from them; {} otherwise."""
+    r = cfg.rollout
+    if r.engine != "vllm" or r.vllm.mode != "colocate" or r.vllm.max_model_len is not None:
+        return {}
+    rows = [row for rows in row_sets for row in rows]
+    return {"longest_prompt": longest_prompt_tokens(cfg.data, rows, tokenizer),
+            "max_new_tokens": max(r.max_new_tokens, cfg.eval.max_new_tokens or r.max_new_tokens)}
 
 
 def prompt_groups(ctx: SamplingContext, rows: list[dict], step: int, sampling_round: int) -> list[PromptGroup]:

@@ -49,7 +49,7 @@ from grpo.run import checkpoint
 from grpo.run.async_rollouts import IN_FLIGHT_FILE, AsyncRollouts, InFlight, effective_staleness, load_in_flight
 from grpo.run.evaluate import evaluate_greedy, evaluate_step, make_eval_scorer
 from grpo.run.processes import UnsupportedError, check_supported, fsdp_on_cpu, fully_shard_cpu, make_accelerator
-from grpo.run.sampling import SamplingContext, make_scorer, sampling_params
+from grpo.run.sampling import SamplingContext, engine_lengths, make_scorer, sampling_params
 from grpo.run.step import LearningContext, StepContext, StepResult, rollout_rows, sync_engine
 from grpo.run.tracking import make_tracker
 from rewards import Scorer
@@ -112,8 +112,9 @@ class StopSignals:
 # --- set-up helpers (each one call deep from the loop) -----------------------------------------
 
 
-def prepare_training(cfg: RunConfig, accelerator, model, tokenizer):
+def prepare_training(cfg: RunConfig, accelerator, model, tokenizer, lengths: dict[str, int] | None = None):
     """(trainer model, unwrapped model, optimizer, scheduler, engine) for this process layout.
+    lengths: `make_engine`'s longest_prompt / max_new_tokens (`grpo.run.sampling.engine_lengths`).
 
     DDP (and one process): the engine decodes with the policy module itself. FSDP2: ranks decode
     different lengths, which sharded forwards cannot do, so the engine keeps a full copy that
@@ -129,7 +130,7 @@ def prepare_training(cfg: RunConfig, accelerator, model, tokenizer):
         model, optimizer = accelerator.prepare(model, optimizer)
     rollout = cfg.rollout.model_copy(update={"engine": "hf"}) if cfg.trainer.max_staleness else cfg.rollout
     engine = make_engine(rollout, engine_model, tokenizer, accelerator.device, seed=cfg.trainer.seed,
-                         record_routing=cfg.moe.routing_replay == "R3")
+                         record_routing=cfg.moe.routing_replay == "R3", **(lengths or {}))
     return model, accelerator.unwrap_model(model), optimizer, make_schedule(optimizer, cfg.trainer), engine
 
 
@@ -202,11 +203,13 @@ def set_up(cfg: RunConfig, output_dir: str | Path, resume: str | None, allow_cha
                                    progress=cfg.logging.progress)
     ref_model = reference_model(cfg, model, accelerator.device, resumed=bool(ckpt))  # before router hooks
     moe = RouterControl(model, cfg.moe)
-    model, unwrapped, optimizer, schedule, engine = prepare_training(cfg, accelerator, model, tokenizer)
+    train_rows, eval_rows = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)
+    eval_sets = load_eval_sets(cfg, eval_rows)  # the engine's context holds the longest prompt of all
+    lengths = engine_lengths(cfg, tokenizer, train_rows, *eval_sets.values()) if not cfg.trainer.max_staleness else {}
+    model, unwrapped, optimizer, schedule, engine = prepare_training(cfg, accelerator, model, tokenizer, lengths)
     if ckpt:
         checkpoint.restore(ckpt, model=model, optimizer=optimizer, scheduler=schedule, rank=rank)
     sync_engine(engine, model, unwrapped)  # an engine with its own weights starts from exactly the policy
-    train_rows, eval_rows = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)
     prompts = PromptSampler(train_rows, seed=cfg.data.seed, epoch=state.sampler_epoch, position=state.sampler_position)
     record_routing = moe.is_moe and cfg.moe.routing_replay == "R3"
     sampling = SamplingContext(cfg, engine, scorer, tokenizer, prompts,
@@ -216,8 +219,7 @@ def set_up(cfg: RunConfig, output_dir: str | Path, resume: str | None, allow_cha
                                ref_model=ref_model)
     ctx = StepContext(sampling, learning)
     tracker = _open_tracker(cfg, output_dir, state, ckpt) if accelerator.is_main_process else _NoTracker()
-    return Run(cfg, output_dir, accelerator, ctx, state, ckpt, tracker, eval_scorer, eval_rows,
-               load_eval_sets(cfg, eval_rows), in_flight)
+    return Run(cfg, output_dir, accelerator, ctx, state, ckpt, tracker, eval_scorer, eval_rows, eval_sets, in_flight)
 
 
 def _saved_in_flight(ckpt: Path, staleness: int) -> list[InFlight]:

@@ -12,6 +12,8 @@ The package, in the order a request travels, then the order a weight update trav
   outputs (a `RequestOutput`, or the completions API's JSON) -> `Rollout`s;
 - `rollout.vllm.layout`: tensor-parallel groups of ranks, gathering a group's prompts, per-request
   seeds, the external launcher's environment and the trainer's process state kept around vLLM;
+- `rollout.vllm.sizing`: the colocated engine's context and CPU KV cache, derived from the recipe's
+  lengths where it leaves them unset;
 - `rollout.vllm.engine`: `VLLMEngine`, one `vllm.LLM` per training process (colocated);
 - `rollout.vllm.server`: `VLLMServerClient`, a client of a vLLM OpenAI server that pushes weights;
 - `rollout.vllm.weights`: transformers parameter names -> vLLM's (fused experts split per expert);
@@ -20,7 +22,8 @@ The package, in the order a request travels, then the order a weight update trav
 
 `import vllm` happens only inside functions and methods of `engine`, `server` and `worker`, and
 this door imports none of its modules until a name is asked for, so `import rollout.vllm` works on
-a machine without vLLM. `weights`, `requests` and `layout` import only torch and `rollout.base`;
+a machine without vLLM (`sizing.vllm_on_cpu` imports it, inside the function). `weights`, `requests`,
+`layout` and `sizing` import only torch and `rollout.base` (or nothing);
 `engine` and `server` import them and `worker`; nothing here imports `grpo` or `rewards`.
 """
 

@@ -9,6 +9,8 @@
 - Seeds. Each prompt's seed (`SamplingParams.prompt_seeds`, from the trainer's step and global
   prompt index) becomes its request's seed, and vLLM gives the j-th of its n completions `seed + j`,
   so a prompt samples the same completions whatever batch, rank or process count it lands in.
+  On CPU no prompt is split across engine steps (`_cpu_scheduler_args`): vLLM cannot rewind a
+  seeded CPU generator after a split prefill.
 - Weights. `update_weights` renames transformers parameters (`hf_to_vllm_weights`) and runs
   `rollout.vllm.worker.reload_in_place` on every worker (`LLM.collective_rpc`): vLLM's layer-wise
   in-place reload, plus the post-load processing vLLM 0.32 skips on CPU (MoE prepacking, tied
@@ -78,6 +80,26 @@ def _mla_with_default_rope(model: str) -> bool:
     return rope.get("rope_type", rope.get("type", "default")) == "default"
 
 
+def _cpu_scheduler_args() -> dict[str, Any]:
+    """vLLM scheduler arguments on CPU: chunked prefill off, so no seeded request's prompt is split.
+
+    Every request the trainer sends is seeded (`prompt_seeds`), and a seeded request samples from its
+    own torch.Generator. When vLLM's V1 model runner computes only part of a request's prompt in a
+    step (a prefill split across steps: `discard_request_mask`), it throws that step's sampled token
+    away and rewinds the request's generator (`gen.set_offset(gen.get_offset() - 4)` in
+    `gpu_model_runner.py`), which a CPU generator refuses ("CPU Generator does not use offset"). With
+    chunked prefill on, any step whose prompts exceed `max_num_batched_tokens` (4096 on CPU) splits
+    one. With it off, the scheduler admits a waiting request only when its whole remaining prompt
+    fits the step's budget, and vLLM makes that budget at least `max_model_len` (it refuses a smaller
+    one), so every sequence fits; a running request only decodes (1 token) and a preempted one is
+    admitted again whole. A computed count below the request's length, the discard condition, then
+    never occurs (`tests/rollout/test_vllm_colocated.py` counts the discards of a large seeded batch:
+    none). vLLM does the same itself for MLA models on CPU. CUDA generators keep offsets: GPUs keep
+    chunked prefill.
+    """
+    return {"enable_chunked_prefill": False}
+
+
 class VLLMEngine:
     """vLLM colocated with the trainer: one `vllm.LLM` per process (see the module docstring).
 
@@ -87,7 +109,8 @@ class VLLMEngine:
         gpu_memory_utilization: fraction of each GPU vLLM may take (weights + KV cache); leave room
             for the policy, gradients and optimizer state. (On CPU vLLM reads it as a share of RAM;
             `kv_cache_memory_bytes` is the better knob there.)
-        kv_cache_memory_bytes: KV-cache size; None: from `gpu_memory_utilization` on GPU, 256 MiB on CPU.
+        kv_cache_memory_bytes: KV-cache size; None: from `gpu_memory_utilization` on GPU, 256 MiB on CPU
+            (`make_engine` passes one sized from the recipe, `rollout.vllm.sizing`).
         enable_sleep_mode: allow `sleep`/`wake` (vLLM's CuMem allocator). Where the platform has no
             sleep mode (CPU) it is turned off with one log line and `sleep`/`wake` do nothing.
         sleep_level: what `sleep()` does by default: 1 offloads weights to CPU and drops the KV
@@ -95,7 +118,9 @@ class VLLMEngine:
             parameter before the next `generate`).
         seed: base seed of unseeded requests; TP group g uses `seed + g` (the same within a group).
         dtype, max_model_len, enable_prefix_caching, enforce_eager, max_num_seqs,
-        max_num_batched_tokens: passed to `vllm.LLM`.
+        max_num_batched_tokens: passed to `vllm.LLM`. On CPU chunked prefill is off (seeded requests
+            cannot survive a split prefill there, see `_cpu_scheduler_args`), so
+            `max_num_batched_tokens` must be at least `max_model_len` (vLLM's default is).
         record_routing: build the engine with `enable_return_routed_experts` so MoE routing can be
             returned (`SamplingParams.record_routing`); an error at start-up where vLLM cannot.
         model_type, tie_word_embeddings: for the parameter-name mapping; read from the checkpoint's
@@ -152,6 +177,8 @@ class VLLMEngine:
             # vLLM's RAM share default on CPU (0.92) would not fit beside a trainer
             "kv_cache_memory_bytes": 256 << 20 if kv_cache_memory_bytes is None and self.on_cpu else kv_cache_memory_bytes,
         }
+        if self.on_cpu:
+            wanted.update(_cpu_scheduler_args())
         wanted = {k: v for k, v in wanted.items() if v is not None}
         if self.on_cpu and _mla_with_default_rope(model):
             # vLLM 0.32's CPU rotary kernel reads only 2-D [tokens, heads * dim] input, and the MLA wrapper

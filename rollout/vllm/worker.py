@@ -15,7 +15,11 @@ closed here, both of which otherwise leave old weights in use without any error:
 
 Every parameter of the vLLM model in checkpoint layout must be reached by the update; a missing one
 is an error (never a silent half update). Parameters that vLLM derives after loading (MLA's `W_UK_T`,
-`W_UV`) are recomputed by the reload and need no tensor.
+`W_UV`) are recomputed by the reload and need no tensor. vLLM's own per-layer warning for a layer
+that received no tensor ("RotaryEmbedding: Failed to load weights", a tied "ParallelLMHead: ...")
+fires on every update for layers that need none (a rotary cache derived from the config, a head
+that shares the embedding's tensor), so it is held back (`_QuietLayerWarnings`); the check by
+parameter name above is what stops an update that missed something.
 
 `WeightSyncExtension` is mixed into the server's workers by `--worker-extension-cls
 rollout.vllm.worker.WeightSyncExtension`; `rollout.vllm.server.VLLMServerClient` calls its methods
@@ -28,6 +32,7 @@ and returns what they return. The protocol is described in `rollout/vllm/server.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -69,6 +74,23 @@ def _rebuild_cpu_heads(model: torch.nn.Module) -> int:
     return rebuilt
 
 
+class _QuietLayerWarnings(logging.Filter):
+    """Holds back vLLM's "<Layer>: Failed to load weights" warnings while a reload finishes; other
+    records pass. (vLLM clears its child loggers' filters when it starts: attached per reload.)"""
+
+    LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).endswith(": Failed to load weights")
+
+    def __enter__(self) -> _QuietLayerWarnings:
+        logging.getLogger(self.LOGGER).addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger(self.LOGGER).removeFilter(self)
+
+
 def reload_in_place(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
     """Load `weights` (vLLM checkpoint names, e.g. from `rollout.vllm.weights.hf_to_vllm_weights`)
     into the worker's model in place; returns the number of vLLM parameters updated.
@@ -98,7 +120,8 @@ def reload_in_place(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
             # weights. (The layout unties shared tensors, hence the intersection with the running model's.)
             expected &= {name for name, _ in model.named_parameters()}
             loaded = set(model.load_weights(weights) or ())
-            finalize_layerwise_reload(model, worker.model_config)
+            with _QuietLayerWarnings():  # judged by parameter below, not by vLLM's per-layer line
+                finalize_layerwise_reload(model, worker.model_config)
             if cpu:
                 _rebuild_cpu_heads(model)
     missing = sorted(expected - loaded)

@@ -266,3 +266,109 @@ def test_other_families_match_transformers_after_three_real_updates(family, tmp_
             assert error < TOL, f"{family}: after update {step + 1}, vLLM and transformers differ by {error:.2e}"
     finally:
         engine.close()
+
+
+# --- a realistic batch through make_engine: sizes from the recipe, seeded prompts never split, quiet pushes ----
+
+LONG = 300  # prompt tokens: 300 prompts of them are 90k tokens, 22 times vLLM's CPU step budget (4096)
+
+
+def _count_discards(worker) -> None:
+    """Inside vLLM's worker: count the requests its model runner marks to discard (a prefill computed
+    only in part this step, whose sampled token is thrown away and its generator rewound)."""
+    runner = getattr(worker, "worker", worker).model_runner
+    runner.grpo_discards = 0
+    sync = runner._bookkeeping_sync
+
+    def counted(*args, **kwargs):
+        runner.grpo_discards += int(runner.discard_request_mask.np[: runner.input_batch.num_reqs].sum())
+        return sync(*args, **kwargs)
+
+    runner._bookkeeping_sync = counted
+
+
+def _discards(worker) -> int:
+    return getattr(worker, "worker", worker).model_runner.grpo_discards
+
+
+@pytest.fixture(scope="module")
+def recipe_engine(tmp_path_factory):
+    """(engine, model, log lines): `make_engine` from a recipe's rollout section over a tiny Qwen3 with
+    1024 positions, told that the longest prompt is LONG tokens (what the trainer measures)."""
+    import logging
+
+    from grpo.config import RunConfig
+    from rollout import make_engine
+
+    model, tok = tiny_qwen3("dense", True)
+    model.config.max_position_embeddings = 1024
+    path = tmp_path_factory.mktemp("recipe-engine")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    model = type(model).from_pretrained(path, dtype=torch.float32).eval()  # name_or_path: the checkpoint
+    cfg = RunConfig.model_validate({"rollout": {"engine": "vllm", "group_size": 2, "max_new_tokens": 4,
+                                                "vllm": {"enforce_eager": True}}})
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("rollout").addHandler(handler)
+    try:
+        engine = make_engine(cfg.rollout, model, tok, "cpu", seed=0, longest_prompt=LONG)
+    finally:
+        logging.getLogger("rollout").removeHandler(handler)
+    yield engine, model, lines
+    engine.close()
+
+
+def test_make_engine_sizes_vllm_from_the_recipe_and_says_so_in_one_line(recipe_engine):
+    engine, _, lines = recipe_engine
+    vllm_config = engine.llm.llm_engine.vllm_config
+    assert vllm_config.model_config.max_model_len == 384  # 300 + 4, rounded up to 128s; the model has 1024
+    if engine.on_cpu:
+        assert vllm_config.cache_config.kv_cache_memory_bytes == 256 << 20  # one group is far less: the floor
+    (line,) = [line for line in lines if line.startswith("vLLM engine:")]
+    assert "context 384 tokens (longest prompt 300 + 4 new" in line and "holds" in line, line
+
+
+def test_hundreds_of_seeded_long_prompts_sample_without_split_prefills_and_reproduce(recipe_engine):
+    """vLLM's CPU build could not rewind a seeded request's generator after a split prefill
+    ("CPU Generator does not use offset" at the first step); the engine never splits one there."""
+    engine, _, _ = recipe_engine
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 60, (LONG,), generator=g).tolist() for _ in range(300)]
+    sampling = SamplingParams(max_new_tokens=4, ignore_eos=True, prompt_seeds=tuple(range(1000, 1300)))
+    engine.llm.collective_rpc(_count_discards)
+    first = engine.generate(prompts, 2, sampling)
+    again = engine.generate(prompts, 2, sampling)
+    assert len(first) == 600 and all(len(r.completion_ids) == 4 for r in first)
+    assert [r.completion_ids for r in first] == [r.completion_ids for r in again]  # same seeds, same tokens
+    assert [r.logprobs for r in first] == [r.logprobs for r in again]
+    assert len({r.completion_ids for r in first}) > 300  # seeded, yet sampled: completions differ
+    if engine.on_cpu:
+        assert engine.llm.collective_rpc(_discards) == [0]  # no prefill was ever split
+
+
+def test_a_weight_push_is_quiet_for_what_it_receives_and_an_error_naming_what_it_misses(recipe_engine):
+    """vLLM logs "<Layer>: Failed to load weights" on every push for layers that need no tensor (the
+    rotary cache, a tied head); those are held back. A parameter left out is an error naming it."""
+    import logging
+
+    engine, model, _ = recipe_engine
+    warned: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())
+    layerwise = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    layerwise.addHandler(handler)
+    state = model.state_dict()
+    try:
+        engine.update_weights(state.items())
+        assert not [w for w in warned if "Failed to load weights" in w], warned
+        manifest, engine._manifest = engine._manifest, None  # vLLM's own check, as for an uncached Hub id
+        try:
+            with pytest.raises(RuntimeError, match=r"none given for \['model.norm.weight'\]"):
+                engine.update_weights((k, v) for k, v in state.items() if k != "model.norm.weight")
+        finally:
+            engine._manifest = manifest
+        engine.update_weights(state.items())
+    finally:
+        layerwise.removeHandler(handler)
