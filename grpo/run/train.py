@@ -184,7 +184,7 @@ def check_restart(cfg: RunConfig, output_dir: Path, ckpt: Path | None, resume: s
 
 
 def set_up(cfg: RunConfig, output_dir: str | Path, resume: str | None, allow_changes: tuple[str, ...] = ()) -> Run:
-    """Processes, rewards (resolved before any model loads), models, engine, data and tracker."""
+    """Processes, rewards (resolved before any model loads), models, data, engine (sized for the data) and tracker."""
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     # every rank takes a contiguous share of the global batch of prompts

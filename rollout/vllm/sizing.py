@@ -52,9 +52,7 @@ class EngineSizes:
             return f"vLLM engine: context {context}, KV cache from gpu_memory_utilization"
         kv = f"{self.kv_cache_bytes / 2**20:.0f} MiB"
         if self.sequences is not None:
-            kv += f", holds {self.sequences} sequences of {self.max_model_len} tokens"
-        if "kv_cache" in self.derived:
-            kv += " (one group at least)"
+            kv += f" (holds {self.sequences} sequences of {self.max_model_len} tokens)"
         return f"vLLM engine: context {context}, KV cache {kv}"
 
 

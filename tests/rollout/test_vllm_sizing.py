@@ -116,4 +116,4 @@ def test_make_engine_refuses_a_recipe_the_model_cannot_hold_before_vllm_loads_an
         assert make_engine(cfg.rollout, model, None, "cpu", seed=0, longest_prompt=300, max_new_tokens=250) == "engine"
     assert built[0]["max_model_len"] == 640 and built[0]["kv_cache_memory_bytes"] == 256 * MIB
     (line,) = [r.getMessage() for r in caplog.records if r.name == "rollout"]
-    assert "context 640 tokens (longest prompt 300 + 250 new" in line and "KV cache 256 MiB, holds" in line
+    assert "context 640 tokens (longest prompt 300 + 250 new" in line and "KV cache 256 MiB (holds" in line
