@@ -151,7 +151,7 @@ def _train_here(args: argparse.Namespace, cfg, output_dir: Path) -> int:
 def _report(summary: dict, output_dir: Path) -> None:
     before, after = summary.get("eval_before"), summary.get("eval_after")
     if before and after:
-        print(f"held-out greedy accuracy (correct answer in the required format): "
+        print(f"held-out greedy accuracy (correct: {correct_phrase(summary.get('correct'))}): "
               f"before RL {before['accuracy']:.3f}, after RL {after['accuracy']:.3f} "
               f"({after['num_prompts']} prompts)")
     fmt = summary["train"]["format_reward_last"]
@@ -163,6 +163,13 @@ def _report(summary: dict, output_dir: Path) -> None:
               f"{think['think_tokens_last_10pct']:.1f}; consistent steps {think['consistent_first_10pct']:.2f} -> "
               f"{think['consistent_last_10pct']:.2f}")
     print(f"run directory: {output_dir}  ({summary['train']['seconds']:.0f} s)")
+
+
+def correct_phrase(names: list[str] | None) -> str:
+    """What "correct" meant in a report, e.g. `math_answer and format score 1.0`."""
+    if not names:
+        return "the correct answer in the required format"
+    return f"{' and '.join(names)} score{'s' if len(names) == 1 else ''} 1.0"
 
 
 def _checkpoint_label(checkpoint: Path, step: int | None) -> str:
@@ -200,7 +207,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from grpo.data.sources import DataError, load_eval_sets, load_rows
+    from grpo.data.sources import load_eval_sets, load_rows
+    from grpo.errors import UserError
     from grpo.model.loading import load_policy
     from grpo.run.evaluate import evaluate_sets, format_table, make_eval_scorer, write_report
     from grpo.run.sampling import engine_lengths
@@ -218,7 +226,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, tokenizer = load_policy(cfg.model, device, progress=cfg.logging.progress)
         _, heldout = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)
         sets = load_eval_sets(cfg, heldout)
-    except DataError as exc:
+    except UserError as exc:  # bad data, a refused reasoning_gym task, a model that does not load
         scorer.close()
         return _fail(str(exc))
     if not sets:
@@ -233,6 +241,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         scorer.close()
     report["checkpoint"] = str(checkpoint or cfg.model.name_or_path)
     print(format_table(report))
+    print(f"correct: {correct_phrase(report['correct'])}")
     if args.out:
         label = _checkpoint_label(checkpoint, args.step) if checkpoint else "base"
         print(f"written: {write_report(args.out, label, report)}")
@@ -327,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="evaluate a checkpoint on the recipe's held-out problems and eval data sets",
         description="Evaluate CHECKPOINT (a saved model directory, e.g. runs/x/final) on the recipe's held-out "
         "problems (eval.num_prompts) and eval.datasets: greedy accuracy, and with --k N > 1 also avg@N, "
-        "unbiased pass@k and maj@N. Correct means every reward in eval.correct scores 1.0 (default: the right "
-        "answer inside the required format), as in the training summary.")
+        "unbiased pass@k and maj@N. Correct means every reward in eval.correct scores 1.0 (default: the source's "
+        "answer reward, plus format when the template asks for the <answer> tags), as in the training summary.")
     ev.add_argument("recipe", metavar="RECIPE", help="the recipe the checkpoint was trained with")
     ev.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe field, e.g. eval.num_prompts=50")
     ev.add_argument("--checkpoint", metavar="PATH", help="model directory to evaluate (default: the recipe's model.name_or_path)")

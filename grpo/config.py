@@ -72,13 +72,27 @@ class CountdownOptions(Section):
         return self
 
 
+class ReasoningGymOptions(Section):
+    """A `reasoning_gym:<task>` source (grpo/data/gym.py): how many problems, from which seed, and the
+    task's own options (the fields of its reasoning-gym config class)."""
+
+    size: int = Field(1000, ge=2, le=1_000_000, description="problems generated (train plus held-out; repeated "
+                      "questions are kept once)")
+    seed: int | None = Field(None, description="seed of reasoning-gym's generator (None: data.seed)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="the task's config fields, passed to reasoning_gym.create_dataset "
+        "(e.g. {min_terms: 2, max_terms: 3} for basic_arithmetic)",
+    )
+
+
 class SourceFields(Section):
     """Where rows come from and which columns hold what (shared by training and evaluation sets)."""
 
     source: str = Field(
         "arithmetic",
-        description="built-in task (arithmetic, sums, countdown), a local .jsonl/.json/.parquet/.csv file, "
-        "a `datasets` directory (save_to_disk or a folder of data files) or a Hub data set name",
+        description="built-in task (arithmetic, sums, countdown), `reasoning_gym:<task>` (a reasoning-gym task, "
+        "options in data.reasoning_gym), a local .jsonl/.json/.parquet/.csv file, a `datasets` directory "
+        "(save_to_disk or a folder of data files) or a Hub data set name",
     )
     config: str | None = Field(None, description="Hub data set configuration (subset) name")
     split: str = Field("train", description="split to read (Hub data sets and data-set directories)")
@@ -101,6 +115,9 @@ class DataConfig(SourceFields):
     arithmetic: ArithmeticOptions = Field(default_factory=ArithmeticOptions, description="options of the arithmetic task")
     sums: SumsOptions = Field(default_factory=SumsOptions, description="options of the sums task (several numbers)")
     countdown: CountdownOptions = Field(default_factory=CountdownOptions, description="options of the countdown task")
+    reasoning_gym: ReasoningGymOptions = Field(
+        default_factory=ReasoningGymOptions, description="options of a `reasoning_gym:<task>` source"
+    )
     seed: int = Field(0, description="seed of the train/held-out split and of prompt shuffling")
 
 
@@ -310,9 +327,11 @@ class EvalConfig(Section):
     every: int = Field(0, ge=0, description="evaluate every N steps during training, written to eval/step-N.json (0: never)")
     k: int = Field(1, ge=1, description="samples per problem for avg@k, pass@k and maj@k (1: greedy only)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature of the k samples (greedy accuracy is always at 0)")
-    correct: list[str] = Field(
-        ["math_answer", "format"], min_length=1,
-        description="rewards that must all score 1.0 for a completion to count as correct",
+    correct: list[str] | None = Field(
+        None, min_length=1,
+        description="rewards that must all score 1.0 for a completion to count as correct (None: from the source "
+        "and template, grpo.data.prompts.correct_rewards: the answer reward (math_answer; countdown, "
+        "reasoning_gym for those sources), plus format when the template asks for the <answer> tags)",
     )
     max_new_tokens: int | None = Field(None, ge=1, description="generation cap (None: rollout.max_new_tokens)")
 

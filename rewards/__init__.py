@@ -12,7 +12,8 @@ The package, in the order a completion travels:
 - `rewards.run`: one reward on one item, with the one exception policy;
 - the rewards: `rewards.format` (the R1 tags, and `answer_block`, the one reader of the answer
   block), `rewards.math` (the math answer checker, its own package), `rewards.countdown`,
-  `rewards.thinking` (what the thinking block holds).
+  `rewards.thinking` (what the thinking block holds), `rewards.reasoning_gym` (a reasoning-gym
+  task's own checker, for the tasks whose checker never evaluates model text).
 
 May import: only its own modules (nothing in `grpo` or `rollout`).
 """

@@ -30,6 +30,7 @@ BUILTIN_REWARDS: dict[str, str] = {
     "format_partial": "rewards.format:format_partial",
     "countdown": "rewards.countdown:countdown",
     "think_steps": "rewards.thinking:think_steps",
+    "reasoning_gym": "rewards.reasoning_gym:reasoning_gym_reward",
 }
 
 # names that are no longer rewards: where the setting lives now (the error says so)

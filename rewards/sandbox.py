@@ -38,7 +38,7 @@ from rewards.run import ERROR, TIMEOUT, run_item
 
 # imported once in the zygote, so a new worker starts warm (the default: every built-in reward)
 PRELOAD = ["rewards.registry", "rewards.run", "rewards.math", "rewards.format", "rewards.countdown", "math_verify"]
-NEEDS = {"rewards.math.reward": ["math_verify"]}  # optional modules a reward module imports lazily
+NEEDS = {"rewards.math.reward": ["math_verify"], "rewards.reasoning_gym": ["reasoning_gym"]}  # optional modules a reward module imports lazily
 CONNECT_TIMEOUT_S = 30.0
 
 

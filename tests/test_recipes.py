@@ -12,7 +12,7 @@ import pytest
 import rewards
 from grpo.commands.plan import resolve_arch
 from grpo.config import load_recipe
-from grpo.data.prompts import CHAT, TEMPLATES, template_fields
+from grpo.data.prompts import CHAT, TEMPLATES, correct_rewards, template_fields
 from grpo.data.tasks import SYNTHETIC_TASKS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +51,7 @@ def test_recipe_loads_and_resolves(path):
     cfg = load_recipe(path)
     for fn in cfg.rewards.functions:
         resolve_reward(fn.name)
-    for name in cfg.eval.correct:
+    for name in correct_rewards(cfg.data, cfg.eval):
         resolve_reward(name)
     assert cfg.data.template in TEMPLATES or cfg.data.template == CHAT
     needed = template_fields(cfg.data.template)

@@ -14,7 +14,7 @@ import random
 import string
 from dataclasses import dataclass, field
 
-from grpo.config import DataConfig
+from grpo.config import DataConfig, EvalConfig
 
 # --- templates ----------------------------------------------------------------------------------
 
@@ -115,6 +115,41 @@ def longest_prompt_tokens(cfg: DataConfig, rows: list[dict], tokenizer, batch: i
 
 def _utf8_length(text: str) -> int:
     return len(text.encode("utf-8"))
+
+
+def template_text(data: DataConfig) -> str:
+    """What the prompt template asks of the model, as text (`chat`: its instruction)."""
+    if data.template == CHAT:
+        return data.chat_instruction
+    template_fields(data.template)  # raises on an unknown name
+    return TEMPLATES[data.template]
+
+
+def correct_rewards(data: DataConfig, evaluation: EvalConfig) -> list[str]:
+    """The rewards that must all score 1.0 for a completion to count as correct: `eval.correct` when
+    the recipe names them, else derived from the source and the template. The answer reward is the
+    source's checker (`countdown`, `reasoning_gym` for a `reasoning_gym:<task>` source, else
+    `math_answer`); `format` joins it when the template asks for the R1 `<answer>` tags. A template
+    that asks for `\\boxed{}` (and no tags) is judged on the answer alone.
+
+    >>> correct_rewards(DataConfig(template="r1_zero"), EvalConfig())
+    ['math_answer', 'format']
+    >>> correct_rewards(DataConfig(template="qwen_math_boxed"), EvalConfig())
+    ['math_answer']
+    >>> correct_rewards(DataConfig(source="reasoning_gym:gsm_symbolic", template="r1_zero"), EvalConfig())
+    ['reasoning_gym', 'format']
+    >>> correct_rewards(DataConfig(template="qwen_math_boxed"), EvalConfig(correct=["math_answer", "format"]))
+    ['math_answer', 'format']
+    """
+    if evaluation.correct is not None:
+        return list(evaluation.correct)
+    if data.source.startswith("reasoning_gym:"):
+        answer = "reasoning_gym"
+    elif data.source == "countdown":
+        answer = "countdown"
+    else:
+        answer = "math_answer"
+    return [answer, "format"] if "<answer>" in template_text(data) else [answer]
 
 
 def prompt_prefills_think(prompt: str) -> bool:

@@ -4,6 +4,7 @@ A data row is a dict with `question` (the problem text) and `answer` (the gold a
 plus any task fields the rewards need (countdown: `numbers`, `target`). Rows come from
 
 - a built-in synthetic task: `arithmetic`, `sums`, `countdown` (generated from `data.seed`, no download);
+- a reasoning-gym task, `reasoning_gym:<task>` (`grpo.data.gym`; generated, scored by its own checker);
 - a local file: `.jsonl`, `.json` (a list of objects), `.parquet`, `.csv`;
 - a `datasets` directory: what `Dataset.save_to_disk` wrote, or a folder of data files;
 - a Hub data set name, read with `datasets.load_dataset(name, config, split=, revision=)`.
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from grpo.config import DataConfig, EvalSet, SourceFields
+from grpo.data.gym import gym_split, is_gym_source
 from grpo.data.prompts import render_prompts, template_fields
 from grpo.data.tasks import SYNTHETIC_TASKS, ArithmeticTask, CountdownTask, SumsTask
 from grpo.errors import UserError, first_line
@@ -326,6 +328,8 @@ def load_rows(cfg: DataConfig, num_eval: int, tokenizer=None, stats: LoadStats |
     stats = stats if stats is not None else LoadStats()
     if cfg.source in SYNTHETIC_TASKS:
         train, heldout = synthetic_task(cfg).split(num_eval, seed=cfg.seed)
+    elif is_gym_source(cfg.source):
+        train, heldout = gym_split(cfg, num_eval)
     else:
         rows, read = read_rows(cfg, cfg.skip_bad_rows, template_fields(cfg.template))
         stats.rows_read, stats.bad_rows, stats.first_bad = read.rows_read, read.bad_rows, read.first_bad
@@ -346,7 +350,7 @@ def load_rows(cfg: DataConfig, num_eval: int, tokenizer=None, stats: LoadStats |
 
 def load_eval_set(spec: EvalSet, data: DataConfig) -> list[dict]:
     """Rows of one evaluation set (rendered with the training template, so read what it needs)."""
-    if spec.source in SYNTHETIC_TASKS:
+    if spec.source in SYNTHETIC_TASKS or is_gym_source(spec.source):
         raise DataError(f"eval.datasets.{spec.name}: a synthetic task is evaluated through eval.num_prompts")
     rows, _ = read_rows(spec, data.skip_bad_rows, template_fields(data.template))
     return rows[: spec.num_prompts] if spec.num_prompts else rows

@@ -1,8 +1,9 @@
 """Evaluation on held-out problems: greedy accuracy, avg@k, unbiased pass@k and maj@k, per data set.
 
-A completion is *correct* when every reward named in `eval.correct` scores 1.0 on it (default
-`math_answer` and `format`: the right answer inside the required format; countdown recipes use
-`countdown` and `format`). The same definition serves the training summary, `eval.every` during
+A completion is *correct* when every reward named in `eval.correct` scores 1.0 on it; by default
+(`grpo.data.prompts.correct_rewards`) the source's answer reward (`math_answer`, `countdown`,
+`reasoning_gym`), with `format` when the template asks for the R1 tags: the right answer inside the
+required format. A `\\boxed{}` template is judged on the answer alone. Reports name these rewards. The same definition serves the training summary, `eval.every` during
 training and `grpo eval`, so their numbers can be compared.
 
     grpo eval recipes/tiny-cpu.yaml --checkpoint runs/x/final            # CPU, greedy
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from grpo.config import RunConfig
-from grpo.data.prompts import render_prompts
+from grpo.data.prompts import correct_rewards, render_prompts
 from rewards import RewardSpec, Scorer, is_correct
 from rewards.format import answer_block
 from rollout.base import SamplingParams
@@ -34,7 +35,7 @@ from rollout.base import SamplingParams
 def make_eval_scorer(cfg: RunConfig) -> Scorer:
     """A scorer of the rewards that define correctness, sandboxed like the training rewards."""
     r = cfg.rewards
-    return Scorer([RewardSpec(name) for name in cfg.eval.correct], workers=r.workers, timeout_s=r.timeout_s,
+    return Scorer([RewardSpec(name) for name in correct_rewards(cfg.data, cfg.eval)], workers=r.workers, timeout_s=r.timeout_s,
                   memory_mb=r.memory_mb)
 
 
@@ -120,12 +121,13 @@ def evaluate_greedy(engine, tokenizer, cfg: RunConfig, rows: list[dict], scorer:
     sampling = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                               temperature=0.0, stop=tuple(cfg.rollout.stop))
     outs = engine.generate(prompt_ids, 1, sampling)
-    correct, per = judge(scorer, cfg.eval.correct, [o.text for o in outs], rows, prompts)
+    names = correct_rewards(cfg.data, cfg.eval)
+    correct, per = judge(scorer, names, [o.text for o in outs], rows, prompts)
     n = len(rows)
-    summary = {"accuracy": sum(correct) / n}
+    summary = {"accuracy": sum(correct) / n, "correct": names}
     if "format" in per:
         summary["format"] = sum(f == 1.0 for f in per["format"]) / n
-    answer_name = next((name for name in cfg.eval.correct if name != "format"), None)
+    answer_name = next((name for name in names if name != "format"), None)
     if answer_name:
         summary["answer_anywhere"] = sum(v == 1.0 for v in per[answer_name]) / n
     summary["num_prompts"] = n
@@ -143,7 +145,7 @@ def evaluate_sampled(engine, tokenizer, cfg: RunConfig, rows: list[dict], scorer
                               top_p=ro.top_p, top_k=ro.top_k, stop=tuple(ro.stop), seed=seed)
     outs = engine.generate(prompt_ids, k, sampling)  # prompt-major: sample j of problem i at i * k + j
     texts = [o.text for o in outs]
-    correct, _ = judge(scorer, cfg.eval.correct, texts, [rows[i // k] for i in range(len(outs))], [prompts[i // k] for i in range(len(outs))])
+    correct, _ = judge(scorer, correct_rewards(cfg.data, cfg.eval), texts, [rows[i // k] for i in range(len(outs))], [prompts[i // k] for i in range(len(outs))])
     counts = [sum(correct[i * k : (i + 1) * k]) for i in range(len(rows))]
     out = {f"avg@{k}": sum(counts) / (k * len(rows))}
     for kk in pass_ks(k):
@@ -158,7 +160,7 @@ def evaluate_sets(engine, tokenizer, cfg: RunConfig, sets: dict[str, list[dict]]
                   k: int | None = None, seed: int = 0) -> dict:
     """{"k": n, "datasets": {name: metrics}, "examples": {name: three greedy examples}}."""
     k = cfg.eval.k if k is None else k
-    report: dict = {"k": k, "datasets": {}, "examples": {}}
+    report: dict = {"k": k, "correct": correct_rewards(cfg.data, cfg.eval), "datasets": {}, "examples": {}}
     for name, rows in sets.items():
         greedy = evaluate_greedy(engine, tokenizer, cfg, rows, scorer)
         metrics = {"greedy_accuracy": greedy["accuracy"], "num_prompts": greedy["num_prompts"]}

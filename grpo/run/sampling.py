@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from grpo.algo.dynamic_sampling import sample_batch
 from grpo.collectives import group_seed
 from grpo.config import RolloutConfig, RunConfig
-from grpo.data.prompts import PromptSampler, longest_prompt_tokens, render_prompts
+from grpo.data.prompts import PromptSampler, correct_rewards, longest_prompt_tokens, render_prompts
 from rewards import RewardSpec, Scorer
 from rollout.base import Rollout, RolloutEngine, SamplingParams
 
@@ -105,7 +105,7 @@ def make_scorer(cfg: RunConfig) -> Scorer:
     is scored too, with weight 0, so that `rollout/accuracy` means what evaluation means."""
     r = cfg.rewards
     specs = [RewardSpec(f.name, f.weight, dict(f.kwargs)) for f in r.functions]
-    specs += [RewardSpec(name, 0.0) for name in cfg.eval.correct if name not in {f.name for f in r.functions}]
+    specs += [RewardSpec(name, 0.0) for name in correct_rewards(cfg.data, cfg.eval) if name not in {f.name for f in r.functions}]
     return Scorer(specs, workers=r.workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb, fail_fast=r.fail_fast)
 
 

@@ -25,6 +25,7 @@ from grpo.algo.moe import RouterControl, load_metrics
 from grpo.algo.update import policy_update
 from grpo.collectives import all_reduce_tensor, reduce_metrics
 from grpo.config import RunConfig
+from grpo.data.prompts import correct_rewards
 from grpo.run.sampling import RolloutBatch, SamplingContext, collect_rollouts
 from rewards import is_correct
 from rollout.base import Rollout, RolloutEngine
@@ -110,7 +111,8 @@ def learn(ctx: LearningContext, step: int, batch: RolloutBatch) -> StepResult:
     train_metrics, skipped = update_policy(ctx, rollouts)
     # synchronous: the step waited for its own generation; asynchronous: only for what was not ready
     waited = batch.update_wait_s if cfg.trainer.max_staleness else batch.generate_s + batch.score_s
-    metrics = reduce_metrics({**batch.metrics, **train_metrics, **rollout_metrics(rollouts, cfg.eval.correct, batch.generate_s),
+    correct = correct_rewards(cfg.data, cfg.eval)
+    metrics = reduce_metrics({**batch.metrics, **train_metrics, **rollout_metrics(rollouts, correct, batch.generate_s),
                               **thinking_metrics(rollouts, [g.text for g in batch.groups], ctx.tokenizer),
                               "time/generate": batch.generate_s, "time/score": batch.score_s,
                               "time/step": waited + time.perf_counter() - started})

@@ -41,7 +41,7 @@ import grpo.run.step
 from grpo.algo.moe import RouterControl
 from grpo.collectives import all_reduce_sum, broadcast_object, gather_objects, rank_slice
 from grpo.config import RunConfig, dump_config
-from grpo.data.prompts import PromptSampler
+from grpo.data.prompts import PromptSampler, correct_rewards
 from grpo.data.sources import load_eval_sets, load_rows
 from grpo.model.loading import load_policy, reference_model
 from grpo.model.optim import make_optimizer, make_schedule
@@ -344,6 +344,7 @@ def finish(run: Run, summary: dict, started: float) -> None:
                             "format_reward_last": sum(tail) / len(tail) if tail else None,
                             "seconds": time.perf_counter() - started}
         summary["thinking"] = thinking_summary(run.output_dir / "metrics.jsonl")
+        summary["correct"] = correct_rewards(cfg.data, cfg.eval)  # the rewards that define "correct"
         c.unwrapped.save_pretrained(run.output_dir / "final", state_dict=weights)
         c.tokenizer.save_pretrained(run.output_dir / "final")
         (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")

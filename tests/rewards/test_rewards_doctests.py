@@ -8,7 +8,7 @@ import pytest
 MODULES = ["rewards.registry", "rewards.run", "rewards.scorer", "rewards.mathparse", "rewards.math",
            "rewards.math.extract", "rewards.math.normalize", "rewards.math.parser", "rewards.math.compare",
            "rewards.math.numbers", "rewards.math.choice", "rewards.math.fallback", "rewards.math.reward",
-           "rewards.format", "rewards.countdown"]
+           "rewards.format", "rewards.countdown", "rewards.reasoning_gym"]
 
 
 @pytest.mark.parametrize("name", MODULES)
