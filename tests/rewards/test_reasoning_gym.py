@@ -10,12 +10,11 @@ import sys
 import textwrap
 
 import pytest
+import reasoning_gym as rg  # installed by make setup (the dev extra)
 
 from rewards import RewardSpec, Scorer
 from rewards.math import math_answer
 from rewards.reasoning_gym import DENIED, check_task, reasoning_gym_reward, task_names
-
-rg = pytest.importorskip("reasoning_gym")
 
 
 def _rows(task: str, size: int = 20, **options) -> list[dict]:
