@@ -401,9 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--nodes", type=int, metavar="N", help="number of nodes (default: the recipe's launch section)")
     plan.add_argument("--gpus-per-node", type=int, metavar="G",
                       help="GPUs per node (default: the processes per machine of the recipe's accelerate config)")
-    plan.add_argument("--gpu", choices=["h800", "h100", "h200", "a100", "a100-40", "cpu"],
-                      help="GPU model, or cpu: this machine's RAM for a CPU run (default cpu where there is no CUDA "
-                      "device; the cluster flags are then unused)")
+    plan.add_argument("--gpu", choices=["h800", "h100", "h200", "a100", "a100-40", "cpu"], help="GPU model, or cpu: this "
+                      "machine's RAM for a CPU run (the default without a CUDA device; cluster flags are then unused)")
     plan.add_argument("--price-per-gpu-hour", type=float, default=2.0, metavar="P", help="USD per GPU-hour (default 2)")
     plan.add_argument("--sharding", choices=["full", "hybrid", "none"],
                       help="FSDP2 full shard over all GPUs, hybrid: shard within a node and replicate across, none: "
