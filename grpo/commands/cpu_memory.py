@@ -152,10 +152,15 @@ def estimate_cpu_memory(cfg, arch: Arch, processes: int = 1) -> CPUEstimate:
     micro = min(tr.micro_batch_size, sequences)
     prompt = cfg.data.max_prompt_tokens or PROMPT_TOKENS
     seq = prompt + ro.max_new_tokens
-    acts = micro * seq * arch.num_layers * (HIDDEN_ACTS * arch.hidden_size + FFN_ACTS * arch.ffn_active_width()) * b
-    chunk = min(algo.logprob_chunk, seq)
+    if tr.shared_prompt_forward and processes == 1:  # each distinct prompt runs once; logits at completions only
+        tokens = -(-micro // ro.group_size) * prompt + micro * ro.max_new_tokens
+        scored, shape = ro.max_new_tokens, f"{micro} seq, prompts shared: {tokens} tokens"
+    else:  # one forward of every row (DDP/FSDP wrappers always do this)
+        tokens, scored, shape = micro * seq, seq, f"{micro} seq x {seq} tokens"
+    acts = tokens * arch.num_layers * (HIDDEN_ACTS * arch.hidden_size + FFN_ACTS * arch.ffn_active_width()) * b
+    chunk = min(algo.logprob_chunk, scored)
     est.training[f"gradients ({dtype})"] = total * b / GIB
-    est.training[f"activations ({micro} seq x {seq} tokens)"] = acts / GIB
+    est.training[f"activations ({shape})"] = acts / GIB
     est.training[f"logits (float32, {micro} seq x {chunk}-token chunk x {arch.vocab_size} vocab, x{LOGITS_COPIES})"] = (
         LOGITS_COPIES * micro * chunk * arch.vocab_size * 4 / GIB)
     if not vllm_here:  # the transformers engine decodes the process's sequences with a KV cache

@@ -42,7 +42,7 @@ def machine_24gib(monkeypatch):
 def test_estimate_arithmetic_by_hand():
     cfg = load_recipe(RECIPE, ["algorithm.beta=0.04", "trainer.prompts_per_step=2", "rollout.group_size=4",
                                "trainer.micro_batch_size=4", "data.max_prompt_tokens=10", "rollout.max_new_tokens=6",
-                               "algorithm.logprob_chunk=8", "rewards.workers=0"])
+                               "algorithm.logprob_chunk=4", "rewards.workers=0"])
     arch = arch_from_config("small", SMALL)
     est = cm.estimate_cpu_memory(cfg, arch)
     # parameters: lm_head 100*16 + embedding 100*16 + 2 layers * (attention 16*16*2 + 2*16*2*4 = 768,
@@ -54,18 +54,24 @@ def test_estimate_arithmetic_by_hand():
     assert est.resident["AdamW moments (2 x float32)"] * gib == 2 * 7808 * b  # 62,464
     assert est.resident["reference copy (algorithm.beta 0.04)"] * gib == 7808 * b  # beta > 0: a frozen copy
     assert est.training["gradients (float32)"] * gib == 7808 * b
-    # micro-batch: min(4, 2 prompts x 4) = 4 sequences of 10 + 6 = 16 tokens, 2 layers, per token and layer
-    # HIDDEN_ACTS x 16 + FFN_ACTS x 32 elements of 4 bytes (12*16 + 4*32 = 320 -> 163,840 bytes)
-    acts = 4 * 16 * 2 * (cm.HIDDEN_ACTS * 16 + cm.FFN_ACTS * 32) * b
-    assert est.training["activations (4 seq x 16 tokens)"] * gib == acts
-    # logits: LOGITS_COPIES float32 tensors of 4 sequences x an 8-token chunk x 100 vocab (4 copies: 51,200)
-    assert est.training["logits (float32, 4 seq x 8-token chunk x 100 vocab, x4)"] * gib == cm.LOGITS_COPIES * 4 * 8 * 100 * 4
+    # micro-batch: min(4, 2 prompts x 4) = 4 sequences of one prompt (group of 4), shared: 10 prompt tokens
+    # once + 4 x 6 completion tokens = 34 tokens; 2 layers; per token and layer HIDDEN_ACTS x 16 + FFN_ACTS x 32
+    # elements of 4 bytes (12*16 + 4*32 = 320 -> 34 * 2 * 320 * 4 = 87,040 bytes)
+    acts = 34 * 2 * (cm.HIDDEN_ACTS * 16 + cm.FFN_ACTS * 32) * b
+    assert est.training["activations (4 seq, prompts shared: 34 tokens)"] * gib == acts
+    # logits at completion positions only, 4 at a time: LOGITS_COPIES float32 [4 seq, 4, 100] (4 copies: 25,600)
+    logits = cm.LOGITS_COPIES * 4 * 4 * 100 * 4
+    assert est.training["logits (float32, 4 seq x 4-token chunk x 100 vocab, x4)"] * gib == logits
     # rollout: 8 sequences x 16 tokens x (2 layers x K and V x 2 kv heads x 4 dims x 4 bytes = 128) = 16,384
     assert est.rollout["KV cache (8 seq x 16 tokens, transformers engine)"] * gib == 8 * 16 * 128
     # peak of one process: resident + the update (larger than the rollout here)
     resident = 4 * 7808 * b + cm.PROCESS_GIB * gib
-    assert est.per_process_gib * gib == pytest.approx(resident + 7808 * b + acts + cm.LOGITS_COPIES * 4 * 8 * 100 * 4)
+    assert est.per_process_gib * gib == pytest.approx(resident + 7808 * b + acts + logits)
     assert est.total_gib == est.per_process_gib  # no reward workers, one process
+    # without shared prompts: every row whole, 4 x 16 = 64 tokens, logits over all 16 positions
+    plain = cm.estimate_cpu_memory(cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
+        update={"shared_prompt_forward": False})}), arch)
+    assert plain.training["activations (4 seq x 16 tokens)"] * gib == 64 * 2 * (cm.HIDDEN_ACTS * 16 + cm.FFN_ACTS * 32) * b
 
 
 def test_vllm_two_processes_and_reward_workers_add_up():
