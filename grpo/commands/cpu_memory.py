@@ -49,14 +49,14 @@ FFN_ACTS = 4
 LOGITS_COPIES = 4
 # A prompt's length in tokens where the recipe sets no data.max_prompt_tokens (as `grpo plan` assumes).
 PROMPT_TOKENS = 256
-# Python + torch + transformers + accelerate in the training process, measured at 0.55 GiB with a
-# 2M-parameter model (README), rounded up.
+# Python + torch + transformers + accelerate in the training process: peak RSS 0.59 GiB for a whole
+# run of the 0.8M-parameter builtin:tiny-arith-moe (README).
 PROCESS_GIB = 0.6
-# One reward worker process (rewards/, spawned with math-verify and sympy imported): measured
-# 0.17 GiB each.
+# One reward worker process (rewards/): the 2 workers of the README's runs added 0.35 GiB to the tree.
 REWARD_WORKER_GIB = 0.2
-# What vLLM's CPU build adds in process besides its weights and KV cache (its imports, the
-# compiled graph, its own buffers); measured, see README.
+# What vLLM's CPU build adds in process besides its weights and KV cache (its imports, compiled
+# graph and buffers). With VLLM_WEIGHT_COPIES: 4.9 GiB predicted for the 0.5B shape in float32 with a
+# 256 MiB KV cache, 4.5 GiB measured (README: vllm run minus hf run).
 VLLM_PROCESS_GIB = 1.0
 # vLLM's CPU build holds its weights and, after start-up, its repacked copy of every linear layer
 # (FACTS.md: it repacks linear weights): counted as this many copies of the weights.
@@ -251,7 +251,7 @@ def check_cpu_memory(cfg, source: str, processes: int = 1, warn=None) -> CPUEsti
            f"{arch.name})"
     if need > mem.total_gib:
         raise NotEnoughMemory(f"{what}, more than this machine's {mem.total_gib:.1f} GiB; try {advice(cfg, est)} "
-                              f"(grpo plan {source} --gpu cpu shows the parts; {SKIP_ENV}=1 skips this check)")
+                              f"(grpo plan {source} [the same overrides] --gpu cpu lists the parts; {SKIP_ENV}=1 skips this check)")
     if need > mem.available_gib and warn is not None:
         warn(f"{what}, more than the {mem.available_gib:.1f} GiB available now (of {mem.total_gib:.1f} GiB); it may be "
              "killed when memory runs out")
