@@ -41,7 +41,8 @@ ADAM_STATES = 2
 # Activations autograd keeps per token and decoder layer, in elements of the model dtype (no
 # activation checkpointing on CPU): the norms' inputs and outputs, q/k/v/o and the attention output
 # (about HIDDEN_ACTS x hidden), and the SwiGLU MLP's gate, up, act(gate) and product (FFN_ACTS x
-# the FFN width). Calibrated on the 0.5B-shape runs (README).
+# the FFN width). Counted from a Qwen2/Llama layer's saved tensors, not fitted: in the README's runs the
+# update's peak was the gradients, so these runs do not pin it down.
 HIDDEN_ACTS = 12
 FFN_ACTS = 4
 # Float32 [sequences, chunk, vocab] tensors alive at once in the backward of one logits chunk
@@ -118,10 +119,21 @@ class CPUEstimate:
     rollout: dict[str, float] = field(default_factory=dict)  # per training process, while generating
     other: dict[str, float] = field(default_factory=dict)  # other processes of the job
     notes: list[str] = field(default_factory=list)
+    accumulates: bool = False  # several micro-batches a step: earlier gradients live through later forwards
+    head_grad_gib: float = 0.0  # the output head's gradient, the first one backward allocates
+
+    @property
+    def update_gib(self) -> float:
+        """One micro-batch's update: with one micro-batch, backward frees activations as it fills the
+        gradients, so the peak is the larger of all gradients and the activations plus logits plus the
+        head's gradient (its start); with several, earlier gradients are there all along."""
+        grads = sum(v for k, v in self.training.items() if k.startswith("gradients"))
+        rest = sum(self.training.values()) - grads
+        return grads + rest if self.accumulates else max(grads, rest + self.head_grad_gib)
 
     @property
     def per_process_gib(self) -> float:
-        return sum(self.resident.values()) + max(sum(self.training.values()), sum(self.rollout.values()))
+        return sum(self.resident.values()) + max(self.update_gib, sum(self.rollout.values()))
 
     @property
     def total_gib(self) -> float:
@@ -160,6 +172,8 @@ def estimate_cpu_memory(cfg, arch: Arch, processes: int = 1) -> CPUEstimate:
     acts = tokens * arch.num_layers * (HIDDEN_ACTS * arch.hidden_size + FFN_ACTS * arch.ffn_active_width()) * b
     chunk = min(algo.logprob_chunk, scored)
     est.training[f"gradients ({dtype})"] = total * b / GIB
+    est.accumulates = micro < sequences
+    est.head_grad_gib = arch.vocab_size * arch.hidden_size * b / GIB
     est.training[f"activations ({shape})"] = acts / GIB
     est.training[f"logits (float32, {micro} seq x {chunk}-token chunk x {arch.vocab_size} vocab, x{LOGITS_COPIES})"] = (
         LOGITS_COPIES * micro * chunk * arch.vocab_size * 4 / GIB)
@@ -275,6 +289,9 @@ def cpu_report_rows(cfg, est: CPUEstimate, mem: MachineMemory | None) -> list[tu
         rows.append((f"update: {k}", f"{v:.2f} GiB"))
     for k, v in est.rollout.items():
         rows.append((f"rollout: {k}", f"{v:.2f} GiB"))
+    rule = "gradients + the rest (several micro-batches)" if est.accumulates else \
+        "the larger of gradients and the rest + the head's gradient (one micro-batch)"
+    rows.append(("update peak", f"{est.update_gib:.2f} GiB: {rule}"))
     rows.append(("per training process", f"{est.per_process_gib:.2f} GiB (resident + the larger of update and rollout)"))
     for k, v in est.other.items():
         rows.append((f"other: {k}", f"{v:.2f} GiB"))

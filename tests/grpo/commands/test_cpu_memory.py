@@ -68,6 +68,12 @@ def test_estimate_arithmetic_by_hand():
     resident = 4 * 7808 * b + cm.PROCESS_GIB * gib
     assert est.per_process_gib * gib == pytest.approx(resident + 7808 * b + acts + logits)
     assert est.total_gib == est.per_process_gib  # no reward workers, one process
+    # one micro-batch (8 >= 8 sequences): backward frees activations as gradients fill, so the update peaks
+    # at the larger of the gradients and activations + logits + the head's gradient (100 x 16 x 4 = 6,400)
+    one = cm.estimate_cpu_memory(cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
+        update={"micro_batch_size": 8})}), arch)
+    rest = sum(one.training.values()) - one.training["gradients (float32)"]
+    assert one.update_gib * gib == pytest.approx(max(7808 * b, rest * gib + 100 * 16 * b))
     # without shared prompts: every row whole, 4 x 16 = 64 tokens, logits over all 16 positions
     plain = cm.estimate_cpu_memory(cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
         update={"shared_prompt_forward": False})}), arch)
