@@ -5,6 +5,7 @@
                                                --main_process_port PORT]]
     grpo eval RECIPE --checkpoint PATH [--k 8] [--out DIR] [--toy] [key=value ...]
     grpo plan RECIPE --gpu h800|h100|h200|a100 [--nodes N --gpus-per-node G] [--price-per-gpu-hour P]
+    grpo plan RECIPE [--gpu cpu]     # this machine's RAM (the default without a CUDA device)
     grpo recipes
     grpo score FILE.jsonl --reward NAME [--out RESULTS.jsonl]
     grpo dashboard RUNS_DIR [--host 127.0.0.1] [--port 8050] [--export report.html]
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 import traceback
@@ -90,9 +92,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _fail(f"--resume {args.resume}: not a checkpoint directory (no state.json)")
 
     accelerate_config = _launch_config(args, cfg.launch)
+    if os.environ.get("GRPO_ZERO_LAUNCHED") != "1":  # once per job, before any process loads weights
+        _check_memory(args, cfg, accelerate_config)
     if accelerate_config:
         return _relaunch(args, cfg, output_dir, accelerate_config)
     return _train_here(args, cfg, output_dir)
+
+
+def _check_memory(args: argparse.Namespace, cfg, accelerate_config: str | None) -> None:
+    """CPU runs: stop (NotEnoughMemory, exit 2) when the job's memory estimate exceeds this machine's
+    RAM, warn when it exceeds what is available (grpo/commands/cpu_memory.py); config only, no weights."""
+    import torch
+
+    from grpo.commands.cpu_memory import check_cpu_memory, local_processes
+    from grpo.config import resolve_accelerate_config
+
+    if torch.cuda.is_available():
+        return
+    try:
+        processes = local_processes(resolve_accelerate_config(accelerate_config) if accelerate_config else None)
+    except (FileNotFoundError, ValueError, TypeError):
+        processes = 1  # _relaunch names a missing config
+    check_cpu_memory(cfg, args.recipe, processes, warn=lambda line: print(f"grpo: warning: {line}", file=sys.stderr))
 
 
 def _relaunch(args: argparse.Namespace, cfg, output_dir: Path, accelerate_config: str) -> int:
@@ -256,6 +277,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         cfg = load_recipe(args.recipe, args.overrides)
     except ConfigError as exc:
         return _fail(str(exc))
+    if args.gpu is None:
+        import torch
+
+        if torch.cuda.is_available():
+            return _fail("--gpu is needed (h800, h100, h200, a100, a100-40; or cpu for this machine's RAM)")
+        args.gpu = "cpu"
+    if args.gpu == "cpu":
+        return _plan_cpu(args, cfg)
     layout = layout_from_recipe(cfg)  # the recipe's launcher and engine; flags win
     if any(getattr(args, n) not in (None, layout.get(n)) for n in ("nodes", "gpus_per_node", "sharding")):
         layout.pop("launcher", None)  # the layout is the flags', not the launcher config's
@@ -280,6 +309,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"grpo plan: this configuration does not fit in {plan.gpu.name} memory (see 'does not fit' above)",
               file=sys.stderr)
     return 0 if plan.fits else 1
+
+
+def _plan_cpu(args: argparse.Namespace, cfg) -> int:
+    """`grpo plan RECIPE --gpu cpu`: the job's memory on this machine, by part; exit 1 when it does
+    not fit in the RAM."""
+    from grpo.commands.cpu_memory import cpu_report_rows, estimate_cpu_memory, local_processes, machine_memory
+    from grpo.commands.plan import format_rows, resolve_arch
+    from grpo.config import resolve_accelerate_config
+
+    try:
+        arch = resolve_arch(cfg.model.name_or_path)
+    except ValueError as exc:
+        return _fail(str(exc))
+    config = cfg.launch.accelerate_config
+    est = estimate_cpu_memory(cfg, arch, local_processes(resolve_accelerate_config(config) if config else None))
+    mem = machine_memory()
+    print(format_rows(f"grpo plan: {arch.name} on this machine's CPU", cpu_report_rows(cfg, est, mem),
+                      use_rich=not args.plain), end="")
+    if mem and est.total_gib > mem.total_gib:
+        print(f"grpo plan: this run does not fit in this machine's {mem.total_gib:.1f} GiB (see 'does not fit' above)",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
@@ -348,18 +400,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     plan = verbs.add_parser(
-        "plan", help="estimate memory per GPU, time and cost of a recipe on a cluster",
+        "plan", help="estimate memory per GPU, time and cost of a recipe on a cluster (or its memory on this CPU)",
         description="Estimate, for RECIPE on NODES x GPUS-PER-NODE GPUs: memory per GPU while training (weights, "
         "gradients, optimizer states, activations) and while generating (engine weights, KV cache), whether it fits, "
         "and the time, GPU-hours and money of a step and of the whole run from generation and training FLOPs at the "
         "stated utilisation. Exit status 1 when it does not fit. The model's architecture comes from an embedded "
-        "table of known models, a local config.json, or the Hub.")
+        "table of known models, a local config.json, or the Hub. With --gpu cpu (the default without a CUDA device): "
+        "the run's memory on this machine's CPU against its RAM (grpo/commands/cpu_memory.py).")
     plan.add_argument("recipe", metavar="RECIPE", help="path of a YAML recipe")
     plan.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe field, e.g. rollout.max_new_tokens=8192")
     plan.add_argument("--nodes", type=int, metavar="N", help="number of nodes (default: the recipe's launch section)")
     plan.add_argument("--gpus-per-node", type=int, metavar="G",
                       help="GPUs per node (default: the processes per machine of the recipe's accelerate config)")
-    plan.add_argument("--gpu", required=True, choices=["h800", "h100", "h200", "a100", "a100-40"], help="GPU model")
+    plan.add_argument("--gpu", choices=["h800", "h100", "h200", "a100", "a100-40", "cpu"], help="GPU model, or cpu: this "
+                      "machine's RAM for a CPU run (the default without a CUDA device; cluster flags are then unused)")
     plan.add_argument("--price-per-gpu-hour", type=float, default=2.0, metavar="P", help="USD per GPU-hour (default 2)")
     plan.add_argument("--sharding", choices=["full", "hybrid", "none"],
                       help="FSDP2 full shard over all GPUs, hybrid: shard within a node and replicate across, none: "

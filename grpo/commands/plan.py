@@ -463,13 +463,18 @@ def _advice(plan: Plan) -> str:
 
 
 def format_report(plan: Plan, use_rich: bool = True) -> str:
-    rows = report_rows(plan)
+    return format_rows(f"grpo plan: {plan.arch.name}", report_rows(plan), use_rich)
+
+
+def format_rows(title: str, rows: list[tuple[str, str]], use_rich: bool = True) -> str:
+    """Report rows as a rich table (plain `key  value` lines without rich or with `use_rich` off);
+    a "does not fit" row and a "NO..." value in red."""
     if use_rich:
         try:
             from rich.console import Console
             from rich.table import Table
 
-            table = Table(title=f"grpo plan: {plan.arch.name}", show_header=False)
+            table = Table(title=title, show_header=False)
             table.add_column(style="bold")
             table.add_column()
             for k, v in rows:
