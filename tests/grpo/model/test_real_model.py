@@ -26,11 +26,15 @@ from tests.conftest import ROOT, require_vllm, run_cli
 NAME = "smollm2-135m-instruct"
 INSTRUCTION = "Think inside <think> </think>, then give the answer inside <answer> </answer>."
 QUESTIONS = ["What is 12 + 7?", "Name a colour of the sky.", "Write the word cat backwards."]
-VLLM_ARGS = {"max_model_len": 256, "kv_cache_memory_bytes": 64 << 20, "enable_sleep_mode": False, "dtype": "float32"}
+VLLM_ARGS = {"max_model_len": 256, "kv_cache_memory_bytes": 64 << 20, "enable_sleep_mode": False, "dtype": "float32",
+             "enforce_eager": True}  # eager: inductor compiling a 30-layer model takes minutes on 2 cores
 TRAIN = ["recipes/tiny-cpu.yaml", f"model.name_or_path=builtin:{NAME}", "data.template=chat",
-         f"data.chat_instruction={INSTRUCTION}", "trainer.steps=2", "trainer.prompts_per_step=2", "trainer.threads=2",
+         f"data.chat_instruction={INSTRUCTION}", "trainer.steps=2", "trainer.prompts_per_step=2", "trainer.threads=1",
          "rollout.group_size=4", "rollout.max_new_tokens=16", "eval.num_prompts=0", "eval.before_and_after=false",
-         "logging.progress=false", "rollout.vllm.max_model_len=256", "rollout.vllm.kv_cache_memory_mb=64"]
+         "logging.progress=false", "rollout.vllm.max_model_len=256", "rollout.vllm.kv_cache_memory_mb=64", "rollout.vllm.enforce_eager=true",
+         # the model never writes the R1 tags in 16 tokens, so the format rewards alone would all be 0 and
+         # leave nothing to learn; a completion-length reward makes every group's advantages non-zero
+         'rewards.functions=[{name: format_partial}, {name: "tests.rewards_plugins:async_len", weight: 0.01}]']
 GREEDY_TOKENS = 16
 
 
@@ -55,7 +59,7 @@ def policy(smollm2):
     from grpo.model.loading import load_policy
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     model, tokenizer = load_policy(ModelConfig(name_or_path=f"builtin:{NAME}", dtype="float32"), torch.device("cpu"),
                                    progress=False)
     yield model.eval(), tokenizer
@@ -83,6 +87,12 @@ def test_the_chat_template_renders_the_r1_prompt(policy):
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3  # the turn markers are single tokens
     assert tokenizer.decode(ids) == text
+
+
+def test_a_second_fetch_is_one_line(smollm2):
+    result = run_cli("fetch", NAME)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"{NAME}: already fetched ({smollm2})"]
 
 
 def test_a_gguf_file_loads_through_its_content_keyed_checkpoint(smollm2, tmp_path):
@@ -136,14 +146,14 @@ def test_both_engines_decode_the_same_greedy_text(policy, smollm2):
 def vllm_run(smollm2, tmp_path_factory):
     require_vllm()
     out = tmp_path_factory.mktemp("smollm2") / "vllm"
-    result = run_cli("train", *TRAIN, "rollout.engine=vllm", "--output-dir", str(out), env={"OMP_NUM_THREADS": "2"})
+    result = run_cli("train", *TRAIN, "rollout.engine=vllm", "--output-dir", str(out), env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
 
 def test_grpo_train_runs_on_the_transformers_engine(smollm2, tmp_path):
     out = tmp_path / "hf"
-    result = run_cli("train", *TRAIN, "rollout.engine=hf", "--output-dir", str(out), env={"OMP_NUM_THREADS": "2"})
+    result = run_cli("train", *TRAIN, "rollout.engine=hf", "--output-dir", str(out), env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
@@ -162,7 +172,7 @@ def test_grpo_train_on_vllm_and_the_weights_arrive(vllm_run):
 RELOAD = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 path, question, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
 tok = AutoTokenizer.from_pretrained(path)
 model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -173,12 +183,14 @@ print(json.dumps(tok.decode(out[0, ids.shape[1]:])))
 """
 
 
-def test_the_final_checkpoint_reloads_in_a_fresh_process(vllm_run):
+def test_the_final_checkpoint_reloads_in_a_fresh_process(vllm_run, policy):
+    """`final/` holds the trained weights (not the base's) with the tokenizer and its chat template,
+    and a fresh process decodes from it greedily what this process decodes from it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     final = vllm_run / "final"
     done = subprocess.run([sys.executable, "-c", RELOAD, str(final), QUESTIONS[0], str(GREEDY_TOKENS)],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     tok = AutoTokenizer.from_pretrained(final)
     model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
@@ -187,3 +199,6 @@ def test_the_final_checkpoint_reloads_in_a_fresh_process(vllm_run):
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=GREEDY_TOKENS, do_sample=False)
     assert json.loads(done.stdout.strip().splitlines()[-1]) == tok.decode(out[0, ids.shape[1]:])
+    base = dict(policy[0].named_parameters())
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, base[n])]
+    assert "model.embed_tokens.weight" in moved and len(moved) > 100, len(moved)  # 2 real updates, every layer
