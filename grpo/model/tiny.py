@@ -47,10 +47,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +55,7 @@ from pathlib import Path
 import torch
 
 from grpo.data.tasks import ArithmeticTask, SumsTask
+from grpo.model.cache import build_once, cache_root
 
 log = logging.getLogger(__name__)
 
@@ -369,10 +367,6 @@ def _pretrain(spec: TinyBaseSpec, out_dir: Path, progress: bool) -> Path:
     return out_dir
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("GRPO_ZERO_CACHE", Path.home() / ".cache" / "grpo-zero"))
-
-
 _SUMS_FIELDS = ("corpus", "terms", "chain_share", "whole_share", "chain_answer_share", "tagged_restate_share",
                 "plain_chain_share", "restate_share")
 
@@ -383,29 +377,6 @@ def spec_hash(spec: TinyBaseSpec) -> str:
         fields = {k: v for k, v in fields.items() if k not in _SUMS_FIELDS}
     payload = json.dumps({**fields, "torch": torch.__version__}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
-
-
-def build_once(final: Path, build, marker: str) -> Path:
-    """`final`, built by `build(tmp)` unless `final/marker` exists.
-
-    The directory is written atomically (built in a temporary sibling, then renamed), so a build
-    killed half-way never leaves a cache entry that looks complete; where two processes build at
-    once, the first rename wins and the other uses its copy.
-    """
-    if (final / marker).exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:  # another process finished first: use its copy
-            if not (final / marker).exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def ensure_tiny_base(name: str, progress: bool = True) -> Path:

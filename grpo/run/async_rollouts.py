@@ -140,7 +140,9 @@ def _config_only(model: ModelConfig, path: str | None):
 
     from transformers import AutoConfig, AutoTokenizer
 
-    name = path or model.name_or_path
+    from grpo.model.loading import resolve_model_source
+
+    name = resolve_model_source(path or model.name_or_path)
     kwargs = {"trust_remote_code": model.trust_remote_code}
     if model.revision and path is None:
         kwargs["revision"] = model.revision
