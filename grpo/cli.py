@@ -357,6 +357,38 @@ def _recipe_summary(path: Path) -> str:
     return "(no header comment)"
 
 
+def _add_plan_parser(verbs) -> None:
+    """`grpo plan`: memory, time and cost of a recipe on a cluster, or its memory on this CPU."""
+    plan = verbs.add_parser(
+        "plan", help="estimate memory per GPU, time and cost of a recipe on a cluster (or its memory on this CPU)",
+        description="Estimate, for RECIPE on NODES x GPUS-PER-NODE GPUs: memory per GPU while training (weights, "
+        "gradients, optimizer states, activations) and while generating (engine weights, KV cache), whether it fits, "
+        "and the time, GPU-hours and money of a step and of the whole run from generation and training FLOPs at the "
+        "stated utilisation. Exit status 1 when it does not fit. The model's architecture comes from an embedded "
+        "table of known models, a local config.json, or the Hub. With --gpu cpu (the default without a CUDA device): "
+        "the run's memory on this machine's CPU against its RAM (grpo/commands/cpu_memory.py).")
+    plan.add_argument("recipe", metavar="RECIPE", help="path of a YAML recipe")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe field, e.g. rollout.max_new_tokens=8192")
+    plan.add_argument("--nodes", type=int, metavar="N", help="number of nodes (default: the recipe's launch section)")
+    plan.add_argument("--gpus-per-node", type=int, metavar="G",
+                      help="GPUs per node (default: the processes per machine of the recipe's accelerate config)")
+    plan.add_argument("--gpu", choices=["h800", "h100", "h200", "a100", "a100-40", "cpu"], help="GPU model, or cpu: this "
+                      "machine's RAM for a CPU run (the default without a CUDA device; cluster flags are then unused)")
+    plan.add_argument("--price-per-gpu-hour", type=float, default=2.0, metavar="P", help="USD per GPU-hour (default 2)")
+    plan.add_argument("--sharding", choices=["full", "hybrid", "none"],
+                      help="FSDP2 full shard over all GPUs, hybrid: shard within a node and replicate across, none: "
+                      "replicated (DDP) (default: from the recipe's accelerate config, else full)")
+    plan.add_argument("--tp", type=int, metavar="T", help="rollout engine tensor-parallel size (default: the recipe's "
+                      "rollout.vllm.tensor_parallel_size, else the smallest that leaves room)")
+    plan.add_argument("--steps", type=int, metavar="S", help="steps of the whole run (default trainer.steps)")
+    plan.add_argument("--prompt-tokens", type=int, metavar="T", help="mean prompt length (default 256, or data.max_prompt_tokens if smaller)")
+    plan.add_argument("--response-tokens", type=int, metavar="T", help="mean completion length (default rollout.max_new_tokens/2)")
+    plan.add_argument("--mfu-train", type=float, metavar="U", help="training utilisation of bf16 peak (default 0.35 dense, 0.25 MoE)")
+    plan.add_argument("--mfu-gen", type=float, default=0.10, metavar="U", help="generation utilisation of bf16 peak (default 0.10)")
+    plan.add_argument("--plain", action="store_true", help="plain text instead of a rich table")
+    plan.set_defaults(func=cmd_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo", description="R1-Zero-style RL for language models (GRPO and relatives).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -400,34 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--toy", action="store_true", help="the recipe at toy scale, as `grpo train --toy` ran it")
     ev.set_defaults(func=cmd_eval)
 
-    plan = verbs.add_parser(
-        "plan", help="estimate memory per GPU, time and cost of a recipe on a cluster (or its memory on this CPU)",
-        description="Estimate, for RECIPE on NODES x GPUS-PER-NODE GPUs: memory per GPU while training (weights, "
-        "gradients, optimizer states, activations) and while generating (engine weights, KV cache), whether it fits, "
-        "and the time, GPU-hours and money of a step and of the whole run from generation and training FLOPs at the "
-        "stated utilisation. Exit status 1 when it does not fit. The model's architecture comes from an embedded "
-        "table of known models, a local config.json, or the Hub. With --gpu cpu (the default without a CUDA device): "
-        "the run's memory on this machine's CPU against its RAM (grpo/commands/cpu_memory.py).")
-    plan.add_argument("recipe", metavar="RECIPE", help="path of a YAML recipe")
-    plan.add_argument("overrides", nargs="*", metavar="key=value", help="override a recipe field, e.g. rollout.max_new_tokens=8192")
-    plan.add_argument("--nodes", type=int, metavar="N", help="number of nodes (default: the recipe's launch section)")
-    plan.add_argument("--gpus-per-node", type=int, metavar="G",
-                      help="GPUs per node (default: the processes per machine of the recipe's accelerate config)")
-    plan.add_argument("--gpu", choices=["h800", "h100", "h200", "a100", "a100-40", "cpu"], help="GPU model, or cpu: this "
-                      "machine's RAM for a CPU run (the default without a CUDA device; cluster flags are then unused)")
-    plan.add_argument("--price-per-gpu-hour", type=float, default=2.0, metavar="P", help="USD per GPU-hour (default 2)")
-    plan.add_argument("--sharding", choices=["full", "hybrid", "none"],
-                      help="FSDP2 full shard over all GPUs, hybrid: shard within a node and replicate across, none: "
-                      "replicated (DDP) (default: from the recipe's accelerate config, else full)")
-    plan.add_argument("--tp", type=int, metavar="T", help="rollout engine tensor-parallel size (default: the recipe's "
-                      "rollout.vllm.tensor_parallel_size, else the smallest that leaves room)")
-    plan.add_argument("--steps", type=int, metavar="S", help="steps of the whole run (default trainer.steps)")
-    plan.add_argument("--prompt-tokens", type=int, metavar="T", help="mean prompt length (default 256, or data.max_prompt_tokens if smaller)")
-    plan.add_argument("--response-tokens", type=int, metavar="T", help="mean completion length (default rollout.max_new_tokens/2)")
-    plan.add_argument("--mfu-train", type=float, metavar="U", help="training utilisation of bf16 peak (default 0.35 dense, 0.25 MoE)")
-    plan.add_argument("--mfu-gen", type=float, default=0.10, metavar="U", help="generation utilisation of bf16 peak (default 0.10)")
-    plan.add_argument("--plain", action="store_true", help="plain text instead of a rich table")
-    plan.set_defaults(func=cmd_plan)
+    _add_plan_parser(verbs)
 
     rec = verbs.add_parser("recipes", help="list the shipped recipes, one line each",
                            description="List the recipes shipped in recipes/ with the first line of each header comment.")
