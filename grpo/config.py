@@ -170,6 +170,59 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     top_k: int = Field(0, ge=0, description="top-k sampling (0 disables)")
     stop: list[str] = Field(["</answer>"], description="stop strings, kept in the completion")
+    max_new_tokens_schedule: list[tuple[int, int]] | None = Field(
+        None, description="completion length cap by step: [[from_step, tokens], ...], sorted, the first from step 0; "
+        "step s generates with the last entry whose from_step <= s (DeepSeek-R1: [[0, 32768], [8200, 65536]]); "
+        "max_new_tokens is then the largest cap of the run (it defaults to the schedule's largest value and "
+        "sizes the engines and evaluation). None: max_new_tokens at every step",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cap_from_schedule(cls, data: Any) -> Any:
+        """With a schedule and no max_new_tokens, the run's largest cap is the schedule's largest value."""
+        if isinstance(data, dict) and data.get("max_new_tokens_schedule") and "max_new_tokens" not in data:
+            try:
+                data = {**data, "max_new_tokens": max(int(pair[1]) for pair in data["max_new_tokens_schedule"])}
+            except (TypeError, ValueError, IndexError, KeyError):
+                pass  # malformed: the field's own validation reports it
+        return data
+
+    @field_validator("max_new_tokens_schedule")
+    @classmethod
+    def _schedule_sorted(cls, value: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+        if value is None:
+            return None
+        if not value or value[0][0] != 0:
+            raise ValueError("the first entry must start at step 0, e.g. [[0, 32768], [8200, 65536]]")
+        steps = [start for start, _ in value]
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"from_step values must increase strictly, got {steps}")
+        if any(tokens < 1 for _, tokens in value):
+            raise ValueError("every token cap must be >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _cap_covers_schedule(self) -> RolloutConfig:
+        if self.max_new_tokens_schedule:
+            largest = max(tokens for _, tokens in self.max_new_tokens_schedule)
+            if self.max_new_tokens < largest:
+                raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens} is below the largest cap {largest} of "
+                                 "rollout.max_new_tokens_schedule (with a schedule it is the run's largest cap: leave "
+                                 "it out, or raise it)")
+        return self
+
+    def max_new_tokens_at(self, step: int) -> int:
+        """The completion length cap of `step` (the schedule's entry for it, else max_new_tokens).
+
+        >>> RolloutConfig(max_new_tokens_schedule=[[0, 16], [3, 32]]).max_new_tokens_at(2)
+        16
+        >>> [RolloutConfig(max_new_tokens_schedule=[[0, 16], [3, 32]]).max_new_tokens_at(s) for s in (3, 9)]
+        [32, 32]
+        """
+        if not self.max_new_tokens_schedule:
+            return self.max_new_tokens
+        return [tokens for start, tokens in self.max_new_tokens_schedule if start <= step][-1]
 
 
 # Named algorithm presets. Each expands to the settings its paper describes; a field written in
@@ -220,6 +273,16 @@ class AlgorithmConfig(Section):
     beta: float = Field(0.0, ge=0, description="KL coefficient to a frozen reference policy (0: no reference is loaded)")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator (Schulman's k1, k2, k3)")
     num_iterations: int = Field(1, ge=1, description="optimisation passes over each batch of rollouts")
+    mini_batches: int = Field(
+        1, ge=1, description="optimizer steps per pass over a generation batch: the batch's groups (advantages "
+        "computed over the whole batch) are cut into this many mini-batches of whole groups, one optimizer step "
+        "each (DeepSeek-R1: 8,192 outputs in 16 mini-batches; veRL's ppo_mini_batch_size); the old log-probs are "
+        "computed once, before the first; trainer.prompts_per_step must be a multiple of it",
+    )
+    ref_refresh_steps: int | None = Field(
+        None, ge=1, description="every N steps (generation batches) the reference policy becomes the current policy "
+        "(DeepSeek-R1: 400); needs beta > 0. None: the reference stays the initial policy",
+    )
     sampler_correction: Literal["none", "tis", "mis", "icepop"] = Field(
         "none", description="sampler/trainer mismatch: truncated IS (tis), sequence masking (mis), two-sided token mask (icepop)"
     )
@@ -268,7 +331,8 @@ class RewardsConfig(Section):
 
 
 class TrainerConfig(Section):
-    steps: int = Field(300, ge=1, description="optimizer steps (one batch of rollouts each)")
+    steps: int = Field(300, ge=1, description="steps: generation batches, each trained with algorithm.mini_batches x "
+                       "num_iterations optimizer steps (the learning-rate schedule counts optimizer steps)")
     prompts_per_step: int = Field(8, ge=1, description="prompts per step; each gets group_size completions")
     micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward (gradient accumulation above it)")
     shared_prompt_forward: bool = Field(
@@ -279,7 +343,7 @@ class TrainerConfig(Section):
     lr: float = Field(1e-4, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas")
-    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up, in steps (generation batches)")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="learning rate after the warm-up: constant, or decayed linearly or along a half "
         "cosine towards lr * min_lr_ratio, reached one step after the last (grpo.model.optim.lr_factor)",
@@ -381,6 +445,12 @@ class RunConfig(Section):
     def _consistent(self) -> RunConfig:
         if self.algorithm.clip_high < self.algorithm.clip_low:
             raise ValueError("algorithm.clip_high must be >= algorithm.clip_low (clip-higher never clips tighter)")
+        if self.trainer.prompts_per_step % self.algorithm.mini_batches:
+            raise ValueError(f"trainer.prompts_per_step={self.trainer.prompts_per_step} must be a multiple of "
+                             f"algorithm.mini_batches={self.algorithm.mini_batches} (mini-batches hold whole groups)")
+        if self.algorithm.ref_refresh_steps is not None and self.algorithm.beta <= 0:
+            raise ValueError("algorithm.ref_refresh_steps needs algorithm.beta > 0: without the KL term no reference "
+                             "policy is loaded, so there is nothing to refresh")
         names = [s.name for s in self.eval.datasets]
         if len(set(names)) != len(names) or "heldout" in names:
             raise ValueError("eval.datasets: names must be unique and not `heldout` (the held-out split's name)")

@@ -18,7 +18,11 @@ forward hook per router does all of the following, so nothing here subclasses a 
 - **Load-balancing loss** (Switch Transformer, 2101.03961): per layer
   `E * sum_e f_e * P_e` over attended tokens, `f_e` the share of (token, slot) assignments to
   expert e times top_k and `P_e` the mean router probability; equal to top_k when perfectly
-  balanced, mean over layers. Weighted by `moe.aux_loss_coef` (0 by default: RL peers found it
+  balanced, mean over layers. The router probability is the family's own: the softmax of the
+  logits, and for sigmoid-scored routers (DeepSeek-V3, `e_score_correction_bias`) the sigmoid
+  scores normalised to sum 1 per token, `s'_e = s_e / sum_j s_j`, as in DeepSeek-V3's
+  complementary sequence-wise balance loss (2412.19437, section 2.1.2, eqs. 17-20; there over
+  each sequence and scaled so balance gives 1, here over the batch's tokens and giving top_k). Weighted by `moe.aux_loss_coef` (0 by default: RL peers found it
   hurts, and replayed routing should not be pushed around by it).
 - **Expert-load metrics** under `moe/`: `moe/layer_{l}/expert_{e}/share` (share of the layer's
   token slots), `moe/layer_{l}/entropy` (entropy of the shares divided by log E: 1 = balanced),
@@ -62,6 +66,17 @@ def _sigmoid_scored(router: torch.nn.Module) -> bool:
 def _plain_topk(router: torch.nn.Module) -> bool:
     """The router picks the top-k of its softmax (not group-limited, no score correction)."""
     return not _sigmoid_scored(router) and getattr(router, "topk_method", "greedy") == "greedy"
+
+
+def router_probabilities(router: torch.nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """[T, E] probabilities a router gives each expert, for the load-balancing loss: the softmax of
+    the logits, or for a sigmoid-scored router (DeepSeek-V3) the sigmoid scores normalised to sum 1
+    per token (DeepSeek-V3, 2412.19437, eq. 19). The score correction bias only steers the choice
+    and is left out, as there."""
+    if _sigmoid_scored(router):
+        scores = logits.float().sigmoid()  # [T, E]
+        return scores / scores.sum(-1, keepdim=True)
+    return logits.softmax(-1)
 
 
 def topk_weights(router: torch.nn.Module, logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -210,7 +225,7 @@ class RouterControl:
         for logits, used, part, layer in zip(scope.logits, scope.used, parts, layer_of):
             weight = scope.token_weight(part)  # [T] or None
             weight = torch.ones(logits.shape[0], device=logits.device) if weight is None else weight.to(logits.device)
-            probs = logits.softmax(-1)  # [T, E]
+            probs = router_probabilities(self.routers[layer], logits)  # [T, E]
             slots = F.one_hot(used, self.num_experts).float().sum(1)  # [T, E] (k ones per token)
             acc = sums.setdefault(layer, [0.0, 0.0, 0.0])
             acc[0] = acc[0] + (weight[:, None] * slots).sum(0)

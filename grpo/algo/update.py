@@ -1,10 +1,17 @@
-"""The policy update: teacher-forced log-probs, the loss, micro-batches with accumulation.
+"""The policy update: teacher-forced log-probs, the loss, mini-batches and micro-batches with accumulation.
 
-The normaliser of the loss counts the whole batch, so every micro-batch contributes exactly its
-share and the update does not depend on how the batch is split. With num_iterations > 1 the old
-log-probs are computed once, before the first pass; reference log-probs (beta > 0) likewise.
-Under several processes the normaliser is summed over ranks and divided by the world size (DDP and
-FSDP average gradients), so the averaged gradient is the global-batch gradient.
+A generation batch is trained with `algorithm.num_iterations` passes; each pass cuts the batch's
+groups into `algorithm.mini_batches` mini-batches of whole groups (advantages were computed over
+the whole batch before), one optimizer step each (DeepSeek-R1's 8,192 outputs in 16 mini-batches;
+veRL's `ppo_mini_batch_size`). With more than one optimizer step per batch the old log-probs are
+computed once, before the first, so the ratio of every later step is taken against the policy
+that the batch was trained from; the sampler's log-probs stay the behaviour policy of the
+mismatch correction for every mini-batch. Reference log-probs (beta > 0) are computed once too.
+
+The normaliser of the loss counts the whole mini-batch, so every micro-batch contributes exactly
+its share and the update does not depend on how a mini-batch is split. Under several processes
+the normaliser is summed over ranks and divided by the world size (DDP and FSDP average
+gradients), so the averaged gradient is the global mini-batch's gradient.
 """
 
 from __future__ import annotations
@@ -53,8 +60,8 @@ def frozen_logprobs(model, batch: dict[str, torch.Tensor], chunks: list[slice], 
                                      chunk=chunk_tokens, prompt_lens=_rows(prompt_lens, c))[0] for c in chunks])
 
 
-def _rows(t: torch.Tensor | None, c: slice) -> torch.Tensor | None:
-    return t[c] if t is not None else None
+def _rows(t: torch.Tensor | None, c: slice | torch.Tensor | None) -> torch.Tensor | None:
+    return t[c] if t is not None and c is not None else t
 
 
 def prompt_routing_agrees(rollouts: list[Rollout]) -> bool:
@@ -102,22 +109,55 @@ class _Plan:
         rep = (self.replay[0][c], self.replay[1][c]) if self.replay is not None else (None, None)
         return self.moe.scope(self.batch["attention_mask"][c], *rep, keep_logits=self.moe.cfg.aux_loss_coef > 0, **kw)
 
+    def subset(self, rows: torch.Tensor, micro_batch_size: int, normalizer: float) -> _Plan:
+        """The plan of the rows `rows` [b] (a mini-batch), cut into its own micro-batches."""
+        size = len(rows)
+        chunks = [slice(i, min(i + micro_batch_size, size)) for i in range(0, size, micro_batch_size)]
+        batch = {k: v[rows] for k, v in self.batch.items()}
+        replay = tuple(t[rows] for t in self.replay) if self.replay is not None else None
+        return _Plan(batch, chunks, normalizer, max(batch["mask"].sum().item(), 1.0), self.moe, replay,
+                     _rows(self.prompt_lens, rows))
+
     def forward(self, model, c: slice, temperature: float, chunk_tokens: int, sc, with_entropy: bool = False):
         b = self.batch
         return token_logprobs(model, b["input_ids"][c], b["attention_mask"][c], temperature, with_entropy=with_entropy,
                               chunk=chunk_tokens, prompt_lens=_rows(self.prompt_lens, c), routing=sc)
 
 
+def _global_normalizer(normalizer_of, mask: torch.Tensor, max_new_tokens: int) -> float:
+    """Every normaliser is additive over rows (tokens, sequences, sequences x L_max): sum over ranks,
+    clamp once, divide by the world size (gradients are averaged over ranks)."""
+    local = normalizer_of(mask, max_new_tokens) if bool(mask.any()) else 0.0
+    return max(all_reduce_sum(local), 1.0) / world_size()
+
+
+def mini_batch_rows(rollouts: list[Rollout], parts: int) -> list[torch.Tensor]:
+    """Row indices [b] of each mini-batch: this rank's groups in order, cut into `parts` runs of whole
+    groups, as equal as they divide (fewer parts when there are fewer groups, e.g. after DAPO's
+    dynamic sampling came up short).
+
+    >>> from rollout.base import Rollout
+    >>> rs = [Rollout(g, (1,), (2,), "", (0.0,), "stop") for g in (0, 0, 1, 1, 2, 2)]
+    >>> [t.tolist() for t in mini_batch_rows(rs, 2)]
+    [[0, 1], [2, 3, 4, 5]]
+    """
+    groups = sorted({r.group for r in rollouts})
+    parts = max(1, min(parts, len(groups)))
+    bounds = [len(groups) * i // parts for i in range(parts + 1)]
+    rows = []
+    for i in range(parts):
+        members = set(groups[bounds[i]: bounds[i + 1]])
+        rows.append(torch.tensor([b for b, r in enumerate(rollouts) if r.group in members], dtype=torch.long))
+    return rows
+
+
 def _plan(rollouts: list[Rollout], cfg: RunConfig, normalizer_of, pad_id: int, device: torch.device,
-          moe: RouterControl | None) -> _Plan:
+          moe: RouterControl | None, max_new_tokens: int) -> _Plan:
     algo, tr = cfg.algorithm, cfg.trainer
     batch = {k: v.to(device) for k, v in collate(rollouts, pad_id, algo.overlong_filter).items()}
     size = len(rollouts)
     chunks = [slice(i, min(i + tr.micro_batch_size, size)) for i in range(0, size, tr.micro_batch_size)]
-    # every normaliser is additive over rows (tokens, sequences, sequences x L_max): sum over ranks,
-    # clamp once, divide by the world size (gradients are averaged over ranks)
-    local = normalizer_of(batch["mask"], cfg.rollout.max_new_tokens) if bool(batch["mask"].any()) else 0.0
-    normalizer = max(all_reduce_sum(local), 1.0) / world_size()
+    normalizer = _global_normalizer(normalizer_of, batch["mask"], max_new_tokens)
     moe = moe if moe is not None and moe.is_moe else None
     shared, replay = tr.shared_prompt_forward, None
     if moe is not None and moe.cfg.routing_replay == "R3":
@@ -133,8 +173,8 @@ def _plan(rollouts: list[Rollout], cfg: RunConfig, normalizer_of, pad_id: int, d
 
 @torch.no_grad()
 def _old_logprobs(model, plan: _Plan, cfg: RunConfig) -> torch.Tensor:
-    """Log-probs of the batch before the first pass (num_iterations > 1); under R2 the experts
-    they used become the replay of the later passes."""
+    """Log-probs of the batch before the first optimizer step (when there are several); under R2
+    the experts they used become the replay of the later steps."""
     olds, recorded = [], []
     for c in plan.chunks:
         with plan.scope(c, count=False) as sc:
@@ -169,40 +209,72 @@ def _accumulate(model, plan: _Plan, cfg: RunConfig, loss_fn, old, ref, sums: dic
         _merge(sums, metrics, mask.sum().item() / plan.total_tokens)
 
 
+def _mini_batches(plan: _Plan, rollouts: list[Rollout], cfg: RunConfig, normalizer_of,
+                  max_new_tokens: int) -> list[tuple[_Plan, torch.Tensor | None]]:
+    """(plan, rows) of each mini-batch; one mini-batch is the whole plan itself (rows None)."""
+    if cfg.algorithm.mini_batches == 1:
+        return [(plan, None)]
+    out = []
+    for rows in mini_batch_rows(rollouts, cfg.algorithm.mini_batches):
+        rows = rows.to(plan.batch["mask"].device)
+        normalizer = _global_normalizer(normalizer_of, plan.batch["mask"][rows], max_new_tokens)
+        out.append((plan.subset(rows, cfg.trainer.micro_batch_size, normalizer), rows))
+    return out
+
+
+def optimizer_steps_per_batch(cfg: RunConfig) -> int:
+    """Optimizer steps one generation batch is trained with (what the learning-rate schedule counts)."""
+    return cfg.algorithm.num_iterations * cfg.algorithm.mini_batches
+
+
 def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad_id: int,
-                  device: torch.device, ref_model=None, moe: RouterControl | None = None) -> dict[str, float]:
-    """One or more optimisation passes over the batch, in micro-batches with accumulation.
+                  device: torch.device, ref_model=None, moe: RouterControl | None = None,
+                  schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+                  max_new_tokens: int | None = None) -> dict[str, float]:
+    """`algorithm.num_iterations` passes over the batch, each of `algorithm.mini_batches` optimizer
+    steps on mini-batches of whole groups, in micro-batches with accumulation.
 
     `ref_model` is the frozen reference policy, needed only when `algorithm.beta > 0`.
     Under several processes `rollouts` is this rank's share; the normaliser counts the global
-    batch divided by the world size, because DDP/FSDP average gradients over ranks. With `moe`,
+    mini-batch divided by the world size, because DDP/FSDP average gradients over ranks. With `moe`,
     each forward runs inside a routing scope (replay R2/R3, aux loss, expert-load counts). A
-    non-finite loss or gradient norm skips the optimizer step (`train/skipped` = 1).
+    non-finite loss or gradient norm skips that optimizer step and the rest of the batch's
+    (`train/skipped` = 1). `schedule` steps after every optimizer step taken. `max_new_tokens`: the
+    length cap the batch was generated with (Dr. GRPO's normaliser; None: `rollout.max_new_tokens`).
+    The loss metrics are means over the optimizer steps; `train/grad_norm` is the last step's.
     """
     algo, tr = cfg.algorithm, cfg.trainer
+    max_new_tokens = max_new_tokens or cfg.rollout.max_new_tokens
     loss_fn, normalizer_of = objective_from_config(algo, off_policy=tr.max_staleness > 0)
-    plan = _plan(rollouts, cfg, normalizer_of, pad_id, device, moe)
-    old = _old_logprobs(model, plan, cfg) if algo.num_iterations > 1 else None
+    plan = _plan(rollouts, cfg, normalizer_of, pad_id, device, moe, max_new_tokens)
+    steps = algo.num_iterations * min(algo.mini_batches, len({r.group for r in rollouts}))
+    old = _old_logprobs(model, plan, cfg) if steps > 1 else None
     ref = None
     if algo.beta > 0:
         if ref_model is None:
             raise ValueError("algorithm.beta > 0 needs a reference model")
         ref = frozen_logprobs(ref_model, plan.batch, plan.chunks, cfg.rollout.temperature, algo.logprob_chunk,
                               plan.prompt_lens)
+    minis = _mini_batches(plan, rollouts, cfg, normalizer_of, max_new_tokens)  # after R2 recorded its replay
 
     sums: dict[str, float] = {}
     skipped = 0.0
     for _ in range(algo.num_iterations):
-        optimizer.zero_grad(set_to_none=True)
-        _accumulate(model, plan, cfg, loss_fn, old, ref, sums)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.max_grad_norm)
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP2
-        if not (math.isfinite(grad_norm) and math.isfinite(all_reduce_sum(sums.get("train/loss", 0.0)))):
-            optimizer.zero_grad(set_to_none=True)  # every rank sees the same all-reduced values
-            skipped = 1.0
+        for mini, rows in minis:
+            optimizer.zero_grad(set_to_none=True)
+            _accumulate(model, mini, cfg, loss_fn, _rows(old, rows), _rows(ref, rows), sums)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.max_grad_norm)
+            grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP2
+            if not (math.isfinite(grad_norm) and math.isfinite(all_reduce_sum(sums.get("train/loss", 0.0)))):
+                optimizer.zero_grad(set_to_none=True)  # every rank sees the same all-reduced values
+                skipped = 1.0
+                break
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+        if skipped:
             break
-        optimizer.step()
-    sums = {k: v if k.endswith(("_min", "_max")) else v / algo.num_iterations for k, v in sums.items()}
+    sums = {k: v if k.endswith(("_min", "_max")) else v / steps for k, v in sums.items()}
     sums["train/grad_norm"] = grad_norm
     sums["train/overlong_filtered_frac"] = 1.0 - plan.batch["mask"].sum().item() / max(
         sum(r.num_completion_tokens for r in rollouts), 1)

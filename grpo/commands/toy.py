@@ -42,6 +42,9 @@ TOY_WIDTH = 64
 TOY_LAYERS = 2
 TOY_HEAD_DIM = 32  # vLLM's CPU attention takes 32, 64, 80, 96, 112, 128 and up
 TOY_EXPERTS, TOY_TOP_K = 4, 2
+# DeepSeek-V3's group-limited top-k: experts in groups, a token's top-k drawn from its best
+# `topk_group` groups (each group scored by its two best experts, so a group needs two or more)
+TOY_V3_EXPERTS, TOY_V3_GROUPS, TOY_V3_TOPK_GROUPS = 8, 4, 2
 TOY_POSITIONS = 1024  # the R1 template alone is ~420 bytes
 TOY_TRAIN_ROWS, TOY_EVAL_ROWS = 64, 4
 
@@ -56,6 +59,7 @@ TOY_SCALE: dict[str, Any] = {
     "trainer.threads": lambda v: v or 1,
     "rollout.group_size": lambda v: min(v, 4),
     "rollout.max_new_tokens": lambda v: min(v, 16),
+    "rollout.max_new_tokens_schedule": lambda v: None if v is None else [[start, min(t, 16)] for start, t in v],
     "eval.num_prompts": lambda v: min(v, TOY_EVAL_ROWS),
     "eval.every": lambda v: 1 if v else 0,
     "eval.k": lambda v: min(v, 2),
@@ -101,10 +105,13 @@ def _moe_kwargs(arch: Arch) -> dict[str, Any]:
     if t == "mixtral":
         return {"num_local_experts": e, "num_experts_per_tok": k, "intermediate_size": width}
     if t in ("deepseek_v2", "deepseek_v3"):
-        return {"n_routed_experts": e, "num_experts_per_tok": k, "moe_intermediate_size": width,
-                "n_shared_experts": min(arch.shared_experts, 1) or None,
+        # V3 routes group-limited (sigmoid scores, correction bias, best groups first); V2's toy
+        # keeps its greedy top-k
+        v3 = t == "deepseek_v3"
+        return {"n_routed_experts": TOY_V3_EXPERTS if v3 else e, "num_experts_per_tok": k,
+                "moe_intermediate_size": width, "n_shared_experts": min(arch.shared_experts, 1) or None,
                 "first_k_dense_replace": min(arch.first_dense_layers, TOY_LAYERS - 1),
-                "n_group": 1, "topk_group": 1}
+                "n_group": TOY_V3_GROUPS if v3 else 1, "topk_group": TOY_V3_TOPK_GROUPS if v3 else 1}
     raise ToyError(f"toy scale does not know the expert options of model_type {t!r}")
 
 

@@ -19,8 +19,14 @@ def make_optimizer(model, tr: TrainerConfig, fused: bool = True) -> torch.optim.
     return torch.optim.AdamW(params, lr=tr.lr, betas=tr.betas, weight_decay=tr.weight_decay, fused=fused or None)
 
 
-def lr_factor(step: int, tr: TrainerConfig) -> float:
+def lr_factor(step: int, tr: TrainerConfig, per_batch: int = 1) -> float:
     """The learning rate of optimizer step `step` (0-based) as a share of `trainer.lr`.
+
+    `trainer.steps` and `trainer.warmup_steps` count steps (generation batches); the schedule
+    counts optimizer steps, `per_batch` of them per step (`algorithm.mini_batches` x
+    `num_iterations`, `grpo.algo.update.optimizer_steps_per_batch`). Below, `steps` and
+    `warmup_steps` are the trainer's times `per_batch`, so a warm-up of W steps lasts W x per_batch
+    optimizer steps and the decay reaches its end one optimizer step after the run's last.
 
     Linear warm-up over `warmup_steps` ((s + 1) / (warmup_steps + 1)), then, for `lr_schedule`
     "constant", 1; for "linear" and "cosine", a decay from 1 at the end of the warm-up towards
@@ -39,15 +45,18 @@ def lr_factor(step: int, tr: TrainerConfig) -> float:
     >>> [round(lr_factor(s, tr.model_copy(update={"lr_schedule": "cosine", "min_lr_ratio": 0.1})), 3) for s in range(5)]
     [0.5, 1.0, 0.868, 0.55, 0.232]
     """
-    if step < tr.warmup_steps:
-        return (step + 1) / (tr.warmup_steps + 1)
+    warmup, steps = tr.warmup_steps * per_batch, tr.steps * per_batch
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
     if tr.lr_schedule == "constant":
         return 1.0
-    t = min(1.0, (step - tr.warmup_steps) / max(1, tr.steps - tr.warmup_steps))
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
     shape = 1.0 - t if tr.lr_schedule == "linear" else (1.0 + math.cos(math.pi * t)) / 2
     return tr.min_lr_ratio + (1.0 - tr.min_lr_ratio) * shape
 
 
-def make_schedule(optimizer: torch.optim.Optimizer, tr: TrainerConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """`trainer.lr` times `lr_factor` at each step (warm-up, then constant or decayed)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tr))
+def make_schedule(optimizer: torch.optim.Optimizer, tr: TrainerConfig,
+                  per_batch: int = 1) -> torch.optim.lr_scheduler.LambdaLR:
+    """`trainer.lr` times `lr_factor` at each optimizer step (warm-up, then constant or decayed);
+    `per_batch` optimizer steps per trainer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tr, per_batch))

@@ -5,6 +5,8 @@ Layout (`OUTPUT_DIR/checkpoints/step-NNNNNN/`):
 - `optimizer.pt`  optimizer state (a full, unsharded state dict, also under FSDP2)
 - `scheduler.pt`  learning-rate scheduler state
 - `rng-rank{r}.pt` Python, NumPy, torch CPU (and CUDA) RNG states of every rank
+- `reference.pt`  the reference policy's weights, once `algorithm.ref_refresh_steps` has replaced
+                  it with the policy (before that it is the recipe's model, reloaded from there)
 - `state.json`    step, prompt-sampler epoch/position, tracker run ids, skip counters, world size
                   and every rank's parameter digest (sha256; equal on all ranks under DDP)
 
@@ -38,6 +40,7 @@ from grpo.collectives import gather_objects
 from grpo.errors import UserError
 
 STATE_FILE = "state.json"
+REFERENCE_FILE = "reference.pt"
 log = logging.getLogger(__name__)
 
 
@@ -328,6 +331,19 @@ def restore(path: Path, *, model, optimizer, scheduler, rank: int) -> None:
     rng_file = path / f"rng-rank{rank}.pt"
     if rng_file.is_file():  # a run resumed on more ranks than it was saved from re-seeds the rest
         _set_rng_state(torch.load(rng_file, weights_only=False))
+
+
+def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A plain (unsharded, unwrapped) module's state on the CPU, e.g. the reference policy's."""
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
+def restore_reference(path: Path, ref_model: torch.nn.Module | None) -> None:
+    """The reference policy as the checkpoint's run had it: its saved weights when a refresh had
+    replaced it (`REFERENCE_FILE`); otherwise it stays the recipe's model."""
+    file = Path(path) / REFERENCE_FILE
+    if ref_model is not None and file.is_file():
+        ref_model.load_state_dict(torch.load(file, weights_only=True))
 
 
 def trim_metrics(output_dir: Path, step: int) -> None:

@@ -62,6 +62,12 @@ def check_supported(cfg, world: int) -> None:
         raise UnsupportedError(
             f"algorithm.dynamic_sampling=true is not supported with {world} processes yet (ranks would draw "
             "different numbers of prompts); run it in one process, or set algorithm.dynamic_sampling=false")
+    per_rank, parts = cfg.trainer.prompts_per_step // world, cfg.algorithm.mini_batches
+    if world > 1 and per_rank % parts:
+        raise UnsupportedError(
+            f"algorithm.mini_batches={parts} must divide each of the {world} processes' {per_rank} prompts "
+            f"(trainer.prompts_per_step={cfg.trainer.prompts_per_step}): every process cuts its own groups into "
+            "the same number of mini-batches")
     if cfg.trainer.max_staleness and world > 1:
         raise UnsupportedError(
             f"trainer.max_staleness={cfg.trainer.max_staleness} (asynchronous RL) is not supported with {world} "

@@ -132,8 +132,11 @@ def score_rollouts(scorer: Scorer, rollouts: list[Rollout], groups: list[PromptG
 
 def collect_rollouts(ctx: SamplingContext, step: int, policy_version: int | None = None) -> RolloutBatch:
     """This rank's prompts of `step`, G completions each, scored (more rounds under dynamic sampling).
-    `policy_version`: the optimizer steps the engine's weights have taken (synchronous: step - 1)."""
+    `policy_version`: the steps the engine's weights have taken (synchronous: step - 1). The
+    completion cap is `rollout.max_new_tokens_at(step)`, the step the batch is sampled for (an
+    asynchronous run samples ahead of the trainer), logged as `rollout/max_new_tokens`."""
     cfg, seconds = ctx.cfg, {"generate": 0.0, "score": 0.0}
+    new_tokens = cfg.rollout.max_new_tokens_at(step) if cfg.rollout.max_new_tokens_schedule else ctx.sampling.max_new_tokens
     version = step - 1 if policy_version is None else policy_version
     rounds = iter(range(cfg.algorithm.max_sampling_attempts + 1))
 
@@ -145,11 +148,11 @@ def collect_rollouts(ctx: SamplingContext, step: int, policy_version: int | None
 
     def generate_and_score(groups: list[PromptGroup]) -> tuple[list[Rollout], dict[str, float]]:
         t = time.perf_counter()
-        sampling = replace(ctx.sampling, prompt_seeds=tuple(g.seed for g in groups))
+        sampling = replace(ctx.sampling, prompt_seeds=tuple(g.seed for g in groups), max_new_tokens=new_tokens)
         rollouts = ctx.engine.generate([g.token_ids for g in groups], cfg.rollout.group_size, sampling)
         rollouts = [replace(r, policy_version=version) for r in rollouts]
         ts = time.perf_counter()
-        scored = score_rollouts(ctx.scorer, rollouts, groups, cfg.rollout.max_new_tokens)
+        scored = score_rollouts(ctx.scorer, rollouts, groups, new_tokens)
         seconds["generate"] += ts - t
         seconds["score"] += time.perf_counter() - ts
         return scored
@@ -159,4 +162,5 @@ def collect_rollouts(ctx: SamplingContext, step: int, policy_version: int | None
                                              max_attempts=cfg.algorithm.max_sampling_attempts)
     first = ctx.batch.start or 0  # kept groups are renumbered: their index is their place in the batch
     groups = tuple(replace(g, index=first + i) for i, g in enumerate(groups))
+    metrics = {**metrics, "rollout/max_new_tokens": float(new_tokens)}
     return RolloutBatch(groups, rollouts, metrics, seconds["generate"], seconds["score"], version)

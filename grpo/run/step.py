@@ -69,17 +69,18 @@ def run_step(ctx: StepContext, step: int) -> StepResult:
     return learn(ctx.learning, step, collect_rollouts(ctx.sampling, step))
 
 
-def update_policy(ctx: LearningContext, rollouts: list[Rollout]) -> tuple[dict[str, float], bool]:
+def update_policy(ctx: LearningContext, rollouts: list[Rollout], max_new_tokens: int | None = None
+                  ) -> tuple[dict[str, float], bool]:
     """The policy update between the engine's phase hooks, then the new weights pushed to it.
-    Returns the update's metrics (with its seconds) and whether it was skipped (not finite)."""
+    The learning-rate schedule steps once per optimizer step the update takes. `max_new_tokens`:
+    the cap the batch was generated with. Returns the update's metrics (with its seconds) and
+    whether it was skipped (not finite)."""
     cfg = ctx.cfg
     t = time.perf_counter()
     ctx.engine.before_update()
     metrics = policy_update(ctx.model, ctx.optimizer, rollouts, cfg, ctx.tokenizer.pad_token_id, ctx.device,
-                            ref_model=ctx.ref_model, moe=ctx.moe)
+                            ref_model=ctx.ref_model, moe=ctx.moe, schedule=ctx.schedule, max_new_tokens=max_new_tokens)
     skipped = metrics.pop("train/skipped") > 0
-    if not skipped:
-        ctx.schedule.step()
     t_sync = time.perf_counter()
     sync_engine(ctx.engine, ctx.model, ctx.unwrapped)
     ctx.engine.after_update()
@@ -102,13 +103,28 @@ def sync_engine(engine: RolloutEngine, model, unwrapped) -> None:
     engine.update_weights(full.items())
 
 
+def refresh_reference(ctx: LearningContext, step: int) -> bool:
+    """Every `algorithm.ref_refresh_steps` steps the reference policy becomes the current policy
+    (DeepSeek-R1: every 400 steps), after that step's update; returns whether it did. A collective
+    under FSDP2 (the full weights are gathered on every rank)."""
+    every = ctx.cfg.algorithm.ref_refresh_steps
+    if ctx.ref_model is None or not every or step % every:
+        return False
+    from grpo.run.checkpoint import full_model_state
+
+    ctx.ref_model.load_state_dict(full_model_state(ctx.model, every_rank=True))
+    return True
+
+
 def learn(ctx: LearningContext, step: int, batch: RolloutBatch) -> StepResult:
     """Advantages over the global batch, the update, the weight push and the step's metrics."""
     cfg, started = ctx.cfg, time.perf_counter()
-    rollouts, adv_metrics = assign_advantages(batch.rollouts, cfg.algorithm, cfg.rollout.group_size,
-                                              cfg.rollout.max_new_tokens)
-    lr = ctx.schedule.get_last_lr()[0]  # the rate this update uses (the schedule steps after it)
-    train_metrics, skipped = update_policy(ctx, rollouts)
+    new_tokens = cfg.rollout.max_new_tokens_at(step)  # the cap the batch was generated with
+    rollouts, adv_metrics = assign_advantages(batch.rollouts, cfg.algorithm, cfg.rollout.group_size, new_tokens)
+    lr = ctx.schedule.get_last_lr()[0]  # the rate of this update's first optimizer step
+    train_metrics, skipped = update_policy(ctx, rollouts, new_tokens)
+    if cfg.algorithm.ref_refresh_steps:
+        train_metrics["train/ref_refreshed"] = float(refresh_reference(ctx, step))
     # synchronous: the step waited for its own generation; asynchronous: only for what was not ready
     waited = batch.update_wait_s if cfg.trainer.max_staleness else batch.generate_s + batch.score_s
     correct = correct_rewards(cfg.data, cfg.eval)

@@ -16,6 +16,9 @@ Where this departs from the papers, on purpose:
   base model and the reference anchor mostly slows learning.
 - One optimisation pass per batch by default (num_iterations = 1), so the clipped ratio is 1 and
   the update is REINFORCE with a group baseline; more passes use old log-probs computed once.
+- Several optimizer steps per generation batch (`algorithm.mini_batches`, DeepSeek-R1's 16) take
+  the learning-rate schedule through one optimizer step each: `trainer.steps` and
+  `trainer.warmup_steps` count generation batches, the schedule optimizer steps.
 - A step whose loss or gradient norm is not finite is skipped (not in any paper; a run stops
   after `trainer.max_consecutive_skips` in a row).
 - DAPO dynamic sampling (`algorithm.dynamic_sampling`) runs in one process only for now: ranks
@@ -39,6 +42,7 @@ import torch
 
 import grpo.run.step
 from grpo.algo.moe import RouterControl
+from grpo.algo.update import optimizer_steps_per_batch
 from grpo.collectives import all_reduce_sum, broadcast_object, gather_objects, rank_slice
 from grpo.config import RunConfig, dump_config
 from grpo.data.prompts import PromptSampler, correct_rewards
@@ -131,7 +135,8 @@ def prepare_training(cfg: RunConfig, accelerator, model, tokenizer, lengths: dic
     rollout = cfg.rollout.model_copy(update={"engine": "hf"}) if cfg.trainer.max_staleness else cfg.rollout
     engine = make_engine(rollout, engine_model, tokenizer, accelerator.device, seed=cfg.trainer.seed,
                          record_routing=cfg.moe.routing_replay == "R3", **(lengths or {}))
-    return model, accelerator.unwrap_model(model), optimizer, make_schedule(optimizer, cfg.trainer), engine
+    schedule = make_schedule(optimizer, cfg.trainer, optimizer_steps_per_batch(cfg))  # counts optimizer steps
+    return model, accelerator.unwrap_model(model), optimizer, schedule, engine
 
 
 class _NoTracker:
@@ -202,6 +207,8 @@ def set_up(cfg: RunConfig, output_dir: str | Path, resume: str | None, allow_cha
     model, tokenizer = load_policy(cfg.model, accelerator.device, path=ckpt / "model" if ckpt else None,
                                    progress=cfg.logging.progress)
     ref_model = reference_model(cfg, model, accelerator.device, resumed=bool(ckpt))  # before router hooks
+    if ckpt:
+        checkpoint.restore_reference(ckpt, ref_model)  # the refreshed reference (algorithm.ref_refresh_steps)
     moe = RouterControl(model, cfg.moe)
     train_rows, eval_rows = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)
     eval_sets = load_eval_sets(cfg, eval_rows)  # the engine's context holds the longest prompt of all
@@ -305,6 +312,9 @@ def save_if_due(run: Run, step: int, source: AsyncRollouts | None = None, now: b
     if not cfg.trainer.save_every or not (now or step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps):
         return None
     state.step, state.sampler_epoch, state.sampler_position = step, prompts.epoch, prompts.position
+    extra = {}
+    if c.ref_model is not None and cfg.algorithm.ref_refresh_steps and step >= cfg.algorithm.ref_refresh_steps:
+        extra[checkpoint.REFERENCE_FILE] = checkpoint.module_state(c.ref_model)  # no longer the recipe's model
     in_flight = None
     if source is not None:
         in_flight, sampler = source.in_flight(step)
@@ -313,7 +323,7 @@ def save_if_due(run: Run, step: int, source: AsyncRollouts | None = None, now: b
     state.tracker_ids = run.tracker.run_ids() if run.is_main else None
     return checkpoint.save(run.output_dir, state, model=c.model, unwrapped=c.unwrapped, tokenizer=c.tokenizer,
                            optimizer=c.optimizer, scheduler=c.schedule, keep_last=cfg.trainer.keep_checkpoints,
-                           is_main=run.is_main, extra={IN_FLIGHT_FILE: in_flight} if in_flight else None,
+                           is_main=run.is_main, extra={**extra, **({IN_FLIGHT_FILE: in_flight} if in_flight else {})},
                            config=cfg.model_dump(mode="json"))
 
 

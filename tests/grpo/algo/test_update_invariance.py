@@ -147,3 +147,66 @@ def test_reference_model_needed_only_with_beta():
     metrics = policy_update(model, torch.optim.SGD(model.parameters(), lr=0.1), rollouts(), config(8), pad_id=0,
                             device=CPU)  # beta 0: no reference anywhere
     assert "train/kl" not in metrics
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_mini_batches_equal_optimizer_steps_done_by_hand(passes):
+    """algorithm.mini_batches=2 on 2 groups: one optimizer step per group, by hand here. The old
+    log-probs (and the reference's) are taken once from the policy before the first step; each
+    step's loss is normalised by its own mini-batch (token mean over its 4 sequences); the sampler
+    log-probs stay the behaviour policy of the TIS correction in both. Micro-batches of 3 inside
+    each mini-batch of 4 (3 + 1, accumulated) must not matter."""
+    from grpo.algo.loss import objective_from_config
+
+    algorithm = {"preset": "grpo", "beta": 0.5, "loss_agg": "token_mean", "sampler_correction": "tis",
+                 "mini_batches": 2, "num_iterations": passes}
+    got, metrics = updated(3, **algorithm)
+
+    batch, cfg = rollouts(), config(8, **algorithm)
+    model = tiny_moe()
+    ref = copy.deepcopy(model).requires_grad_(False)
+    with torch.no_grad():  # the same reference as `updated` builds
+        for p in ref.parameters():
+            p.add_(0.01 * torch.randn(p.shape, dtype=p.dtype, generator=torch.Generator().manual_seed(p.numel())))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss_fn, normalizer_of = objective_from_config(cfg.algorithm)
+    b = collate(batch, pad_id=0)
+    with torch.no_grad():
+        old = token_logprobs_plain(model, b["input_ids"], b["attention_mask"])  # [8, S-1], before any step
+        ref_lp = token_logprobs_plain(ref, b["input_ids"], b["attention_mask"])  # [8, S-1]
+    for _ in range(passes):
+        for half in (slice(0, 4), slice(4, 8)):  # group 0, then group 1
+            optimizer.zero_grad()
+            logprobs = token_logprobs_plain(model, b["input_ids"][half], b["attention_mask"][half])  # [4, S-1]
+            mask = b["mask"][half]  # [4, S-1]
+            # token mean over this mini-batch only: sum over its tokens / its own token count
+            loss, _ = loss_fn(logprobs, old[half], b["advantages"][half], mask, normalizer=mask.sum().item(),
+                              sampler_logprobs=b["sampler_logprobs"][half], ref_logprobs=ref_lp[half])
+            loss.backward()
+            optimizer.step()
+    for a, p in zip(got, model.parameters()):
+        torch.testing.assert_close(a, p.detach(), rtol=0, atol=1e-9)
+
+    whole, _ = updated(3, **{**algorithm, "mini_batches": 1})  # one step on the whole batch is another update
+    assert max((a - w).abs().max().item() for a, w in zip(got, whole)) > 1e-4
+    assert metrics["train/approx_kl_old"] > 0  # the second step's ratios are taken against the old policy
+
+
+def test_mini_batches_step_the_schedule_once_per_optimizer_step():
+    """trainer.steps counts generation batches, the schedule optimizer steps: 2 mini-batches x 2
+    passes = 4 optimizer steps per batch, and the warm-up of 1 step lasts 4 of them."""
+    from grpo.model.optim import lr_factor, make_schedule
+
+    cfg = config(8, mini_batches=2, num_iterations=2)
+    cfg.trainer.warmup_steps, cfg.trainer.steps, cfg.trainer.lr_schedule = 1, 2, "linear"
+    model = tiny_moe()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    schedule = make_schedule(optimizer, cfg.trainer, grpo.algo.update.optimizer_steps_per_batch(cfg))
+    seen = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
+    policy_update(model, optimizer, rollouts(), cfg, pad_id=0, device=CPU, schedule=schedule)
+    # warm-up over 1 x 4 optimizer steps: (s + 1) / (4 + 1)
+    assert seen == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert schedule.last_epoch == 4
+    # then linear decay over the other 4: 1 - (s - 4) / 4 for s = 4..7
+    assert [lr_factor(s, cfg.trainer, 4) for s in range(4, 8)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
