@@ -29,13 +29,9 @@ def final_weights(run: Path) -> dict:
     return load_file(run / "final" / "model.safetensors")
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_base):
-    """SIGKILL at a random moment after the first checkpoint, `--resume auto`, same final bits."""
-    args = ["train", "recipes/tiny-cpu.yaml", "trainer.steps=10", "trainer.save_every=2", *SHORT]
-    reference = tmp_path / "uninterrupted"
-    result = run_cli(*args, "--output-dir", str(reference))
-    assert result.returncode == 0, result.stderr[-3000:]
-
+def kill_and_resume(tmp_path: Path, args: list[str], first_checkpoint: str = "step-*") -> Path:
+    """Start `grpo ARGS --resume auto`, SIGKILL it at a random moment once `first_checkpoint` is
+    complete (and before the run ends), then resume it to the end; returns its run directory."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # The kill must land between the first checkpoint and the end of the run: each attempt starts
     # afresh with a shorter random delay, the last one kills as soon as a checkpoint exists.
@@ -44,7 +40,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_base):
         proc = subprocess.Popen([sys.executable, "-m", "grpo", *args, "--output-dir", str(run), "--resume", "auto"],
                                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 300
-        while not any(run.glob("checkpoints/step-*/state.json")):
+        while not any(run.glob(f"checkpoints/{first_checkpoint}/state.json")):
             assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
             time.sleep(0.01)
         time.sleep(random.uniform(0.0, longest_delay))
@@ -61,12 +57,54 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_base):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from"] is not None
-    a, b = final_weights(reference), final_weights(run)
+    return run
+
+
+def assert_same_final_weights(a_run: Path, b_run: Path) -> None:
+    a, b = final_weights(a_run), final_weights(b_run)
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_base):
+    """SIGKILL at a random moment after the first checkpoint, `--resume auto`, same final bits."""
+    args = ["train", "recipes/tiny-cpu.yaml", "trainer.steps=10", "trainer.save_every=2", *SHORT]
+    reference = tmp_path / "uninterrupted"
+    result = run_cli(*args, "--output-dir", str(reference))
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = kill_and_resume(tmp_path, args)
+    assert_same_final_weights(reference, run)
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))  # the rows the killed run logged after its checkpoint were dropped
+
+
+def test_sigkill_then_resume_with_mini_batches_reference_refresh_and_length_schedule(tmp_path, tiny_base):
+    """The DeepSeek-R1 recipe features together: 2 optimizer steps per generation batch, the
+    reference replaced by the policy every 3 steps (KL on), the completion cap raised from 8 to
+    20 tokens at step 5. Killed once the step-4 checkpoint exists (the reference is then the
+    policy of step 3, neither the recipe's model nor the checkpoint's policy; the cap changes after
+    the resume), resumed: the same final bits and the same metrics as the uninterrupted run."""
+    args = ["train", "recipes/tiny-cpu.yaml", "trainer.steps=6", "trainer.save_every=2", *SHORT,
+            "algorithm.beta=0.04", "algorithm.ref_refresh_steps=3", "algorithm.mini_batches=2",
+            "rollout.max_new_tokens_schedule=[[0, 8], [5, 20]]"]
+    reference = tmp_path / "uninterrupted"
+    result = run_cli(*args, "--output-dir", str(reference))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    # the length schedule: cap 8 for steps 1-4, 20 from step 5 (where the model writes more than 8)
+    assert [r["rollout/max_new_tokens"] for r in rows] == [8.0] * 4 + [20.0] * 2
+    assert all(r["rollout/response_length_max"] <= r["rollout/max_new_tokens"] for r in rows)
+    assert max(r["rollout/response_length_max"] for r in rows[4:]) > 8
+    assert [r["train/ref_refreshed"] for r in rows] == [0, 0, 1, 0, 0, 1]
+    assert all(r["train/kl"] > 0 for r in rows[1:])  # the policy moved away from its reference
+
+    run = kill_and_resume(tmp_path, args, first_checkpoint="step-000004")
+    assert_same_final_weights(reference, run)
+    resumed = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    for key in ("train/kl", "train/loss", "rollout/max_new_tokens", "train/lr"):
+        assert [r[key] for r in resumed] == [r[key] for r in rows], key
 
 
 def test_output_dir_refusal_allows_resume(tmp_path, tiny_base):
