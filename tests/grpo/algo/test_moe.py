@@ -245,6 +245,27 @@ def test_aux_loss_hand_computed_and_reaches_the_router():
     assert control.aux_loss(scope).item() == pytest.approx(4.0, rel=1e-4)
 
 
+def test_aux_loss_of_a_sigmoid_router_uses_its_normalised_sigmoid_scores():
+    """DeepSeek-V3 (e_score_correction_bias) scores experts with a sigmoid; its balance loss takes
+    P_e from the scores normalised per token, s'_e = s_e / sum_j s_j (2412.19437, eq. 19), not a
+    softmax of the logits. A softmax router keeps the softmax."""
+    from grpo.algo.moe import RoutingScope
+
+    # logits [ln 3, ln 3, 0, 0] for every token: sigmoid scores [.75, .75, .5, .5], sum 2.5, so
+    # P = [.3, .3, .2, .2]; (softmax would give [3, 3, 1, 1] / 8 = [.375, .375, .125, .125]).
+    # All 4 tokens on experts 0 and 1: f = [1, 1, 0, 0] (top_k = 2).
+    logits = torch.tensor([[3.0, 3.0, 1.0, 1.0]]).log().repeat(4, 1)
+    used = torch.tensor([[0, 1]] * 4)
+    for family, expected in (("deepseek_v3", 4 * (1 * 0.3 + 1 * 0.3)),  # = 2.4
+                             ("qwen3_moe", 4 * (1 * 0.375 + 1 * 0.375))):  # = 3.0
+        model, _ = tiny_moe(family)
+        control = RouterControl(model, MoEConfig(aux_loss_coef=0.01))
+        control.num_experts = 4
+        scope = RoutingScope(None, logits=[logits.clone()], used=[used])
+        assert control.aux_loss(scope).item() == pytest.approx(expected, rel=1e-5), family
+        control.close()
+
+
 def test_aux_loss_coefficient_changes_router_gradients():
     from grpo.algo.update import policy_update
 
@@ -288,3 +309,48 @@ def test_update_counts_only_attended_tokens_and_dense_models_are_untouched():
         model(input_ids=torch.tensor([[5, 6, 7, 0, 0]]), attention_mask=mask)
     counts = control.take_counts()
     assert counts.shape == (2, 8) and counts.sum(-1).tolist() == [6.0, 6.0]  # 3 tokens x top-2 per layer
+
+
+def test_deepseek_v3_toy_routes_group_limited_and_r3_replays_it():
+    """The DeepSeek-V3 toy (`grpo train RECIPE --toy`) routes as V3 does: 8 experts in 4 groups, a
+    token's top-2 drawn from its best 2 groups (each scored by its two best bias-corrected sigmoid
+    scores). The group limit must change some choices (else the check is vacuous), every recorded
+    choice must lie in the token's best groups, and R3 must run exactly the recorded experts with
+    the free forward's log-probs."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from grpo.commands.plan import KNOWN_ARCHS
+    from grpo.commands.toy import build_byte_tokenizer, toy_config_kwargs
+
+    tok = build_byte_tokenizer()
+    kwargs = toy_config_kwargs(KNOWN_ARCHS["deepseek-ai/DeepSeek-V3-Base"], len(tok), tok.pad_token_id, tok.eos_token_id)
+    assert (kwargs["n_routed_experts"], kwargs["n_group"], kwargs["topk_group"]) == (8, 4, 2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("deepseek_v3", **kwargs), dtype=torch.float32)
+    with torch.no_grad():  # a correction bias that matters to the choice, as a trained one does
+        for router in find_routers(model):
+            router.e_score_correction_bias.copy_(torch.linspace(-0.05, 0.05, router.num_experts))
+    rollouts = sample_with_bf16_sampler(model, tok, sampler=model)  # the model itself samples
+    control = RouterControl(model, MoEConfig(routing_replay="R3"))
+    ran, experts, valid, replayed, batch = training_forward(model, rollouts, tok, control, replay=True)
+    assert torch.equal(ran[valid], experts[valid])
+
+    from grpo.algo.logprobs import token_logprobs
+
+    with control.scope(batch["attention_mask"], keep_logits=True) as scope:
+        free, _ = token_logprobs(model, batch["input_ids"], batch["attention_mask"])
+    mask = batch["attention_mask"][:, 1:].bool()
+    assert (replayed - free)[mask].abs().max().item() < 1e-5
+    router = control.routers[0]
+    scores = scope.logits[0].sigmoid() + router.e_score_correction_bias  # [T, 8]
+    groups = scores.view(-1, 4, 2).sum(-1)  # [T, 4]: two experts per group, both count
+    allowed = torch.zeros_like(scores, dtype=torch.bool)  # [T, 8]
+    allowed.view(-1, 4, 2)[torch.arange(len(groups))[:, None], groups.topk(2, dim=-1).indices] = True
+    used = scope.used[0]  # [T, k]
+    attended = batch["attention_mask"].reshape(-1).bool()
+    assert allowed.gather(1, used)[attended].all()  # every choice inside the token's best 2 groups
+    plain = scores.topk(2, dim=-1).indices  # [T, 2] without the group limit
+    limited = (~allowed.gather(1, plain))[attended].any(-1).float().mean().item()
+    print(f"group limit changed {limited:.0%} of the toy's token routings")
+    assert limited > 0
+    control.close()

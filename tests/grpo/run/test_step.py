@@ -102,3 +102,42 @@ def test_training_scores_what_eval_correct_names_at_weight_zero():
         assert weights["countdown"] == 0.0
     finally:
         scorer.close()
+
+
+def test_the_reference_becomes_the_policy_at_the_refresh_interval_and_not_before():
+    """algorithm.ref_refresh_steps=3: after the updates of steps 1 and 2 the reference is still the
+    initial policy; after step 3 it holds the policy's weights of that moment, and keeps them while
+    the policy moves on (steps 4, 5) until step 6."""
+    import copy
+    from types import SimpleNamespace
+
+    import torch
+
+    from grpo.config import RunConfig
+    from grpo.run.step import refresh_reference
+    from tests.grpo.algo.test_logprobs import tiny_moe
+
+    model = tiny_moe()
+    ref = copy.deepcopy(model).requires_grad_(False)
+    initial = {k: v.clone() for k, v in ref.state_dict().items()}
+    cfg = RunConfig.model_validate({"algorithm": {"beta": 0.04, "ref_refresh_steps": 3}})
+    ctx = SimpleNamespace(cfg=cfg, model=model, ref_model=ref)
+
+    def same(a: dict, b: dict) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    snapshots = {}
+    for step in range(1, 7):
+        with torch.no_grad():  # an update
+            for p in model.parameters():
+                p.add_(0.01)
+        snapshots[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        refreshed = refresh_reference(ctx, step)
+        assert refreshed == (step % 3 == 0), step
+        held = ref.state_dict()
+        if step < 3:
+            assert same(held, initial), step
+        else:
+            assert same(held, snapshots[3 if step < 6 else 6]), step
+            assert not same(held, initial)
+    assert not ref.training or all(not p.requires_grad for p in ref.parameters())  # still frozen
