@@ -60,6 +60,8 @@ TOY_SCALE: dict[str, Any] = {
     "rollout.group_size": lambda v: min(v, 4),
     "rollout.max_new_tokens": lambda v: min(v, 16),
     "rollout.max_new_tokens_schedule": lambda v: None if v is None else [[start, min(t, 16)] for start, t in v],
+    "algorithm.mini_batches": lambda v: min(v, 2),  # divides the 2 prompts
+    "algorithm.ref_refresh_steps": lambda v: None if v is None else 1,  # refreshed within the 2 steps
     "eval.num_prompts": lambda v: min(v, TOY_EVAL_ROWS),
     "eval.every": lambda v: 1 if v else 0,
     "eval.k": lambda v: min(v, 2),
@@ -111,7 +113,10 @@ def _moe_kwargs(arch: Arch) -> dict[str, Any]:
         return {"n_routed_experts": TOY_V3_EXPERTS if v3 else e, "num_experts_per_tok": k,
                 "moe_intermediate_size": width, "n_shared_experts": min(arch.shared_experts, 1) or None,
                 "first_k_dense_replace": min(arch.first_dense_layers, TOY_LAYERS - 1),
-                "n_group": TOY_V3_GROUPS if v3 else 1, "topk_group": TOY_V3_TOPK_GROUPS if v3 else 1}
+                "n_group": TOY_V3_GROUPS if v3 else 1, "topk_group": TOY_V3_TOPK_GROUPS if v3 else 1,
+                # what DeepSeek-V3's config.json says and vLLM reads (transformers' V3 router always
+                # scores so): sigmoid scores, the correction bias ("noaux_tc")
+                **({"topk_method": "noaux_tc", "scoring_func": "sigmoid"} if v3 else {})}
     raise ToyError(f"toy scale does not know the expert options of model_type {t!r}")
 
 
