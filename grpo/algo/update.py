@@ -26,7 +26,7 @@ from grpo.algo.logprobs import token_logprobs
 from grpo.algo.loss import objective_from_config
 from grpo.algo.moe import RouterControl, replay_from_rollouts
 from grpo.collectives import all_reduce_sum, world_size
-from grpo.config import RunConfig
+from grpo.config import AlgorithmConfig, RunConfig
 from rollout.base import Rollout
 
 
@@ -222,9 +222,9 @@ def _mini_batches(plan: _Plan, rollouts: list[Rollout], cfg: RunConfig, normaliz
     return out
 
 
-def optimizer_steps_per_batch(cfg: RunConfig) -> int:
+def optimizer_steps_per_batch(algo: AlgorithmConfig) -> int:
     """Optimizer steps one generation batch is trained with (what the learning-rate schedule counts)."""
-    return cfg.algorithm.num_iterations * cfg.algorithm.mini_batches
+    return algo.num_iterations * algo.mini_batches
 
 
 def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad_id: int,

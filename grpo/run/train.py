@@ -135,7 +135,7 @@ def prepare_training(cfg: RunConfig, accelerator, model, tokenizer, lengths: dic
     rollout = cfg.rollout.model_copy(update={"engine": "hf"}) if cfg.trainer.max_staleness else cfg.rollout
     engine = make_engine(rollout, engine_model, tokenizer, accelerator.device, seed=cfg.trainer.seed,
                          record_routing=cfg.moe.routing_replay == "R3", **(lengths or {}))
-    schedule = make_schedule(optimizer, cfg.trainer, optimizer_steps_per_batch(cfg))  # counts optimizer steps
+    schedule = make_schedule(optimizer, cfg.trainer, optimizer_steps_per_batch(cfg.algorithm))  # counts optimizer steps
     return model, accelerator.unwrap_model(model), optimizer, schedule, engine
 
 

@@ -201,7 +201,7 @@ def test_mini_batches_step_the_schedule_once_per_optimizer_step():
     cfg.trainer.warmup_steps, cfg.trainer.steps, cfg.trainer.lr_schedule = 1, 2, "linear"
     model = tiny_moe()
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    schedule = make_schedule(optimizer, cfg.trainer, grpo.algo.update.optimizer_steps_per_batch(cfg))
+    schedule = make_schedule(optimizer, cfg.trainer, grpo.algo.update.optimizer_steps_per_batch(cfg.algorithm))
     seen = []
     optimizer.register_step_pre_hook(lambda opt, args, kwargs: seen.append(opt.param_groups[0]["lr"]))
     policy_update(model, optimizer, rollouts(), cfg, pad_id=0, device=CPU, schedule=schedule)
