@@ -159,3 +159,17 @@ def test_off_policy_batches_are_always_weighted_by_the_behaviour_ratio():
     loss_off, _ = off(lp, lp.detach(), adv, mask, normalizer=3.0, sampler_logprobs=mu)
     assert loss_on.item() == pytest.approx(-1.0)  # -(1 + 1 + 1) / 3
     assert loss_off.item() == pytest.approx(-(2.0 + 1.0 + 0.25) / 3)  # weights min([2, 1, 0.25], C=2)
+
+
+def test_length_schedule_follows_the_step_a_batch_is_sampled_for(tmp_path, tiny_base):
+    """rollout.max_new_tokens_schedule under max_staleness 1: the batch of step 2 is sampled while
+    step 1 trains, with step 2's cap (12), not the cap of the step the trainer is on (6)."""
+    run = tmp_path / "run"
+    r = grpo("train", "recipes/tiny-cpu.yaml", *SHORT, "trainer.steps=3", "trainer.max_staleness=1",
+             "rollout.max_new_tokens_schedule=[[0, 6], [2, 12]]", "--output-dir", str(run))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = metrics(run)
+    assert [m["rollout/max_new_tokens"] for m in rows] == [6.0, 12.0, 12.0]
+    assert rows[0]["rollout/response_length_max"] == 6  # the cap binds at 6 ...
+    assert max(m["rollout/response_length_max"] for m in rows[1:]) > 6  # ... and was raised for the batches ahead
+    assert rows[1]["async/staleness_max"] == 1.0  # step 2's batch was sampled ahead, by the weights of step 0
