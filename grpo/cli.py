@@ -310,6 +310,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     work = workload_from_recipe(cfg, args.steps, args.prompt_tokens, args.mean_response_tokens)
+    if args.mini_batches:
+        work.mini_batches = args.mini_batches
     mean_source = ("--mean-response-tokens" if args.mean_response_tokens else
                    f"default: {DEFAULT_MEAN_FRACTION:g} x max_new_tokens; pass --mean-response-tokens")
     common = dict(sharding=args.sharding or "full", price=args.price_per_gpu_hour, engine=layout["engine"],
@@ -397,6 +399,8 @@ def _add_plan_parser(verbs) -> None:
                       "recipe's rollout.vllm.tensor_parallel_size where it fits, else the smallest layout that fits)")
     plan.add_argument("--steps", type=int, metavar="S", help="steps of the whole run (default trainer.steps)")
     plan.add_argument("--prompt-tokens", type=int, metavar="T", help="mean prompt length (default 256, or data.max_prompt_tokens if smaller)")
+    plan.add_argument("--mini-batches", type=int, metavar="M", help="optimizer steps per generation batch (default: "
+                      "the recipe's algorithm.mini_batches where the config has it, else 1)")
     plan.add_argument("--mean-response-tokens", "--response-tokens", dest="mean_response_tokens", type=int, metavar="T",
                       help="mean completion length over the run, which sets the time (default rollout.max_new_tokens/2)")
     plan.add_argument("--plain", action="store_true", help="plain text instead of a rich table")
