@@ -271,7 +271,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from grpo.commands.plan import format_report, layout_from_recipe, make_plan, resolve_arch, workload_from_recipe
+    from grpo.commands.plan import (
+        DEFAULT_MEAN_FRACTION,
+        format_report,
+        layout_from_recipe,
+        make_plan,
+        resolve_arch,
+        workload_from_recipe,
+    )
     from grpo.config import ConfigError, load_recipe
 
     try:
@@ -289,6 +296,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     layout = layout_from_recipe(cfg)  # the recipe's launcher and engine; flags win
     if any(getattr(args, n) not in (None, layout.get(n)) for n in ("nodes", "gpus_per_node", "sharding")):
         layout.pop("launcher", None)  # the layout is the flags', not the launcher config's
+    forced_tp = args.tp
     for name in ("nodes", "gpus_per_node", "sharding", "tp"):
         if getattr(args, name) is None and name in layout:
             setattr(args, name, layout[name])
@@ -301,14 +309,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
         arch = resolve_arch(cfg.model.name_or_path)
     except ValueError as exc:
         return _fail(str(exc))
-    work = workload_from_recipe(cfg, args.steps, args.prompt_tokens, args.response_tokens)
-    plan = make_plan(arch, args.gpu, args.nodes, args.gpus_per_node, work, sharding=args.sharding or "full",
-                     tp=args.tp, mfu_train=args.mfu_train, mfu_gen=args.mfu_gen, price=args.price_per_gpu_hour,
-                     engine=layout["engine"], engine_share=layout.get("engine_share"), launcher=layout.get("launcher"))
-    print(format_report(plan, use_rich=not args.plain), end="")
+    work = workload_from_recipe(cfg, args.steps, args.prompt_tokens, args.mean_response_tokens)
+    if args.mini_batches:
+        work.mini_batches = args.mini_batches
+    mean_source = ("--mean-response-tokens" if args.mean_response_tokens else
+                   f"default: {DEFAULT_MEAN_FRACTION:g} x max_new_tokens; pass --mean-response-tokens")
+    common = dict(sharding=args.sharding or "full", price=args.price_per_gpu_hour, engine=layout["engine"],
+                  engine_share=layout.get("engine_share"), launcher=layout.get("launcher"))
+    plan = make_plan(arch, args.gpu, args.nodes, args.gpus_per_node, work, tp=args.tp, **common)
+    if not plan.fits and forced_tp is None and layout["engine"] == "vllm":  # the recipe's TP does not fit: search
+        searched = make_plan(arch, args.gpu, args.nodes, args.gpus_per_node, work, **common)
+        if searched.fits:
+            searched.notes.insert(0, f"the recipe's TP={args.tp} does not fit ({plan.why_not()}); set "
+                                     f"rollout.vllm.tensor_parallel_size to the layout above")
+            plan = searched
+    print(format_report(plan, use_rich=not args.plain, mean_source=mean_source), end="")
     if not plan.fits:
-        print(f"grpo plan: this configuration does not fit in {plan.gpu.name} memory (see 'does not fit' above)",
-              file=sys.stderr)
+        print(f"grpo plan: does not fit: {plan.why_not()}", file=sys.stderr)
     return 0 if plan.fits else 1
 
 
@@ -378,13 +395,14 @@ def _add_plan_parser(verbs) -> None:
     plan.add_argument("--sharding", choices=["full", "hybrid", "none"],
                       help="FSDP2 full shard over all GPUs, hybrid: shard within a node and replicate across, none: "
                       "replicated (DDP) (default: from the recipe's accelerate config, else full)")
-    plan.add_argument("--tp", type=int, metavar="T", help="rollout engine tensor-parallel size (default: the recipe's "
-                      "rollout.vllm.tensor_parallel_size, else the smallest that leaves room)")
+    plan.add_argument("--tp", type=int, metavar="T", help="rollout engine tensor-parallel size, taken as is (default: the "
+                      "recipe's rollout.vllm.tensor_parallel_size where it fits, else the smallest layout that fits)")
     plan.add_argument("--steps", type=int, metavar="S", help="steps of the whole run (default trainer.steps)")
     plan.add_argument("--prompt-tokens", type=int, metavar="T", help="mean prompt length (default 256, or data.max_prompt_tokens if smaller)")
-    plan.add_argument("--response-tokens", type=int, metavar="T", help="mean completion length (default rollout.max_new_tokens/2)")
-    plan.add_argument("--mfu-train", type=float, metavar="U", help="training utilisation of bf16 peak (default 0.35 dense, 0.25 MoE)")
-    plan.add_argument("--mfu-gen", type=float, default=0.10, metavar="U", help="generation utilisation of bf16 peak (default 0.10)")
+    plan.add_argument("--mini-batches", type=int, metavar="M", help="optimizer steps per generation batch (default: "
+                      "the recipe's algorithm.mini_batches where the config has it, else 1)")
+    plan.add_argument("--mean-response-tokens", "--response-tokens", dest="mean_response_tokens", type=int, metavar="T",
+                      help="mean completion length over the run, which sets the time (default rollout.max_new_tokens/2)")
     plan.add_argument("--plain", action="store_true", help="plain text instead of a rich table")
     plan.set_defaults(func=cmd_plan)
 

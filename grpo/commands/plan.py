@@ -14,17 +14,19 @@ Memory per GPU, two phases (the rollout engine is colocated and sleeps while the
   split over its tensor-parallel group and a KV cache for the batch's sequences at full length
   (MLA caches one latent per token and layer, replicated over tensor-parallel ranks).
 
-Time per step from FLOPs at a stated utilisation of the GPU's dense bf16 peak:
-- generation: 2 * N_active per token (prompts once per group: prefix caching), plus attention
-  over the context, at `mfu_gen` (decoding is memory-bound; 10% is typical of RL rollouts);
-- training: 6 * N_active per token (forward and backward), plus 2 * N_active per token for every
-  extra forward (old log-probs when num_iterations > 1), plus attention, at `mfu_train`.
-Not modelled: communication beyond what the utilisation absorbs, reward time, weight sync,
-evaluation, stragglers. N_active counts matmul parameters a token passes through (the output head
-included, the embedding lookup not); for a Mixture of Experts, the routed top-k and shared experts.
+Time: a roofline (grpo/commands/roofline.py, which holds every hardware figure and efficiency in
+one table): decode from the bytes of weights and KV cache read per decode step over HBM bandwidth,
+expert-parallel all-to-all and tensor-parallel all-reduce over NVLink / InfiniBand, prefill and
+training from FLOPs at stated utilisations, FSDP2's all-gathers and reduce-scatters and the weight
+push to the engines over the links. The run's mean completion length sets much of it: give it
+(`--mean-response-tokens`); the default is half of max_new_tokens.
 
-Checked against published figures in tests/grpo/commands/test_plan.py (DeepSeek-V3 pre-training utilisation,
-the Oat-Zero-7B RL run).
+The rollout layout: the recipe's TP size where it fits, else the smallest engine (tensor parallel in
+a node; for a Mixture of Experts also data-parallel attention with the experts split over the engine)
+that holds its weights and the batch's KV cache at full length.
+
+Checked against published runs in bench/plan_vs_published.py (R1-Zero on 512 H800 and open R1-Zero-style
+runs), with the same constants for every run.
 """
 
 from __future__ import annotations
@@ -33,6 +35,20 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from grpo.commands.roofline import (
+    EFFICIENCY,
+    GPU,
+    GPUS,
+    Efficiency,
+    GenerationTime,
+    Layout,
+    TrainTime,
+    generation_time,
+    kv_bytes_per_token_per_gpu,
+    train_time,
+    weight_push_seconds,
+)
 
 GIB = 1024**3
 
@@ -108,6 +124,10 @@ class Arch:
             (self.top_k + self.shared_experts) * expert + router)
         return total, active
 
+    def routed_params(self) -> int:
+        """Parameters of the routed experts (what expert parallelism splits)."""
+        return self._moe_layers() * self.num_experts * 3 * self.hidden_size * self.moe_intermediate_size
+
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         if self.is_mla:
             return self.num_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * dtype_bytes
@@ -126,6 +146,9 @@ KNOWN_ARCHS: dict[str, Arch] = {a.name: a for a in [
          tie_embeddings=True, model_type="qwen2"),
     Arch("Qwen/Qwen2.5-Math-7B", "hf.co/Qwen/Qwen2.5-Math-7B config.json", 152064, 3584, 28, 28, 4, 128, 18944,
          model_type="qwen2"),
+    Arch("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "hf.co/deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B config.json", 151936,
+         1536, 28, 12, 2, 128, 8960, model_type="qwen2"),
+    Arch("Qwen/Qwen2.5-32B", "hf.co/Qwen/Qwen2.5-32B config.json", 152064, 5120, 64, 40, 8, 128, 27648, model_type="qwen2"),
     Arch("Qwen/Qwen2.5-3B", "hf.co/Qwen/Qwen2.5-3B config.json", 151936, 2048, 36, 16, 2, 128, 11008,
          tie_embeddings=True, model_type="qwen2"),
     Arch("Qwen/Qwen3-30B-A3B-Base", "hf.co/Qwen/Qwen3-30B-A3B-Base config.json", 151936, 2048, 48, 32, 4, 128, 6144,
@@ -192,37 +215,43 @@ def resolve_arch(name_or_path: str, offline: bool = False) -> Arch:
                          f"{where})") from None
 
 
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    memory_gib: float  # what the device reports as total
-    bf16_tflops: float  # dense peak, no sparsity
-    hbm_tb_s: float
-
-
-# Vendor datasheet figures (dense bf16 peak; H800 has H100 SXM's compute and memory, less NVLink).
-GPUS = {
-    "h800": GPU("H800 SXM 80GB", 79.6, 989.0, 3.35),
-    "h100": GPU("H100 SXM 80GB", 79.6, 989.0, 3.35),
-    "h200": GPU("H200 SXM 141GB", 139.8, 989.0, 4.8),
-    "a100": GPU("A100 SXM 80GB", 79.2, 312.0, 2.04),
-    "a100-40": GPU("A100 SXM 40GB", 39.4, 312.0, 1.56),
-}
 RESERVED_GIB = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
+DEFAULT_MEAN_FRACTION = 0.5  # mean completion / max_new_tokens when the mean is not given
+VLLM_MAX_NUM_SEQS = 256  # vLLM's default max_num_seqs (EngineArgs), where the recipe sets none
 
 
 @dataclass
 class Workload:
-    """What one RL step processes, from the recipe plus assumptions the recipe does not state."""
+    """What one RL optimizer step processes, from the recipe plus assumptions the recipe does not state."""
 
-    prompts_per_step: int
+    prompts_per_step: int  # prompts of one optimizer step (one mini-batch)
     group_size: int
     prompt_tokens: int  # mean rendered prompt length
-    response_tokens: int  # mean completion length
+    response_tokens: int  # mean completion length over the run
     max_new_tokens: int
-    steps: int
+    steps: int  # optimizer steps
     micro_batch_size: int  # sequences per forward/backward on one GPU
     extra_forwards: int = 0  # old log-probs (num_iterations > 1), a reference model (KL)
+    mini_batches: int = 1  # optimizer steps per generation batch (the paper's 16 for R1-Zero)
+    max_new_tokens_schedule: tuple[tuple[int, int], ...] = ()  # (from step, cap); empty: max_new_tokens throughout
+
+    @property
+    def generation_sequences(self) -> int:
+        return self.prompts_per_step * self.group_size * self.mini_batches
+
+    def segments(self) -> list[tuple[int, int]]:
+        """(steps, max_new_tokens) pieces of the run."""
+        points = sorted(self.max_new_tokens_schedule) or [(0, self.max_new_tokens)]
+        out = []
+        for i, (start, cap) in enumerate(points):
+            end = points[i + 1][0] if i + 1 < len(points) else self.steps
+            if min(end, self.steps) > start:
+                out.append((min(end, self.steps) - start, cap))
+        return out
+
+    @property
+    def longest_new_tokens(self) -> int:
+        return max([self.max_new_tokens] + [cap for _, cap in self.max_new_tokens_schedule])
 
 
 @dataclass
@@ -232,18 +261,22 @@ class Plan:
     nodes: int
     gpus_per_node: int
     sharding: str
-    tp: int
-    mfu_train: float
-    mfu_gen: float
+    layout: Layout
     price: float
     work: Workload
     engine: str = "vllm"  # the recipe's rollout.engine
     engine_share: float | None = None  # vLLM's gpu_memory_utilization (None: whatever is free)
     launcher: str | None = None  # the accelerate config the layout came from
+    searched: bool = False  # the layout came from the search, not the recipe or --tp
+    eff: Efficiency = EFFICIENCY
     memory_train: dict = field(default_factory=dict)
     memory_rollout: dict = field(default_factory=dict)
-    kv_share: float = 1.0  # share of a replica's sequences whose full-length KV cache fits at once
+    kv_room_gib: float = 0.0  # what each GPU has for the KV cache
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def tp(self) -> int:
+        return self.layout.tp
 
     @property
     def world(self) -> int:
@@ -262,60 +295,135 @@ class Plan:
         return max(sum(self.memory_train.values()), sum(self.memory_rollout.values()))
 
     @property
-    def fits(self) -> bool:
-        return self.peak_gib <= self.capacity_gib and self.kv_share >= 1 / max(1, self.sequences_per_replica)
-
-    # --- compute ---
-    @property
     def sequences_per_replica(self) -> int:
-        replicas = max(1, self.world // self.tp)
-        return math.ceil(self.work.prompts_per_step * self.work.group_size / replicas)
+        replicas = max(1, self.world // self.layout.size)
+        return math.ceil(self.work.generation_sequences / replicas)
 
-    def flops(self) -> tuple[float, float]:
-        """(generation FLOPs, training FLOPs) of one step."""
-        w, a = self.work, self.arch
-        _, active = a.params()
-        completions = w.prompts_per_step * w.group_size
-        attn = 2 * a.num_layers * a.attention_width()  # per token per context position
-        gen = 2 * active * (w.prompts_per_step * w.prompt_tokens + completions * w.response_tokens)
-        gen += completions * w.response_tokens * attn * (w.prompt_tokens + w.response_tokens / 2)
-        tokens = completions * (w.prompt_tokens + w.response_tokens)
-        per_token_attn = attn * (w.prompt_tokens + w.response_tokens) / 2
-        train = (6 + 2 * w.extra_forwards) * active * tokens + (3 + w.extra_forwards) * per_token_attn * tokens
-        return gen, train
+    @property
+    def sequences_per_rank(self) -> int:
+        """Sequences of one attention group (tp GPUs) in a generation batch."""
+        return math.ceil(self.sequences_per_replica / self.layout.dp)
 
-    def step_seconds(self) -> tuple[float, float]:
-        gen, train = self.flops()
-        peak = self.world * self.gpu.bf16_tflops * 1e12
-        return gen / (peak * self.mfu_gen), train / (peak * self.mfu_train)
+    def kv_gib_per_sequence(self, tokens: int | None = None) -> float:
+        tokens = tokens if tokens is not None else self.work.prompt_tokens + self.work.longest_new_tokens
+        return kv_bytes_per_token_per_gpu(self.arch, self.layout) * tokens / GIB
+
+    @property
+    def kv_share(self) -> float:
+        """Share of an attention group's sequences whose full-length KV cache fits at once."""
+        need = self.kv_gib_per_sequence() * self.sequences_per_rank
+        return min(1.0, self.kv_room_gib / need) if need else 1.0
+
+    @property
+    def fits(self) -> bool:
+        return self.why_not() is None
+
+    def why_not(self) -> str | None:
+        """None when the plan fits; else one line saying what does not."""
+        train = sum(self.memory_train.values())
+        if train > self.capacity_gib:
+            return f"training needs {train:.1f} GiB per GPU of {self.capacity_gib:.1f} usable"
+        return self.rollout_why_not()
+
+    def rollout_why_not(self) -> str | None:
+        """The rollout phase's part of `why_not` (what the engine layout decides)."""
+        roll = sum(self.memory_rollout.values())
+        if roll > self.capacity_gib:
+            return f"rollouts need {roll:.1f} GiB per GPU of {self.capacity_gib:.1f} usable"
+        if self.engine == "vllm" and self.kv_room_gib < self.kv_gib_per_sequence():
+            return (f"the KV cache has {max(0.0, self.kv_room_gib):.1f} GiB per GPU, less than one full-length "
+                    f"sequence ({self.kv_gib_per_sequence():.2f} GiB)")
+        return None
+
+    # --- time ---
+    def concurrency(self, max_new_tokens: int | None = None) -> float:
+        """Sequences one attention group decodes at once: the KV cache at the mean context, vLLM's cap."""
+        if self.engine == "hf":
+            return float(self.sequences_per_rank)
+        mean_len = self.work.prompt_tokens + self.work.response_tokens
+        room = self.kv_room_gib / max(self.kv_gib_per_sequence(mean_len), 1e-12)
+        return max(1.0, min(room, VLLM_MAX_NUM_SEQS * self.layout.tp, self.sequences_per_rank))
+
+    def generation(self, max_new_tokens: int) -> GenerationTime:
+        w = self.work
+        return generation_time(self.arch, self.gpu, self.gpus_per_node, self.world, self.layout,
+                               w.generation_sequences, w.prompts_per_step * w.mini_batches, w.prompt_tokens,
+                               w.response_tokens, max_new_tokens, self.concurrency(), self.eff)
+
+    def training(self) -> TrainTime:
+        w = self.work
+        return train_time(self.arch, self.gpu, self.gpus_per_node, self.world, self.shard_group,
+                          w.prompts_per_step * w.group_size, w.prompt_tokens, w.response_tokens, w.micro_batch_size,
+                          w.extra_forwards, self.eff)
+
+    def step_seconds(self, max_new_tokens: int | None = None) -> tuple[float, float]:
+        """(generation, training) seconds of one optimizer step: a generation batch and its weight push
+        shared over its mini-batches, then one mini-batch's update."""
+        cap = max_new_tokens or self.work.max_new_tokens
+        push = 0.0 if self.engine == "hf" else weight_push_seconds(self.arch, self.gpu, self.gpus_per_node, self.world,
+                                                                   self.eff)
+        gen = (self.generation(cap).total + push) / self.work.mini_batches
+        return gen, self.training().total
+
+    def run_seconds(self) -> float:
+        return sum(steps * sum(self.step_seconds(cap)) for steps, cap in self.work.segments())
 
     def gpu_hours(self) -> float:
-        return sum(self.step_seconds()) * self.work.steps * self.world / 3600
+        return self.run_seconds() * self.world / 3600
+
+
+def candidate_layouts(arch: Arch, world: int, gpus_per_node: int) -> list[Layout]:
+    """Engine layouts vLLM can run, smallest first: tensor parallel within a node (powers of two);
+    for a Mixture of Experts also data-parallel attention ranks with the experts split over the whole
+    engine (expert parallel), up to the world."""
+    out = []
+    tp = 1
+    while tp <= min(gpus_per_node, world):
+        dp = 1
+        while tp * dp <= world and (dp == 1 or arch.is_moe):
+            if world % (tp * dp) == 0:
+                out.append(Layout(tp, dp))
+            dp *= 2
+        tp *= 2
+    return sorted(out, key=lambda lay: (lay.size, -lay.tp))
 
 
 def make_plan(arch: Arch, gpu: str, nodes: int, gpus_per_node: int, work: Workload, sharding: str = "full",
-              tp: int | None = None, mfu_train: float | None = None, mfu_gen: float = 0.10, price: float = 2.0,
-              engine: str = "vllm", engine_share: float | None = None, launcher: str | None = None) -> Plan:
-    """The plan of one layout. `engine` "hf": the policy generates itself (no second copy of the
-    weights, TP 1); "vllm": an engine per `tp` GPUs holding bf16 weights, its KV cache capped by
-    `engine_share` (vLLM's gpu_memory_utilization, a share of the whole GPU) where given."""
+              tp: int | None = None, price: float = 2.0, engine: str = "vllm", engine_share: float | None = None,
+              launcher: str | None = None, dp: int = 1, eff: Efficiency = EFFICIENCY) -> Plan:
+    """The plan of a layout. `engine` "hf": the policy generates itself (no second copy of the
+    weights); "vllm": engines of `tp` x `dp` GPUs holding bf16 weights and a KV cache capped by
+    `engine_share` (vLLM's gpu_memory_utilization, a share of the whole GPU) where given. Without
+    `tp`, the smallest layout that holds the weights and the batch's KV cache at full length (else
+    the smallest that holds at least one full-length sequence per GPU, decoding in waves)."""
     if gpu not in GPUS:
         raise ValueError(f"unknown GPU {gpu!r}; known: {', '.join(GPUS)}")
-    g = GPUS[gpu]
-    total, _ = arch.params()
     if engine == "hf":
-        tp = 1
-    if tp is None:  # smallest power of two whose weight shard takes at most 40% of a GPU
-        tp = 1
-        while tp < gpus_per_node and 2 * total / tp > 0.4 * (g.memory_gib - RESERVED_GIB) * GIB:
-            tp *= 2
-    if mfu_train is None:
-        mfu_train = 0.25 if arch.is_moe else 0.35
-    plan = Plan(arch, g, nodes, gpus_per_node, sharding, tp, mfu_train, mfu_gen, price, work, engine=engine,
-                engine_share=engine_share, launcher=launcher)
+        return _sized(arch, GPUS[gpu], nodes, gpus_per_node, work, sharding, Layout(), price, engine, None, launcher, eff)
+    if tp is not None:
+        return _sized(arch, GPUS[gpu], nodes, gpus_per_node, work, sharding, Layout(tp, dp), price, engine, engine_share,
+                      launcher, eff)
+    plans = [_sized(arch, GPUS[gpu], nodes, gpus_per_node, work, sharding, lay, price, engine, engine_share, launcher,
+                    eff, searched=True) for lay in candidate_layouts(arch, nodes * gpus_per_node, gpus_per_node)]
+    for plan in plans:  # the layout decides the rollout phase only; training memory is the same in all
+        if plan.rollout_why_not() is None and plan.kv_share >= 1:
+            return plan
+    for plan in plans:
+        if plan.rollout_why_not() is None:
+            return plan
+    return plans[-1]
+
+
+def _sized(arch: Arch, g: GPU, nodes: int, gpus_per_node: int, work: Workload, sharding: str, layout: Layout,
+           price: float, engine: str, engine_share: float | None, launcher: str | None, eff: Efficiency,
+           searched: bool = False) -> Plan:
+    """Memory of one layout, in both phases."""
+    total, _ = arch.params()
+    plan = Plan(arch, g, nodes, gpus_per_node, sharding, layout, price, work, engine=engine, engine_share=engine_share,
+                launcher=launcher, searched=searched, eff=eff)
     shard = plan.shard_group
     h, L = arch.hidden_size, arch.num_layers
-    seq = work.prompt_tokens + work.max_new_tokens
+    seq = work.prompt_tokens + work.longest_new_tokens
     mb_tokens = work.micro_batch_size * seq
     logits_chunk = min(mb_tokens, 4096)
     plan.memory_train = {
@@ -326,16 +434,16 @@ def make_plan(arch: Arch, gpu: str, nodes: int, gpus_per_node: int, work: Worklo
                                        + logits_chunk * arch.vocab_size * 4 * 2) / GIB,
     }
     resident = (2 * total + 12 * total) / shard / GIB  # weights and optimizer stay while the engine runs
-    engine_weights = 0.0 if engine == "hf" else 2 * total / tp / GIB
-    kv_per_seq = arch.kv_bytes_per_token() * seq / (1 if arch.is_mla else tp) / GIB
-    free = plan.capacity_gib - resident - engine_weights
+    routed = arch.routed_params()
+    engine_weights = 0.0 if engine == "hf" else (2 * (total - routed) / layout.tp + 2 * routed / layout.size) / GIB
+    room = plan.capacity_gib - resident - engine_weights
     if engine_share is not None:  # vLLM takes at most this share of the GPU for weights and KV cache
-        free = min(free, engine_share * g.memory_gib - engine_weights)
-    need = kv_per_seq * plan.sequences_per_replica
-    kv = max(0.0, min(need, free))
-    plan.kv_share = kv / need if need else 1.0
+        room = min(room, engine_share * g.memory_gib - engine_weights)
+    plan.kv_room_gib = max(0.0, room)
+    need = plan.kv_gib_per_sequence() * plan.sequences_per_rank
+    kv = min(need, plan.kv_room_gib) if engine == "vllm" else plan.kv_gib_per_sequence() * work.micro_batch_size
     weights_label = ("engine weights (the policy generates itself)" if engine == "hf"
-                     else f"engine weights (bf16, TP={tp})")
+                     else f"engine weights (bf16, {_layout_text(layout, arch)})")
     kv_label = ("KV cache (what is free, up to the batch's need)" if engine_share is None
                 else f"KV cache (within gpu_memory_utilization {engine_share:g}, up to the batch's need)")
     plan.memory_rollout = {"trainer shards kept (weights + optimizer)": resident, weights_label: engine_weights,
@@ -344,14 +452,21 @@ def make_plan(arch: Arch, gpu: str, nodes: int, gpus_per_node: int, work: Worklo
         plan.notes.append(f"rollout.vllm.gpu_memory_utilization {engine_share:g} ({engine_share * g.memory_gib:.1f} GiB) "
                           f"is less than the engine's weights ({engine_weights:.1f} GiB): raise it or the TP size")
     if engine == "hf":
-        plan.notes.append("rollout.engine hf: transformers decodes well below vLLM's utilisation; pass --mfu-gen "
-                          "with a measured figure")
-    if plan.kv_share < 1:
-        plan.notes.append(f"KV cache holds {plan.kv_share:.0%} of a replica's {plan.sequences_per_replica} sequences at "
-                          f"full length ({need:.1f} GiB wanted); the engine decodes them in waves")
-    if free < kv_per_seq:
-        plan.notes.append("no room for even one full-length sequence's KV cache during rollouts")
+        plan.notes.append("rollout.engine hf: transformers decodes well below vLLM's speed; the clock assumes vLLM's")
+    elif 0 < plan.kv_share < 1:
+        plan.notes.append(f"KV cache holds {plan.kv_share:.0%} of an attention group's {plan.sequences_per_rank} "
+                          f"sequences at full length ({need:.1f} GiB wanted); paged, it holds "
+                          f"{plan.concurrency():.0f} at the mean length, the rest wait")
     return plan
+
+
+def _layout_text(layout: Layout, arch: Arch) -> str:
+    text = f"TP={layout.tp}"
+    if layout.dp > 1:
+        text += f" x DP={layout.dp}"
+    if arch.is_moe and layout.size > 1:
+        text += f", EP={layout.size}"
+    return text
 
 
 def layout_from_recipe(cfg) -> dict:
@@ -382,13 +497,19 @@ def layout_from_recipe(cfg) -> dict:
 
 def workload_from_recipe(cfg, steps: int | None = None, prompt_tokens: int | None = None,
                          response_tokens: int | None = None) -> Workload:
-    ro, tr = cfg.rollout, cfg.trainer
+    """The recipe's batch; `response_tokens` is the run's mean completion length (default
+    DEFAULT_MEAN_FRACTION of max_new_tokens). Reads `algorithm.mini_batches` and
+    `rollout.max_new_tokens_schedule` where the config has them."""
+    ro, tr, algo = cfg.rollout, cfg.trainer, cfg.algorithm
+    schedule = tuple((int(a), int(b)) for a, b in (getattr(ro, "max_new_tokens_schedule", None) or ()))
+    extra = (1 if algo.num_iterations > 1 else 0) + (1 if algo.beta > 0 else 0)
     return Workload(
         prompts_per_step=tr.prompts_per_step, group_size=ro.group_size,
         prompt_tokens=prompt_tokens or min(256, cfg.data.max_prompt_tokens or 256),
-        response_tokens=response_tokens or max(1, ro.max_new_tokens // 2),
+        response_tokens=response_tokens or max(1, int(ro.max_new_tokens * DEFAULT_MEAN_FRACTION)),
         max_new_tokens=ro.max_new_tokens, steps=steps or tr.steps, micro_batch_size=tr.micro_batch_size,
-        extra_forwards=1 if cfg.algorithm.num_iterations > 1 else 0,
+        extra_forwards=extra, mini_batches=int(getattr(algo, "mini_batches", 1) or 1),
+        max_new_tokens_schedule=schedule,
     )
 
 
@@ -415,22 +536,27 @@ def _count(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def report_rows(plan: Plan) -> list[tuple[str, str]]:
+def report_rows(plan: Plan, mean_source: str = "") -> list[tuple[str, str]]:
     a, w = plan.arch, plan.work
     total, active = a.params()
     gen_s, train_s = plan.step_seconds()
-    gen_f, train_f = plan.flops()
+    gen, train = plan.generation(w.max_new_tokens), plan.training()
     hours = plan.gpu_hours()
     kind = (f"MoE {a.num_experts} experts top-{a.top_k}" + (f" + {a.shared_experts} shared" if a.shared_experts else "")
             if a.is_moe else "dense") + (", MLA" if a.is_mla else "")
+    engine = "rollout engine hf" if plan.engine == "hf" else (
+        f"rollout engine vllm {_layout_text(plan.layout, a)}"
+        + (" (searched: smallest that fits)" if plan.searched else ""))
+    caps = ", ".join(f"{c} from step {s}" for s, c in sorted(w.max_new_tokens_schedule)) or str(w.max_new_tokens)
     rows = [
         ("model", f"{a.name} ({kind}); {_count(total)} params, {_count(active)} active per token"),
         ("cluster", f"{plan.nodes} node(s) x {plan.gpus_per_node} {plan.gpu.name} = {plan.world} GPUs; "
                     f"sharding {plan.sharding} over {plan.shard_group}"
-                    + (f" ({plan.launcher})" if plan.launcher else "")
-                    + f"; rollout engine {plan.engine}" + (f" TP={plan.tp}" if plan.engine == "vllm" else "")),
-        ("step", f"{w.prompts_per_step} prompts x {w.group_size} = {w.prompts_per_step * w.group_size} completions; "
-                 f"~{w.prompt_tokens} prompt + ~{w.response_tokens} completion tokens (cap {w.max_new_tokens})"),
+                    + (f" ({plan.launcher})" if plan.launcher else "") + f"; {engine}"),
+        ("step", f"{w.prompts_per_step} prompts x {w.group_size} = {w.prompts_per_step * w.group_size} completions"
+                 + (f"; a generation batch of {w.mini_batches} such mini-batches" if w.mini_batches > 1 else "")
+                 + f"; ~{w.prompt_tokens} prompt tokens, cap {caps}"),
+        ("mean completion", f"{w.response_tokens} tokens ({mean_source or 'given'})"),
     ]
     for k, v in plan.memory_train.items():
         rows.append((f"train: {k}", f"{v:.1f} GiB"))
@@ -438,37 +564,39 @@ def report_rows(plan: Plan) -> list[tuple[str, str]]:
     for k, v in plan.memory_rollout.items():
         rows.append((f"rollout: {k}", f"{v:.1f} GiB"))
     rows.append(("rollout: total per GPU", f"{sum(plan.memory_rollout.values()):.1f} GiB"))
-    verdict = "yes" if plan.fits else "NO"
-    rows.append(("fits", f"{verdict}: peak {plan.peak_gib:.1f} GiB of {plan.capacity_gib:.1f} GiB usable "
-                         f"({plan.gpu.memory_gib:.1f} minus {RESERVED_GIB:.0f} reserved)"))
+    why = plan.why_not()
+    rows.append(("fits", (f"yes: peak {plan.peak_gib:.1f} GiB" if why is None else f"NO: {why}")
+                 + f" (usable {plan.capacity_gib:.1f} = {plan.gpu.memory_gib:.1f} minus {RESERVED_GIB:.0f} reserved)"))
     rows += [
-        ("FLOPs per step", f"generation {gen_f:.2e}, training {train_f:.2e}"),
-        ("utilisation (stated)", f"generation {plan.mfu_gen:.0%}, training {plan.mfu_train:.0%} of "
-                                 f"{plan.gpu.bf16_tflops:.0f} TFLOP/s bf16 dense peak"),
-        ("time per step", f"{_h(gen_s + train_s)} (generation {_h(gen_s)}, training {_h(train_s)})"),
-        ("whole run", f"{w.steps} steps: {_h((gen_s + train_s) * w.steps)} wall-clock, {hours:,.0f} GPU-hours, "
+        ("decode (per generation batch)",
+         f"{gen.decode_steps:,.0f} steps in {gen.waves} wave(s), {plan.concurrency():.0f} sequences at once per attention "
+         f"group: weights {_h(gen.weights_s)}, KV reads {_h(gen.kv_s)}, FLOPs {_h(gen.compute_s)}, all-to-all "
+         f"{_h(gen.a2a_s)}, TP all-reduce {_h(gen.allreduce_s)}, engine overhead {_h(gen.overhead_s)}; "
+         f"prefill {_h(gen.prefill_s)}"),
+        ("training (per optimizer step)", f"FLOPs {_h(train.compute_s)}, FSDP2 gathers + reduce-scatters "
+                                          f"{_h(train.collectives_s)} ({train.rounds} micro-batch round(s))"),
+        ("time per step", f"{_h(gen_s + train_s)} (generation and weight push {_h(gen_s)}, training {_h(train_s)})"),
+        ("whole run", f"{w.steps} steps: {_h(plan.run_seconds())} wall-clock, {hours:,.0f} GPU-hours, "
                       f"USD {hours * plan.price:,.0f} at USD {plan.price:g}/GPU-hour"),
+        ("clock", "roofline with the constants of grpo/commands/roofline.py (HBM, links, utilisations); "
+                  "not modelled: reward time, evaluation, stragglers beyond the batch's longest sample"),
     ]
     rows += [("note", n) for n in plan.notes]
-    if not plan.fits:
-        rows.append(("does not fit", _advice(plan)))
+    if why is not None:
+        rows.append(("does not fit", why + ": " + _advice(plan)))
     return rows
 
 
 def _advice(plan: Plan) -> str:
-    train, roll = sum(plan.memory_train.values()), sum(plan.memory_rollout.values())
-    parts = []
+    train = sum(plan.memory_train.values())
     if train > plan.capacity_gib:
         more = "more nodes" if plan.sharding == "full" else "--sharding full or more GPUs per node"
-        parts.append(f"training needs {train:.0f} GiB per GPU: shard over more GPUs ({more}), a GPU with more "
-                     f"memory, or a lower trainer.micro_batch_size")
-    if roll > plan.capacity_gib or plan.kv_share < 1 / max(1, plan.sequences_per_replica):
-        parts.append(f"rollouts need {roll:.0f} GiB per GPU before any KV cache: raise --tp or add GPUs")
-    return "; ".join(parts) or "peak memory exceeds the GPU"
+        return f"shard over more GPUs ({more}), a GPU with more memory, or a lower trainer.micro_batch_size"
+    return "raise --tp (or let the search pick: omit it), raise gpu_memory_utilization, or add GPUs"
 
 
-def format_report(plan: Plan, use_rich: bool = True) -> str:
-    return format_rows(f"grpo plan: {plan.arch.name}", report_rows(plan), use_rich)
+def format_report(plan: Plan, use_rich: bool = True, mean_source: str = "") -> str:
+    return format_rows(f"grpo plan: {plan.arch.name}", report_rows(plan, mean_source), use_rich)
 
 
 def format_rows(title: str, rows: list[tuple[str, str]], use_rich: bool = True) -> str:
