@@ -127,7 +127,8 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
 # experiment under the checkpoint's weights and needs `--allow-change KEY`.
 SAFE_TO_CHANGE = (
     "trainer.steps", "trainer.save_every", "trainer.keep_checkpoints", "trainer.threads",
-    "trainer.generation_threads", "trainer.max_consecutive_skips", "logging.", "eval.", "launch.",
+    "trainer.generation_threads", "trainer.max_consecutive_skips", "trainer.stall_warn_s", "trainer.stall_stop_s",
+    "logging.", "eval.", "launch.",
     "rewards.workers", "rewards.timeout_s", "rewards.memory_mb", "rewards.fail_fast", "rewards.max_failing_steps",
     "rollout.vllm.",
     "rollout.hf.", "model.attn_implementation", "model.experts_implementation",
