@@ -15,8 +15,9 @@ Recipe problems (unknown key, wrong type, missing file, malformed YAML), and dat
 checkpoint and disk problems, print one line naming the file, row or key and exit with status 2
 (`grpo -v ...` adds the traceback; grpo/errors.py says which errors are the user's). A run stopped by repeated
 non-finite losses, or by a reward that fails on every sample step after step, exits with status 3;
-an asynchronous run whose generation process failed, with 4; one stopped by SIGTERM or Ctrl-C after
-a whole step, with 143 or 130.
+an asynchronous run whose generation process failed, with 4; one whose watchdog saw no progress for
+`trainer.stall_stop_s` (grpo/run/watchdog.py), with 5; one stopped by SIGTERM or Ctrl-C after a whole
+step, with 143 or 130.
 
 `--accelerate-config` re-runs this command under `accelerate launch` with that config (a file of
 recipes/accelerate/ by name, or a path); the launcher flags override the config's, e.g. for a
@@ -142,9 +143,10 @@ def _relaunch(args: argparse.Namespace, cfg, output_dir: Path, accelerate_config
 
 def _train_here(args: argparse.Namespace, cfg, output_dir: Path) -> int:
     """Train in this process; the ways a run stops early, each with its line and exit status."""
-    from grpo.run.async_rollouts import GenerationError
+    from grpo.run.async_rollouts import GenerationError, GenerationStalled
     from grpo.run.processes import UnsupportedError
     from grpo.run.train import AlreadyFinished, NonFiniteError, RewardFailure, Stopped, train
+    from grpo.run.watchdog import EXIT_STALLED
     from rewards import UnknownRewardError
 
     try:
@@ -156,6 +158,9 @@ def _train_here(args: argparse.Namespace, cfg, output_dir: Path) -> int:
     except (NonFiniteError, RewardFailure) as exc:
         print(f"grpo: stopped: {exc}", file=sys.stderr)
         return EXIT_NONFINITE
+    except GenerationStalled as exc:  # its watchdog stopped the generation process; the line says why
+        print(str(exc), file=sys.stderr)
+        return EXIT_STALLED
     except GenerationError as exc:  # the generation process of an asynchronous run failed
         print(f"grpo: stopped: {exc}", file=sys.stderr)
         return EXIT_GENERATION

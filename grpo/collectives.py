@@ -1,5 +1,6 @@
 """In-job collectives: the rank, the world size, sums and means over processes, and the seeds and
 batch shares that make a step the same whatever the number of processes.
+Each collective is the watchdog's phase "collective" (grpo/phases.py): a rank stuck in one waits for another.
 
 Every rank draws the same global batch of prompts and keeps its contiguous slice (`rank_slice`);
 each group samples with a seed derived from (recipe seed, step, global prompt index) (`group_seed`),
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+from grpo.phases import phase
 
 
 def rank_slice(total: int, rank: int, world: int) -> slice:
@@ -42,7 +45,8 @@ def all_reduce_sum(value: float) -> float:
     if world_size() == 1:
         return value
     t = torch.tensor([value], dtype=torch.float64, device=_device())
-    dist.all_reduce(t)
+    with phase("collective"):
+        dist.all_reduce(t)
     return t.item()
 
 
@@ -50,7 +54,8 @@ def all_reduce_tensor(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if world_size() == 1:
         return t
     out = t.to(_device(), torch.float64).clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    with phase("collective"):
+        dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return out.cpu()
 
 
@@ -71,7 +76,8 @@ def broadcast_object(obj):
     if world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    with phase("collective"):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -79,7 +85,8 @@ def gather_objects(obj) -> list:
     if world_size() == 1:
         return [obj]
     out = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    with phase("collective"):
+        dist.all_gather_object(out, obj)
     return out
 
 

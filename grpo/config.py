@@ -366,6 +366,22 @@ class TrainerConfig(Section):
         None, ge=1, description="max_staleness >= 1: torch threads of the generation process (None: half of "
         "trainer.threads, or of the CPUs; the trainer keeps the rest)",
     )
+    stall_warn_s: float | None = Field(
+        1800.0, gt=0, description="watchdog: a process with no progress in its phase (generate, learn, push weights, "
+        "checkpoint, collective...) for this long logs one line naming it and writes every thread's Python stack "
+        "to OUTPUT_DIR/watchdog/ (None: never)",
+    )
+    stall_stop_s: float | None = Field(
+        10800.0, gt=0, description="watchdog: after this long with no progress the run stops with exit status 5, "
+        "its last checkpoint intact for --resume auto (None: never)",
+    )
+
+    @model_validator(mode="after")
+    def _stall_order(self) -> TrainerConfig:
+        if self.stall_warn_s and self.stall_stop_s and self.stall_stop_s < self.stall_warn_s:
+            raise ValueError(f"trainer.stall_stop_s={self.stall_stop_s:g} is below trainer.stall_warn_s="
+                             f"{self.stall_warn_s:g}: the warning comes first")
+        return self
 
 
 class MoEConfig(Section):

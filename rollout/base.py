@@ -12,7 +12,7 @@ routed experts) and the trainer (routing replay, expert-load metrics) share.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -66,6 +66,22 @@ class Rollout:
     @property
     def num_completion_tokens(self) -> int:
         return len(self.completion_ids)
+
+
+_progress_hook: Callable[[], None] | None = None
+
+
+def set_progress_hook(hook: Callable[[], None] | None) -> None:
+    """`hook()` is called as an engine makes progress inside one generate call (the transformers
+    engine: every decode step), so that a watchdog can tell a long generation from a hung one."""
+    global _progress_hook
+    _progress_hook = hook
+
+
+def progress() -> None:
+    """An engine made progress (see `set_progress_hook`)."""
+    if _progress_hook is not None:
+        _progress_hook()
 
 
 @runtime_checkable

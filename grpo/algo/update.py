@@ -27,6 +27,7 @@ from grpo.algo.loss import objective_from_config
 from grpo.algo.moe import RouterControl, replay_from_rollouts
 from grpo.collectives import all_reduce_sum, world_size
 from grpo.config import AlgorithmConfig, RunConfig
+from grpo.phases import beat
 from rollout.base import Rollout
 
 
@@ -204,6 +205,7 @@ def _accumulate(model, plan: _Plan, cfg: RunConfig, loss_fn, old, ref, sums: dic
             loss = loss + moe.cfg.aux_loss_coef * aux * share
             metrics["train/moe_aux_loss"] = aux.item()
         loss.backward()
+        beat()  # progress for the watchdog
         metrics["train/loss"] = loss.item()
         metrics["train/entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
         _merge(sums, metrics, mask.sum().item() / plan.total_tokens)

@@ -27,6 +27,8 @@ weights of step S. The batches it had sampled beyond S+k are regenerated, identi
 Failures: an exception in the generation process reaches the trainer as a `GenerationError`
 carrying its message within a fraction of a second; a generation process that dies without one
 is reported with its exit status. The generation process dies with the trainer (PR_SET_PDEATHSIG).
+It has its own watchdog (grpo/run/watchdog.py, phases "wait for weights", "generate", "score"): when
+that stops it, the trainer stops with its line and exit status 5 (`GenerationStalled`).
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ from pathlib import Path
 
 import torch
 
+from grpo import phases
 from grpo.config import ModelConfig, RunConfig, TrainerConfig
 from grpo.run.sampling import RolloutBatch
+from grpo.run.watchdog import Watchdog
 from rewards.sandbox import die_with_parent
+from rollout.base import set_progress_hook
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,11 @@ IN_FLIGHT_FILE = "in_flight.pt"  # a checkpoint's batches sampled ahead of its s
 
 class GenerationError(RuntimeError):
     """The generation process failed; the message is its own error."""
+
+
+class GenerationStalled(GenerationError):
+    """The generation process's watchdog stopped it (no progress for `trainer.stall_stop_s`); the
+    message is its line."""
 
 
 def effective_staleness(cfg: RunConfig, device: torch.device) -> int:
@@ -105,6 +115,7 @@ class _Spec:
     threads: int
     sampler_epoch: int
     sampler_position: int
+    output_dir: str  # the run directory (the watchdog writes its heartbeat and stacks there)
 
 
 # --- the generation process --------------------------------------------------------------------
@@ -170,23 +181,34 @@ def _generate(spec: _Spec, weights_q, batches_q) -> None:
     # checkpoint it writes on the way out), then stops this process itself
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def stalled(line: str) -> None:  # the watchdog stops this process: the trainer stops with its line
+        batches_q.put(("stalled", line))
+        batches_q.close()
+        batches_q.join_thread()
+
     try:
         torch.set_num_threads(spec.threads)
         ctx, model = _generation_side(spec)
-        version = -1
+        version, limits = -1, spec.cfg.trainer
+        set_progress_hook(phases.beat)
         try:
-            for step in range(spec.first_step, spec.cfg.trainer.steps + 1):
-                need, t = max(spec.base_version, step - 1 - spec.staleness), time.perf_counter()
-                while version < need:
-                    message = weights_q.get()
-                    if message is None:  # the trainer is done
-                        return
-                    version, weights = message
-                    _load_version(ctx, model, weights)
-                    del weights
-                batch = collect_rollouts(ctx, step, policy_version=version)
-                batch = replace(batch, generation_wait_s=time.perf_counter() - t)
-                batches_q.put(("batch", InFlight(step, batch, ctx.prompts.epoch, ctx.prompts.position)))
+            with Watchdog(spec.output_dir, warn_s=limits.stall_warn_s, stop_s=limits.stall_stop_s, role="generation",
+                          on_stop=stalled):
+                for step in range(spec.first_step, spec.cfg.trainer.steps + 1):
+                    phases.set_step(step)
+                    need, t = max(spec.base_version, step - 1 - spec.staleness), time.perf_counter()
+                    with phases.phase("wait for weights"):
+                        while version < need:
+                            message = weights_q.get()
+                            if message is None:  # the trainer is done
+                                return
+                            version, weights = message
+                            _load_version(ctx, model, weights)
+                            del weights
+                    batch = collect_rollouts(ctx, step, policy_version=version)
+                    batch = replace(batch, generation_wait_s=time.perf_counter() - t)
+                    batches_q.put(("batch", InFlight(step, batch, ctx.prompts.epoch, ctx.prompts.position)))
         finally:
             ctx.scorer.close()
             ctx.engine.close()
@@ -204,8 +226,9 @@ class AsyncRollouts:
     """The trainer's end of the pipeline: `take(step)` the batch of a step, `publish(step, model)`
     the weights after it, `in_flight(step)` what a checkpoint after it must keep."""
 
-    def __init__(self, cfg: RunConfig, *, staleness: int, start_step: int, model_path: str | None,
-                 saved: list[InFlight], sampler_epoch: int, sampler_position: int, model: torch.nn.Module):
+    def __init__(self, cfg: RunConfig, *, output_dir: str | Path, staleness: int, start_step: int,
+                 model_path: str | None, saved: list[InFlight], sampler_epoch: int, sampler_position: int,
+                 model: torch.nn.Module):
         self.cfg, self.k, self.steps = cfg, staleness, cfg.trainer.steps
         self.ready: dict[int, InFlight] = {f.step: f for f in saved}
         self.base = start_step - 1  # the version of the weights the trainer starts from
@@ -216,7 +239,7 @@ class AsyncRollouts:
         trainer_threads, gen_threads = thread_split(cfg.trainer)
         torch.set_num_threads(trainer_threads)
         spec = _Spec(cfg, model_path, self.first_generated, self.base, staleness, gen_threads, sampler_epoch,
-                     sampler_position)
+                     sampler_position, str(output_dir))
         mp = torch.multiprocessing.get_context("spawn")
         self.weights_q, self.batches_q = mp.Queue(), mp.Queue()
         self.process = mp.Process(target=_generate, args=(spec, self.weights_q, self.batches_q),
@@ -249,6 +272,8 @@ class AsyncRollouts:
                 raise GenerationError(f"the generation process exited with status {self.process.exitcode} "
                                       "without reporting an error") from None
             return
+        if message[0] == "stalled":
+            raise GenerationStalled(message[1])
         if message[0] == "error":
             log.debug("generation process traceback:\n%s", message[2])
             raise GenerationError(f"generation failed: {message[1]}")

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from grpo.collectives import gather_objects
-from grpo.errors import UserError
+from grpo.errors import UserError, out_of_space
 
 STATE_FILE = "state.json"
 REFERENCE_FILE = "reference.pt"
@@ -130,7 +130,8 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
 # experiment under the checkpoint's weights and needs `--allow-change KEY`.
 SAFE_TO_CHANGE = (
     "trainer.steps", "trainer.save_every", "trainer.keep_checkpoints", "trainer.threads",
-    "trainer.generation_threads", "trainer.max_consecutive_skips", "logging.", "eval.", "launch.",
+    "trainer.generation_threads", "trainer.max_consecutive_skips", "trainer.stall_warn_s", "trainer.stall_stop_s",
+    "logging.", "eval.", "launch.",
     "rewards.workers", "rewards.timeout_s", "rewards.memory_mb", "rewards.fail_fast", "rewards.max_failing_steps",
     "rollout.vllm.",
     "rollout.hf.", "model.attn_implementation", "model.experts_implementation",
@@ -295,7 +296,7 @@ def save(output_dir: Path, state: TrainState, *, model, unwrapped, tokenizer, op
             os.close(fd)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if _out_of_space(exc, root):
+        if isinstance(exc, Exception) and out_of_space(exc, root):
             raise OSError(errno.ENOSPC, f"no space left while writing checkpoint {final.name}", str(root)) from exc
         raise
     done = sorted((p for p in root.iterdir() if p.name.startswith("step-")), key=lambda p: int(p.name.split("-")[1]))
@@ -304,16 +305,34 @@ def save(output_dir: Path, state: TrainState, *, model, unwrapped, tokenizer, op
     return final
 
 
-def _out_of_space(exc: BaseException, root: Path) -> bool:
-    """A write that failed because the disk is full (torch.save says only "file write failed")."""
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if isinstance(exc, (OSError, RuntimeError)) and "write" in str(exc).lower():
-        try:
-            return shutil.disk_usage(root).free < 64 << 20
-        except OSError:
-            return False
-    return False
+def write_atomic(path: Path, text: str) -> None:
+    """Write a text file whole or not at all (a full disk leaves the previous version, or none)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_final(output_dir: Path, unwrapped, tokenizer, weights: dict[str, torch.Tensor]) -> Path:
+    """The trained model and its tokenizer in OUTPUT_DIR/final, written whole or not at all."""
+    final = output_dir / "final"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=output_dir))
+    try:
+        unwrapped.save_pretrained(tmp, state_dict=weights)
+        tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, Exception) and out_of_space(exc, output_dir):
+            raise OSError(errno.ENOSPC, "no space left while writing the final model", str(final)) from exc
+        raise
+    return final
 
 
 def load_state(path: Path) -> TrainState:

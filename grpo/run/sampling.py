@@ -22,6 +22,7 @@ from grpo.algo.dynamic_sampling import sample_batch
 from grpo.collectives import group_seed
 from grpo.config import RolloutConfig, RunConfig
 from grpo.data.prompts import PromptSampler, correct_rewards, longest_prompt_tokens, render_prompts
+from grpo.phases import phase
 from rewards import RewardSpec, Scorer
 from rollout.base import Rollout, RolloutEngine, SamplingParams
 
@@ -149,10 +150,12 @@ def collect_rollouts(ctx: SamplingContext, step: int, policy_version: int | None
     def generate_and_score(groups: list[PromptGroup]) -> tuple[list[Rollout], dict[str, float]]:
         t = time.perf_counter()
         sampling = replace(ctx.sampling, prompt_seeds=tuple(g.seed for g in groups), max_new_tokens=new_tokens)
-        rollouts = ctx.engine.generate([g.token_ids for g in groups], cfg.rollout.group_size, sampling)
+        with phase("generate"):
+            rollouts = ctx.engine.generate([g.token_ids for g in groups], cfg.rollout.group_size, sampling)
         rollouts = [replace(r, policy_version=version) for r in rollouts]
         ts = time.perf_counter()
-        scored = score_rollouts(ctx.scorer, rollouts, groups, new_tokens)
+        with phase("score"):
+            scored = score_rollouts(ctx.scorer, rollouts, groups, new_tokens)
         seconds["generate"] += ts - t
         seconds["score"] += time.perf_counter() - ts
         return scored

@@ -26,6 +26,7 @@ from grpo.algo.update import policy_update
 from grpo.collectives import all_reduce_tensor, reduce_metrics
 from grpo.config import RunConfig
 from grpo.data.prompts import correct_rewards
+from grpo.phases import phase
 from grpo.run.sampling import RolloutBatch, SamplingContext, collect_rollouts
 from rewards import is_correct
 from rollout.base import Rollout, RolloutEngine
@@ -78,12 +79,15 @@ def update_policy(ctx: LearningContext, rollouts: list[Rollout], max_new_tokens:
     cfg = ctx.cfg
     t = time.perf_counter()
     ctx.engine.before_update()
-    metrics = policy_update(ctx.model, ctx.optimizer, rollouts, cfg, ctx.tokenizer.pad_token_id, ctx.device,
-                            ref_model=ctx.ref_model, moe=ctx.moe, schedule=ctx.schedule, max_new_tokens=max_new_tokens)
+    with phase("learn"):
+        metrics = policy_update(ctx.model, ctx.optimizer, rollouts, cfg, ctx.tokenizer.pad_token_id, ctx.device,
+                                ref_model=ctx.ref_model, moe=ctx.moe, schedule=ctx.schedule,
+                                max_new_tokens=max_new_tokens)
     skipped = metrics.pop("train/skipped") > 0
     t_sync = time.perf_counter()
-    sync_engine(ctx.engine, ctx.model, ctx.unwrapped)
-    ctx.engine.after_update()
+    with phase("push weights"):
+        sync_engine(ctx.engine, ctx.model, ctx.unwrapped)
+        ctx.engine.after_update()
     metrics.update({"time/train": t_sync - t, "time/weight_sync": time.perf_counter() - t_sync})
     return metrics, skipped
 

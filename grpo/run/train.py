@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 import grpo.run.step
+from grpo import phases
 from grpo.algo.moe import RouterControl
 from grpo.algo.update import optimizer_steps_per_batch
 from grpo.collectives import all_reduce_sum, broadcast_object, gather_objects, rank_slice
@@ -56,8 +57,10 @@ from grpo.run.processes import UnsupportedError, check_supported, fsdp_on_cpu, f
 from grpo.run.sampling import SamplingContext, engine_lengths, make_scorer, sampling_params
 from grpo.run.step import LearningContext, StepContext, StepResult, rollout_rows, sync_engine
 from grpo.run.tracking import make_tracker
+from grpo.run.watchdog import Watchdog
 from rewards import Scorer
 from rollout import make_engine
+from rollout.base import set_progress_hook
 
 
 class NonFiniteError(RuntimeError):
@@ -264,7 +267,8 @@ def log_step(run: Run, result: StepResult, bar) -> None:
         run.tracker.log_rollouts([row for share in shares for row in share], step)
     if cfg.eval.every and step % cfg.eval.every == 0 and run.is_main:
         c = run.ctx.learning
-        evaluate_step(c.engine, c.tokenizer, cfg, run.eval_sets, run.eval_scorer, step, run.output_dir, run.tracker)
+        with phases.phase("evaluate"):
+            evaluate_step(c.engine, c.tokenizer, cfg, run.eval_sets, run.eval_scorer, step, run.output_dir, run.tracker)
     bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['rollout/accuracy']:.2f}",
                     tok_s=f"{metrics['rollout/tokens_per_s']:.0f}")
 
@@ -321,10 +325,12 @@ def save_if_due(run: Run, step: int, source: AsyncRollouts | None = None, now: b
         if sampler is not None:
             state.sampler_epoch, state.sampler_position = sampler
     state.tracker_ids = run.tracker.run_ids() if run.is_main else None
-    return checkpoint.save(run.output_dir, state, model=c.model, unwrapped=c.unwrapped, tokenizer=c.tokenizer,
-                           optimizer=c.optimizer, scheduler=c.schedule, keep_last=cfg.trainer.keep_checkpoints,
-                           is_main=run.is_main, extra={**extra, **({IN_FLIGHT_FILE: in_flight} if in_flight else {})},
-                           config=cfg.model_dump(mode="json"))
+    with phases.phase("checkpoint"):
+        return checkpoint.save(run.output_dir, state, model=c.model, unwrapped=c.unwrapped, tokenizer=c.tokenizer,
+                               optimizer=c.optimizer, scheduler=c.schedule, keep_last=cfg.trainer.keep_checkpoints,
+                               is_main=run.is_main,
+                               extra={**extra, **({IN_FLIGHT_FILE: in_flight} if in_flight else {})},
+                               config=cfg.model_dump(mode="json"))
 
 
 def stop(run: Run, step: int, signum: int, source: AsyncRollouts | None) -> Stopped:
@@ -344,10 +350,12 @@ def stop(run: Run, step: int, signum: int, source: AsyncRollouts | None) -> Stop
 def finish(run: Run, summary: dict, started: float) -> None:
     """Final evaluation, the final model and the summary (rank 0 writes), then close everything."""
     cfg, c = run.cfg, run.ctx.learning
-    weights = checkpoint.full_model_state(c.model)
+    with phases.phase("checkpoint"):
+        weights = checkpoint.full_model_state(c.model)
     if run.is_main:
         if cfg.eval.before_and_after and run.eval_rows:
-            summary["eval_after"] = evaluate_greedy(c.engine, c.tokenizer, cfg, run.eval_rows, run.eval_scorer)
+            with phases.phase("evaluate"):
+                summary["eval_after"] = evaluate_greedy(c.engine, c.tokenizer, cfg, run.eval_rows, run.eval_scorer)
         tail = run.format_history[-max(1, math.ceil(len(run.format_history) / 10)) :]
         summary["train"] = {"steps": cfg.trainer.steps, "processes": run.accelerator.num_processes,
                             "skipped_steps": run.state.skipped_steps,
@@ -355,9 +363,9 @@ def finish(run: Run, summary: dict, started: float) -> None:
                             "seconds": time.perf_counter() - started}
         summary["thinking"] = thinking_summary(run.output_dir / "metrics.jsonl")
         summary["correct"] = correct_rewards(cfg.data, cfg.eval)  # the rewards that define "correct"
-        c.unwrapped.save_pretrained(run.output_dir / "final", state_dict=weights)
-        c.tokenizer.save_pretrained(run.output_dir / "final")
-        (run.output_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        with phases.phase("checkpoint"):
+            checkpoint.save_final(run.output_dir, c.unwrapped, c.tokenizer, weights)
+            checkpoint.write_atomic(run.output_dir / "summary.json", json.dumps(summary, indent=2))
     run.tracker.close()
     run.ctx.sampling.scorer.close()
     run.eval_scorer.close()
@@ -395,11 +403,25 @@ def rollout_source(run: Run):
         yield None
         return
     resumed, state = run.resumed_from, run.state
-    with AsyncRollouts(run.cfg, staleness=run.cfg.trainer.max_staleness, start_step=state.step + 1,
+    with AsyncRollouts(run.cfg, output_dir=run.output_dir, staleness=run.cfg.trainer.max_staleness,
+                       start_step=state.step + 1,
                        model_path=str(resumed / "model") if resumed else None, saved=run.in_flight,
                        sampler_epoch=state.sampler_epoch, sampler_position=state.sampler_position,
                        model=run.ctx.learning.model) as source:
         yield source
+
+
+@contextlib.contextmanager
+def watched(run: Run):
+    """The watchdog of this process (`grpo.run.watchdog`), with the engines' progress as its beats."""
+    t = run.cfg.trainer
+    with Watchdog(run.output_dir, warn_s=t.stall_warn_s, stop_s=t.stall_stop_s, rank=run.accelerator.process_index,
+                  world=run.accelerator.num_processes):
+        set_progress_hook(phases.beat)
+        try:
+            yield
+        finally:
+            set_progress_hook(None)
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -416,28 +438,34 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None, all
     cfg, c, first = run.cfg, run.ctx.learning, run.state.step + 1
     summary: dict = {"output_dir": str(run.output_dir), "resumed_from": str(run.resumed_from) if run.resumed_from else None}
     # asynchronous RL: the generation process starts first, so its start-up overlaps the evaluation
-    with StopSignals() as signals, rollout_source(run) as source:  # source None: synchronous
-        if cfg.eval.before_and_after and run.eval_rows and run.is_main and not run.resumed_from:
-            summary["eval_before"] = evaluate_greedy(c.engine, c.tokenizer, cfg, run.eval_rows, run.eval_scorer)
-        bar = tqdm(range(first, cfg.trainer.steps + 1), desc="grpo", dynamic_ncols=True,
-                   disable=not (cfg.logging.progress and run.is_main), initial=first - 1, total=cfg.trainer.steps)
-        for step in bar:
-            # --- generate, score, advantages, update, weight sync (grpo/run/step.py) ---
-            if source is None:
-                result = grpo.run.step.run_step(run.ctx, step)
-            else:  # this step's batch was sampled ahead, while earlier steps trained
-                result = grpo.run.step.learn(c, step, source.take(step))
-                source.publish(step, c.model)
-            # --- skipped-step accounting, logging, evaluation, checkpoint ---
-            count_skip(run, result)
-            log_step(run, result, bar)
-            stop_if_not_finite(run, step)
-            stop_if_rewards_fail(run, result)
-            save_if_due(run, step, source)
-            signum = signals.requested()
-            if signum is not None and step < cfg.trainer.steps:
-                raise stop(run, step, signum, source)
+    with watched(run):
+        with StopSignals() as signals, rollout_source(run) as source:  # source None: synchronous
+            if cfg.eval.before_and_after and run.eval_rows and run.is_main and not run.resumed_from:
+                with phases.phase("evaluate"):
+                    summary["eval_before"] = evaluate_greedy(c.engine, c.tokenizer, cfg, run.eval_rows, run.eval_scorer)
+            bar = tqdm(range(first, cfg.trainer.steps + 1), desc="grpo", dynamic_ncols=True,
+                       disable=not (cfg.logging.progress and run.is_main), initial=first - 1, total=cfg.trainer.steps)
+            for step in bar:
+                phases.set_step(step)
+                # --- generate, score, advantages, update, weight sync (grpo/run/step.py) ---
+                if source is None:
+                    result = grpo.run.step.run_step(run.ctx, step)
+                else:  # this step's batch was sampled ahead, while earlier steps trained
+                    with phases.phase("wait for batch"):
+                        batch = source.take(step)
+                    result = grpo.run.step.learn(c, step, batch)
+                    with phases.phase("push weights"):
+                        source.publish(step, c.model)
+                # --- skipped-step accounting, logging, evaluation, checkpoint ---
+                count_skip(run, result)
+                log_step(run, result, bar)
+                stop_if_not_finite(run, step)
+                stop_if_rewards_fail(run, result)
+                save_if_due(run, step, source)
+                signum = signals.requested()
+                if signum is not None and step < cfg.trainer.steps:
+                    raise stop(run, step, signum, source)
 
-    # --- final evaluation, model, summary ---
-    finish(run, summary, started)
+        # --- final evaluation, model, summary ---
+        finish(run, summary, started)
     return summary

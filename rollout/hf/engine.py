@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rollout.base import Rollout, SamplingParams
+from rollout.base import Rollout, SamplingParams, progress
 from rollout.hf.qwen3 import FastQwen3Stepper
 from rollout.hf.sampling import RaceNoise, draw, sampling_logprobs
 from rollout.hf.steppers import GenericStepper, prefill
@@ -197,6 +197,7 @@ def _sample_tokens(stepper, logits: torch.Tensor, sampling: SamplingParams, stop
     alive = torch.arange(batch, device=out.tokens.device)  # rows still decoding, as indices into the batch
     all_alive = True  # while no row has finished, index with slices instead of `alive`
     for t in range(max_new):
+        progress()
         lp = sampling_logprobs(logits, sampling)  # [A, V]
         token = draw(lp, sampling, noise, None if all_alive else alive)  # [A]
         token_lp = lp.gather(-1, token[:, None]).squeeze(-1)  # [A]
