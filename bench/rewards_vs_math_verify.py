@@ -88,8 +88,11 @@ def case_options(case: dict) -> dict:
     out = {k: o[k] for k in ("float_rounding", "strict") if k in o}
     if "allow_set_relation_comp" in o:
         out["relation_as_set"] = o["allow_set_relation_comp"]
-    if o.get("extraction") == ["latex"]:
-        out["plain_numbers"] = False
+    extraction = o.get("extraction", ["latex", "expr"])
+    # the harness's extraction targets read unmarked prose: LaTeX alone its last math segment,
+    # with the expression target its last number too (our strict default reads neither)
+    out["unmarked"] = "last_value" if "expr" in extraction else "last_math" if "latex" in extraction else "reject"
+    out["rounded_decimals"] = True  # every harness here compares decimals to a tolerance (math-verify: 6 places)
     return out
 
 

@@ -36,7 +36,7 @@ score 0; an empty answer scores 0.
 
 from rewards.math.compare import equivalent
 from rewards.math.extract import answer_candidates, extract_answer, math_segments
-from rewards.math.reward import answers_match, math_answer, read_answer
+from rewards.math.reward import answers_match, match_verdict, math_answer, read_answer
 
 __all__ = ["answer_candidates", "answers_match", "equivalent", "extract_answer", "math_answer", "math_segments",
-           "read_answer"]
+           "match_verdict", "read_answer"]
