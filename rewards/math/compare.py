@@ -131,7 +131,8 @@ def same_solution_set(fg, fp, op: str) -> bool:
     if len(free) != 1 or fg.free_symbols != fp.free_symbols or sympy.count_ops(fg) + sympy.count_ops(fp) > MAX_SOLVE_OPS:
         return False
     x = next(iter(free))
-    for point in points(free):  # a sample point where one holds and the other does not decides at once
+    grid = [{x: sympy.Rational(k, 4) * sign} for k in range(1, 41) for sign in (1, -1)]
+    for point in points(free) + grid:  # a point where one holds and the other does not decides at once
         a, b = num(fg.xreplace(point), 30), num(fp.xreplace(point), 30)
         if a is None or b is None or isinstance(a, complex) or isinstance(b, complex):
             continue

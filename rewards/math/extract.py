@@ -18,6 +18,7 @@ number, whichever comes later (`weak`). Each candidate carries a strength: ``Tru
 
 from __future__ import annotations
 
+import functools
 import re
 
 from rewards.format import ANSWER_OPEN, answer_block
@@ -233,7 +234,17 @@ def _only_number(s: str) -> str | None:
 
 def candidates(text: str, open_box: bool = False) -> list[tuple[str, object]]:
     """Candidate answers with their kind, best first (see the module docstring); ``open_box``: a
-    last ``\\boxed{`` never closed runs to the end of the text (by default it is no box)."""
+    last ``\\boxed{`` never closed runs to the end of the text (by default it is no box). The
+    reward asks several times about one completion, so the last few answers are remembered."""
+    return list(_candidates(text, open_box))
+
+
+@functools.lru_cache(maxsize=64)
+def _candidates(text: str, open_box: bool) -> tuple:
+    return tuple(_find_candidates(text, open_box))
+
+
+def _find_candidates(text: str, open_box: bool) -> list[tuple[str, object]]:
     inner = answer_block(text, closed=False)  # the last <answer> block, closed or not
     if inner is not None and len(inner) > MAX_SCAN_CHARS:
         return [(inner[:MAX_CHARS + 1], True)]  # over the limit: the parser refuses it

@@ -53,7 +53,7 @@ _MAGNITUDES = [sympy.Rational(3, 7), sympy.Rational(13, 10), sympy.Rational(5, 1
                sympy.Rational(101, 7), sympy.Rational(11, 17)]
 
 
-def points(symbols, n: int = 10):
+def points(symbols, n: int = 8):
     """Sample points: exact rationals of both signs (every sign pattern of up to three symbols),
     magnitudes below and above 1."""
     syms = sorted(symbols, key=lambda s: s.name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sympy
+
 from rewards.format import ANSWER_CLOSE, ANSWER_OPEN, answer_block
 from rewards.math import choice, fallback
 from rewards.math.compare import equivalent
@@ -41,7 +43,8 @@ def read_answer(text: str, fallback_ok: bool = False, unmarked: str = "last_valu
     """The answer in a text, or None if nothing reads (False when an input limit was hit).
 
     Rules, in order: a marked answer (tags, box, ``####``, a bare answer, a closing computation)
-    is read by our parser, or else by math-verify's LaTeX parser on that same string
+    is read by our parser, or else, when it ends in ``= value``, is that value, or else (when it
+    holds a LaTeX command) is read by math-verify's LaTeX parser on that same string
     (``fallback_ok``: the caller runs under a deadline), never by a number picked out of it; a
     final-answer phrase in prose gives its one clean number or math segment; prose with no marker
     gives nothing under ``unmarked="reject"``, its last math segment under ``"last_math"``, and its
@@ -58,8 +61,13 @@ def read_answer(text: str, fallback_ok: bool = False, unmarked: str = "last_valu
                 return a
     use_mv = fallback_ok and fallback.available()
     strong = [c for c, kind in cands if kind is True]
+    for c in strong[:1]:  # "\\lim_{x \\to 0} \\frac{\\sin x}{x} = 1": a computation we cannot read, judged by its result
+        a = _computed_value(c)
+        if a is not None:
+            return a
     if strong or ANSWER_OPEN in text or is_bare(text):  # marked: math-verify may read it as LaTeX, nothing else
-        return fallback.mv_answer("$" + strong[0] + "$", False) if (use_mv and strong) else None
+        latex = strong and "\\" in strong[0]  # without a LaTeX command its reading is no better than ours
+        return fallback.mv_answer("$" + strong[0] + "$", False) if (use_mv and latex) else None
     if any(kind == PHRASE for _, kind in cands) or unmarked == "reject":
         return None
     for c, kind in cands:  # unmarked text: our reading of it first ...
@@ -69,6 +77,18 @@ def read_answer(text: str, fallback_ok: bool = False, unmarked: str = "last_valu
         if a is not None:
             return a
     return fallback.mv_answer(text, plain_numbers) if (use_mv and unmarked == "last_value") else None
+
+
+def _computed_value(candidate: str):
+    """A marked answer that does not parse but ends in ``= value``, with a value free of symbols,
+    is that value (the right-hand side of its last ``=``); else None."""
+    left, eq, right = candidate.rpartition("=")
+    if not eq or not left.strip() or left.rstrip()[-1] in "<>!:":
+        return None
+    a = _parse(right)
+    if not a or not isinstance(a.value, sympy.Basic) or a.value.free_symbols:
+        return None
+    return a
 
 
 def _boxes_agree(text: str, open_box: bool) -> bool:
@@ -227,4 +247,16 @@ def math_answer(completion: str, example: dict, float_rounding: int | None = Non
     return 1.0 if ok else Scored(0.0, reason) if reason else 0.0
 
 
-math_answer.reasons = (UNREADABLE,)  # the reasons it may give, each counted as reward/math_answer/<reason>
+math_answer.reasons = (UNREADABLE,)
+
+
+_WARM_UP = [("\\frac{1}{2}", "\\boxed{0.5}"), ("x > 2", "\\boxed{2x > 4}"), ("(x+1)^2", "\\boxed{x^2+2x+1}"),
+            ("\\sqrt{2}", "\\boxed{\\sqrt 2 \\cdot \\sum_{k=1}^{2} k}"), ("7", "we get $3+4=7$ and so 7")]
+
+
+def warm_up() -> None:
+    """Pay the first-use costs (SymPy's caches, math-verify's LaTeX grammar) on fixed inputs: the
+    sandbox zygote calls it once, so that forked workers start warm and a first answer does not
+    run into the per-item deadline."""
+    for gold, completion in _WARM_UP:
+        math_answer(completion, {"answer": gold}, bounded=True, unmarked="last_value")  # the reasons it may give, each counted as reward/math_answer/<reason>
