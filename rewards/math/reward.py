@@ -250,8 +250,9 @@ def math_answer(completion: str, example: dict, float_rounding: int | None = Non
 math_answer.reasons = (UNREADABLE,)
 
 
-_WARM_UP = [("\\frac{1}{2}", "\\boxed{0.5}"), ("x > 2", "\\boxed{2x > 4}"), ("(x+1)^2", "\\boxed{x^2+2x+1}"),
-            ("\\sqrt{2}", "\\boxed{\\sqrt 2 \\cdot \\sum_{k=1}^{2} k}"), ("7", "we get $3+4=7$ and so 7")]
+_WARM_UP = [("\\frac{1}{2}", "\\boxed{0.5}"), ("(x+1)^2", "\\boxed{x^2+2x+1}"), ("x > 3", "\\boxed{2^x > 8}"),
+            ("f(x)", "\\boxed{f(y)}"), ("\\sum_{k=1}^{n} k^2", "\\boxed{\\sum_{k=0}^{n} k}"),
+            ("7", "we get **7** at the end")]
 
 
 def warm_up() -> None:
