@@ -9,6 +9,11 @@ math-verify fallback switched off, ``fallback=False``: our parser alone); items/
 sandboxed worker pool, ``--workers`` processes, start-up excluded) and of math-verify (single
 process, as it is normally called); and the known-failure cases.
 
+Each case's harness conventions reach ours as options: its extraction targets decide what
+unmarked prose may give (``unmarked``: the expression target reads a last number, LaTeX alone a last
+math segment), and decimals match exact values to the precision written (``rounded_decimals``)
+unless the case says otherwise (STACK compares exactly).
+
 Honouring the case notes: ``expected`` is used as given, except that a note starting with
 ``DISPUTED`` or ``KNOWN FALSE POSITIVE`` means the mathematically right answer is the expected one:
 for those the expected value is whether the two answers are mathematically equal (for the one
@@ -17,14 +22,20 @@ say false). Both checkers get the case's options: ``float_rounding``, ``strict``
 ``allow_set_relation_comp`` (ours: ``relation_as_set``) and the extraction targets (ours:
 ``plain_numbers=False`` when the case extracts LaTeX only).
 
-Cases: ``bench/data/math_equiv_cases.jsonl`` (349 cases, described in bench/data/math_equiv_cases.md) and ``bench/data/public_equiv_cases.jsonl``
-(56 cases mined later from other graders' test suites, each with its source; see bench/data/README.md).
+Cases: ``bench/data/math_equiv_cases.jsonl`` (349 cases, described in bench/data/math_equiv_cases.md),
+``bench/data/public_equiv_cases.jsonl`` (56 cases mined later from other graders' test suites),
+``bench/data/stack_algequiv_cases.jsonl`` (54, the STACK computer-algebra grader's AlgEquiv fixtures)
+and, with ``--cases``, ``bench/data/areal_reward_cases.jsonl`` (39, AReaL's math-verify reward tests,
+whose labels are math-verify's own verdicts, so not in the default set); each case names its
+source, see bench/data/README.md.
 
 Groups: ``math_verify_tests`` (Math-Verify's tests and example file), ``lighteval``,
 ``nemo_mindspeed`` (NeMo-Skills and MindSpeed-RL graders' tests), ``open_r1``, ``known_failures``
 (the two tests commented out upstream and the ten issue reports), and the later public cases as
 their own groups: ``hendrycks_math`` (MATH's ``is_equiv`` tests), ``qwen25_math`` (Qwen2.5-Math's
-grader tests and its listed pairs), ``lighteval_letters`` (multiple-choice letters). Math-verify has
+grader tests and its listed pairs), ``lighteval_letters`` (multiple-choice letters),
+``stack_algequiv`` (plain computer-algebra syntax: powers, roots, logarithms, equations,
+inequalities, sets) and ``areal_rewards`` (completions scored by an RL framework's reward tests). Math-verify has
 no letter extraction, so on ``lighteval_letters`` it runs with its LaTeX and expression targets.
 
 Conventions: where two sources in the set label the same form oppositely (a reordered bare list;
@@ -52,9 +63,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFAULT_CASES = [Path(__file__).resolve().parent / "data" / "math_equiv_cases.jsonl",
-                 Path(__file__).resolve().parent / "data" / "public_equiv_cases.jsonl"]
-NEW_GROUPS = {"hendrycks/math": "hendrycks_math", "QwenLM/Qwen2.5-Math": "qwen25_math"}
+DATA = Path(__file__).resolve().parent / "data"
+DEFAULT_CASES = [DATA / "math_equiv_cases.jsonl", DATA / "public_equiv_cases.jsonl", DATA / "stack_algequiv_cases.jsonl"]
+# not by default: AReaL's reward tests assert what math-verify returns (their harness is math-verify),
+# so they measure agreement with math-verify rather than correctness; pass it with --cases to include it
+EXTRA_CASES = [DATA / "areal_reward_cases.jsonl"]
+NEW_GROUPS = {"hendrycks/math": "hendrycks_math", "QwenLM/Qwen2.5-Math": "qwen25_math",
+              "maths/moodle-qtype_stack": "stack_algequiv", "leandermaben/AReaL": "areal_rewards"}
 
 
 def group_of(case: dict) -> str:
@@ -88,8 +103,12 @@ def case_options(case: dict) -> dict:
     out = {k: o[k] for k in ("float_rounding", "strict") if k in o}
     if "allow_set_relation_comp" in o:
         out["relation_as_set"] = o["allow_set_relation_comp"]
-    if o.get("extraction") == ["latex"]:
-        out["plain_numbers"] = False
+    extraction = o.get("extraction", ["latex", "expr"])
+    # the harness's extraction targets read unmarked prose: LaTeX alone its last math segment,
+    # with the expression target its last number too (our strict default reads neither)
+    out["unmarked"] = "last_value" if "expr" in extraction else "last_math" if "latex" in extraction else "reject"
+    # rounded decimals: as the case's harness says, else a tolerance (math-verify rounds to 6 places)
+    out["rounded_decimals"] = o.get("rounded_decimals", True)
     return out
 
 

@@ -314,6 +314,23 @@ class RewardFunction(Section):
     kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments passed to the function")
 
 
+class MathAnswerOptions(Section):
+    """The conventions graders disagree on, for the built-in `math_answer` reward; strict by default."""
+
+    rounded_decimals: bool = Field(
+        False, description="a decimal answer matches an exact value it rounds to at the precision written (3.14 "
+        "for pi, 0.33 for 1/3); false: only an exactly equal value (0.5 for 1/2)",
+    )
+    unmarked: Literal["reject", "last_math", "last_value"] = Field(
+        "reject", description="what a completion with no final-answer marker (answer tags, a box, `####`, 'the "
+        "answer is', a bare answer) gives: nothing (scores 0, counted as reward/math_answer/unreadable), its last "
+        "math segment, or its last math segment or clean number",
+    )
+    unterminated_box: bool = Field(
+        False, description="a last \\boxed{ never closed is read to the end of the text; false: it is no answer",
+    )
+
+
 class RewardsConfig(Section):
     functions: list[RewardFunction] = Field(
         default_factory=lambda: [RewardFunction(name="math_answer"), RewardFunction(name="format", weight=0.5)],
@@ -328,6 +345,15 @@ class RewardsConfig(Section):
         3, ge=0, description="stop the run (exit 3) after this many consecutive steps in which one reward failed or "
         "timed out on every sample (0: never)",
     )
+    math_answer: MathAnswerOptions = Field(
+        default_factory=MathAnswerOptions, description="conventions of the built-in math_answer reward, passed to "
+        "it as keyword arguments wherever it is scored (a function's own kwargs override them)",
+    )
+
+    def kwargs_for(self, name: str, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The keyword arguments a reward gets: for `math_answer` the options above, then its own."""
+        base = self.math_answer.model_dump() if name == "math_answer" else {}
+        return {**base, **(kwargs or {})}
 
 
 class TrainerConfig(Section):

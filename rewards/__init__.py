@@ -26,6 +26,7 @@ from rewards.registry import (
     known_reward_names,
     resolve,
 )
+from rewards.run import Scored
 from rewards.scorer import RewardError, Scorer, ScoreResult, is_correct
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "RewardError",
     "RewardSpec",
     "ScoreResult",
+    "Scored",
     "Scorer",
     "UnknownRewardError",
     "is_correct",

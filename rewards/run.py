@@ -6,6 +6,10 @@ An item is ``(name, kwargs, completion, example, context)``; `run_item` returns
 by the worker pool only, `TIMEOUT`. Both the in-process scorer (`rewards.scorer`) and the sandbox
 workers (`rewards.sandbox`) run items through `run_item`, so a reward fails the same way in both.
 
+A reward may give a reason with a score by returning a `Scored` (a float with a ``reason``); the
+reason travels as the item's message with status `OK`, and the scorer counts it as
+``reward/<name>/<reason>`` for every reason the function lists in its ``reasons`` attribute.
+
 Exception policy: every ``Exception`` a reward raises, and ``SystemExit``, becomes an `ERROR` with
 a message of at most 300 characters; ``KeyboardInterrupt`` and other ``BaseException``s propagate
 (in a worker that ends the worker, which the pool reports as an error).
@@ -27,6 +31,25 @@ from rewards.registry import resolve
 
 OK, TIMEOUT, ERROR = "ok", "timeout", "error"
 MAX_MESSAGE = 300
+
+
+class Scored(float):
+    """A reward value with the reason it was given (``Scored(0.0, "unreadable")``); it is a float.
+
+    >>> v = Scored(0.0, "unreadable")
+    >>> v == 0.0, v.reason
+    (True, 'unreadable')
+    """
+
+    reason: str
+
+    def __new__(cls, value: float, reason: str = ""):
+        obj = super().__new__(cls, value)
+        obj.reason = reason
+        return obj
+
+    def __reduce__(self):
+        return (Scored, (float(self), self.reason))
 
 
 @functools.cache
@@ -56,7 +79,8 @@ def call_reward(fn, completion: str, example: dict, context: dict, kwargs: dict,
     value = float(out)
     if not math.isfinite(value):
         raise ValueError(f"reward returned {value}")
-    return value
+    reason = getattr(out, "reason", "")
+    return Scored(value, reason) if isinstance(reason, str) and reason else value
 
 
 async def _await(awaitable):
@@ -82,6 +106,9 @@ def run_item(item, bounded: bool = False, memory_mb: int | None = None) -> tuple
     """
     name, kwargs, completion, example, context = item
     try:
-        return OK, call_reward(resolve(name), completion, example, context, kwargs, bounded), ""
+        value = call_reward(resolve(name), completion, example, context, kwargs, bounded)
+        if isinstance(value, Scored):  # the reason travels as the message; the value as a plain float
+            return OK, float(value), value.reason[:MAX_MESSAGE]
+        return OK, value, ""
     except (Exception, SystemExit) as e:  # a reward that fails must not stop the run
         return ERROR, None, _message(e, memory_mb)

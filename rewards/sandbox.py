@@ -36,7 +36,8 @@ from multiprocessing.connection import Connection, wait
 
 from rewards.run import ERROR, TIMEOUT, run_item
 
-# imported once in the zygote, so a new worker starts warm (the default: every built-in reward)
+# imported once in the zygote, so a new worker starts warm (the default: every built-in reward); a
+# module's `warm_up()`, if it has one, runs there too (fixed inputs of its own, never model text)
 PRELOAD = ["rewards.registry", "rewards.run", "rewards.math", "rewards.format", "rewards.countdown", "math_verify"]
 NEEDS = {"rewards.math.reward": ["math_verify"], "rewards.reasoning_gym": ["reasoning_gym"]}  # optional modules a reward module imports lazily
 CONNECT_TIMEOUT_S = 30.0
@@ -104,7 +105,10 @@ def _zygote_main() -> None:
     cfg = json.loads(sys.stdin.readline())
     for name in cfg["preload"]:
         try:
-            importlib.import_module(name)
+            module = importlib.import_module(name)
+            warm_up = getattr(module, "warm_up", None)
+            if callable(warm_up):  # a reward module's first-use costs, paid once here, not per worker
+                warm_up()
         except Exception:  # noqa: BLE001 - a module that fails here fails again, reported, in the worker
             pass
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped automatically

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from rewards.registry import RewardSpec, resolve
-from rewards.run import ERROR, TIMEOUT, run_item
+from rewards.run import ERROR, OK, TIMEOUT, run_item
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,10 @@ class ScoreResult:
     """``total``: weighted sum per completion over rewards that applied (not None);
     ``per_function``: each reward's values (None: does not apply; timeouts and errors carry the
     configured scores); ``metrics``: ``reward/<name>`` (mean over applicable samples),
-    ``reward/<name>/timeouts`` and ``reward/<name>/errors`` (counts in this call)."""
+    ``reward/<name>/timeouts`` and ``reward/<name>/errors`` (counts in this call), and
+    ``reward/<name>/<reason>`` for each reason the function lists in its ``reasons`` attribute
+    (how many of its values in this call came with that reason, e.g.
+    ``reward/math_answer/unreadable``)."""
 
     total: list[float]
     per_function: dict[str, list[float | None]]
@@ -114,8 +117,11 @@ class Scorer:
             values: list[float | None] = []
             timeouts = errors = 0
             failures: dict[str, list] = {}  # message -> the samples that failed with it
+            reasons = dict.fromkeys(getattr(self.functions[spec.name], "reasons", ()), 0)  # always logged
             for i in range(n):
                 status, value, msg = results[j * n + i]
+                if status == OK and msg in reasons:
+                    reasons[msg] += 1
                 if status == TIMEOUT:
                     timeouts += 1
                     value = self.timeout_score
@@ -131,6 +137,8 @@ class Scorer:
             metrics[f"reward/{spec.name}"] = sum(applicable) / len(applicable) if applicable else float("nan")
             metrics[f"reward/{spec.name}/timeouts"] = float(timeouts)
             metrics[f"reward/{spec.name}/errors"] = float(errors)
+            for reason, count in reasons.items():
+                metrics[f"reward/{spec.name}/{reason}"] = float(count)
             if timeouts:  # one line a reward a call, not one a sample
                 log.warning("reward %s timed out (> %.1f s) on %d of %d samples", spec.name, self.timeout_s, timeouts, n)
             if errors:

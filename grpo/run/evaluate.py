@@ -35,8 +35,8 @@ from rollout.base import SamplingParams
 def make_eval_scorer(cfg: RunConfig) -> Scorer:
     """A scorer of the rewards that define correctness, sandboxed like the training rewards."""
     r = cfg.rewards
-    return Scorer([RewardSpec(name) for name in correct_rewards(cfg.data, cfg.eval)], workers=r.workers, timeout_s=r.timeout_s,
-                  memory_mb=r.memory_mb)
+    return Scorer([RewardSpec(name, 1.0, r.kwargs_for(name)) for name in correct_rewards(cfg.data, cfg.eval)],
+                  workers=r.workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb)
 
 
 # --- estimators ---------------------------------------------------------------------------------

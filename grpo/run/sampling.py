@@ -105,8 +105,9 @@ def make_scorer(cfg: RunConfig) -> Scorer:
     """The training rewards; a reward that `eval.correct` names and the recipe does not train on
     is scored too, with weight 0, so that `rollout/accuracy` means what evaluation means."""
     r = cfg.rewards
-    specs = [RewardSpec(f.name, f.weight, dict(f.kwargs)) for f in r.functions]
-    specs += [RewardSpec(name, 0.0) for name in correct_rewards(cfg.data, cfg.eval) if name not in {f.name for f in r.functions}]
+    specs = [RewardSpec(f.name, f.weight, r.kwargs_for(f.name, f.kwargs)) for f in r.functions]
+    specs += [RewardSpec(name, 0.0, r.kwargs_for(name)) for name in correct_rewards(cfg.data, cfg.eval)
+              if name not in {f.name for f in r.functions}]
     return Scorer(specs, workers=r.workers, timeout_s=r.timeout_s, memory_mb=r.memory_mb, fail_fast=r.fail_fast)
 
 

@@ -13,6 +13,7 @@ from rewards.math.values import (
     MAX_EXPONENT,
     MAX_FACTORIAL,
     MAX_RESULT_DIGITS,
+    MAX_SYMBOLIC_EXPONENT,
     Interval,
     Matrix,
     ParseError,
@@ -23,7 +24,7 @@ from rewards.math.values import (
 FUNCS = {
     "sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "cot": sympy.cot, "sec": sympy.sec, "csc": sympy.csc,
     "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan, "sinh": sympy.sinh, "cosh": sympy.cosh,
-    "tanh": sympy.tanh, "exp": sympy.exp, "ln": sympy.log, "log": sympy.log, "lg": lambda x: sympy.log(x, 10),
+    "tanh": sympy.tanh, "abs": sympy.Abs, "exp": sympy.exp, "ln": sympy.log, "log": sympy.log, "lg": lambda x: sympy.log(x, 10),
 }
 GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta", "iota",
           "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi", "chi", "psi",
@@ -46,8 +47,13 @@ def check_pow(base, exp):
         b = abs(base)
         if b > 1 and e * sympy.log(b, 10).evalf(5) > MAX_RESULT_DIGITS:
             raise TooBig("power too large")
-    elif exp.is_Number and abs(exp) > MAX_EXPONENT:
-        raise TooBig("exponent too large")
+    elif exp.is_Number and abs(exp) > (MAX_SYMBOLIC_EXPONENT if exp.is_Integer else MAX_EXPONENT):
+        raise TooBig("exponent too large")  # (x-a)^6000 stays a power: never expanded, evaluated at points
+    elif exp.is_Number and abs(exp) > MAX_EXPONENT and any(  # SymPy distributes (2x)^n: 2^n must stay small
+        abs(n.p) * n.q > 1 and abs(exp) * sympy.log(abs(n.p) * n.q, 10).evalf(5) > MAX_RESULT_DIGITS
+        for n in base.atoms(sympy.Rational)
+    ):
+        raise TooBig("power too large")
     elif exp.is_number and not exp.is_Number:
         try:
             if abs(complex(exp.evalf(15))) > MAX_EXPONENT:  # complex exponents too (e^{i\pi/2})

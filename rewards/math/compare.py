@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sympy
 
-from rewards.math.numbers import Ctx, exprs_equal, proportional
+from rewards.math.numbers import Ctx, exprs_equal, num, points, proportional
 from rewards.math.values import Answer, Interval, Matrix, PlusMinus, Relation, Seq, Text, Union
 
 
@@ -34,8 +34,8 @@ def _canon(v):
     if isinstance(v, PlusMinus):
         return Seq("set", (v.center + v.delta, v.center - v.delta))
     if (isinstance(v, Relation) and v.ops == ("=",) and all(isinstance(x, sympy.Basic) for x in v.parts)
-            and not v.parts[0].free_symbols and not v.parts[1].free_symbols):
-        return v.parts[1]  # "1/2 = 10/9": a computation, judged by its result
+            and all(s.name == "ELLIPSIS" for s in v.parts[0].free_symbols) and not v.parts[1].free_symbols):
+        return v.parts[1]  # "1/2 = 10/9", "2*7 + 3*6 + ... = 81": a computation, judged by its result
     if isinstance(v, Relation) and len(v.parts) == 3 and v.ops[0] == v.ops[1] and v.ops[0] in ("<", "<="):
         lo, mid, hi = v.parts
         if (isinstance(mid, sympy.Abs) and isinstance(mid.args[0], sympy.Symbol) and isinstance(lo, sympy.Basic)
@@ -118,7 +118,38 @@ def _relations_equal(g: Relation, p: Relation, ctx) -> bool:
         return _values_equal(g.parts[1], p.parts[1], ctx)
     if og == "=" and _names_function(g.parts[0]) and _names_function(p.parts[0]):
         return _values_equal(g.parts[1], p.parts[1], ctx)  # y = E and f(x) = E: the same function
-    return proportional(fg, fp, positive=og in ("<", "<="))
+    if proportional(fg, fp, positive=og in ("<", "<=")):
+        return True
+    return og in ("<", "<=") and same_solution_set(fg, fp, og)
+
+
+def same_solution_set(fg, fp, op: str) -> bool:
+    """Two inequalities ``fg op 0`` and ``fp op 0`` in one and the same variable are equivalent when
+    SymPy solves both over the reals to the same set (``2x > 4`` and ``x > 2``; ``2^x > 8`` and
+    ``x > 3``); small expressions only (``MAX_SOLVE_OPS``), under the sandbox deadline."""
+    free = fg.free_symbols | fp.free_symbols
+    if len(free) != 1 or fg.free_symbols != fp.free_symbols or sympy.count_ops(fg) + sympy.count_ops(fp) > MAX_SOLVE_OPS:
+        return False
+    x = next(iter(free))
+    grid = [{x: sympy.Rational(k, 4) * sign} for k in range(1, 41) for sign in (1, -1)]
+    for point in points(free) + grid:  # a point where one holds and the other does not decides at once
+        a, b = num(fg.xreplace(point), 30), num(fp.xreplace(point), 30)
+        if a is None or b is None or isinstance(a, complex) or isinstance(b, complex):
+            continue
+        if (a < 0 or (op == "<=" and a == 0)) != (b < 0 or (op == "<=" and b == 0)):
+            return False
+    rel = sympy.Lt if op == "<" else sympy.Le
+    try:
+        sg = sympy.solveset(rel(fg, 0), x, domain=sympy.S.Reals)
+        sp = sympy.solveset(rel(fp, 0), x, domain=sympy.S.Reals)
+    except (NotImplementedError, TypeError, ValueError, RecursionError, AttributeError):
+        return False
+    if isinstance(sg, sympy.ConditionSet) or isinstance(sp, sympy.ConditionSet):
+        return False
+    return sg == sp
+
+
+MAX_SOLVE_OPS = 40
 
 
 def _names_function(v) -> bool:
@@ -290,7 +321,7 @@ def _as_matrix(v, shape: tuple[int, int]):
 
 
 def equivalent(gold: Answer, pred: Answer, float_rounding: int | None = None, strict: bool = True,
-               percent_question: bool = False) -> bool:
+               percent_question: bool = False, rounded_decimals: bool = False) -> bool:
     """Whether a parsed prediction matches a parsed gold (see the module docstring for the policy).
 
     >>> from rewards.math.parser import parse_answer
@@ -301,7 +332,7 @@ def equivalent(gold: Answer, pred: Answer, float_rounding: int | None = None, st
     >>> equivalent(parse_answer("x \\\\geq 5"), parse_answer("5 \\\\leq x"))
     True
     """
-    ctx = Ctx.of(gold, pred, float_rounding, strict, percent_question)
+    ctx = Ctx.of(gold, pred, float_rounding, strict, percent_question, rounded_decimals)
     g, p = gold.value, pred.value
     # hedging: several values where the gold has one scores 0
     if isinstance(_canon(p), Seq) and _canon(p).kind in ("list", "set") and isinstance(g, sympy.Basic):

@@ -18,15 +18,24 @@ number, whichever comes later (`weak`). Each candidate carries a strength: ``Tru
 
 from __future__ import annotations
 
+import functools
 import re
 
 from rewards.format import ANSWER_OPEN, answer_block
+from rewards.math.normalize import drop_script_units
 from rewards.math.values import MAX_CHARS
 
 MAX_SCAN_CHARS = 20_000  # only the tail of a completion is searched for the final answer
 
-def _braced_spans(text: str, commands=("\\boxed", "\\fbox")) -> list[tuple[int, int, str]]:
-    """(start, end, content) of every ``\\boxed{...}`` whose braces balance; one linear scan."""
+BOX_COMMANDS = ("\\boxed", "\\fbox", "\\box")  # ``\\box{}`` is an alias of ``\\boxed{}``
+
+
+def _braced_spans(text: str, commands=BOX_COMMANDS, open_end: bool = False) -> list[tuple[int, int, str]]:
+    """(start, end, content) of every ``\\boxed{...}`` whose braces balance; one linear scan.
+
+    ``open_end``: a last box never closed runs to the end of the text (the lenient reading of an
+    unterminated box); by default it is not a box at all.
+    """
     spans = []
     i = 0
     n = len(text)
@@ -46,6 +55,8 @@ def _braced_spans(text: str, commands=("\\boxed", "\\fbox")) -> list[tuple[int, 
                 depth -= 1
             j += 1
         if depth:
+            if open_end:
+                spans.append((start, n, text[start + len(cmd) + 1 :]))
             return spans
         spans.append((start, j, text[start + len(cmd) + 1 : j - 1]))
         i = start + len(cmd) + 1  # boxes nested inside boxes are found too; the outermost wins below
@@ -54,37 +65,45 @@ def _braced_spans(text: str, commands=("\\boxed", "\\fbox")) -> list[tuple[int, 
 _GAP_NOISE = re.compile(r"\\text\s*\{([^{}]*)\}|\\(?:quad|qquad|[,;:! ])|\$|\\[()\[\]]|[\s,;.]")
 
 
-def _adjacent(gap: str) -> bool:
+def _adjacent(gap: str, words_allowed: int = 4) -> bool:
+    """Two boxes (segments) are one answer when only punctuation and spacing stand between them,
+    or at most ``words_allowed`` words, one of them "and"/"or"."""
     words = _GAP_NOISE.sub(lambda m: " " + (m.group(1) or "") + " ", gap).split()
     if not words or not re.search(r"[A-Za-z0-9]", " ".join(words)):
         return True
-    if len(words) > 4:
+    if len(words) > words_allowed:
         return False
     return any(w.lower() in ("and", "or") for w in words)
 
 
-def _last_boxed(text: str) -> str | None:
-    spans = _braced_spans(text)
-    if not spans:
-        return None
+def box_groups(text: str, open_end: bool = False) -> list[str]:
+    """The contents of the outermost boxes in a text, in order, adjacent boxes merged into one
+    list (``\\boxed{1} and \\boxed{2}`` is ``1, 2``).
+
+    >>> box_groups("\\\\boxed{2\\\\frac{1}{2}}, that is \\\\boxed{\\\\frac{5}{2}}; and \\\\box{3} so 4")
+    ['2\\\\frac{1}{2}', '\\\\frac{5}{2}, 3']
+    """
     outer = []  # drop boxes nested inside another box
-    for s in spans:
+    for s in _braced_spans(text, open_end=open_end):
         if outer and s[0] < outer[-1][1]:
             continue
         outer.append(s)
-    group = [outer[-1]]
-    for s in reversed(outer[:-1]):
-        if _adjacent(text[s[1] : group[0][0]]):
-            group.insert(0, s)
+    groups: list[list] = []
+    for s in outer:
+        if groups and _adjacent(text[groups[-1][-1][1] : s[0]]):
+            groups[-1].append(s)
         else:
-            break
-    if len(group) == 1:
-        return group[0][2]
-    return ", ".join(g[2] for g in group)
+            groups.append([s])
+    return [g[0][2] if len(g) == 1 else ", ".join(x[2] for x in g) for g in groups]
+
+
+def _last_boxed(text: str, open_end: bool = False) -> str | None:
+    groups = box_groups(text, open_end)
+    return groups[-1] if groups else None
 
 
 _FINAL = re.compile(r"(?:final answer|the answer|answer)\s*(?:is|:)\s*", re.IGNORECASE)
-_SENTENCE_END = re.compile(r"(?<![\d\\])\.(?:\s|$)|\n|\bI hope\b")
+_SENTENCE_END = re.compile(r"(?<![\d\\.])\.(?!\.)(?:\s|$)|\n|\bI hope\b")
 _NUMBER = re.compile(r"-?\\[dtc]?frac\s*\{\s*-?\d+\s*\}\s*\{\s*\d+\s*\}|-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?(?:\s*%)?")
 
 
@@ -168,7 +187,7 @@ def answer_candidates(text: str, with_strength: bool = False) -> list:
     >>> answer_candidates("The final answer is $12$. I hope it is correct.")
     ['12']
     >>> answer_candidates("Final Answer: The volume of $ABCD$ is 120.", with_strength=True)
-    [('The volume of $ABCD$ is 120', False), ('120', 'number'), ('ABCD', False)]
+    [('The volume of $ABCD$ is 120', 'phrase'), ('120', 'phrase'), ('ABCD', 'phrase')]
     """
     out = candidates(text)
     return out if with_strength else [c for c, _ in out]
@@ -193,58 +212,90 @@ NUMBER = "number"  # candidate kind: a number picked out of prose (weakest)
 def is_bare(text: str) -> bool:
     """A bare answer: short, no prose, no math delimiters (``-3``, ``x^2+1``, ``\\frac{1}{2}``)."""
     text = text.strip()
-    return 0 < len(text) <= MAX_CHARS and "$" not in text.replace("\\$", "") and not _is_prose(text) and (
+    return 0 < len(text) <= MAX_CHARS and "$" not in text.replace("\\$", "") and not _is_prose(drop_script_units(text)) and (
         "\\boxed" not in text and ANSWER_OPEN not in text and _FINAL.search(text) is None
         and "\\[" not in text and "\\(" not in text
     )
 
 
-def candidates(text: str) -> list[tuple[str, bool]]:
+PHRASE = "phrase"  # candidate kind: a value picked out of a final-answer phrase written in prose
+_HASHES = re.compile(r"(?m)^[ \t]*####[ \t]*([^\n]*)")
+
+
+def _only_number(s: str) -> str | None:
+    """The one number in a short prose answer ("The total is 42 apples"), when the rest is words:
+    a number with any other symbol or command around it is no answer ("4 ??", "4\\sqrt(2)")."""
+    numbers = list(_NUMBER.finditer(s))
+    if len(numbers) != 1 or numbers[0].group().strip() == s.strip() or not clean_number(s, numbers[0]):
+        return None
+    rest = s[: numbers[0].start()] + " " + s[numbers[0].end() :]
+    return numbers[0].group().strip() if re.fullmatch(r"[^\W\d_\s]*(?:[\s.,:;!'$]+[^\W\d_]*)*\s*", rest) else None
+
+
+def candidates(text: str, open_box: bool = False) -> list[tuple[str, object]]:
+    """Candidate answers with their kind, best first (see the module docstring); ``open_box``: a
+    last ``\\boxed{`` never closed runs to the end of the text (by default it is no box). The
+    reward asks several times about one completion, so the last few answers are remembered."""
+    return list(_candidates(text, open_box))
+
+
+@functools.lru_cache(maxsize=64)
+def _candidates(text: str, open_box: bool) -> tuple:
+    return tuple(_find_candidates(text, open_box))
+
+
+def _find_candidates(text: str, open_box: bool) -> list[tuple[str, object]]:
     inner = answer_block(text, closed=False)  # the last <answer> block, closed or not
     if inner is not None and len(inner) > MAX_SCAN_CHARS:
         return [(inner[:MAX_CHARS + 1], True)]  # over the limit: the parser refuses it
     if len(text) > MAX_SCAN_CHARS:
         text = text[-MAX_SCAN_CHARS:]
     if inner is not None:
-        boxed = _last_boxed(inner)
+        boxed = _last_boxed(inner, open_box)
         strong = _strip_delims(boxed if boxed is not None else inner)
         if not strong:
             return []
-        out = [(strong, True)]
+        out: list[tuple[str, object]] = [(strong, True)]
         if boxed is None:  # prose inside the tags: a final-answer phrase, or its only number
             out += [(c, True) for c, _ in candidates(strong)[:1] if c != strong and _FINAL.search(strong)]
-            numbers = _NUMBER.findall(strong)
-            if len(numbers) == 1 and numbers[0].strip() != strong:
-                out.append((numbers[0].strip(), True))
+            only = _only_number(strong)
+            if only is not None:
+                out.append((only, True))
         return out
     strong = None
-    from_phrase = False
     boxed_at = -1
-    spans = _braced_spans(text)
+    spans = _braced_spans(text, open_end=open_box)
     if spans:
         boxed_at = spans[-1][0]
-        strong = _last_boxed(text)
+        strong = _last_boxed(text, open_box)
     m = None
     for m in _FINAL.finditer(text):  # noqa: B007 (keeps the last match)
         pass
+    h = None
+    for h in _HASHES.finditer(text):  # noqa: B007 (GSM8K's "#### 42" marker; the last one)
+        pass
+    if h is not None and h.start() > boxed_at and (m is None or h.start() > m.start()):
+        marked = _strip_delims(h.group(1))
+        return [(marked, True)] if marked else []
+    box = [(strong.strip(), True)] if strong is not None and strong.strip() else []
     if m is not None and m.start() > boxed_at:
         rest = text[m.end() :]
         e = _SENTENCE_END.search(rest)
         phrase = _strip_delims(rest[: e.start()] if e else rest)
-        if phrase:
-            strong = phrase
-            from_phrase = True
-    if strong is not None:
-        strong = strong.strip()
-        if not from_phrase:
-            return [(strong, True)] if strong else []
-        out = [(strong, not _is_prose(strong))] if strong else []
-        return out + [c for c in weak(strong) if c[0] != strong]
+        if phrase:  # a later phrase wins over a box; the box stays as the next candidate
+            if not _is_prose(phrase):  # a marked answer: read as it is, or not at all
+                return [(phrase, True)] + box
+            return [(phrase, PHRASE)] + [(c, PHRASE) for c, _ in weak(phrase) if c != phrase] + box
+    if box:
+        return box
     out = []
     stripped = text.strip()
+    value = aligned_value(stripped)
+    if value is not None:
+        out.append((value, True))
     segs = math_segments(stripped)
     if len(segs) == 1 and _strip_delims(stripped) == segs[0]:
-        return [(segs[0], True)]
+        return out + [(segs[0], True)]
     value = final_equation_value(stripped)
     if value is not None:
         out.append((value, True))
@@ -256,6 +307,28 @@ def candidates(text: str) -> list[tuple[str, bool]]:
 _COMPUTATION = r"(?:[\d\s.,+\-*/^()\[\]{}]|\\(?:times|cdot|div|frac|dfrac|left|right)\b)+"
 _FINAL_EQUATION = re.compile(r"(" + _COMPUTATION + r")=\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)\s*\$?"
                              r"((?:\s+(?!(?:or|and|to|plus|minus|times)\b)[A-Za-z]+){0,2})\s*[.!]?$")
+
+
+_ALIGN_END = re.compile(r"\\begin\{(align\*?|aligned|equation\*?|eqnarray\*?|gather\*?|split)\}((?:(?!\\begin\{).)*?)"
+                        r"\\end\{\1\}\s*(?:\$\$|\\\]|\$)?\s*\.?\s*$", re.DOTALL)
+
+
+def aligned_value(text: str) -> str | None:
+    """A text that ends with an ``align`` (``aligned``, ``equation``...) block gives the right-hand
+    side of the last ``=`` in its last row, else None.
+
+    >>> aligned_value("\\\\[\\\\begin{align*} S &= 2\\\\cdot 7 + 49 \\\\\\\\ &= 63. \\\\end{align*}\\\\]")
+    '63'
+    """
+    m = _ALIGN_END.search(text[-2000:])
+    if m is None:
+        return None
+    rows = [r for r in re.split(r"\\\\(?:\[[^\]]*\])?", m.group(2)) if r.strip()]
+    if not rows or "=" not in rows[-1]:
+        return None
+    rhs = rows[-1].rsplit("=", 1)[1].replace("&", " ").strip().rstrip(".,").strip()
+    rhs = re.sub(r"\\(?:tag|label)\{[^{}]*\}", "", rhs).strip()
+    return rhs or None
 
 
 def final_equation_value(text: str) -> str | None:
@@ -279,16 +352,34 @@ def final_equation_value(text: str) -> str | None:
     return m.group(2)
 
 
+_MATH_AFTER = re.compile(r"\s*(?:[\\(\[{^_*/+=<>|!?#@&~]|\.\.|\d|(?:sqrt|pi|log|ln|exp|sin|cos|tan|root|squared|"
+                         r"cubed|over|times|plus|minus|divided)\b|[A-Za-z](?![A-Za-z]))", re.IGNORECASE)
+
+
+def clean_number(text: str, m: re.Match) -> bool:
+    """A number picked out of prose counts only when nothing mathematical touches it: no operator,
+    bracket, command, ellipsis, math word or lone letter right after it (``4\\sqrt(2)``,
+    ``4 sqrt 2``, ``4 ...``), and no operator or command right before it.
+
+    >>> [clean_number(t, _NUMBER.search(t)) for t in ("it is 4 apples.", "4\\\\sqrt(2)", "4 sqrt 2", "4 ...", "x = 5.")]
+    [True, False, False, False, True]
+    """
+    if _MATH_AFTER.match(text, m.end()):
+        return False
+    before = text[: m.start()].rstrip()
+    return not before or before[-1] not in "\\^_/*+({[|"
+
+
 def weak(text: str) -> list[tuple[str, bool]]:
-    """Unmarked text: the last math segment (adjacent ones merged, like boxes) and the last number,
-    whichever comes later first."""
+    """Unmarked text: the last math segment (adjacent ones merged when only punctuation or one
+    "and"/"or" stands between them) and the last clean number, whichever comes later first."""
     spans = _segment_spans(text)
     seg = num = None
     seg_end = num_end = -1
     if spans:
         group = [spans[-1]]
         for sp in reversed(spans[:-1]):
-            if _adjacent(text[sp[1] : group[0][0]]) and text[sp[1] : group[0][0]].strip():
+            if _adjacent(text[sp[1] : group[0][0]], 1) and text[sp[1] : group[0][0]].strip():
                 group.insert(0, sp)
             else:
                 break
@@ -297,7 +388,7 @@ def weak(text: str) -> list[tuple[str, bool]]:
     m = None
     for m in _NUMBER.finditer(text):  # noqa: B007 (keeps the last match)
         pass
-    if m is not None:
+    if m is not None and clean_number(text, m):
         num, num_end = m.group().strip(), m.end()
     ordered = [(seg, seg_end, False), (num, num_end, NUMBER)]
     ordered.sort(key=lambda x: -x[1])

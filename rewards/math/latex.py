@@ -55,7 +55,7 @@ def command(p):
         return sympy.Symbol(f"{name}({inner})", real=True)
     if name in ("forall", "exists", "implies", "iff", "Rightarrow", "Leftrightarrow"):
         raise ParseError("quantified statement")
-    if name in ("end", "sum", "prod", "int", "lim", "to", "cup", "cap", "setminus"):
+    if name in ("end", "sum", "prod", "int", "lim", "to", "cup", "cap", "setminus", "bmod", "pmod", "mod"):
         raise ParseError(f"unsupported command {text}")
     if len(name) > 12:
         raise ParseError("long command")
@@ -127,6 +127,10 @@ def environment(p):
         rows.append(tuple(row))
     if not rows or len({len(r) for r in rows}) != 1:
         raise ParseError("ragged matrix")
+    if env == "vmatrix":  # |a b; c d| is a determinant
+        if len(rows) != len(rows[0]) or len(rows) > 4 or not all(isinstance(x, sympy.Basic) for r in rows for x in r):
+            raise ParseError("determinant of a non-square or large matrix")
+        return sympy.Matrix(rows).det()
     return Matrix(tuple(rows))
 
 

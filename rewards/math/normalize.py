@@ -47,7 +47,8 @@ def normalize(s: str) -> str:
         s = s.replace("\\" + cmd, "\\frac")
     s = re.sub(r"(\d),\\!\s*(?=\d{3}(?!\d))", r"\1,", s)  # 11,\! 111 -> 11,111
     s = s.replace("\\!", "").replace("$", " ").rstrip("\\")
-    s = s.replace("{,}", "").replace("\\%", "%").replace("\\cdot", "*").replace("\\times", "*")
+    s = re.sub(r"\{\s*,\s*\}", "", s)  # 14{,}916 and 14 {, }916
+    s = s.replace("\\%", "%").replace("\\cdot", "*").replace("\\times", "*")
     s = s.replace("\\div", "/").replace("\\ast", "*")
     s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?", "", s)
     s = s.replace("\\circ", "").replace("\\degree", "")
@@ -136,9 +137,32 @@ def drop_units(tokens):
             if i < len(tokens) and tokens[i][1] == "^" and i + 1 < len(tokens) and tokens[i + 1][0] == "num":
                 i += 2
             continue
+        if kind == "word" and text in _SI_LETTERS and out and out[-1][0] == "num" and (
+            i + 1 == len(tokens) or tokens[i + 1][1] in (";", ",")
+        ):  # "5 m; 3 s": a one-letter SI unit after a number, before a separator or the end
+            i += 1
+            continue
         out.append((kind, text))
         i += 1
     return [t for t in out if t[0] != "unit"]
+
+
+_SI_LETTERS = {"m", "s", "g", "h", "l", "L", "K", "N", "J", "W", "V", "A"}
+
+_SCRIPT_UNIT = re.compile(r"(?<=[\d%}])\s*(?:(?![\u0370-\u03ff])[^\W\d_A-Za-z][^\W\d_]*\.?"
+                          r"(?:\s*[\^/]\s*(?:\d|[^\W\d_]+))?\s*)+(?=$|[;,])")
+
+
+def drop_script_units(s: str) -> str:
+    """Words in any script other than Latin or Greek right after a number, up to a separator or the end,
+    are a unit and are dropped (``5 米``, ``12 яблок``, ``5 米; 3 秒``); Latin unit words are
+    `drop_units`' work.
+
+    >>> drop_script_units("5 \u7c73; 3 \u79d2"), drop_script_units("x = 5 \u043c\u002e")
+    ('5; 3', 'x = 5')
+    """
+    return _SCRIPT_UNIT.sub("", s)
+
 
 def norm_text(t: str) -> str:
     t = t.strip().strip("().").strip()

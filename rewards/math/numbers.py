@@ -1,11 +1,17 @@
 """Numbers and expressions: when two SymPy values are the same answer.
 
-Exact rational arithmetic first. When a decimal literal is involved the tolerance follows the
-precision written (fewest decimals ``d`` on either side: agree to half a unit in the ``d``-th
-place), and a one-decimal prediction never approximates an exact gold. Irrational constants are
-compared at 50 significant digits with a relative tolerance of 1e-30. Expressions with symbols:
-exact expansion, then evaluation at three points where every symbol is positive, then
-`sympy.simplify` (under the sandbox deadline).
+Exact rational arithmetic first. A decimal literal against a value it does not equal exactly
+fails, unless the caller allows rounded decimals (``rounded_decimals``: the tolerance then follows
+the precision written, fewest decimals ``d`` on either side: agree to half a unit in the ``d``-th
+place, and a one-decimal prediction never approximates an exact gold) or sets ``float_rounding``.
+Irrational constants are compared at 50 significant digits with a relative tolerance of 1e-30.
+
+Expressions with symbols (no numeric tolerance ever applies inside them): exact expansion (not
+when a power above ``MAX_EXPANDED_POWER`` would have to be multiplied out), then evaluation at
+sample points of both signs, with no assumption on the symbols: the two are equal when each is
+real exactly where the other is and they agree wherever both are real (``sqrt(x^2)`` is not
+``x``; ``log((x+1)/(1-x))`` is ``-log((1-x)/(x+1))``; ``(x-a)^6000`` is ``(a-x)^6000``), then
+`sympy.simplify` when fewer than two points could decide (under the sandbox deadline).
 """
 
 from __future__ import annotations
@@ -24,26 +30,36 @@ class Ctx:
     decimals: tuple = ()  # decimals written on either side (none for exact values)
     coarse_guess: bool = False  # a one-decimal prediction of an exact gold (0.7 for 2/3): never close enough
     float_rounding: int | None = None  # compare decimals after rounding to this many places
+    rounded: bool = False  # a decimal may match an exact value it rounds to, at the precision written
     strict: bool = True  # a lone variable may not be renamed
     percent: bool = False  # a percent on one side only, or the question asks for a percent
 
     @classmethod
     def of(cls, gold: Answer, pred: Answer, float_rounding: int | None = None, strict: bool = True,
-           percent_question: bool = False) -> Ctx:
+           percent_question: bool = False, rounded_decimals: bool = False) -> Ctx:
         return cls(
             decimals=tuple(d for d in (gold.decimals, pred.decimals) if d is not None),
             coarse_guess=gold.decimals is None and pred.decimals is not None and pred.decimals < 2,
             float_rounding=float_rounding,
             strict=strict,
             percent=gold.percent != pred.percent or percent_question,
+            rounded=rounded_decimals,
         )
 
 
-def points(symbols):
+MAX_EXPANDED_POWER = 64  # no expansion multiplies out a power above this
+_MAGNITUDES = [sympy.Rational(3, 7), sympy.Rational(13, 10), sympy.Rational(5, 11), sympy.Rational(29, 10),
+               sympy.Rational(7, 19), sympy.Rational(53, 3), sympy.Rational(2, 13), sympy.Rational(41, 9),
+               sympy.Rational(101, 7), sympy.Rational(11, 17)]
+
+
+def points(symbols, n: int = 8):
+    """Sample points: exact rationals of both signs (every sign pattern of up to three symbols),
+    magnitudes below and above 1."""
     syms = sorted(symbols, key=lambda s: s.name)
     return [
-        {s: sympy.Rational(37 * k + 61 * i + 50, 100) for i, s in enumerate(syms)}
-        for k in (1, 2, 3)
+        {s: _MAGNITUDES[(k + 3 * i) % len(_MAGNITUDES)] * (-1 if (k >> (i % 3)) & 1 else 1) for i, s in enumerate(syms)}
+        for k in range(n)
     ]
 
 
@@ -73,7 +89,7 @@ def numbers_equal(g, p, ctx: Ctx) -> bool:
         return g == p
     if ctx.decimals or ctx.float_rounding is not None:
         if ctx.decimals and ctx.float_rounding is None:
-            if ctx.coarse_guess:
+            if ctx.coarse_guess or not ctx.rounded:
                 return False
             d = min(ctx.decimals)
         elif ctx.decimals:
@@ -129,32 +145,51 @@ def exprs_equal(g, p, ctx: Ctx) -> bool:
         free = g.free_symbols
     if any(s.name == "ELLIPSIS" for s in free):
         return sympy.expand(g - p) == 0
-    try:
-        if sympy.expand(g - p) == 0:
-            return True
-    except (TypeError, ValueError, RecursionError):
-        pass
+    if not (_big_power(g) or _big_power(p)):
+        try:
+            if sympy.expand(g - p) == 0:
+                return True
+        except (TypeError, ValueError, RecursionError):
+            pass
     if g.has(sympy.Sum, sympy.Product, sympy.Integral) or p.has(sympy.Sum, sympy.Product, sympy.Integral):
         return False  # no numeric probing of unevaluated sums: expansion decided
-    checked = 0
-    for point in points(free):
-        gv, pv = num(g.xreplace(point), 30), num(p.xreplace(point), 30)
-        if gv is None or pv is None:
-            continue
-        if isinstance(gv, complex) or isinstance(pv, complex):
-            if abs(complex(gv) - complex(pv)) > 1e-15 * max(abs(complex(gv)), 1):
-                return False
-        elif abs(gv - pv) > sympy.Float("1e-20", 30) * max(abs(gv), abs(pv), 1):
-            if ctx.decimals and abs(gv - pv) <= 10 ** (-min(ctx.decimals)):
-                pass
-            else:
-                return False
-        checked += 1
-    if checked >= 2:
-        return True
-    if sympy.count_ops(g) + sympy.count_ops(p) > 80:
+    verdict = agree_at_points(g, p, free)
+    if verdict is not None:
+        return verdict
+    if sympy.count_ops(g) + sympy.count_ops(p) > 80 or _big_power(g) or _big_power(p):
         return False
     return sympy.simplify(g - p) == 0
+
+
+def _real_if_tiny(v):
+    """A complex value whose imaginary part is rounding noise (1e-25 relative) is real."""
+    if isinstance(v, complex) and abs(v.imag) <= 1e-25 * max(abs(v), 1):
+        return sympy.Float(v.real, 30)
+    return v
+
+
+def _big_power(e) -> bool:
+    return any(isinstance(n, sympy.Pow) and n.exp.is_Integer and abs(n.exp) > MAX_EXPANDED_POWER
+               for n in sympy.preorder_traversal(e))
+
+
+def agree_at_points(g, p, free) -> bool | None:
+    """False when at some sample point one side is real and the other is not, or both are real
+    and differ (relative 1e-20, no other tolerance); True when at least two points have both real
+    and equal; None when the points cannot decide (non-real or undefined values only)."""
+    agree = 0
+    for point in points(free):
+        gv, pv = _real_if_tiny(num(g.xreplace(point), 30)), _real_if_tiny(num(p.xreplace(point), 30))
+        if gv is None or pv is None:
+            continue  # undefined at this point on one side: it cannot tell
+        g_real, p_real = not isinstance(gv, complex), not isinstance(pv, complex)
+        if g_real != p_real:
+            return False  # defined as a real number on one side only: equal only under an assumption
+        if g_real:
+            if abs(gv - pv) > sympy.Float("1e-20", 30) * max(abs(gv), abs(pv), 1):
+                return False
+            agree += 1
+    return True if agree >= 2 else None
 
 
 def _no_percent(ctx: Ctx) -> Ctx:
@@ -162,6 +197,8 @@ def _no_percent(ctx: Ctx) -> Ctx:
 
 
 def proportional(f1, f2, positive: bool) -> bool:
+    """``f1 = c * f2`` for one constant ``c`` (positive when ``positive``), at the sample points
+    where both are real."""
     if f1 == 0 or f2 == 0:
         return f1 == f2
     free = f1.free_symbols | f2.free_symbols
@@ -177,5 +214,3 @@ def proportional(f1, f2, positive: bool) -> bool:
     if positive and r0 <= 0:
         return False
     return all(abs(r - r0) <= sympy.Float("1e-20", 30) * max(abs(r0), 1) for r in ratios)
-
-

@@ -46,6 +46,7 @@ from rewards.math.build import (
     symbol_only,
 )
 from rewards.math.normalize import (
+    drop_script_units,
     drop_units,
     mixed_number,
     norm_text,
@@ -169,8 +170,8 @@ class _Parser:
         value = self.term()
         while self.at("+", "-", r"\pm", r"\mp"):
             op = self.take()[1]
-            if self.at(r"\ldots", r"\cdots", r"\dots"):
-                self.take()
+            if self.at(r"\ldots", r"\cdots", r"\dots") or self._at_dots():
+                self.pos += 3 if self._at_dots() else 1
                 value = combine(value, sympy.Symbol("ELLIPSIS"), "+")
                 continue
             rhs = self.term()
@@ -181,6 +182,10 @@ class _Parser:
             else:
                 value = combine(value, rhs, op)
         return value
+
+    def _at_dots(self):
+        """``...`` written with full stops, after an operator: an ellipsis (``1 + 2 + ... + 9``)."""
+        return all(self.peek(k) == ("op", ".") for k in range(3))
 
     def term(self):
         value = self.unary()
@@ -461,7 +466,10 @@ def parse_answer(text: str) -> Answer:
     s, whole_text = strip_text_commands(s)
     if whole_text is not None and not re.search(r"\d", whole_text):
         return Answer(Text(norm_text(whole_text)), source=text)
-    s = number_spelling(s.strip().rstrip(".").strip())
+    s = s.strip()
+    if s.endswith(".") and not s.endswith(".."):  # one closing full stop; an ellipsis is no answer's end
+        s = s[:-1].strip()
+    s = number_spelling(drop_script_units(s))
     clock = time_of_day(s)
     if clock is not None:
         return Answer(Text("time " + clock), source=text)

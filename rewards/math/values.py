@@ -14,6 +14,7 @@ MAX_DEPTH = 40  # deepest nesting of brackets / commands
 MAX_DIGITS = 400  # longest number literal
 MAX_EXPONENT = 2000  # |n| in a^n with numeric a, n (and digits of the result, below)
 MAX_RESULT_DIGITS = 5000
+MAX_SYMBOLIC_EXPONENT = 10_000  # |n| in x^n with a symbolic base (never expanded; see rewards.math.numbers)
 MAX_FACTORIAL = 500
 
 

@@ -100,3 +100,23 @@ def test_every_field_has_a_description():
                 assert field.description, f"{model.__name__}.{name} has no description"
 
     walk(RunConfig)
+
+
+def test_math_answer_conventions_are_strict_by_default_written_down_and_reach_the_reward(tmp_path):
+    from grpo.run.evaluate import make_eval_scorer
+    from grpo.run.sampling import make_scorer
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(GOOD)
+    cfg = load_recipe(recipe)
+    assert cfg.rewards.math_answer.model_dump() == {"rounded_decimals": False, "unmarked": "reject",
+                                                   "unterminated_box": False}
+    assert "math_answer:\n    rounded_decimals: false\n    unmarked: reject" in dump_config(cfg)  # the run's config.yaml
+    cfg = load_recipe(recipe, ["rewards.math_answer.rounded_decimals=true", "rewards.workers=0"])
+    for scorer in (make_scorer(cfg), make_eval_scorer(cfg)):
+        with scorer:
+            spec = next(s for s in scorer.specs if s.name == "math_answer")
+            assert spec.kwargs["rounded_decimals"] is True and spec.kwargs["unmarked"] == "reject"
+            assert scorer.score(["<answer>3.14</answer>"], [{"answer": "\\pi"}]).per_function["math_answer"] == [1.0]
+    with pytest.raises(ConfigError, match="rewards.math_answer.unmarked"):
+        load_recipe(recipe, ["rewards.math_answer.unmarked=guess"])

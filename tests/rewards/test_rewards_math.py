@@ -24,8 +24,8 @@ CASES = [
     ("1/2", "<answer>\\dfrac12</answer>", 1.0),
     ("0.5", "<answer>.5</answer>", 1.0),
     ("5", "<answer>5.001</answer>", 0.0),
-    ("3.14", "<answer>\\pi</answer>", 1.0),  # tolerance follows the gold's precision
-    ("\\pi", "<answer>3.14</answer>", 1.0),  # ... and the prediction's
+    ("3.14", "<answer>\\pi</answer>", 0.0),  # strict default: a rounded decimal is not the exact value
+    ("\\pi", "<answer>3.14</answer>", 0.0),  # (rounded_decimals=True accepts both: see below)
     ("\\pi", "<answer>3</answer>", 0.0),
     ("918\\frac{1}{2}", "<answer>918.5</answer>", 1.0),  # mixed number
     ("\\frac{1}{2^{99}}", "\\boxed{\\frac{1}{2^{98}}}", 0.0),  # exact, no chop
@@ -65,7 +65,8 @@ CASES = [
     ("x < 1", "\\boxed{x > -1}", 0.0),
     ("-793 < a < 10", "\\boxed{(-793, 10)}", 1.0),
     # extraction policy
-    ("2", "\\boxed{1} ... later, after more work, the result is \\boxed{2}", 1.0),  # last box wins
+    ("2", "\\boxed{1} ... later, after more work, the result is \\boxed{2}", 0.0),  # boxes disagree: ambiguous
+    ("2", "\\boxed{2} ... checking again, the result is \\boxed{2.0}", 1.0),  # boxes that agree
     ("\\{1, 2\\}", "\\boxed{1} and \\boxed{2}", 1.0),  # adjacent boxes are one answer
     ("3", "<answer>3 or 4</answer>", 0.0),  # hedging
     ("2021", "<answer>\\pm 2021</answer>", 0.0),
@@ -117,7 +118,10 @@ def test_answer_tag_contents(completion, expected):
 
 
 def test_decimal_approximations_of_exact_golds():
-    assert math_answer("<answer>0.67</answer>", {"answer": "2/3"}) == 1.0
-    assert math_answer("<answer>0.7</answer>", {"answer": "2/3"}) == 0.0  # one decimal is a guess
-    assert math_answer("<answer>\\pi</answer>", {"answer": "3.1"}) == 1.0  # the gold's precision rules
+    lenient = {"rounded_decimals": True}  # the convention some graders use; strict (exact) is the default
+    assert math_answer("<answer>0.67</answer>", {"answer": "2/3"}) == 0.0
+    assert math_answer("<answer>0.67</answer>", {"answer": "2/3"}, **lenient) == 1.0
+    assert math_answer("<answer>0.7</answer>", {"answer": "2/3"}, **lenient) == 0.0  # one decimal is a guess
+    assert math_answer("<answer>\\pi</answer>", {"answer": "3.1"}, **lenient) == 1.0  # the gold's precision rules
+    assert math_answer("<answer>3.14</answer>", {"answer": "\\pi"}, **lenient) == 1.0  # ... and the prediction's
     assert math_answer("<answer>0.5</answer>", {"answer": "1/2"}) == 1.0  # exact

@@ -83,7 +83,8 @@ CASES = [
     # complex numbers in another algebraic form
     ("complex", "2i", "\\boxed{2e^{i\\pi/2}}", None, True),
     ("complex", "2i", "\\boxed{(1+i)^2}", None, True),
-    ("complex", "\\frac{1+i}{3}", "\\boxed{0.33+0.33i}", None, True),
+    ("complex", "\\frac{1+i}{3}", "\\boxed{\\frac{1}{3}+\\frac{i}{3}}", None, True),
+    ("complex", "\\frac{1+i}{3}", "\\boxed{0.33+0.33i}", None, False),  # rounded: only with rounded_decimals
     ("complex", "2i", "\\boxed{(1-i)^2}", None, False),
     ("complex", "\\frac{1+i}{3}", "\\boxed{0.33+0.34i}", None, False),
     ("complex", "-1", "\\boxed{i}", None, False),
@@ -134,4 +135,7 @@ def test_math_verify_runs_only_when_the_caller_says_it_is_bounded(monkeypatch):
     answers_match("7", "some prose with no number at all, which our reading cannot use")
     assert calls == []
     answers_match("7", "some prose with no number at all, which our reading cannot use", bounded=True)
+    assert calls == []  # strict default: unmarked prose is no answer, math-verify is not asked either
+    answers_match("7", "some prose with no number at all, which our reading cannot use", bounded=True,
+                  unmarked="last_value")
     assert len(calls) == 1
