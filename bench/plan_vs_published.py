@@ -78,6 +78,11 @@ RUNS: tuple[Run, ...] = (
 # Looked for and left out: SimpleRL-Zoo (arXiv 2503.18892): its hours (64 H100, ~36 h for the 32B) were found
 # only in a third-party summary, not in the paper; Open-Reasoner-Zero (2503.24290), DAPO (2503.14476),
 # Light-R1, LIMR, Logic-RL, TinyZero: no hardware-hours figure found in the stored copies of their reports.
+# Candidates with hardware and hours but not yet the batch, step count and mean length a row needs:
+# Open-RS (Dang and Ngo, arXiv 2503.16219, abstract): DeepSeek-R1-Distill-Qwen-1.5B, 4 A40 48GB within 24 hours
+# (96 GPU-hours; also needs an A40 row in roofline.GPUS: PCIe, 696 GB/s GDDR6); DeepCoder-14B-Preview
+# (together.ai/blog/deepcoder): 32 H100 for 2.5 weeks (~13,400 GPU-hours), 16K then 32K context, asynchronous
+# (verl-pipe) and code rewards, so not a synchronous R1-Zero-style run.
 
 
 def predict(run: Run) -> tuple[float, list]:
