@@ -245,6 +245,8 @@ class Workload:
     mini_batches: int = 1  # optimizer steps per pass over a generation batch (R1-Zero: 16)
     max_new_tokens_schedule: tuple[tuple[int, int], ...] = ()  # (from step, cap); empty: max_new_tokens throughout
     num_iterations: int = 1  # passes over a generation batch
+    gradient_checkpointing: bool = True  # trainer.gradient_checkpointing (published runs train with it on)
+    activation_offload: bool = False  # trainer.activation_offload: saved activations in host memory
 
     @property
     def generation_sequences(self) -> int:
@@ -290,6 +292,8 @@ class Plan:
     searched: bool = False  # the layout came from the search, not the recipe or --tp
     eff: Efficiency = EFFICIENCY
     memory_train: dict = field(default_factory=dict)
+    host_gib: float = 0.0  # activations offloaded to host memory, per GPU
+    offload_bytes_per_token: float = 0.0  # of a training sequence, copied to the host and back
     memory_rollout: dict = field(default_factory=dict)
     kv_room_gib: float = 0.0  # what each GPU has for the KV cache
     notes: list[str] = field(default_factory=list)
@@ -343,6 +347,9 @@ class Plan:
         train = sum(self.memory_train.values())
         if train > self.capacity_gib:
             return f"training needs {train:.1f} GiB per GPU of {self.capacity_gib:.1f} usable"
+        if self.host_gib > self.gpu.host_gib:
+            return (f"offloaded activations need {self.host_gib:.1f} GiB of host memory per GPU of "
+                    f"{self.gpu.host_gib:.0f}")
         return self.rollout_why_not()
 
     def rollout_why_not(self) -> str | None:
@@ -375,7 +382,8 @@ class Plan:
         w = self.work
         return train_time(self.arch, self.gpu, self.gpus_per_node, self.world, self.shard_group,
                           w.mini_batch_sequences, w.prompt_tokens, w.response_tokens, w.micro_batch_size,
-                          w.extra_forwards / w.num_iterations, self.eff)  # extra forwards run once per batch
+                          w.extra_forwards / w.num_iterations, self.eff,  # extra forwards run once per batch
+                          checkpointing=w.gradient_checkpointing, offload_bytes_per_token=self.offload_bytes_per_token)
 
     def step_seconds(self, max_new_tokens: int | None = None) -> tuple[float, float]:
         """(generation, training) seconds of one step: a generation batch at the cap `max_new_tokens`
@@ -447,12 +455,23 @@ def _sized(arch: Arch, g: GPU, nodes: int, gpus_per_node: int, work: Workload, s
     seq = work.prompt_tokens + work.longest_new_tokens
     mb_tokens = work.micro_batch_size * seq
     logits_chunk = min(mb_tokens, 4096)
+    inputs = h * 2 * L  # bytes per token: every decoder layer's input (bf16), what checkpointing keeps
+    layer = (16 * h + 8 * arch.ffn_active_width()) * 2  # bytes per token of one layer's working set
+    logits = logits_chunk * arch.vocab_size * 4 * 2 / GIB  # one chunk of float32 logits and their gradient
+    if work.gradient_checkpointing:
+        saved, acts = inputs, {"activations: layer inputs (checkpointing)": mb_tokens * inputs / GIB}
+    else:
+        saved, acts = layer * L, {"activations: every layer's (no checkpointing)": mb_tokens * layer * L / GIB}
+    if work.activation_offload:  # what autograd saves goes to host memory; the GPU computes one layer at a time
+        plan.host_gib, plan.offload_bytes_per_token = mb_tokens * saved / GIB, saved
+        acts = {"activations: in host memory (activation_offload)": 0.0}
     plan.memory_train = {
         "weights (bf16)": 2 * total / shard / GIB,
         "gradients (bf16)": 2 * total / shard / GIB,
         "optimizer (fp32 master + AdamW)": 12 * total / shard / GIB,
-        "activations (checkpointed)": (mb_tokens * h * 2 * L + mb_tokens * (16 * h + 8 * arch.ffn_active_width()) * 2
-                                       + logits_chunk * arch.vocab_size * 4 * 2) / GIB,
+        **acts,
+        "activations: one layer's working set": mb_tokens * layer / GIB,
+        "activations: logits of one chunk": logits,
     }
     resident = (2 * total + 12 * total) / shard / GIB  # weights and optimizer stay while the engine runs
     routed = arch.routed_params()
@@ -532,7 +551,8 @@ def workload_from_recipe(cfg, steps: int | None = None, prompt_tokens: int | Non
         response_tokens=response_tokens or max(1, int(ro.max_new_tokens * DEFAULT_MEAN_FRACTION)),
         max_new_tokens=ro.max_new_tokens, steps=steps or tr.steps, micro_batch_size=tr.micro_batch_size,
         extra_forwards=extra, mini_batches=algo.mini_batches, max_new_tokens_schedule=schedule,
-        num_iterations=algo.num_iterations,
+        num_iterations=algo.num_iterations, gradient_checkpointing=tr.gradient_checkpointing,
+        activation_offload=tr.activation_offload,
     )
 
 
@@ -585,6 +605,10 @@ def report_rows(plan: Plan, mean_source: str = "") -> list[tuple[str, str]]:
     for k, v in plan.memory_train.items():
         rows.append((f"train: {k}", f"{v:.1f} GiB"))
     rows.append(("train: total per GPU", f"{sum(plan.memory_train.values()):.1f} GiB"))
+    if w.activation_offload:
+        rows.append(("train: host memory per GPU", f"{plan.host_gib:.1f} GiB of offloaded activations of "
+                     f"{plan.gpu.host_gib:.0f} GiB ({'fits' if plan.host_gib <= plan.gpu.host_gib else 'does NOT fit'}; "
+                     f"{plan.gpu.host_source})"))
     for k, v in plan.memory_rollout.items():
         rows.append((f"rollout: {k}", f"{v:.1f} GiB"))
     rows.append(("rollout: total per GPU", f"{sum(plan.memory_rollout.values()):.1f} GiB"))
@@ -597,8 +621,12 @@ def report_rows(plan: Plan, mean_source: str = "") -> list[tuple[str, str]]:
          f"group: weights {_h(gen.weights_s)}, KV reads {_h(gen.kv_s)}, FLOPs {_h(gen.compute_s)}, all-to-all "
          f"{_h(gen.a2a_s)}, TP all-reduce {_h(gen.allreduce_s)}, engine overhead {_h(gen.overhead_s)}; "
          f"prefill {_h(gen.prefill_s)}"),
-        ("training (per optimizer step)", f"FLOPs {_h(train.compute_s)}, FSDP2 gathers + reduce-scatters "
-                                          f"{_h(train.collectives_s)} ({train.rounds} micro-batch round(s))"),
+        ("training (per optimizer step)", f"FLOPs {_h(train.compute_s)}"
+                                          + (" (with checkpointing's recompute)" if w.gradient_checkpointing else "")
+                                          + f", FSDP2 gathers + reduce-scatters {_h(train.collectives_s)} "
+                                          f"({train.rounds} micro-batch round(s))"
+                                          + (f", activation offload over PCIe {_h(train.offload_s)} "
+                                             f"({plan.gpu.pcie_gb_s:g} GB/s)" if w.activation_offload else "")),
     ]
     for steps, cap in w.segments():
         gen_s, train_s = plan.step_seconds(cap)
@@ -621,11 +649,15 @@ def report_rows(plan: Plan, mean_source: str = "") -> list[tuple[str, str]]:
 def _advice(plan: Plan) -> str:
     train = sum(plan.memory_train.values())
     if train > plan.capacity_gib:
-        acts = plan.memory_train["activations (checkpointed)"]
+        acts = sum(v for k, v in plan.memory_train.items() if k.startswith("activations"))
         if plan.work.micro_batch_size == 1 and acts > plan.capacity_gib - (train - acts):
+            fixes = [] if plan.work.gradient_checkpointing else ["trainer.gradient_checkpointing=true"]
+            fixes += [] if plan.work.activation_offload else ["trainer.activation_offload=true"]
             return (f"one sequence of {plan.work.prompt_tokens + plan.work.longest_new_tokens:,} tokens needs "
-                    f"{acts:.1f} GiB of activations on one GPU (no context parallelism here): lower the longest "
-                    "cap (rollout.max_new_tokens, rollout.max_new_tokens_schedule) or use a GPU with more memory")
+                    f"{acts:.1f} GiB of activations on one GPU (no context parallelism here): "
+                    + (f"set {' and '.join(fixes)}, " if fixes else "")
+                    + "lower the longest cap (rollout.max_new_tokens, rollout.max_new_tokens_schedule) or use a GPU "
+                    "with more memory")
         more = "more nodes" if plan.sharding == "full" else "--sharding full or more GPUs per node"
         return f"shard over more GPUs ({more}), a GPU with more memory, or a lower trainer.micro_batch_size"
     return "raise --tp (or let the search pick: omit it), raise gpu_memory_utilization, or add GPUs"
