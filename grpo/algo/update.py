@@ -28,7 +28,7 @@ from grpo.algo.logprobs import token_logprobs
 from grpo.algo.loss import objective_from_config
 from grpo.algo.moe import RouterControl, replay_from_rollouts
 from grpo.collectives import all_reduce_sum, world_size
-from grpo.config import AlgorithmConfig, RunConfig
+from grpo.config import AlgorithmConfig, RunConfig, TrainerConfig
 from grpo.phases import beat
 from rollout.base import Rollout
 
@@ -231,14 +231,14 @@ def _checkpointed_layers(model):
             m.training = False
 
 
-def _memory_scope(model, cfg: RunConfig):
+def _memory_scope(model, tr: TrainerConfig):
     """Where one micro-batch's forward and backward keep their activations: checkpointed layers
     (trainer.gradient_checkpointing) and/or host memory (trainer.activation_offload: the tensors
     autograd saves, with checkpointing only the layers' inputs, move to CPU, pinned on GPUs)."""
     stack = contextlib.ExitStack()
-    if cfg.trainer.gradient_checkpointing:
+    if tr.gradient_checkpointing:
         stack.enter_context(_checkpointed_layers(model))
-    if cfg.trainer.activation_offload:
+    if tr.activation_offload:
         stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()))
     return stack
 
@@ -246,7 +246,7 @@ def _memory_scope(model, cfg: RunConfig):
 def _accumulate(model, plan: _Plan, cfg: RunConfig, loss_fn, old, ref, sums: dict[str, float]) -> None:
     """One pass of micro-batch forwards and backwards; the loss metrics, token-weighted, go to `sums`."""
     for c in plan.chunks:
-        with _memory_scope(model, cfg):
+        with _memory_scope(model, cfg.trainer):
             _micro_batch(model, plan, c, cfg, loss_fn, old, ref, sums)
 
 
