@@ -24,15 +24,15 @@ TOLERANCE = 0.35
 @dataclass(frozen=True)
 class Stage:
     gpus: int  # GPUs of the stage (8 per node)
-    steps: int  # optimizer steps
-    prompts: int  # prompts per optimizer step
+    steps: int  # generation batches (as trainer.steps counts)
+    prompts: int  # prompts per generation batch (trainer.prompts_per_step)
     group: int
     max_new: int
     mean: int  # mean completion tokens over the stage
     prompt: int = 200  # mean prompt tokens (template + problem)
-    mini_batches: int = 1  # optimizer steps per generation batch
+    mini_batches: int = 1  # optimizer steps per generation batch (algorithm.mini_batches)
     extra_forwards: int = 0  # reference model (KL > 0), recomputed old log-probs
-    schedule: tuple[tuple[int, int], ...] = ()
+    schedule: tuple[tuple[int, int], ...] = ()  # (from generation batch, cap)
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,12 @@ class Run:
 
 RUNS: tuple[Run, ...] = (
     Run("DeepSeek-R1-Zero", "deepseek-ai/DeepSeek-V3-Base", "h800", 198 * 512, (
-        # 32 questions x 16 samples per optimizer step; generation batches of 8,192 outputs in 16
-        # mini-batches; KL 0.001 (a reference forward); 32,768 new tokens, 65,536 from step 8,200; ~10,400
-        # steps; mean ~4,500 tokens read off the length figure (Nature Fig. 1b / arXiv 2501.12948 Fig. 3).
-        Stage(512, 10400, 32, 16, 32768, 4500, prompt=200, mini_batches=16, extra_forwards=1,
-              schedule=((0, 32768), (8200, 65536))),),
+        # 32 questions x 16 samples per optimizer step; generation batches of 8,192 outputs (512 prompts)
+        # in 16 mini-batches; KL 0.001 (a reference forward); 32,768 new tokens, 65,536 from optimizer step
+        # 8,200 (generation batch 513); ~10,400 optimizer steps = 650 generation batches; mean ~4,500 tokens
+        # read off the length figure (Nature Fig. 1b / arXiv 2501.12948 Fig. 3). As recipes/deepseek-v3-r1-zero.yaml.
+        Stage(512, 650, 512, 16, 65536, 4500, prompt=200, mini_batches=16, extra_forwards=2,
+              schedule=((0, 32768), (513, 65536))),),
         "DeepSeek-R1 (Nature 645, 2025) supplementary: R1-Zero trained on 64 x 8 H800 for about 198 hours "
         "(101K GPU-hours in the cost table); hyper-parameters in the supplementary's R1-Zero training details"),
     Run("Oat-Zero-7B", "Qwen/Qwen2.5-Math-7B", "a100", 27 * 8, (
@@ -77,6 +78,11 @@ RUNS: tuple[Run, ...] = (
 # Looked for and left out: SimpleRL-Zoo (arXiv 2503.18892): its hours (64 H100, ~36 h for the 32B) were found
 # only in a third-party summary, not in the paper; Open-Reasoner-Zero (2503.24290), DAPO (2503.14476),
 # Light-R1, LIMR, Logic-RL, TinyZero: no hardware-hours figure found in the stored copies of their reports.
+# Candidates with hardware and hours but not yet the batch, step count and mean length a row needs:
+# Open-RS (Dang and Ngo, arXiv 2503.16219, abstract): DeepSeek-R1-Distill-Qwen-1.5B, 4 A40 48GB within 24 hours
+# (96 GPU-hours; also needs an A40 row in roofline.GPUS: PCIe, 696 GB/s GDDR6); DeepCoder-14B-Preview
+# (together.ai/blog/deepcoder): 32 H100 for 2.5 weeks (~13,400 GPU-hours), 16K then 32K context, asynchronous
+# (verl-pipe) and code rewards, so not a synchronous R1-Zero-style run.
 
 
 def predict(run: Run) -> tuple[float, list]:

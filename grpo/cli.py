@@ -315,18 +315,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     work = workload_from_recipe(cfg, args.steps, args.prompt_tokens, args.mean_response_tokens)
-    if args.mini_batches:
-        work.mini_batches = args.mini_batches
     mean_source = ("--mean-response-tokens" if args.mean_response_tokens else
                    f"default: {DEFAULT_MEAN_FRACTION:g} x max_new_tokens; pass --mean-response-tokens")
     common = dict(sharding=args.sharding or "full", price=args.price_per_gpu_hour, engine=layout["engine"],
                   engine_share=layout.get("engine_share"), launcher=layout.get("launcher"))
     plan = make_plan(arch, args.gpu, args.nodes, args.gpus_per_node, work, tp=args.tp, **common)
-    if not plan.fits and forced_tp is None and layout["engine"] == "vllm":  # the recipe's TP does not fit: search
+    if plan.rollout_why_not() is not None and forced_tp is None and layout["engine"] == "vllm":
+        # the recipe's TP does not hold the rollouts: search (the training phase is the same in every layout)
         searched = make_plan(arch, args.gpu, args.nodes, args.gpus_per_node, work, **common)
-        if searched.fits:
-            searched.notes.insert(0, f"the recipe's TP={args.tp} does not fit ({plan.why_not()}); set "
-                                     f"rollout.vllm.tensor_parallel_size to the layout above")
+        if searched.rollout_why_not() is None:
+            searched.notes.insert(0, f"the recipe's TP={args.tp} does not fit ({plan.rollout_why_not()}); the "
+                                     f"layout above does")
             plan = searched
     print(format_report(plan, use_rich=not args.plain, mean_source=mean_source), end="")
     if not plan.fits:
@@ -404,8 +403,6 @@ def _add_plan_parser(verbs) -> None:
                       "recipe's rollout.vllm.tensor_parallel_size where it fits, else the smallest layout that fits)")
     plan.add_argument("--steps", type=int, metavar="S", help="steps of the whole run (default trainer.steps)")
     plan.add_argument("--prompt-tokens", type=int, metavar="T", help="mean prompt length (default 256, or data.max_prompt_tokens if smaller)")
-    plan.add_argument("--mini-batches", type=int, metavar="M", help="optimizer steps per generation batch (default: "
-                      "the recipe's algorithm.mini_batches where the config has it, else 1)")
     plan.add_argument("--mean-response-tokens", "--response-tokens", dest="mean_response_tokens", type=int, metavar="T",
                       help="mean completion length over the run, which sets the time (default rollout.max_new_tokens/2)")
     plan.add_argument("--plain", action="store_true", help="plain text instead of a rich table")

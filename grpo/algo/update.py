@@ -1,7 +1,8 @@
 """The policy update: teacher-forced log-probs, the loss, mini-batches and micro-batches with accumulation.
 
 A generation batch is trained with `algorithm.num_iterations` passes; each pass cuts the batch's
-groups into `algorithm.mini_batches` mini-batches of whole groups (advantages were computed over
+groups into `algorithm.mini_batches` mini-batches of whole groups, or deals each group's outputs
+over them when a process holds fewer groups (`mini_batch_rows`; advantages were computed over
 the whole batch before), one optimizer step each (DeepSeek-R1's 8,192 outputs in 16 mini-batches;
 veRL's `ppo_mini_batch_size`). With more than one optimizer step per batch the old log-probs are
 computed once, before the first, so the ratio of every later step is taken against the policy
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +28,7 @@ from grpo.algo.logprobs import token_logprobs
 from grpo.algo.loss import objective_from_config
 from grpo.algo.moe import RouterControl, replay_from_rollouts
 from grpo.collectives import all_reduce_sum, world_size
-from grpo.config import AlgorithmConfig, RunConfig
+from grpo.config import AlgorithmConfig, RunConfig, TrainerConfig
 from grpo.phases import beat
 from rollout.base import Rollout
 
@@ -133,23 +135,50 @@ def _global_normalizer(normalizer_of, mask: torch.Tensor, max_new_tokens: int) -
 
 
 def mini_batch_rows(rollouts: list[Rollout], parts: int) -> list[torch.Tensor]:
-    """Row indices [b] of each mini-batch: this rank's groups in order, cut into `parts` runs of whole
-    groups, as equal as they divide (fewer parts when there are fewer groups, e.g. after DAPO's
-    dynamic sampling came up short).
+    """Row indices [b] of each of this process's mini-batches.
+
+    When the process holds at least `parts` groups, mini-batches are runs of whole groups, in
+    order, as equal as they divide. When it holds fewer (R1-Zero's 512 prompts over 512 trainer
+    processes: one group each, 16 mini-batches), each group's outputs are dealt out in turn:
+    output j of every group goes to mini-batch j mod parts, so every mini-batch sees every group of
+    the process; advantages were computed over whole groups before, so they are unchanged. There
+    are never more parts than outputs in a group, nor empty mini-batches (e.g. after DAPO's dynamic
+    sampling came up short).
 
     >>> from rollout.base import Rollout
     >>> rs = [Rollout(g, (1,), (2,), "", (0.0,), "stop") for g in (0, 0, 1, 1, 2, 2)]
     >>> [t.tolist() for t in mini_batch_rows(rs, 2)]
     [[0, 1], [2, 3, 4, 5]]
+    >>> rs = [Rollout(g, (1,), (2,), "", (0.0,), "stop") for g in (0, 0, 0, 0, 1, 1, 1, 1)]
+    >>> [t.tolist() for t in mini_batch_rows(rs, 4)]
+    [[0, 4], [1, 5], [2, 6], [3, 7]]
+    >>> [t.tolist() for t in mini_batch_rows(rs, 3)]
+    [[0, 3, 4, 7], [1, 5], [2, 6]]
     """
     groups = sorted({r.group for r in rollouts})
-    parts = max(1, min(parts, len(groups)))
-    bounds = [len(groups) * i // parts for i in range(parts + 1)]
-    rows = []
-    for i in range(parts):
-        members = set(groups[bounds[i]: bounds[i + 1]])
-        rows.append(torch.tensor([b for b, r in enumerate(rollouts) if r.group in members], dtype=torch.long))
-    return rows
+    if len(groups) >= parts or not rollouts:
+        parts = max(1, min(parts, len(groups)))
+        bounds = [len(groups) * i // parts for i in range(parts + 1)]
+        rows = []
+        for i in range(parts):
+            members = set(groups[bounds[i]: bounds[i + 1]])
+            rows.append(torch.tensor([b for b, r in enumerate(rollouts) if r.group in members], dtype=torch.long))
+        return rows
+    seen: dict[int, int] = {}  # group -> outputs of it dealt so far
+    dealt: list[list[int]] = [[] for _ in range(parts)]
+    for b, r in enumerate(rollouts):
+        j = seen.get(r.group, 0)
+        seen[r.group] = j + 1
+        dealt[j % parts].append(b)
+    return [torch.tensor(sorted(rows), dtype=torch.long) for rows in dealt if rows]
+
+
+def mini_batch_count(rollouts: list[Rollout], parts: int) -> int:
+    """Optimizer steps one pass over `rollouts` takes (`mini_batch_rows`' length)."""
+    groups = len({r.group for r in rollouts})
+    if groups >= parts or not rollouts:
+        return max(1, min(parts, groups))
+    return min(parts, max(Counter(r.group for r in rollouts).values()))
 
 
 def _plan(rollouts: list[Rollout], cfg: RunConfig, normalizer_of, pad_id: int, device: torch.device,
@@ -187,28 +216,64 @@ def _old_logprobs(model, plan: _Plan, cfg: RunConfig) -> torch.Tensor:
     return torch.cat(olds)  # [B, S-1]
 
 
+@contextlib.contextmanager
+def _checkpointed_layers(model):
+    """Inside: the layers transformers' gradient_checkpointing_enable marked checkpoint their
+    forwards. They do so only in training mode, and the policy stays in eval mode (no dropout, the
+    sampler's behaviour); so only those layer modules themselves are flagged as training here."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True and not m.training]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.training = False
+
+
+def _memory_scope(model, tr: TrainerConfig):
+    """Where one micro-batch's forward and backward keep their activations: checkpointed layers
+    (trainer.gradient_checkpointing) and/or host memory (trainer.activation_offload: the tensors
+    autograd saves, with checkpointing only the layers' inputs, move to CPU, pinned on GPUs)."""
+    stack = contextlib.ExitStack()
+    if tr.gradient_checkpointing:
+        stack.enter_context(_checkpointed_layers(model))
+    if tr.activation_offload:
+        stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()))
+    return stack
+
+
 def _accumulate(model, plan: _Plan, cfg: RunConfig, loss_fn, old, ref, sums: dict[str, float]) -> None:
     """One pass of micro-batch forwards and backwards; the loss metrics, token-weighted, go to `sums`."""
-    batch, moe = plan.batch, plan.moe
     for c in plan.chunks:
-        mask = batch["mask"][c]  # [b, S-1]
-        with plan.scope(c) as sc:
-            logprobs, entropy = plan.forward(model, c, cfg.rollout.temperature, cfg.algorithm.logprob_chunk, sc,
-                                             with_entropy=True)  # [b, S-1] x2
-        old_lp = old[c] if old is not None else logprobs.detach()  # [b, S-1]
-        loss, metrics = loss_fn(logprobs, old_lp, batch["advantages"][c], mask, normalizer=plan.normalizer,
-                                sampler_logprobs=batch["sampler_logprobs"][c],
-                                ref_logprobs=ref[c] if ref is not None else None)
-        aux = moe.aux_loss(sc) if sc is not None else None
-        if aux is not None:  # weighted by this micro-batch's share of the rank's tokens
-            share = batch["attention_mask"][c].sum() / batch["attention_mask"].sum()
-            loss = loss + moe.cfg.aux_loss_coef * aux * share
-            metrics["train/moe_aux_loss"] = aux.item()
+        with _memory_scope(model, cfg.trainer):
+            _micro_batch(model, plan, c, cfg, loss_fn, old, ref, sums)
+
+
+def _micro_batch(model, plan: _Plan, c: slice, cfg: RunConfig, loss_fn, old, ref, sums: dict[str, float]) -> None:
+    """Forward and backward of one micro-batch. The backward runs in a routing scope of its own
+    (replay on, nothing counted) so that a checkpointed layer's recomputed forward routes its
+    tokens to the experts the forward used."""
+    batch, moe = plan.batch, plan.moe
+    mask = batch["mask"][c]  # [b, S-1]
+    with plan.scope(c) as sc:
+        logprobs, entropy = plan.forward(model, c, cfg.rollout.temperature, cfg.algorithm.logprob_chunk, sc,
+                                         with_entropy=True)  # [b, S-1] x2
+    old_lp = old[c] if old is not None else logprobs.detach()  # [b, S-1]
+    loss, metrics = loss_fn(logprobs, old_lp, batch["advantages"][c], mask, normalizer=plan.normalizer,
+                            sampler_logprobs=batch["sampler_logprobs"][c],
+                            ref_logprobs=ref[c] if ref is not None else None)
+    aux = moe.aux_loss(sc) if sc is not None else None
+    if aux is not None:  # weighted by this micro-batch's share of the rank's tokens
+        share = batch["attention_mask"][c].sum() / batch["attention_mask"].sum()
+        loss = loss + moe.cfg.aux_loss_coef * aux * share
+        metrics["train/moe_aux_loss"] = aux.item()
+    with plan.scope(c, count=False):
         loss.backward()
-        beat()  # progress for the watchdog
-        metrics["train/loss"] = loss.item()
-        metrics["train/entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
-        _merge(sums, metrics, mask.sum().item() / plan.total_tokens)
+    beat()  # progress for the watchdog
+    metrics["train/loss"] = loss.item()
+    metrics["train/entropy"] = ((entropy * mask).sum() / mask.sum().clamp(min=1)).item()
+    _merge(sums, metrics, mask.sum().item() / plan.total_tokens)
 
 
 def _mini_batches(plan: _Plan, rollouts: list[Rollout], cfg: RunConfig, normalizer_of,
@@ -234,7 +299,7 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
                   schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
                   max_new_tokens: int | None = None) -> dict[str, float]:
     """`algorithm.num_iterations` passes over the batch, each of `algorithm.mini_batches` optimizer
-    steps on mini-batches of whole groups, in micro-batches with accumulation.
+    steps on mini-batches (`mini_batch_rows`), in micro-batches with accumulation.
 
     `ref_model` is the frozen reference policy, needed only when `algorithm.beta > 0`.
     Under several processes `rollouts` is this rank's share; the normaliser counts the global
@@ -249,7 +314,7 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
     max_new_tokens = max_new_tokens or cfg.rollout.max_new_tokens
     loss_fn, normalizer_of = objective_from_config(algo, off_policy=tr.max_staleness > 0)
     plan = _plan(rollouts, cfg, normalizer_of, pad_id, device, moe, max_new_tokens)
-    steps = algo.num_iterations * min(algo.mini_batches, len({r.group for r in rollouts}))
+    steps = algo.num_iterations * mini_batch_count(rollouts, algo.mini_batches)
     old = _old_logprobs(model, plan, cfg) if steps > 1 else None
     ref = None
     if algo.beta > 0:

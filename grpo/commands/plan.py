@@ -21,6 +21,12 @@ training from FLOPs at stated utilisations, FSDP2's all-gathers and reduce-scatt
 push to the engines over the links. The run's mean completion length sets much of it: give it
 (`--mean-response-tokens`); the default is half of max_new_tokens.
 
+Steps are counted as the trainer counts them: trainer.steps generation batches of
+trainer.prompts_per_step prompts, each trained with algorithm.mini_batches x num_iterations optimizer
+steps; rollout.max_new_tokens_schedule's steps are generation batches. The run's time is the sum over
+the schedule's phases, each at its own cap (the longest-sample tail of a batch is capped by it) with
+the same mean completion length; memory (activations, KV cache) is sized for the longest cap.
+
 The rollout layout: the recipe's TP size where it fits, else the smallest engine (tensor parallel in
 a node; for a Mixture of Experts also data-parallel attention with the experts split over the engine)
 that holds its weights and the batch's KV cache at full length.
@@ -222,22 +228,38 @@ VLLM_MAX_NUM_SEQS = 256  # vLLM's default max_num_seqs (EngineArgs), where the r
 
 @dataclass
 class Workload:
-    """What one RL optimizer step processes, from the recipe plus assumptions the recipe does not state."""
+    """What the run processes, from the recipe plus assumptions the recipe does not state. Counted as
+    the trainer counts: a step is one generation batch of `prompts_per_step` prompts
+    (trainer.steps, trainer.prompts_per_step), trained with `num_iterations` passes of `mini_batches`
+    optimizer steps each (algorithm.mini_batches), and the length schedule's steps are generation
+    batches too (rollout.max_new_tokens_schedule)."""
 
-    prompts_per_step: int  # prompts of one optimizer step (one mini-batch)
+    prompts_per_step: int  # prompts of one generation batch (trainer.prompts_per_step)
     group_size: int
     prompt_tokens: int  # mean rendered prompt length
-    response_tokens: int  # mean completion length over the run
+    response_tokens: int  # mean completion length over the run, every phase of the schedule alike
     max_new_tokens: int
-    steps: int  # optimizer steps
+    steps: int  # generation batches (trainer.steps)
     micro_batch_size: int  # sequences per forward/backward on one GPU
-    extra_forwards: int = 0  # old log-probs (num_iterations > 1), a reference model (KL)
-    mini_batches: int = 1  # optimizer steps per generation batch (the paper's 16 for R1-Zero)
+    extra_forwards: int = 0  # old log-probs (several optimizer steps per batch), a reference model (KL)
+    mini_batches: int = 1  # optimizer steps per pass over a generation batch (R1-Zero: 16)
     max_new_tokens_schedule: tuple[tuple[int, int], ...] = ()  # (from step, cap); empty: max_new_tokens throughout
+    num_iterations: int = 1  # passes over a generation batch
+    gradient_checkpointing: bool = True  # trainer.gradient_checkpointing (published runs train with it on)
+    activation_offload: bool = False  # trainer.activation_offload: saved activations in host memory
 
     @property
     def generation_sequences(self) -> int:
-        return self.prompts_per_step * self.group_size * self.mini_batches
+        return self.prompts_per_step * self.group_size
+
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        return self.num_iterations * self.mini_batches
+
+    @property
+    def mini_batch_sequences(self) -> int:
+        """Completions of one optimizer step."""
+        return max(1, self.generation_sequences // self.mini_batches)
 
     def segments(self) -> list[tuple[int, int]]:
         """(steps, max_new_tokens) pieces of the run."""
@@ -270,6 +292,8 @@ class Plan:
     searched: bool = False  # the layout came from the search, not the recipe or --tp
     eff: Efficiency = EFFICIENCY
     memory_train: dict = field(default_factory=dict)
+    host_gib: float = 0.0  # activations offloaded to host memory, per GPU
+    offload_bytes_per_token: float = 0.0  # of a training sequence, copied to the host and back
     memory_rollout: dict = field(default_factory=dict)
     kv_room_gib: float = 0.0  # what each GPU has for the KV cache
     notes: list[str] = field(default_factory=list)
@@ -323,6 +347,9 @@ class Plan:
         train = sum(self.memory_train.values())
         if train > self.capacity_gib:
             return f"training needs {train:.1f} GiB per GPU of {self.capacity_gib:.1f} usable"
+        if self.host_gib > self.gpu.host_gib:
+            return (f"offloaded activations need {self.host_gib:.1f} GiB of host memory per GPU of "
+                    f"{self.gpu.host_gib:.0f}")
         return self.rollout_why_not()
 
     def rollout_why_not(self) -> str | None:
@@ -347,23 +374,25 @@ class Plan:
     def generation(self, max_new_tokens: int) -> GenerationTime:
         w = self.work
         return generation_time(self.arch, self.gpu, self.gpus_per_node, self.world, self.layout,
-                               w.generation_sequences, w.prompts_per_step * w.mini_batches, w.prompt_tokens,
+                               w.generation_sequences, w.prompts_per_step, w.prompt_tokens,
                                w.response_tokens, max_new_tokens, self.concurrency(), self.eff)
 
     def training(self) -> TrainTime:
+        """One optimizer step (one mini-batch)."""
         w = self.work
         return train_time(self.arch, self.gpu, self.gpus_per_node, self.world, self.shard_group,
-                          w.prompts_per_step * w.group_size, w.prompt_tokens, w.response_tokens, w.micro_batch_size,
-                          w.extra_forwards, self.eff)
+                          w.mini_batch_sequences, w.prompt_tokens, w.response_tokens, w.micro_batch_size,
+                          w.extra_forwards / w.num_iterations, self.eff,  # extra forwards run once per batch
+                          checkpointing=w.gradient_checkpointing, offload_bytes_per_token=self.offload_bytes_per_token)
 
     def step_seconds(self, max_new_tokens: int | None = None) -> tuple[float, float]:
-        """(generation, training) seconds of one optimizer step: a generation batch and its weight push
-        shared over its mini-batches, then one mini-batch's update."""
+        """(generation, training) seconds of one step: a generation batch at the cap `max_new_tokens`
+        (default max_new_tokens) and its weight push, then its optimizer steps (num_iterations x
+        mini_batches mini-batch updates)."""
         cap = max_new_tokens or self.work.max_new_tokens
         push = 0.0 if self.engine == "hf" else weight_push_seconds(self.arch, self.gpu, self.gpus_per_node, self.world,
                                                                    self.eff)
-        gen = (self.generation(cap).total + push) / self.work.mini_batches
-        return gen, self.training().total
+        return self.generation(cap).total + push, self.work.optimizer_steps_per_batch * self.training().total
 
     def run_seconds(self) -> float:
         return sum(steps * sum(self.step_seconds(cap)) for steps, cap in self.work.segments())
@@ -426,12 +455,23 @@ def _sized(arch: Arch, g: GPU, nodes: int, gpus_per_node: int, work: Workload, s
     seq = work.prompt_tokens + work.longest_new_tokens
     mb_tokens = work.micro_batch_size * seq
     logits_chunk = min(mb_tokens, 4096)
+    inputs = h * 2 * L  # bytes per token: every decoder layer's input (bf16), what checkpointing keeps
+    layer = (16 * h + 8 * arch.ffn_active_width()) * 2  # bytes per token of one layer's working set
+    logits = logits_chunk * arch.vocab_size * 4 * 2 / GIB  # one chunk of float32 logits and their gradient
+    if work.gradient_checkpointing:
+        saved, acts = inputs, {"activations: layer inputs (checkpointing)": mb_tokens * inputs / GIB}
+    else:
+        saved, acts = layer * L, {"activations: every layer's (no checkpointing)": mb_tokens * layer * L / GIB}
+    if work.activation_offload:  # what autograd saves goes to host memory; the GPU computes one layer at a time
+        plan.host_gib, plan.offload_bytes_per_token = mb_tokens * saved / GIB, saved
+        acts = {"activations: in host memory (activation_offload)": 0.0}
     plan.memory_train = {
         "weights (bf16)": 2 * total / shard / GIB,
         "gradients (bf16)": 2 * total / shard / GIB,
         "optimizer (fp32 master + AdamW)": 12 * total / shard / GIB,
-        "activations (checkpointed)": (mb_tokens * h * 2 * L + mb_tokens * (16 * h + 8 * arch.ffn_active_width()) * 2
-                                       + logits_chunk * arch.vocab_size * 4 * 2) / GIB,
+        **acts,
+        "activations: one layer's working set": mb_tokens * layer / GIB,
+        "activations: logits of one chunk": logits,
     }
     resident = (2 * total + 12 * total) / shard / GIB  # weights and optimizer stay while the engine runs
     routed = arch.routed_params()
@@ -497,19 +537,22 @@ def layout_from_recipe(cfg) -> dict:
 
 def workload_from_recipe(cfg, steps: int | None = None, prompt_tokens: int | None = None,
                          response_tokens: int | None = None) -> Workload:
-    """The recipe's batch; `response_tokens` is the run's mean completion length (default
-    DEFAULT_MEAN_FRACTION of max_new_tokens). Reads `algorithm.mini_batches` and
-    `rollout.max_new_tokens_schedule` where the config has them."""
+    """The recipe's run as the trainer counts it (trainer.steps generation batches of
+    trainer.prompts_per_step prompts, algorithm.mini_batches x num_iterations optimizer steps each,
+    rollout.max_new_tokens_schedule by generation batch); `response_tokens` is the run's mean
+    completion length (default DEFAULT_MEAN_FRACTION of max_new_tokens)."""
     ro, tr, algo = cfg.rollout, cfg.trainer, cfg.algorithm
-    schedule = tuple((int(a), int(b)) for a, b in (getattr(ro, "max_new_tokens_schedule", None) or ()))
-    extra = (1 if algo.num_iterations > 1 else 0) + (1 if algo.beta > 0 else 0)
+    schedule = tuple((int(a), int(b)) for a, b in (ro.max_new_tokens_schedule or ()))
+    several = algo.num_iterations * algo.mini_batches > 1  # old log-probs: one forward over the batch
+    extra = (1 if several else 0) + (1 if algo.beta > 0 else 0)
     return Workload(
         prompts_per_step=tr.prompts_per_step, group_size=ro.group_size,
         prompt_tokens=prompt_tokens or min(256, cfg.data.max_prompt_tokens or 256),
         response_tokens=response_tokens or max(1, int(ro.max_new_tokens * DEFAULT_MEAN_FRACTION)),
         max_new_tokens=ro.max_new_tokens, steps=steps or tr.steps, micro_batch_size=tr.micro_batch_size,
-        extra_forwards=extra, mini_batches=int(getattr(algo, "mini_batches", 1) or 1),
-        max_new_tokens_schedule=schedule,
+        extra_forwards=extra, mini_batches=algo.mini_batches, max_new_tokens_schedule=schedule,
+        num_iterations=algo.num_iterations, gradient_checkpointing=tr.gradient_checkpointing,
+        activation_offload=tr.activation_offload,
     )
 
 
@@ -539,7 +582,6 @@ def _count(n: float) -> str:
 def report_rows(plan: Plan, mean_source: str = "") -> list[tuple[str, str]]:
     a, w = plan.arch, plan.work
     total, active = a.params()
-    gen_s, train_s = plan.step_seconds()
     gen, train = plan.generation(w.max_new_tokens), plan.training()
     hours = plan.gpu_hours()
     kind = (f"MoE {a.num_experts} experts top-{a.top_k}" + (f" + {a.shared_experts} shared" if a.shared_experts else "")
@@ -553,14 +595,20 @@ def report_rows(plan: Plan, mean_source: str = "") -> list[tuple[str, str]]:
         ("cluster", f"{plan.nodes} node(s) x {plan.gpus_per_node} {plan.gpu.name} = {plan.world} GPUs; "
                     f"sharding {plan.sharding} over {plan.shard_group}"
                     + (f" ({plan.launcher})" if plan.launcher else "") + f"; {engine}"),
-        ("step", f"{w.prompts_per_step} prompts x {w.group_size} = {w.prompts_per_step * w.group_size} completions"
-                 + (f"; a generation batch of {w.mini_batches} such mini-batches" if w.mini_batches > 1 else "")
+        ("step", f"a generation batch of {w.prompts_per_step} prompts x {w.group_size} = {w.generation_sequences} "
+                 f"completions, {w.optimizer_steps_per_batch} optimizer step(s)"
+                 + (f" of {w.mini_batch_sequences} completions" if w.optimizer_steps_per_batch > 1 else "")
                  + f"; ~{w.prompt_tokens} prompt tokens, cap {caps}"),
-        ("mean completion", f"{w.response_tokens} tokens ({mean_source or 'given'})"),
+        ("mean completion", f"{w.response_tokens} tokens ({mean_source or 'given'}), in every phase of the schedule; "
+                            f"memory is sized for the longest cap ({w.longest_new_tokens})"),
     ]
     for k, v in plan.memory_train.items():
         rows.append((f"train: {k}", f"{v:.1f} GiB"))
     rows.append(("train: total per GPU", f"{sum(plan.memory_train.values()):.1f} GiB"))
+    if w.activation_offload:
+        rows.append(("train: host memory per GPU", f"{plan.host_gib:.1f} GiB of offloaded activations of "
+                     f"{plan.gpu.host_gib:.0f} GiB ({'fits' if plan.host_gib <= plan.gpu.host_gib else 'does NOT fit'}; "
+                     f"{plan.gpu.host_source})"))
     for k, v in plan.memory_rollout.items():
         rows.append((f"rollout: {k}", f"{v:.1f} GiB"))
     rows.append(("rollout: total per GPU", f"{sum(plan.memory_rollout.values()):.1f} GiB"))
@@ -568,15 +616,26 @@ def report_rows(plan: Plan, mean_source: str = "") -> list[tuple[str, str]]:
     rows.append(("fits", (f"yes: peak {plan.peak_gib:.1f} GiB" if why is None else f"NO: {why}")
                  + f" (usable {plan.capacity_gib:.1f} = {plan.gpu.memory_gib:.1f} minus {RESERVED_GIB:.0f} reserved)"))
     rows += [
-        ("decode (per generation batch)",
+        (f"decode (per generation batch, cap {w.max_new_tokens})",
          f"{gen.decode_steps:,.0f} steps in {gen.waves} wave(s), {plan.concurrency():.0f} sequences at once per attention "
          f"group: weights {_h(gen.weights_s)}, KV reads {_h(gen.kv_s)}, FLOPs {_h(gen.compute_s)}, all-to-all "
          f"{_h(gen.a2a_s)}, TP all-reduce {_h(gen.allreduce_s)}, engine overhead {_h(gen.overhead_s)}; "
          f"prefill {_h(gen.prefill_s)}"),
-        ("training (per optimizer step)", f"FLOPs {_h(train.compute_s)}, FSDP2 gathers + reduce-scatters "
-                                          f"{_h(train.collectives_s)} ({train.rounds} micro-batch round(s))"),
-        ("time per step", f"{_h(gen_s + train_s)} (generation and weight push {_h(gen_s)}, training {_h(train_s)})"),
-        ("whole run", f"{w.steps} steps: {_h(plan.run_seconds())} wall-clock, {hours:,.0f} GPU-hours, "
+        ("training (per optimizer step)", f"FLOPs {_h(train.compute_s)}"
+                                          + (" (with checkpointing's recompute)" if w.gradient_checkpointing else "")
+                                          + f", FSDP2 gathers + reduce-scatters {_h(train.collectives_s)} "
+                                          f"({train.rounds} micro-batch round(s))"
+                                          + (f", activation offload over PCIe {_h(train.offload_s)} "
+                                             f"({plan.gpu.pcie_gb_s:g} GB/s)" if w.activation_offload else "")),
+    ]
+    for steps, cap in w.segments():
+        gen_s, train_s = plan.step_seconds(cap)
+        where = f" (cap {cap}, {steps} steps)" if w.max_new_tokens_schedule else ""
+        rows.append((f"time per step{where}", f"{_h(gen_s + train_s)} (generation and weight push {_h(gen_s)}, "
+                                                f"training {_h(train_s)})"))
+    rows += [
+        ("whole run", f"{w.steps} steps ({w.steps * w.optimizer_steps_per_batch} optimizer steps): "
+                      f"{_h(plan.run_seconds())} wall-clock, {hours:,.0f} GPU-hours, "
                       f"USD {hours * plan.price:,.0f} at USD {plan.price:g}/GPU-hour"),
         ("clock", "roofline with the constants of grpo/commands/roofline.py (HBM, links, utilisations); "
                   "not modelled: reward time, evaluation, stragglers beyond the batch's longest sample"),
@@ -590,6 +649,15 @@ def report_rows(plan: Plan, mean_source: str = "") -> list[tuple[str, str]]:
 def _advice(plan: Plan) -> str:
     train = sum(plan.memory_train.values())
     if train > plan.capacity_gib:
+        acts = sum(v for k, v in plan.memory_train.items() if k.startswith("activations"))
+        if plan.work.micro_batch_size == 1 and acts > plan.capacity_gib - (train - acts):
+            fixes = [] if plan.work.gradient_checkpointing else ["trainer.gradient_checkpointing=true"]
+            fixes += [] if plan.work.activation_offload else ["trainer.activation_offload=true"]
+            return (f"one sequence of {plan.work.prompt_tokens + plan.work.longest_new_tokens:,} tokens needs "
+                    f"{acts:.1f} GiB of activations on one GPU (no context parallelism here): "
+                    + (f"set {' and '.join(fixes)}, " if fixes else "")
+                    + "lower the longest cap (rollout.max_new_tokens, rollout.max_new_tokens_schedule) or use a GPU "
+                    "with more memory")
         more = "more nodes" if plan.sharding == "full" else "--sharding full or more GPUs per node"
         return f"shard over more GPUs ({more}), a GPU with more memory, or a lower trainer.micro_batch_size"
     return "raise --tp (or let the search pick: omit it), raise gpu_memory_utilization, or add GPUs"

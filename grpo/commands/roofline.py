@@ -24,6 +24,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+HOST_SOURCE_DGX_H100 = ("DGX H100/H800 and H200 datasheets: 2 TB (2,048 GB) of system memory per node of 8 GPUs (256 GB = 238 GiB each); "
+                        "PCIe Gen5 x16: 64 GB/s per direction, ~50 GB/s achieved by pinned copies")
+HOST_SOURCE_DGX_A100 = ("DGX A100 datasheet: 1 TB (1,024 GB) of system memory per node of 8 GPUs (2 TB optional; 128 GB = 119 GiB each); "
+                        "PCIe Gen4 x16: 32 GB/s per direction, ~25 GB/s achieved by pinned copies")
+
 
 @dataclass(frozen=True)
 class GPU:
@@ -34,6 +39,9 @@ class GPU:
     nvlink_gb_s: float  # per GPU, both directions together, as vendors quote it
     internode_gb_s: float  # per GPU, one direction (one NIC per GPU)
     source: str
+    host_gib: float = 238.0  # host (CPU) memory per GPU, GiB: the node's RAM over its 8 GPUs (2,048 GB / 8)
+    pcie_gb_s: float = 50.0  # achieved host <-> GPU copy bandwidth per GPU, one direction (pinned memory)
+    host_source: str = HOST_SOURCE_DGX_H100
 
 
 # THE table: every hardware figure and efficiency `grpo plan` uses, with where it comes from.
@@ -46,11 +54,14 @@ GPUS: dict[str, GPU] = {
     "h200": GPU("H200 SXM 141GB", 139.8, 989.0, 4.8, 900.0, 50.0,
                 "NVIDIA H200 datasheet (989 TFLOP/s bf16 dense, 4.8 TB/s, NVLink 900 GB/s); 400 Gb/s per GPU (DGX H200)"),
     "a100": GPU("A100 SXM 80GB", 79.2, 312.0, 2.04, 600.0, 25.0,
-                "NVIDIA A100 datasheet (312 TFLOP/s bf16 dense, 2,039 GB/s, NVLink 600 GB/s); HDR 200 Gb/s per GPU (DGX A100)"),
+                "NVIDIA A100 datasheet (312 TFLOP/s bf16 dense, 2,039 GB/s, NVLink 600 GB/s); HDR 200 Gb/s per GPU (DGX A100)",
+                119.0, 25.0, HOST_SOURCE_DGX_A100),
     "a100-40": GPU("A100 SXM 40GB", 39.4, 312.0, 1.56, 600.0, 25.0,
-                   "NVIDIA A100 datasheet (40GB SXM: 1,555 GB/s); HDR 200 Gb/s per GPU (DGX A100)"),
+                   "NVIDIA A100 datasheet (40GB SXM: 1,555 GB/s); HDR 200 Gb/s per GPU (DGX A100)",
+                119.0, 25.0, HOST_SOURCE_DGX_A100),
     "a800": GPU("A800 SXM 80GB", 79.2, 312.0, 2.04, 400.0, 25.0,
-                "A100 SXM 80GB figures with NVLink cut to 400 GB/s (NVIDIA A800 product brief)"),
+                "A100 SXM 80GB figures with NVLink cut to 400 GB/s (NVIDIA A800 product brief)",
+                119.0, 25.0, HOST_SOURCE_DGX_A100),
 }
 
 
@@ -202,24 +213,29 @@ class TrainTime:
     compute_s: float
     collectives_s: float
     rounds: int
+    offload_s: float = 0.0  # saved activations to host memory and back (synchronous copies)
 
     @property
     def total(self) -> float:  # FSDP2 prefetches the next layer's gather during this one's compute
-        return max(self.compute_s, self.collectives_s)
+        return max(self.compute_s, self.collectives_s) + self.offload_s
 
 
 def train_time(arch, gpu: GPU, gpus_per_node: int, world: int, shard_group: int, sequences: int, prompt_tokens: int,
                mean_tokens: float, micro_batch_size: int, extra_forwards: int,
-               eff: Efficiency = EFFICIENCY) -> TrainTime:
-    """One optimizer step over `sequences` completions: forward, backward and the recomputed forward
-    of activation checkpointing (8 N per token), 2 N per extra forward (reference model, old
-    log-probs), causal attention likewise; FSDP2 gathers the bf16 weights for the forward and again
-    for the backward and reduce-scatters bf16 gradients in each micro-batch round."""
+               eff: Efficiency = EFFICIENCY, checkpointing: bool = True,
+               offload_bytes_per_token: float = 0.0) -> TrainTime:
+    """One optimizer step over `sequences` completions: forward and backward (6 N per token), plus
+    the recomputed forward of activation checkpointing (8 N), 2 N per extra forward (reference
+    model, old log-probs), causal attention likewise; FSDP2 gathers the bf16 weights for the forward
+    and again for the backward and reduce-scatters bf16 gradients in each micro-batch round.
+    `offload_bytes_per_token`: saved activations copied to host memory in the forward and back in
+    the backward over PCIe (torch's save_on_cpu copies synchronously: not hidden behind compute)."""
     total, active = arch.params()
     seq = prompt_tokens + mean_tokens
     tokens = sequences * seq
     attn = 2 * arch.num_layers * arch.attention_width() * seq / 2
-    flops = (8 + 2 * extra_forwards) * active * tokens + (4 + extra_forwards) * attn * tokens
+    passes = 8 if checkpointing else 6
+    flops = (passes + 2 * extra_forwards) * active * tokens + (passes // 2 + extra_forwards) * attn * tokens
     mfu = eff.train_mfu_moe if arch.is_moe else eff.train_mfu
     compute = flops / (world * gpu.bf16_tflops * 1e12 * mfu)
     rounds = max(1, math.ceil(sequences / world / micro_batch_size))
@@ -227,7 +243,8 @@ def train_time(arch, gpu: GPU, gpus_per_node: int, world: int, shard_group: int,
     if shard_group > 1:
         bw = ring_gb_s(gpu, shard_group, gpus_per_node, eff) * 1e9
         collectives = rounds * 3 * 2 * total * (shard_group - 1) / shard_group / bw
-    return TrainTime(compute, collectives, rounds)
+    offload = 2 * offload_bytes_per_token * tokens / world / (gpu.pcie_gb_s * 1e9)
+    return TrainTime(compute, collectives, rounds, offload)
 
 
 def weight_push_seconds(arch, gpu: GPU, gpus_per_node: int, world: int, eff: Efficiency = EFFICIENCY) -> float:

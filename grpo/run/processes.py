@@ -62,12 +62,17 @@ def check_supported(cfg, world: int) -> None:
         raise UnsupportedError(
             f"algorithm.dynamic_sampling=true is not supported with {world} processes yet (ranks would draw "
             "different numbers of prompts); run it in one process, or set algorithm.dynamic_sampling=false")
-    per_rank, parts = cfg.trainer.prompts_per_step // world, cfg.algorithm.mini_batches
-    if world > 1 and per_rank % parts:
+    per_rank, parts, size = cfg.trainer.prompts_per_step // world, cfg.algorithm.mini_batches, cfg.rollout.group_size
+    if world > 1 and per_rank >= parts and per_rank % parts:
         raise UnsupportedError(
             f"algorithm.mini_batches={parts} must divide each of the {world} processes' {per_rank} prompts "
             f"(trainer.prompts_per_step={cfg.trainer.prompts_per_step}): every process cuts its own groups into "
             "the same number of mini-batches")
+    if world > 1 and per_rank < parts and size < parts:
+        raise UnsupportedError(
+            f"algorithm.mini_batches={parts} is more than each of the {world} processes' {per_rank} prompt(s) and "
+            f"than rollout.group_size={size}: a process deals its groups' outputs over the mini-batches, so "
+            f"lower algorithm.mini_batches to at most {max(per_rank, size)} or use fewer processes")
     if cfg.trainer.max_staleness and world > 1:
         raise UnsupportedError(
             f"trainer.max_staleness={cfg.trainer.max_staleness} (asynchronous RL) is not supported with {world} "

@@ -130,6 +130,8 @@ def prepare_training(cfg: RunConfig, accelerator, model, tokenizer, lengths: dic
     """
     sharded = fsdp_on_cpu(accelerator)
     engine_model = copy.deepcopy(model) if sharded or accelerator.is_fsdp2 else model
+    if cfg.trainer.gradient_checkpointing:  # before wrapping; the engine's copy decodes without it
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if sharded:
         model = fully_shard_cpu(model)
     optimizer = make_optimizer(model, cfg.trainer, fused=not (sharded or accelerator.is_fsdp2))

@@ -210,3 +210,55 @@ def test_mini_batches_step_the_schedule_once_per_optimizer_step():
     assert schedule.last_epoch == 4
     # then linear decay over the other 4: 1 - (s - 4) / 4 for s = 4..7
     assert [lr_factor(s, cfg.trainer, 4) for s in range(4, 8)] == pytest.approx([1.0, 0.75, 0.5, 0.25])
+
+
+def test_mini_batches_deal_the_outputs_of_fewer_groups_by_hand():
+    """algorithm.mini_batches=4 on 2 groups of 4 (fewer groups than mini-batches, as with one prompt
+    per trainer process): output j of each group goes to mini-batch j, so the 4 optimizer steps
+    train rows (0, 4), (1, 5), (2, 6), (3, 7), each with the advantages of its whole group, its own
+    token-mean normaliser, and the old log-probs from before the first step; by hand here."""
+    from grpo.algo.loss import objective_from_config
+
+    algorithm = {"preset": "grpo", "beta": 0.0, "loss_agg": "token_mean", "sampler_correction": "tis",
+                 "mini_batches": 4}
+    got, _ = updated(1, **algorithm)
+
+    batch, cfg = rollouts(), config(8, **algorithm)
+    model = tiny_moe()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss_fn, _ = objective_from_config(cfg.algorithm)
+    b = collate(batch, pad_id=0)
+    with torch.no_grad():
+        old = token_logprobs_plain(model, b["input_ids"], b["attention_mask"])  # [8, S-1], before any step
+    for rows in ([0, 4], [1, 5], [2, 6], [3, 7]):
+        rows = torch.tensor(rows)
+        optimizer.zero_grad()
+        logprobs = token_logprobs_plain(model, b["input_ids"][rows], b["attention_mask"][rows])  # [2, S-1]
+        mask = b["mask"][rows]  # [2, S-1]
+        loss, _ = loss_fn(logprobs, old[rows], b["advantages"][rows], mask, normalizer=mask.sum().item(),
+                          sampler_logprobs=b["sampler_logprobs"][rows])
+        loss.backward()
+        optimizer.step()
+    for a, p in zip(got, model.parameters()):
+        torch.testing.assert_close(a, p.detach(), rtol=0, atol=1e-9)
+    by_groups, _ = updated(1, **{**algorithm, "mini_batches": 2})  # whole groups: another update
+    assert max((a - w).abs().max().item() for a, w in zip(got, by_groups)) > 1e-4
+
+
+def test_check_supported_deals_one_group_over_the_mini_batches():
+    """512 prompts over 512 processes in 16 mini-batches (R1-Zero): each process deals its one
+    group of 16 outputs; a group of 8 cannot fill 16 mini-batches, and 3 groups per process
+    cannot be cut into 2 runs of whole groups alike on every process."""
+    from grpo.run.processes import UnsupportedError, check_supported
+
+    def cfg(prompts, parts, size):
+        return RunConfig.model_validate({"rollout": {"group_size": size}, "algorithm": {"mini_batches": parts},
+                                         "trainer": {"prompts_per_step": prompts}})
+
+    check_supported(cfg(512, 16, 16), 512)
+    check_supported(cfg(1024, 16, 16), 512)  # 2 groups per process, dealt over 16
+    check_supported(cfg(64, 16, 16), 2)  # 32 groups per process: runs of 2 whole groups
+    with pytest.raises(UnsupportedError, match="rollout.group_size=8"):
+        check_supported(cfg(512, 16, 8), 512)
+    with pytest.raises(UnsupportedError, match="must divide"):
+        check_supported(cfg(6, 2, 4), 2)
