@@ -263,7 +263,7 @@ def log_step(run: Run, result: StepResult, bar) -> None:
     if "reward/format" in metrics:
         run.format_history.append(metrics["reward/format"])
     if step % cfg.logging.rollouts_every == 0 or step == cfg.trainer.steps:
-        shares = gather_objects(rollout_rows(result, cfg.rollout.group_size))
+        shares = gather_objects(rollout_rows(result, cfg.rollout.group_size, run.ctx.learning.tokenizer))
         run.tracker.log_rollouts([row for share in shares for row in share], step)
     if cfg.eval.every and step % cfg.eval.every == 0 and run.is_main:
         c = run.ctx.learning
