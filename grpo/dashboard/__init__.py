@@ -3,6 +3,7 @@
     grpo dashboard runs/                       # serve http://127.0.0.1:8050/, updates live
     grpo dashboard runs/my-run --port 0        # any free port
     grpo dashboard runs/ --export report.html  # one offline file (plotly.js inlined)
+    grpo dashboard --demo                      # a bundled example run, to look before training
 
 RUNS_DIR is one run directory (with `metrics.jsonl`) or a folder of them (overlaid for comparison).
 Nothing here needs a GPU or the network; on a cluster, forward the port over ssh
@@ -11,7 +12,11 @@ Nothing here needs a GPU or the network; on a cluster, forward the port over ssh
 Panels: curves (reward total and per function, accuracy, response length, truncation, entropy,
 KL, clip fractions, importance ratios, gradient norm, learning rate, step-time split, and any other
 logged key), MoE expert-load heatmaps per layer, "aha" phrase frequencies next to response length,
-and a rollout browser (step, group, completions with rewards and advantage, text search).
+a rollout browser (step, group, completions with rewards and advantage, text search), a per-token
+view of one completion (coloured by sampler logprob, trainer/sampler ratio, share of the advantage
+or entropy), degenerate groups (all rewards equal) per step and which prompts they were, the phase
+timeline of every process over the last steps, and the watchdog's stall and stop events (markers on
+the curves; a banner when a live run has stalled).
 
 The package: `grpo.dashboard.data` reads run directories (bounded, never outside RUNS_DIR),
 `grpo.dashboard.server` serves the page and its JSON, `grpo.dashboard.export` writes the offline
@@ -31,7 +36,9 @@ __all__ = ["add_parser", "main", "run"]
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs_dir", metavar="RUNS_DIR", help="a run directory, or a folder of run directories")
+    p.add_argument("runs_dir", metavar="RUNS_DIR", nargs="?", help="a run directory, or a folder of run directories")
+    p.add_argument("--demo", action="store_true",
+                   help="show a small bundled example run (made on the spot, nothing is trained) instead of RUNS_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8050, help="port (0 picks a free one; default 8050)")
     p.add_argument("--export", metavar="REPORT.html", default=None,
@@ -54,9 +61,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import tempfile
     from pathlib import Path
 
-    runs_dir = Path(args.runs_dir)
+    if args.demo == bool(args.runs_dir):
+        print("grpo dashboard: give RUNS_DIR or --demo (one of them)", file=sys.stderr)
+        return 2
+    if args.demo:
+        from grpo.dashboard.synthetic import write_demo_run
+
+        with tempfile.TemporaryDirectory(prefix="grpo-demo-") as tmp:
+            write_demo_run(tmp)
+            return serve(Path(tmp), args)
+    return serve(Path(args.runs_dir), args)
+
+
+def serve(runs_dir, args: argparse.Namespace) -> int:
+    """Serve (or, with --export, write) RUNS_DIR."""
     if not runs_dir.is_dir():
         print(f"grpo dashboard: {runs_dir} is not a directory", file=sys.stderr)
         return 2

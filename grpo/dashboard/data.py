@@ -1,4 +1,5 @@
-"""Reading run directories for the dashboard: metrics, rollouts, MoE load, "aha" phrases.
+"""Reading run directories for the dashboard: metrics, rollouts, MoE load, "aha" phrases, and what
+the watchdog and the phase timeline write (`watchdog/`, `timeline/`, see `grpo/run/watchdog.py`).
 
 Everything here is plain Python over the files the training loop writes (see `grpo/run/tracking.py`):
 `metrics.jsonl` is parsed incrementally (only the bytes appended since the last read), curves are
@@ -23,6 +24,12 @@ MAX_POINTS = 1000  # per curve sent to the browser (min+max of MAX_POINTS/2 buck
 MAX_HEATMAP_COLUMNS = 400
 _EXPERT_SHARE = re.compile(r"^moe/layer_(\d+)/expert_(\d+)/share$")
 _ROLLOUT_FILE = re.compile(r"^step-(\d+)\.jsonl$")
+_TIMELINE_FILE = re.compile(r"^(trainer|generation)-rank(\d+)\.jsonl$")
+_HEARTBEAT_FILE = re.compile(r"^(trainer|generation)-rank(\d+)\.json$")
+TIMELINE_STEPS = 8  # recent steps drawn in the phase timeline
+TAIL_BYTES = 512_000  # read at most this much of the end of a timeline or events file
+MAX_EVENTS = 500
+SILENT_S = 30.0  # a live run whose heartbeat is older than this is shown as stalled (it beats every 2 s)
 
 
 class UnsafePath(ValueError):
@@ -184,6 +191,29 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def _read_tail(path: Path, limit: int = TAIL_BYTES) -> list[dict]:
+    """The JSON rows in the last `limit` bytes of a JSON-lines file (a cut first line is skipped)."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - limit))
+            chunk = f.read(limit)
+    except OSError:
+        return []
+    lines = chunk.split(b"\n")
+    if size > limit:
+        lines = lines[1:]
+    rows = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def _phrase_pattern(phrase: str) -> re.Pattern:
     words = [re.escape(w) for w in phrase.lower().split()]
     return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)")
@@ -300,6 +330,71 @@ class Run:
                     if len(found) >= limit:
                         return found
         return found
+
+    # -- watchdog and phase timeline ---------------------------------------------------------
+    def _files(self, folder: str, pattern: re.Pattern) -> list[tuple[re.Match, Path]]:
+        try:
+            names = sorted(os.listdir(self.path / folder))
+        except OSError:
+            return []
+        return [(m, self.path / folder / n) for n in names
+                if (m := pattern.match(n)) and inside(self.root, self.path / folder / n)]
+
+    def timeline(self, steps: int = TIMELINE_STEPS) -> dict:
+        """Phase spans of the last `steps` steps, per process (trainer ranks, the generation process):
+        `{"processes": [{"role", "rank", "spans": [[step, phase, start, end], ...]}], "steps": [lo, hi]}`,
+        times in seconds since the earliest span drawn."""
+        processes, last = [], None
+        for m, path in self._files("timeline", _TIMELINE_FILE):
+            spans = [(r["step"], str(r["phase"]), float(r["start"]), float(r["end"])) for r in _read_tail(path)
+                     if isinstance(r.get("step"), int) and _num(r.get("start")) is not None and _num(r.get("end")) is not None]
+            processes.append({"role": m.group(1), "rank": int(m.group(2)), "spans": spans})
+            if spans:
+                last = max(last or 0, max(s[0] for s in spans))
+        if last is None:
+            return {"processes": [], "steps": None, "t0": None}
+        lo = max(0, last - steps + 1)
+        t0 = min((s[2] for p in processes for s in p["spans"] if s[0] >= lo), default=0.0)
+        for p in processes:
+            p["spans"] = [[st, ph, round(a - t0, 4), round(b - t0, 4)] for st, ph, a, b in p["spans"] if st >= lo]
+        processes.sort(key=lambda p: (p["role"] != "trainer", p["rank"]))
+        return {"processes": processes, "steps": [lo, last], "t0": t0}
+
+    def events(self) -> list[dict]:
+        """The watchdog's stall and stop events (`watchdog/events.jsonl`), the last `MAX_EVENTS`."""
+        path = self.path / "watchdog" / "events.jsonl"
+        if not inside(self.root, path):
+            return []
+        keys = ("time", "kind", "role", "rank", "step", "phase", "seconds")
+        return [{k: r.get(k) for k in keys} for r in _read_tail(path)[-MAX_EVENTS:]
+                if r.get("kind") in ("stall", "stop") and isinstance(r.get("step"), int)]
+
+    def stalled(self, now: float | None = None) -> dict | None:
+        """Why a live run looks stalled, or None: a process's heartbeat (written every 2 s while it
+        runs, removed when it ends) older than `SILENT_S`, or a stop event after the last metrics."""
+        now = time.time() if now is None else now
+        events = self.events()
+        for m, path in self._files("watchdog", _HEARTBEAT_FILE):
+            try:
+                beat = json.loads(path.read_text(encoding="utf-8"))
+                age, idle = now - float(beat["time"]), float(beat["idle_s"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            who = {"role": m.group(1), "rank": int(m.group(2)), "phase": str(beat.get("phase")), "step": beat.get("step")}
+            if age > SILENT_S:
+                return {"kind": "silent", **who, "seconds": round(age)}
+            warned = [e for e in events if e["kind"] == "stall" and (e["role"], e["rank"], e["step"]) ==
+                      (who["role"], who["rank"], who["step"])]
+            if warned and idle >= warned[-1]["seconds"]:  # warned about, and still no progress
+                return {"kind": "stall", **who, "seconds": round(idle + age)}
+        last_step = self.metrics.steps[-1] if self.metrics.steps else 0
+        if events and events[-1]["kind"] == "stop" and events[-1]["step"] > last_step:
+            return dict(events[-1])
+        return None
+
+    def watch(self, steps: int = TIMELINE_STEPS, live: bool = True) -> dict:
+        """What the page polls besides curves: the timeline, the watchdog's events, stalled or not."""
+        return {"timeline": self.timeline(steps), "events": self.events(), "stalled": self.stalled() if live else None}
 
     def aha(self, phrases: tuple[str, ...]) -> dict:
         """Per rollout step: fraction of completions containing each phrase, and mean length.

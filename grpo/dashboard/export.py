@@ -40,7 +40,7 @@ def export_html(runs_dir: str | Path, out: str | Path, aha_phrases=DEFAULT_AHA_P
                 max_rollout_steps: int = 50) -> Path:
     runs = RunsDir(runs_dir).runs()
     aha_phrases = tuple(aha_phrases)
-    data = {"runs": [], "rollouts": {}, "aha": {}}
+    data = {"runs": [], "rollouts": {}, "aha": {}, "watch": {}}
     for run in runs:
         payload = dict(run.payload())
         keep = _spread(payload["rollout_steps"], max_rollout_steps)
@@ -48,6 +48,7 @@ def export_html(runs_dir: str | Path, out: str | Path, aha_phrases=DEFAULT_AHA_P
         data["runs"].append(payload)
         data["rollouts"][run.name] = {str(step): run.rollouts(step) for step in keep}
         data["aha"][run.name] = run.aha(aha_phrases)
+        data["watch"][run.name] = run.watch(live=False)  # a file is not live: no stalled banner
     plotly_js = _script_safe(plotly_js_path().read_text(encoding="utf-8"))
     app_js = _script_safe((STATIC / "app.js").read_text(encoding="utf-8"))
     csp = ("default-src 'none'; script-src " + _sha256(plotly_js) + " " + _sha256(app_js) + "; "

@@ -6,6 +6,8 @@ Routes (GET only):
 - `/api/runs` runs and their versions (the page polls it and refetches what changed);
 - `/api/run?name=R` one run's downsampled curves, MoE heatmaps and rollout steps;
 - `/api/rollouts?name=R&step=N`, `/api/search?name=R&q=TEXT`, `/api/aha?name=R&phrases=a,b`;
+- `/api/watch?name=R` the phase timeline of the last steps, the watchdog's stall and stop events,
+  and whether the run looks stalled now (polled, as it changes with the clock);
 - `/files/<path>` a raw file under RUNS_DIR, always as `text/plain` (never rendered as HTML).
 
 Security: binds 127.0.0.1 unless told otherwise; every file path goes through `safe_join` (no
@@ -151,6 +153,8 @@ class Handler(BaseHTTPRequestHandler):
             if path == "/api/search":
                 q = query.get("q", "")
                 return self._json({"q": q, "rows": run.search(q) if q else []})
+            if path == "/api/watch":
+                return self._json(run.watch())
             if path == "/api/aha":
                 phrases = tuple(p.strip() for p in query.get("phrases", "").split(",") if p.strip())
                 return self._json(run.aha(phrases[:20] or self.app.aha_phrases))

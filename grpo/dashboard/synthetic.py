@@ -3,12 +3,18 @@
 For dashboard tests and `bench/dashboard_load.py` until (and besides) a real run of the embedded
 default: every metric key the loop logs, MoE expert shares, rollouts with per-function rewards, and
 optionally hostile completions (`payloads`) to check that model text is never rendered as HTML.
+Rollout rows carry the per-token view (`token_text`, sampler and trainer logprobs, entropy); with
+`timeline`, the run also has phase timelines of two trainer ranks and an asynchronous generation
+process (rank 1 a straggler now and then) and a watchdog stall event. `write_demo_run` is what
+`grpo dashboard --demo` serves: always the same run, made in well under a second.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import re
 from pathlib import Path
 
 from grpo.run.tracking import JsonlSink
@@ -42,6 +48,7 @@ def step_metrics(step: int, steps: int, rng: random.Random, moe_layers: int, exp
         "rollout/think_tokens_mean": 30 + 100 * p + rng.gauss(0, 3), "rollout/think_consistent": min(1.0, 0.9 * acc),
         "rollout/tokens_per_s": 900 + rng.gauss(0, 30), "time/generate": 0.16 + rng.gauss(0, 0.01),
         "time/score": 0.01, "time/train": 0.06, "time/weight_sync": 0.005, "time/step": 0.24,
+        "rollout/degenerate_groups_frac": min(1.0, max(0.0, 0.6 - 0.4 * p + 0.5 * max(0.0, p - 0.7) + rng.gauss(0, 0.05))),
     }
     for layer in range(moe_layers):
         logits = [math.sin(0.3 * e + layer) * (1 + p) + rng.gauss(0, 0.1) for e in range(experts)]
@@ -70,7 +77,7 @@ def step_rollouts(step: int, groups: int, group_size: int, rng: random.Random, p
             text = " ".join(rng.choice(_WORDS) for _ in range(n_words)) + f" <answer>{a + b if rng.random() < 0.5 else a}</answer>"
             rows.append({"step": step, "group": g, "index": i, "prompt": prompt, "completion": text,
                          "answer": str(a + b), "finish_reason": "stop", "num_tokens": n_words + 4})
-            rewards_g.append(float(rng.random() < 0.5))
+            rewards_g.append(float(rng.random() < 0.5) if g % 3 else 1.0)  # every third group all solved
         mean = sum(rewards_g) / len(rewards_g)
         std = (sum((r - mean) ** 2 for r in rewards_g) / len(rewards_g)) ** 0.5
         for j, (row, r) in enumerate(zip(rows[-group_size:], rewards_g)):
@@ -81,12 +88,84 @@ def step_rollouts(step: int, groups: int, group_size: int, rng: random.Random, p
         for row, text in zip(rows, XSS_PAYLOADS):
             row["completion"] = text
         rows[-1]["completion"] = KNOWN_COMPLETION
+    for row in rows:
+        add_token_view(row, rng)
     return rows
+
+
+def add_token_view(row: dict, rng: random.Random) -> None:
+    """Per-token fields as `grpo.run.step.rollout_rows` writes them (word pieces stand in for tokens),
+    plus the trainer's logprobs and entropy."""
+    pieces = re.findall(r"\s*\S+", row["completion"]) or [row["completion"]]
+    lps = [round(min(0.0, -abs(rng.gauss(0.3, 0.6))), 4) for _ in pieces]
+    row.update({"num_tokens": len(pieces), "prompt_tokens": len(row["prompt"].split()), "token_text": pieces,
+                "token_logprobs": lps, "token_trainer_logprobs": [round(lp + rng.gauss(0, 0.05), 4) for lp in lps],
+                "token_entropy": [round(abs(rng.gauss(0.8, 0.5)), 4) for _ in pieces]})
+
+
+def write_timeline(run_dir: Path, steps: int, rng: random.Random, t0: float = 1_700_000_000.0) -> None:
+    """Phase spans of an asynchronous run: two trainer ranks (rank 1 straggles now and then) and the
+    generation process, which samples step s + 1 while the trainers learn from step s."""
+    folder = run_dir / "timeline"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {who: open(folder / f"{who}.jsonl", "w", encoding="utf-8")  # noqa: SIM115 (closed below)
+             for who in ("trainer-rank0", "trainer-rank1", "generation-rank0")}
+
+    def span(who: str, step: int, phase: str, start: float, end: float) -> None:
+        role, rank = who.split("-rank")
+        files[who].write(json.dumps({"role": role, "rank": int(rank), "step": step, "phase": phase,
+                                     "start": round(start, 4), "end": round(end, 4)}) + "\n")
+
+    try:
+        gen_free, t = t0, t0  # when the generation process can start its next step; the trainers' clock
+        ready = {}
+        for step in range(1, steps + 1):
+            w0 = gen_free
+            start = max(gen_free, t - 0.5) if step > 1 else t0  # staleness 1: waits for the weights of step - 2
+            if start > w0 + 0.001:
+                span("generation-rank0", step, "wait for weights", w0, start)
+            g = rng.uniform(1.2, 1.8)
+            span("generation-rank0", step, "generate", start, start + g)
+            span("generation-rank0", step, "score", start + g, start + g + 0.2)
+            ready[step] = gen_free = start + g + 0.2
+            ends = []
+            for rank in (0, 1):
+                who = f"trainer-rank{rank}"
+                a = t
+                if ready[step] > a:
+                    span(who, step, "wait for batch", a, ready[step])
+                    a = ready[step]
+                learn = rng.uniform(0.9, 1.1) * (2.5 if rank == 1 and step % 7 == 3 else 1.0)
+                span(who, step, "learn", a, a + learn)
+                ends.append(a + learn)
+            sync = max(ends)
+            for rank in (0, 1):
+                who = f"trainer-rank{rank}"
+                if sync > ends[rank] + 0.001:
+                    span(who, step, "collective", ends[rank], sync)  # waiting for the straggler
+                span(who, step, "push weights", sync, sync + 0.15)
+                if step % 10 == 0:
+                    span(who, step, "checkpoint", sync + 0.15, sync + 0.6)
+            t = sync + (0.6 if step % 10 == 0 else 0.15)
+    finally:
+        for f in files.values():
+            f.close()
+
+
+def write_stall_event(run_dir: Path, step: int, kind: str = "stall", role: str = "trainer", rank: int = 1,
+                      phase: str = "learn", seconds: float = 1800.0, time: float = 1_700_000_000.0) -> None:
+    """One watchdog event, as `grpo.run.watchdog.Watchdog` appends it to `watchdog/events.jsonl`."""
+    folder = run_dir / "watchdog"
+    folder.mkdir(parents=True, exist_ok=True)
+    event = {"time": time, "kind": kind, "role": role, "rank": rank, "step": step, "phase": phase,
+             "seconds": seconds, "stacks": f"stacks-{role}-rank{rank}-step{step}.txt"}
+    with open(folder / "events.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(event) + "\n")
 
 
 def write_synthetic_run(run_dir: str | Path, steps: int = 40, rollout_every: int = 5, groups: int = 2,
                         group_size: int = 4, moe_layers: int = 2, experts: int = 8,
-                        payloads: bool = False, seed: int = 0) -> Path:
+                        payloads: bool = False, seed: int = 0, timeline: bool = False) -> Path:
     """Write `steps` steps of metrics and, every `rollout_every` steps, `groups * group_size` rollouts.
 
     With `payloads`, each logged step's first completions are the `XSS_PAYLOADS` and its last one is
@@ -101,4 +180,17 @@ def write_synthetic_run(run_dir: str | Path, steps: int = 40, rollout_every: int
                 sink.log_rollouts(step_rollouts(step, groups, group_size, rng, payloads), step)
     finally:
         sink.close()
+    if timeline:
+        write_timeline(Path(run_dir), steps, rng)
+        write_stall_event(Path(run_dir), step=min(steps, 24))
     return Path(run_dir)
+
+
+DEMO_RUN = "demo-async-run"
+
+
+def write_demo_run(runs_dir: str | Path) -> Path:
+    """The run `grpo dashboard --demo` shows: 60 steps of an asynchronous two-rank run, with every
+    panel filled (curves, MoE, rollouts with per-token data, timeline, a stall marker)."""
+    return write_synthetic_run(Path(runs_dir) / DEMO_RUN, steps=60, rollout_every=5, groups=6, group_size=4,
+                               moe_layers=2, experts=8, seed=30, timeline=True)

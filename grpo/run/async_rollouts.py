@@ -48,7 +48,7 @@ import torch
 from grpo import phases
 from grpo.config import ModelConfig, RunConfig, TrainerConfig
 from grpo.run.sampling import RolloutBatch
-from grpo.run.watchdog import Watchdog
+from grpo.run.watchdog import Watchdog, timeline_path
 from rewards.sandbox import die_with_parent
 from rollout.base import set_progress_hook
 
@@ -192,6 +192,7 @@ def _generate(spec: _Spec, weights_q, batches_q) -> None:
         ctx, model = _generation_side(spec)
         version, limits = -1, spec.cfg.trainer
         set_progress_hook(phases.beat)
+        phases.record_to(timeline_path(spec.output_dir, "generation", 0), "generation", 0)
         try:
             with Watchdog(spec.output_dir, warn_s=limits.stall_warn_s, stop_s=limits.stall_stop_s, role="generation",
                           on_stop=stalled):
@@ -210,6 +211,7 @@ def _generate(spec: _Spec, weights_q, batches_q) -> None:
                     batch = replace(batch, generation_wait_s=time.perf_counter() - t)
                     batches_q.put(("batch", InFlight(step, batch, ctx.prompts.epoch, ctx.prompts.position)))
         finally:
+            phases.record_to(None)
             ctx.scorer.close()
             ctx.engine.close()
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the trainer, then exit 1

@@ -154,7 +154,17 @@ def rollout_metrics(rollouts: list[Rollout], correct: Sequence[str], seconds: fl
         "rollout/truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
         "rollout/tokens_per_s": sum(lengths) / max(seconds, 1e-9),
         "rollout/accuracy": sum(is_correct(r.rewards, correct) for r in rollouts) / len(rollouts),
+        "rollout/degenerate_groups_frac": degenerate_groups_frac(rollouts),
     }
+
+
+def degenerate_groups_frac(rollouts: list[Rollout]) -> float:
+    """The share of this batch's groups whose completions all got the same reward: their advantages
+    are all zero, so they teach nothing (all solved, or all failed)."""
+    groups: dict[int, set[float]] = {}
+    for r in rollouts:
+        groups.setdefault(r.group, set()).add(r.reward)
+    return sum(len(rewards) == 1 for rewards in groups.values()) / max(len(groups), 1)
 
 
 def thinking_metrics(rollouts: list[Rollout], prompts: list[str], tokenizer) -> dict[str, float]:
@@ -179,13 +189,27 @@ def async_metrics(step: int, batch: RolloutBatch) -> dict[str, float]:
             "time/generation_wait": batch.generation_wait_s, "time/update_wait": batch.update_wait_s}
 
 
-def rollout_rows(result: StepResult, group_size: int) -> list[dict]:
-    """This rank's rollouts of a step as tracker rows; `group` is the global prompt index."""
+MAX_ROW_TOKENS = 2048  # per-token data kept for each logged completion (its first tokens)
+
+
+def rollout_rows(result: StepResult, group_size: int, tokenizer=None) -> list[dict]:
+    """This rank's rollouts of a step as tracker rows; `group` is the global prompt index.
+
+    With `tokenizer`, each row also has the per-token view the dashboard draws, for the first
+    `MAX_ROW_TOKENS` completion tokens: `token_text` (each token decoded on its own) and
+    `token_logprobs` (the sampler's), and `prompt_tokens` (how many tokens the prompt had)."""
     groups = result.batch.groups
-    return [
+    rows = [
         {"step": result.step, "group": groups[r.group].index, "index": i % group_size, "prompt": groups[r.group].text,
          "completion": r.text, "answer": str(r.example.get("answer", "")), "rewards": r.rewards, "reward": r.reward,
          "advantage": r.advantage, "finish_reason": r.finish_reason, "num_tokens": r.num_completion_tokens,
          "policy_version": r.policy_version}
         for i, r in enumerate(result.batch.rollouts)
     ]
+    if tokenizer is not None:
+        for row, r in zip(rows, result.batch.rollouts):
+            ids = list(r.completion_ids[:MAX_ROW_TOKENS])
+            row["prompt_tokens"] = len(r.prompt_ids)
+            row["token_text"] = tokenizer.batch_decode([[t] for t in ids]) if ids else []
+            row["token_logprobs"] = [round(float(lp), 4) for lp in r.logprobs[:MAX_ROW_TOKENS]]
+    return rows

@@ -57,7 +57,7 @@ from grpo.run.processes import UnsupportedError, check_supported, fsdp_on_cpu, f
 from grpo.run.sampling import SamplingContext, engine_lengths, make_scorer, sampling_params
 from grpo.run.step import LearningContext, StepContext, StepResult, rollout_rows, sync_engine
 from grpo.run.tracking import make_tracker
-from grpo.run.watchdog import Watchdog
+from grpo.run.watchdog import Watchdog, timeline_path
 from rewards import Scorer
 from rollout import make_engine
 from rollout.base import set_progress_hook
@@ -265,7 +265,7 @@ def log_step(run: Run, result: StepResult, bar) -> None:
     if "reward/format" in metrics:
         run.format_history.append(metrics["reward/format"])
     if step % cfg.logging.rollouts_every == 0 or step == cfg.trainer.steps:
-        shares = gather_objects(rollout_rows(result, cfg.rollout.group_size))
+        shares = gather_objects(rollout_rows(result, cfg.rollout.group_size, run.ctx.learning.tokenizer))
         run.tracker.log_rollouts([row for share in shares for row in share], step)
     if cfg.eval.every and step % cfg.eval.every == 0 and run.is_main:
         c = run.ctx.learning
@@ -415,15 +415,18 @@ def rollout_source(run: Run):
 
 @contextlib.contextmanager
 def watched(run: Run):
-    """The watchdog of this process (`grpo.run.watchdog`), with the engines' progress as its beats."""
-    t = run.cfg.trainer
-    with Watchdog(run.output_dir, warn_s=t.stall_warn_s, stop_s=t.stall_stop_s, rank=run.accelerator.process_index,
+    """The watchdog of this process (`grpo.run.watchdog`), with the engines' progress as its beats, and
+    its phase timeline (`grpo.phases.record_to`)."""
+    t, rank = run.cfg.trainer, run.accelerator.process_index
+    with Watchdog(run.output_dir, warn_s=t.stall_warn_s, stop_s=t.stall_stop_s, rank=rank,
                   world=run.accelerator.num_processes):
         set_progress_hook(phases.beat)
+        phases.record_to(timeline_path(run.output_dir, "trainer", rank), "trainer", rank)  # the dashboard's timeline
         try:
             yield
         finally:
             set_progress_hook(None)
+            phases.record_to(None)
 
 
 # --- the loop -----------------------------------------------------------------------------------

@@ -43,7 +43,13 @@ from grpo import phases
 EXIT_STALLED = 5
 HEARTBEAT_S = 2.0
 WATCHDOG_DIR = "watchdog"
+TIMELINE_DIR = "timeline"
 WAITING = ("collective", "wait for batch", "wait for weights")  # phases that wait for another process
+
+
+def timeline_path(output_dir: str | Path, role: str, rank: int) -> Path:
+    """Where a process's phase spans go (`grpo.phases.record_to`; drawn by the dashboard)."""
+    return Path(output_dir) / TIMELINE_DIR / f"{role}-rank{rank}.jsonl"
 
 
 class Watchdog:

@@ -1,4 +1,5 @@
-// grpo-zero dashboard: curves, MoE heatmaps, "aha" phrases and a rollout browser.
+// grpo-zero dashboard: curves (with the watchdog's stall and stop events), the phase timeline,
+// degenerate groups, MoE heatmaps, "aha" phrases, a rollout browser and a per-token view.
 // Runs live (polling the server's /api) or from data embedded in an exported file.
 // Model text is untrusted: it is only ever inserted with textContent / text nodes.
 (function () {
@@ -22,6 +23,8 @@
     aha: {},             // name -> aha result
     ahaKey: {},          // name -> rollout steps signature the aha result belongs to
     rollouts: { run: null, step: null, rows: [], follow: true, shown: PAGE },
+    watch: {},           // name -> {timeline, events, stalled} (grpo/dashboard/data.py Run.watch)
+    tokens: null,        // the row shown in the per-token view
     timing: { scriptStart: scriptStart },
   };
   window.grpoDashboard = { state: state, timing: state.timing, config: CONFIG, chartReport: chartReport };
@@ -49,12 +52,14 @@
       return { rows: rows };
     },
     aha: async (name) => DATA.aha[name],
+    watch: async (name) => (DATA.watch || {})[name] || { timeline: { processes: [] }, events: [], stalled: null },
   } : {
     runs: () => getJSON('/api/runs'),
     run: (name) => getJSON('/api/run?name=' + q(name)),
     rollouts: (name, step) => getJSON('/api/rollouts?name=' + q(name) + '&step=' + q(step)),
     search: (name, text) => getJSON('/api/search?name=' + q(name) + '&q=' + q(text)),
     aha: (name, phrases) => getJSON('/api/aha?name=' + q(name) + '&phrases=' + q(phrases.join(','))),
+    watch: (name) => getJSON('/api/watch?name=' + q(name)),
   };
 
   // ----------------------------------------------------------------------------------------
@@ -70,6 +75,7 @@
     { id: 'think_consistent', title: 'Thinking: share of completions with consistent arithmetic steps', match: re('^rollout/think_consistent$') },
     { id: 'length', title: 'Response length (tokens)', match: re('^rollout/response_length_(mean|max)$') },
     { id: 'truncated', title: 'Truncation rate', match: re('^rollout/truncated_frac$') },
+    { id: 'degenerate', title: 'Share of groups whose rewards are all equal', match: re('^rollout/degenerate_groups_frac$'), box: 'dg-chart' },
     { id: 'entropy', title: 'Entropy', match: re('^train/entropy$') },
     { id: 'kl', title: 'KL', match: re('^train/(kl|approx_kl)$') },
     { id: 'clip', title: 'Clip fractions', match: re('^train/clip_frac_(low|high)$') },
@@ -122,6 +128,20 @@
       paper_bgcolor: '#fff',
       plot_bgcolor: '#fff',
     }, extra || {});
+  }
+
+  // The watchdog's events of the selected runs, as vertical lines on every curve.
+  function eventMarks() {
+    const shapes = [];
+    const notes = [];
+    selectedRuns().forEach((name) => ((state.watch[name] || {}).events || []).forEach((e) => {
+      const stop = e.kind === 'stop';
+      shapes.push({ type: 'line', xref: 'x', yref: 'paper', x0: e.step, x1: e.step, y0: 0, y1: 1,
+        line: { color: stop ? '#b00020' : '#e08a00', width: 1.5, dash: stop ? 'solid' : 'dot' } });
+      notes.push({ xref: 'x', yref: 'paper', x: e.step, y: 1, yanchor: 'bottom', showarrow: false,
+        text: stop ? 'stop' : 'stall', font: { size: 9, color: stop ? '#b00020' : '#e08a00' } });
+    }));
+    return { shapes: shapes, annotations: notes };
   }
 
   function tracesFor(spec, keysOf) {
@@ -227,14 +247,14 @@
     container.querySelectorAll('.chart').forEach((div) => { if (!wanted.has(div.dataset.chart)) removeChart(div); });
     let drawn = 0;
     for (const item of plan) {
-      const div = chartDiv(container, item.spec.id);
+      const div = item.spec.box ? $(item.spec.box) : chartDiv(container, item.spec.id);
       const traces = tracesFor(item.spec, item.keysOf);
       if (!traces.length) {
         div.classList.add('empty');
         continue;
       }
       div.classList.remove('empty');
-      if (!drawWhenVisible(div, () => Plotly.react(div, traces, baseLayout(item.spec.title), PLOT_CONFIG))) continue;
+      if (!drawWhenVisible(div, () => Plotly.react(div, traces, baseLayout(item.spec.title, eventMarks()), PLOT_CONFIG))) continue;
       drawn += 1;
       if (drawn === 4 && !state.timing.firstCharts) state.timing.firstCharts = performance.now();
       if (drawn >= 4) await nextFrame(); // keep the page responsive while the rest draw
@@ -312,6 +332,154 @@
   }
 
   // ----------------------------------------------------------------------------------------
+  // The watchdog: stall banner, phase timeline
+  // ----------------------------------------------------------------------------------------
+  async function refreshWatch() {
+    await Promise.all(selectedRuns().map(async (name) => {
+      try { state.watch[name] = await source.watch(name); } catch (err) { /* older server: no /api/watch */ }
+    }));
+    renderBanner();
+    renderTimeline();
+  }
+
+  function renderBanner() {
+    const lines = [];
+    selectedRuns().forEach((name) => {
+      const s = (state.watch[name] || {}).stalled;
+      if (!s) return;
+      const who = s.role === 'generation' ? 'the generation process' : s.role + ' rank ' + s.rank;
+      if (s.kind === 'silent') lines.push('run ' + name + ': ' + who + ' gave no heartbeat for ' + s.seconds + ' s (last in phase "' + s.phase + '", step ' + s.step + '): stopped or hung?');
+      else if (s.kind === 'stop') lines.push('run ' + name + ': stopped by the watchdog: ' + who + ' made no progress in phase "' + s.phase + '" for ' + s.seconds + ' s (step ' + s.step + '); continue with --resume auto');
+      else lines.push('run ' + name + ': stalled: ' + who + ' has made no progress in phase "' + s.phase + '" for ' + s.seconds + ' s (step ' + s.step + ')');
+    });
+    const banner = $('stall-banner');
+    banner.textContent = lines.join('\n');
+    banner.hidden = !lines.length;
+  }
+
+  const PHASE_COLORS = {
+    generate: '#1f77b4', score: '#17becf', learn: '#2ca02c', 'push weights': '#9467bd', checkpoint: '#8c564b',
+    evaluate: '#bcbd22', 'wait for batch': '#d9d9d9', 'wait for weights': '#d9d9d9', collective: '#ff7f0e',
+  };
+
+  function renderTimeline() {
+    const runs = selectedRuns();
+    const select = $('tl-run');
+    const withData = runs.filter((n) => ((state.watch[n] || {}).timeline || {}).processes && state.watch[n].timeline.processes.length);
+    fillSelect(select, runs, select.value && runs.includes(select.value) ? select.value : withData[0] || runs[0]);
+    const tl = (state.watch[select.value] || {}).timeline || { processes: [] };
+    const div = $('tl-chart');
+    const procs = tl.processes || [];
+    $('tl-empty').hidden = procs.length > 0;
+    div.classList.toggle('empty', !procs.length);
+    if (!procs.length) { Plotly.purge(div); return; }
+    const rowName = (p) => (p.role === 'generation' ? 'generation' : 'trainer rank ' + p.rank);
+    const byPhase = {};
+    procs.forEach((p) => p.spans.forEach(([step, phase, a, b]) => {
+      const t = byPhase[phase] || (byPhase[phase] = { x: [], base: [], y: [], text: [] });
+      t.x.push(b - a); t.base.push(a); t.y.push(rowName(p));
+      t.text.push('step ' + step + ' · ' + label(phase) + ' · ' + (b - a).toFixed(3) + ' s');
+    }));
+    // nested phases (a collective inside learn) are drawn after, so on top
+    const order = Object.keys(byPhase).sort((a, b) => (a === 'collective') - (b === 'collective'));
+    const traces = order.map((phase, i) => ({
+      type: 'bar', orientation: 'h', x: byPhase[phase].x, base: byPhase[phase].base, y: byPhase[phase].y,
+      name: label(phase), meta: 'timeline:' + phase, text: byPhase[phase].text, hoverinfo: 'text', textposition: 'none',
+      marker: { color: PHASE_COLORS[phase] || KEY_COLORS[i % KEY_COLORS.length], line: { width: 0.5, color: '#fff' } },
+    }));
+    const rows = procs.map(rowName).reverse();
+    Plotly.react(div, traces, baseLayout('steps ' + tl.steps[0] + '–' + tl.steps[1] + ' · ' + select.value, {
+      barmode: 'overlay', height: 170 + 40 * rows.length, hovermode: 'closest',
+      xaxis: { title: { text: 'seconds' }, automargin: true },
+      yaxis: { categoryorder: 'array', categoryarray: rows, automargin: true },
+      legend: { orientation: 'h', y: -0.45, font: { size: 10 } },
+    }), PLOT_CONFIG);
+  }
+
+  // ----------------------------------------------------------------------------------------
+  // Degenerate groups of the rollout browser's step: which prompts they were
+  // ----------------------------------------------------------------------------------------
+  function renderDegenerate() {
+    const byGroup = new Map();
+    state.rollouts.rows.forEach((r) => {
+      const g = byGroup.get(r.group) || { prompt: r.prompt, rewards: new Set(), n: 0 };
+      g.rewards.add(r.reward);
+      g.n += 1;
+      byGroup.set(r.group, g);
+    });
+    const degenerate = Array.from(byGroup.entries()).filter(([, g]) => g.n > 1 && g.rewards.size === 1);
+    $('dg-summary').textContent = state.rollouts.step === null ? 'No logged rollouts yet.' :
+      degenerate.length + ' of ' + byGroup.size + ' group(s) in step ' + state.rollouts.step + ' of run ' + state.rollouts.run +
+      ' had all rewards equal' + (degenerate.length ? ':' : '.');
+    const list = $('dg-list');
+    list.textContent = '';
+    degenerate.forEach(([group, g]) => {
+      const li = el('li');
+      li.appendChild(el('b', null, 'group ' + group + ' · reward ' + fmt(Array.from(g.rewards)[0]) + ' × ' + g.n + ': '));
+      li.appendChild(document.createTextNode(String(g.prompt || '').slice(0, 300)));
+      list.appendChild(li);
+    });
+  }
+
+  // ----------------------------------------------------------------------------------------
+  // Per-token view of one completion
+  // ----------------------------------------------------------------------------------------
+  function tokenValues(r) {
+    const n = r.token_text.length;
+    const lp = r.token_logprobs || [];
+    const tr = r.token_trainer_logprobs || null;
+    const ent = r.token_entropy || null;
+    const ratio = (i) => (tr && typeof tr[i] === 'number' && typeof lp[i] === 'number' ? Math.exp(tr[i] - lp[i]) : null);
+    const adv = typeof r.advantage === 'number' ? r.advantage : null;
+    // a token's term in the sequence-mean surrogate: advantage × ratio / completion length
+    const share = (i) => (adv === null ? null : adv * (ratio(i) === null ? 1 : ratio(i)) / Math.max(r.num_tokens || n, 1));
+    return Array.from({ length: n }, (_, i) => ({
+      logprob: typeof lp[i] === 'number' ? lp[i] : null, ratio: ratio(i), share: share(i),
+      entropy: ent && typeof ent[i] === 'number' ? ent[i] : null,
+    }));
+  }
+
+  function tokenColor(by, v, maxShare) {
+    const x = v[by];
+    if (x === null) return '#eeeeee';
+    const mix = (t, rgb) => 'rgba(' + rgb + ',' + Math.max(0, Math.min(1, t)).toFixed(3) + ')';
+    if (by === 'logprob') return mix(-x / 4, '214,39,40'); // likely: clear; unlikely: red
+    if (by === 'entropy') return mix(x / 2.5, '148,103,189');
+    if (by === 'ratio') return x >= 1 ? mix(Math.log(x) / 0.3, '31,119,180') : mix(-Math.log(x) / 0.3, '214,39,40');
+    return x >= 0 ? mix(x / maxShare, '46,157,91') : mix(-x / maxShare, '214,39,40'); // share
+  }
+
+  function showTokens(r) {
+    state.tokens = r;
+    renderTokens();
+    $('tokens').scrollIntoView();
+  }
+
+  function renderTokens() {
+    const r = state.tokens;
+    const view = $('tok-view');
+    view.textContent = '';
+    $('tok-prompt').textContent = r ? String(r.prompt || '') : '';
+    if (!r) return;
+    const by = $('tok-color').value;
+    const values = tokenValues(r);
+    const maxShare = Math.max(1e-9, ...values.map((v) => Math.abs(v.share || 0)));
+    const env = Array.isArray(r.token_env) ? r.token_env : []; // tokens the environment wrote (multi-turn)
+    r.token_text.forEach((t, i) => {
+      const span = el('span', 'tok' + (env[i] ? ' env' : ''), String(t));
+      const v = values[i];
+      if (!env[i]) span.style.background = tokenColor(by, v, maxShare);
+      span.title = 'token ' + i + ' · logprob ' + fmt(v.logprob) + ' · ratio ' + fmt(v.ratio) + ' · share ' + fmt(v.share) + ' · entropy ' + fmt(v.entropy);
+      view.appendChild(span);
+    });
+    const missing = by !== 'logprob' && by !== 'share' && values.every((v) => v[by] === null);
+    const cut = (r.num_tokens || 0) > r.token_text.length ? ' (first ' + r.token_text.length + ' of ' + r.num_tokens + ' tokens)' : '';
+    $('tok-summary').textContent = 'step ' + fmt(r.step) + ' · group ' + fmt(r.group) + ' · #' + fmt(r.index) + ' · reward ' + fmt(r.reward) +
+      ' · advantage ' + fmt(r.advantage) + ' · prompt ' + fmt(r.prompt_tokens) + ' tokens · completion ' + fmt(r.num_tokens) + ' tokens' + cut +
+      (missing ? ' · ' + by + ' was not logged in this run (grey)' : '');
+  }
+
+  // ----------------------------------------------------------------------------------------
   // Rollout browser
   // ----------------------------------------------------------------------------------------
   function fillSelect(select, values, current, labels) {
@@ -354,6 +522,7 @@
     const groups = Array.from(new Set(state.rollouts.rows.map((r) => r.group))).sort((a, b) => a - b);
     fillSelect($('ro-group'), [''].concat(groups), $('ro-group').value, ['all'].concat(groups.map(String)));
     renderRollouts();
+    renderDegenerate();
   }
 
   function appendHighlighted(el, text, needle) {
@@ -422,6 +591,12 @@
         meta.appendChild(document.createTextNode(k));
         meta.appendChild(el('b', null, fmt(v)));
       });
+      if (Array.isArray(r.token_text)) {
+        const b = el('button', 'tok-open', 'tokens');
+        b.type = 'button';
+        b.addEventListener('click', () => showTokens(r));
+        meta.appendChild(b);
+      }
       box.appendChild(meta);
       const text = el('pre', 'completion-text');
       appendHighlighted(text, String(r.completion || ''), needle);
@@ -486,6 +661,7 @@
 
   async function redrawAll() {
     renderRunPicker();
+    await refreshWatch(); // first: the curves carry its event markers
     await renderCurves();
     renderMoe();
     await refreshRolloutControls();
@@ -507,6 +683,7 @@
         await loadRuns(changed);
         await redrawAll();
       } else {
+        await refreshWatch();
         setStatus(describe());
       }
     } catch (err) {
@@ -521,6 +698,8 @@
       renderAha();
     });
     $('moe-run').addEventListener('change', renderMoe);
+    $('tl-run').addEventListener('change', renderTimeline);
+    $('tok-color').addEventListener('change', renderTokens);
     $('aha-phrases').value = state.phrases.join(', ');
     if (EXPORT) {
       $('aha-phrases').disabled = true;
@@ -563,7 +742,7 @@
       const data = div.data || [];
       const points = data.reduce((n, t) => n + ((t.z && t.z.length) ? t.z.length * (t.z[0] || []).length : (t.x || []).length), 0);
       const lines = Array.from(div.querySelectorAll('.scatterlayer path.js-line, .scatterlayer path.js-fill')).filter((p) => (p.getAttribute('d') || '').length > 4).length;
-      const markers = div.querySelectorAll('.scatterlayer path.point').length;
+      const markers = div.querySelectorAll('.scatterlayer path.point').length + div.querySelectorAll('.barlayer .point path').length;
       const images = div.querySelectorAll('.heatmaplayer image').length;
       const keys = data.map((t) => t.meta).filter((k) => typeof k === 'string');
       return { id: div.dataset.chart || div.id, traces: data.length, keys: keys, points: points, drawn: lines + markers + images > 0 };
@@ -582,6 +761,7 @@
   async function main() {
     state.timing.plotlyReady = performance.now(); // plotly.js has been parsed and run by now
     bind();
+    if (observer) observer.observe($('dg-chart')); // drawn by renderCurves, outside the curves grid
     try {
       const pre = await prefetch;
       pre.names.forEach((n, i) => { state.order.push(n); if (i < MAX_SELECTED) state.selected.add(n); });

@@ -241,3 +241,123 @@ def test_export_works_offline_and_shows_hostile_text_literally(page, runs, tmp_p
     assert runs["known"].strip()[:40] in text
     screenshot(page, tmp_path, "dashboard-export.png")
     assert not page.errors, page.errors
+
+
+# --- the demo run: timeline, degenerate groups, per-token view, watchdog events ------------------
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """`grpo dashboard --demo`'s run, plus a hostile run with per-token data and a stalled live run."""
+    from grpo.dashboard.synthetic import DEMO_RUN, write_demo_run, write_stall_event
+
+    root = tmp_path_factory.mktemp("demo")
+    write_demo_run(root)
+    write_synthetic_run(root / "hostile", steps=5, rollout_every=5, groups=2, group_size=4, payloads=True, seed=7)
+    stuck = write_synthetic_run(root / "stuck", steps=6, rollout_every=3, groups=1, group_size=2, moe_layers=0)
+    write_stall_event(stuck, step=7, kind="stall", role="trainer", rank=0, phase="generate", seconds=60,
+                      time=time.time())
+    (stuck / "watchdog" / "trainer-rank0.json").write_text(json.dumps(  # its last heartbeat, a minute ago
+        {"pid": 1, "role": "trainer", "rank": 0, "phase": "generate", "step": 7, "idle_s": 60.0, "time": time.time() - 60}))
+    # one server per run (RUNS_DIR may be a single run): each page draws only the run under test
+    served = {name: Dashboard(root / name, port=0, poll_seconds=0.3).start() for name in (DEMO_RUN, "hostile", "stuck")}
+    yield {"url": {name: d.url for name, d in served.items()}, "root": root, "run": DEMO_RUN}
+    for d in served.values():
+        d.stop()
+
+
+def test_demo_timeline_shows_every_process_side_by_side_with_waits_and_the_straggler(page, demo, tmp_path):
+    open_dashboard(page, demo["url"][demo["run"]])
+    assert js(page, "document.getElementById('tl-chart').data && document.getElementById('tl-chart').data.length", timeout=10)
+    rows = page.evaluate("() => Array.from(new Set(document.getElementById('tl-chart').data.flatMap((t) => t.y)))")
+    assert sorted(rows) == ["generation", "trainer rank 0", "trainer rank 1"]
+    phases_drawn = page.evaluate("() => document.getElementById('tl-chart').data.map((t) => t.name)")
+    assert {"generate", "learn", "wait for batch", "wait for weights", "collective"} <= set(phases_drawn)
+    assert page.evaluate("() => document.querySelectorAll('#tl-chart .barlayer .point path').length") > 50
+    report = {r["id"]: r for r in page.evaluate("() => window.grpoDashboard.chartReport()")}
+    assert report["tl-chart"]["drawn"] and report["dg-chart"]["drawn"]
+    # generation overlaps learning (asynchronous): some generate span starts before a learn span ends
+    spans = page.evaluate("() => Object.fromEntries(document.getElementById('tl-chart').data.map((t) => [t.name, t.base.map((b, i) => [b, b + t.x[i]])]))")
+    assert any(g0 < l1 and l0 < g1 for g0, g1 in spans["generate"] for l0, l1 in spans["learn"])
+    # the stall event is a marker on the curves
+    assert js(page, "(document.querySelector('[data-chart=reward]').layout.shapes || []).some((s) => s.x0 === 24)", timeout=5)
+    assert page.is_hidden("#stall-banner")  # the demo is not stalled
+    screenshot(page, tmp_path, "dashboard-timeline.png")
+    assert not page.errors, page.errors
+
+
+def test_degenerate_groups_lists_the_prompts_whose_rewards_were_all_equal(page, demo):
+    open_dashboard(page, demo["url"][demo["run"]])
+    show_rollouts(page, demo["run"], 60)
+    rows = [json.loads(line) for line in (demo["root"] / demo["run"] / "rollouts" / "step-000060.jsonl").read_text().splitlines()]
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["group"], set()).add(r["reward"])
+    degenerate = sorted(g for g, rewards in groups.items() if len(rewards) == 1)
+    assert degenerate  # every third synthetic group is all solved
+    assert f"{len(degenerate)} of {len(groups)} group(s) in step 60" in page.inner_text("#dg-summary")
+    listed = page.inner_text("#dg-list")
+    for g in degenerate:
+        assert f"group {g} " in listed and next(r["prompt"] for r in rows if r["group"] == g) in listed
+    assert page.evaluate("() => document.querySelectorAll('#dg-list li').length") == len(degenerate)
+    assert page.evaluate("() => document.getElementById('dg-chart').data[0].meta") == "rollout/degenerate_groups_frac"
+
+
+def test_per_token_view_colours_each_token_and_shows_hostile_text_as_text(page, demo, tmp_path):
+    open_dashboard(page, demo["url"]["hostile"])
+    show_rollouts(page, "hostile", 5)
+    rows = [json.loads(line) for line in (demo["root"] / "hostile" / "rollouts" / "step-000005.jsonl").read_text().splitlines()]
+    for i, payload in enumerate(XSS_PAYLOADS):
+        page.click(f"#ro-list .tok-open >> nth={i}")
+        js(page, f"document.querySelectorAll('#tok-view .tok').length === {len(rows[i]['token_text'])}", timeout=5)
+        assert page.inner_text("#tok-view") == payload  # every token, as text
+        assert page.evaluate("() => document.querySelectorAll('#tokens img, #tokens script, #tokens svg, #tokens textarea').length") == 0
+        assert page.evaluate("() => window.__xss") is None
+    assert page.inner_text("#tok-prompt") == rows[0]["prompt"]  # the prompt apart from the completion
+    colours = {}
+    for by in ("logprob", "ratio", "share", "entropy"):
+        page.select_option("#tok-color", by)
+        colours[by] = page.evaluate("() => Array.from(document.querySelectorAll('#tok-view .tok')).map((s) => s.style.backgroundColor)")
+        assert all(c and c != "rgb(238, 238, 238)" for c in colours[by]), (by, colours[by])  # every value was logged
+    assert len({tuple(c) for c in colours.values()}) == 4  # four different colourings
+    assert "logprob" in page.get_attribute("#tok-view .tok >> nth=0", "title")
+    screenshot(page, tmp_path, "dashboard-tokens.png")
+    assert not page.errors, page.errors
+
+
+def test_a_live_run_that_stalled_gets_a_banner(page, demo):
+    open_dashboard(page, demo["url"]["stuck"])
+    assert js(page, "!document.getElementById('stall-banner').hidden", timeout=5)
+    text = page.inner_text("#stall-banner")
+    assert "run stuck" in text and "trainer rank 0" in text and '"generate"' in text and "step 7" in text
+    assert js(page, "(document.querySelector('[data-chart=reward]').layout.shapes || []).some((s) => s.x0 === 7)", timeout=5)
+
+
+def test_grpo_dashboard_demo_serves_the_bundled_run(page, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "grpo", "dashboard", "--demo", "--port", str(port)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        line = proc.stdout.readline()
+        assert f"127.0.0.1:{port}" in line, line
+        open_dashboard(page, f"http://127.0.0.1:{port}/")
+        from grpo.dashboard.synthetic import DEMO_RUN
+
+        assert page.inner_text("#run-picker").strip() == DEMO_RUN
+        assert js(page, "document.getElementById('tl-chart').data && document.getElementById('ro-list').children.length", timeout=10)
+        report = page.evaluate("() => window.grpoDashboard.chartReport()")
+        assert not [r for r in report if not r["drawn"]]
+        assert {"tl-chart", "dg-chart", "reward", "layer0"} <= {r["id"] for r in report}
+        assert not page.errors, page.errors
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -230,3 +230,35 @@ def test_a_busy_port_is_one_line_and_exit_2(tmp_path, capsys):
         busy.close()
     err = capsys.readouterr().err
     assert code == 2 and "port is already in use" in err and "Traceback" not in err, err
+
+
+def test_watch_reads_the_timeline_tail_events_and_a_stalled_heartbeat(tmp_path):
+    import time
+
+    from grpo.dashboard.synthetic import write_stall_event
+
+    run = write_synthetic_run(tmp_path / "r", steps=20, rollout_every=10, timeline=True)
+    r = Run("r", run)
+    r.payload()
+    w = r.watch(steps=4)
+    assert w["timeline"]["steps"] == [17, 20]
+    assert {(p["role"], p["rank"]) for p in w["timeline"]["processes"]} == {("trainer", 0), ("trainer", 1), ("generation", 0)}
+    assert all(17 <= s[0] <= 20 and 0 <= s[2] < s[3] for p in w["timeline"]["processes"] for s in p["spans"])
+    assert [(e["kind"], e["step"]) for e in w["events"]] == [("stall", 20)]
+    assert w["stalled"] is None  # no heartbeat: the run ended
+    beat = {"pid": 1, "role": "generation", "rank": 0, "phase": "generate", "step": 21, "idle_s": 1.0}
+    (run / "watchdog" / "generation-rank0.json").write_text(json.dumps({**beat, "time": time.time()}))
+    assert r.stalled() is None  # beating
+    (run / "watchdog" / "generation-rank0.json").write_text(json.dumps({**beat, "time": time.time() - 100}))
+    assert r.stalled()["kind"] == "silent" and r.stalled()["role"] == "generation"
+    (run / "watchdog" / "generation-rank0.json").unlink()
+    write_stall_event(run, step=21, kind="stop", role="trainer", rank=1, phase="learn", seconds=900)
+    assert r.stalled()["kind"] == "stop" and r.stalled()["rank"] == 1  # stopped after the last logged step
+
+
+def test_demo_needs_no_runs_dir_and_refuses_both(tmp_path, capsys):
+    assert main([str(tmp_path), "--demo"]) == 2
+    assert "RUNS_DIR or --demo" in capsys.readouterr().err
+    out = tmp_path / "demo.html"
+    assert main(["--demo", "--export", str(out)]) == 0
+    assert "demo-async-run" in out.read_text(encoding="utf-8")

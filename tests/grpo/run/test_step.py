@@ -31,6 +31,27 @@ def test_train_and_the_step_benchmark_call_the_same_step(tmp_path, monkeypatch, 
     assert sum(f.endswith("bench/step_vs_trl.py") for f in callers) == 3
     assert len(callers) == 5
     assert all(s["step"] >= s["generate"] + s["train"] > 0 for s in split)
+    # the logged rollouts carry the per-token view the dashboard draws, and each step its degenerate groups
+    import json
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "rollouts" / "step-000002.jsonl").read_text().splitlines()]
+    assert all(len(r["token_text"]) == len(r["token_logprobs"]) == r["num_tokens"] > 0 and r["prompt_tokens"] > 0
+               for r in rows)
+    assert all(lp <= 0 for r in rows for lp in r["token_logprobs"])
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 <= m["rollout/degenerate_groups_frac"] <= 1 for m in metrics)
+
+
+def test_degenerate_groups_are_those_whose_rewards_are_all_equal():
+    from grpo.run.step import degenerate_groups_frac
+    from rollout.base import Rollout
+
+    def ro(group, reward):
+        return Rollout(group=group, prompt_ids=(1,), completion_ids=(2,), text="x", logprobs=(-0.1,),
+                       finish_reason="stop", reward=reward)
+
+    batch = [ro(0, 1.0), ro(0, 1.0), ro(1, 0.0), ro(1, 1.0), ro(2, 0.0), ro(2, 0.0), ro(3, 0.5), ro(3, 0.0)]
+    assert degenerate_groups_frac(batch) == 0.5  # groups 0 (all solved) and 2 (all failed)
 
 
 def test_each_step_logs_the_learning_rate_it_trained_with(tmp_path, tiny_base):

@@ -73,6 +73,37 @@ def test_phases_nest_and_beats_are_progress():
     assert phases.now().phase == "idle"
 
 
+def test_phase_spans_are_recorded_once_per_step_nested_ones_too_and_short_ones_dropped(tmp_path, monkeypatch):
+    path = tmp_path / "timeline" / "trainer-rank1.jsonl"
+    phases.record_to(path, "trainer", 1)
+    try:
+        phases.set_step(3)
+        with phases.phase("learn"):
+            with phases.phase("collective"):
+                time.sleep(0.01)
+            with phases.phase("score"):
+                pass  # under MIN_SPAN_S: dropped
+        assert not path.exists()  # buffered until the step moves on
+        phases.set_step(4)
+        spans = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [(s["phase"], s["step"], s["role"], s["rank"]) for s in spans] == [("collective", 3, "trainer", 1),
+                                                                                  ("learn", 3, "trainer", 1)]
+        assert spans[1]["start"] <= spans[0]["start"] < spans[0]["end"] <= spans[1]["end"]
+        assert abs(spans[1]["end"] - time.time()) < 5  # wall clock
+        monkeypatch.setattr(phases, "MAX_TIMELINE_BYTES", 2000)  # bounded: the older half is cut
+        for step in range(5, 60):
+            phases.set_step(step)
+            with phases.phase("generate"):
+                time.sleep(0.0012)
+        assert path.stat().st_size <= 2000 + 200
+        steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+        assert steps[-1] == 58 and steps[0] > 5
+    finally:
+        phases.record_to(None)
+        phases.set_step(0)
+    assert json.loads(path.read_text().splitlines()[-1])["step"] == 59  # the last step written on the way out
+
+
 # --- planted stalls in real runs ----------------------------------------------------------------
 
 
