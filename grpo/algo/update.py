@@ -243,14 +243,17 @@ def _memory_scope(model, tr: TrainerConfig):
     return stack
 
 
-def _accumulate(model, plan: _Plan, cfg: RunConfig, loss_fn, old, ref, sums: dict[str, float]) -> None:
-    """One pass of micro-batch forwards and backwards; the loss metrics, token-weighted, go to `sums`."""
+def _accumulate(model, plan: _Plan, cfg: RunConfig, loss_fn, old, ref, sums: dict[str, float],
+                tokens: dict | None = None) -> None:
+    """One pass of micro-batch forwards and backwards; the loss metrics, token-weighted, go to `sums`
+    (and, with `tokens`, each position's log-prob and entropy: see `policy_update`)."""
     for c in plan.chunks:
         with _memory_scope(model, cfg.trainer):
-            _micro_batch(model, plan, c, cfg, loss_fn, old, ref, sums)
+            _micro_batch(model, plan, c, cfg, loss_fn, old, ref, sums, tokens)
 
 
-def _micro_batch(model, plan: _Plan, c: slice, cfg: RunConfig, loss_fn, old, ref, sums: dict[str, float]) -> None:
+def _micro_batch(model, plan: _Plan, c: slice, cfg: RunConfig, loss_fn, old, ref, sums: dict[str, float],
+                 tokens: dict | None = None) -> None:
     """Forward and backward of one micro-batch. The backward runs in a routing scope of its own
     (replay on, nothing counted) so that a checkpointed layer's recomputed forward routes its
     tokens to the experts the forward used."""
@@ -260,6 +263,10 @@ def _micro_batch(model, plan: _Plan, c: slice, cfg: RunConfig, loss_fn, old, ref
         logprobs, entropy = plan.forward(model, c, cfg.rollout.temperature, cfg.algorithm.logprob_chunk, sc,
                                          with_entropy=True)  # [b, S-1] x2
     old_lp = old[c] if old is not None else logprobs.detach()  # [b, S-1]
+    if tokens is not None:  # rows of the whole batch this micro-batch holds
+        rows = tokens["rows"][c]
+        tokens["logprobs"][rows] = logprobs.detach().float().cpu()
+        tokens["entropy"][rows] = entropy.detach().float().cpu()
     loss, metrics = loss_fn(logprobs, old_lp, batch["advantages"][c], mask, normalizer=plan.normalizer,
                             sampler_logprobs=batch["sampler_logprobs"][c],
                             ref_logprobs=ref[c] if ref is not None else None)
@@ -297,7 +304,7 @@ def optimizer_steps_per_batch(algo: AlgorithmConfig) -> int:
 def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad_id: int,
                   device: torch.device, ref_model=None, moe: RouterControl | None = None,
                   schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
-                  max_new_tokens: int | None = None) -> dict[str, float]:
+                  max_new_tokens: int | None = None, tokens: dict | None = None) -> dict[str, float]:
     """`algorithm.num_iterations` passes over the batch, each of `algorithm.mini_batches` optimizer
     steps on mini-batches (`mini_batch_rows`), in micro-batches with accumulation.
 
@@ -309,6 +316,9 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
     (`train/skipped` = 1). `schedule` steps after every optimizer step taken. `max_new_tokens`: the
     length cap the batch was generated with (Dr. GRPO's normaliser; None: `rollout.max_new_tokens`).
     The loss metrics are means over the optimizer steps; `train/grad_norm` is the last step's.
+    `tokens` (an empty dict, for the dashboard's per-token view): filled with "logprobs" and
+    "entropy" [B, S-1] (float32, CPU, the collate layout: entry t scores token t+1), both of the
+    policy before the update (the first pass's forwards, or the old log-probs when they are computed).
     """
     algo, tr = cfg.algorithm, cfg.trainer
     max_new_tokens = max_new_tokens or cfg.rollout.max_new_tokens
@@ -324,12 +334,18 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
                               plan.prompt_lens)
     minis = _mini_batches(plan, rollouts, cfg, normalizer_of, max_new_tokens)  # after R2 recorded its replay
 
+    if tokens is not None:
+        shape = plan.batch["mask"].shape
+        tokens.update(logprobs=torch.zeros(shape), entropy=torch.zeros(shape))
     sums: dict[str, float] = {}
     skipped = 0.0
-    for _ in range(algo.num_iterations):
+    for iteration in range(algo.num_iterations):
         for mini, rows in minis:
             optimizer.zero_grad(set_to_none=True)
-            _accumulate(model, mini, cfg, loss_fn, _rows(old, rows), _rows(ref, rows), sums)
+            record = None
+            if tokens is not None and iteration == 0:
+                record = {**tokens, "rows": rows.cpu() if rows is not None else torch.arange(len(rollouts))}
+            _accumulate(model, mini, cfg, loss_fn, _rows(old, rows), _rows(ref, rows), sums, record)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.max_grad_norm)
             grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()  # FSDP2
             if not (math.isfinite(grad_norm) and math.isfinite(all_reduce_sum(sums.get("train/loss", 0.0)))):
@@ -341,6 +357,8 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
                 schedule.step()
         if skipped:
             break
+    if tokens is not None and old is not None:  # later mini-batches ran after earlier steps: the old policy's
+        tokens["logprobs"] = old.detach().float().cpu()
     sums = {k: v if k.endswith(("_min", "_max")) else v / steps for k, v in sums.items()}
     sums["train/grad_norm"] = grad_norm
     sums["train/overlong_filtered_frac"] = 1.0 - plan.batch["mask"].sum().item() / max(

@@ -38,6 +38,7 @@ class StepResult:
     batch: RolloutBatch  # its rollouts carry their advantages
     metrics: dict[str, float]  # what the step logs (averaged over ranks, expert loads summed)
     skipped: bool  # the loss or gradient norm was not finite: no optimizer step was taken
+    tokens: dict | None = None  # steps whose rollouts are logged: the trainer's per-position log-probs and entropy
 
 
 @dataclass
@@ -70,19 +71,19 @@ def run_step(ctx: StepContext, step: int) -> StepResult:
     return learn(ctx.learning, step, collect_rollouts(ctx.sampling, step))
 
 
-def update_policy(ctx: LearningContext, rollouts: list[Rollout], max_new_tokens: int | None = None
-                  ) -> tuple[dict[str, float], bool]:
+def update_policy(ctx: LearningContext, rollouts: list[Rollout], max_new_tokens: int | None = None,
+                  tokens: dict | None = None) -> tuple[dict[str, float], bool]:
     """The policy update between the engine's phase hooks, then the new weights pushed to it.
     The learning-rate schedule steps once per optimizer step the update takes. `max_new_tokens`:
-    the cap the batch was generated with. Returns the update's metrics (with its seconds) and
-    whether it was skipped (not finite)."""
+    the cap the batch was generated with; `tokens`: see `grpo.algo.update.policy_update`. Returns
+    the update's metrics (with its seconds) and whether it was skipped (not finite)."""
     cfg = ctx.cfg
     t = time.perf_counter()
     ctx.engine.before_update()
     with phase("learn"):
         metrics = policy_update(ctx.model, ctx.optimizer, rollouts, cfg, ctx.tokenizer.pad_token_id, ctx.device,
                                 ref_model=ctx.ref_model, moe=ctx.moe, schedule=ctx.schedule,
-                                max_new_tokens=max_new_tokens)
+                                max_new_tokens=max_new_tokens, tokens=tokens)
     skipped = metrics.pop("train/skipped") > 0
     t_sync = time.perf_counter()
     with phase("push weights"):
@@ -126,7 +127,8 @@ def learn(ctx: LearningContext, step: int, batch: RolloutBatch) -> StepResult:
     new_tokens = cfg.rollout.max_new_tokens_at(step)  # the cap the batch was generated with
     rollouts, adv_metrics = assign_advantages(batch.rollouts, cfg.algorithm, cfg.rollout.group_size, new_tokens)
     lr = ctx.schedule.get_last_lr()[0]  # the rate of this update's first optimizer step
-    train_metrics, skipped = update_policy(ctx, rollouts, new_tokens)
+    tokens = {} if logs_rollouts(cfg, step) else None  # for the dashboard's per-token view
+    train_metrics, skipped = update_policy(ctx, rollouts, new_tokens, tokens)
     if cfg.algorithm.ref_refresh_steps:
         train_metrics["train/ref_refreshed"] = float(refresh_reference(ctx, step))
     # synchronous: the step waited for its own generation; asynchronous: only for what was not ready
@@ -142,7 +144,12 @@ def learn(ctx: LearningContext, step: int, batch: RolloutBatch) -> StepResult:
     counts = ctx.moe.take_counts()
     if counts is not None:
         metrics.update(load_metrics(all_reduce_tensor(counts)))
-    return StepResult(step, replace(batch, rollouts=rollouts), metrics, skipped)
+    return StepResult(step, replace(batch, rollouts=rollouts), metrics, skipped, tokens or None)
+
+
+def logs_rollouts(cfg: RunConfig, step: int) -> bool:
+    """Whether `step`'s rollouts go to the trackers (every `logging.rollouts_every` steps, and the last)."""
+    return step % cfg.logging.rollouts_every == 0 or step == cfg.trainer.steps
 
 
 def rollout_metrics(rollouts: list[Rollout], correct: Sequence[str], seconds: float) -> dict[str, float]:
@@ -197,7 +204,8 @@ def rollout_rows(result: StepResult, group_size: int, tokenizer=None) -> list[di
 
     With `tokenizer`, each row also has the per-token view the dashboard draws, for the first
     `MAX_ROW_TOKENS` completion tokens: `token_text` (each token decoded on its own) and
-    `token_logprobs` (the sampler's), and `prompt_tokens` (how many tokens the prompt had)."""
+    `token_logprobs` (the sampler's), and `prompt_tokens` (how many tokens the prompt had); on steps
+    whose update recorded them, `token_trainer_logprobs` and `token_entropy` (the trainer's)."""
     groups = result.batch.groups
     rows = [
         {"step": result.step, "group": groups[r.group].index, "index": i % group_size, "prompt": groups[r.group].text,
@@ -207,9 +215,13 @@ def rollout_rows(result: StepResult, group_size: int, tokenizer=None) -> list[di
         for i, r in enumerate(result.batch.rollouts)
     ]
     if tokenizer is not None:
-        for row, r in zip(rows, result.batch.rollouts):
+        for b, (row, r) in enumerate(zip(rows, result.batch.rollouts)):
             ids = list(r.completion_ids[:MAX_ROW_TOKENS])
             row["prompt_tokens"] = len(r.prompt_ids)
             row["token_text"] = tokenizer.batch_decode([[t] for t in ids]) if ids else []
             row["token_logprobs"] = [round(float(lp), 4) for lp in r.logprobs[:MAX_ROW_TOKENS]]
+            if result.tokens:  # the trainer's view of the same tokens, before the update
+                start = len(r.prompt_ids) - 1  # the collate layout: entry t scores token t + 1
+                for key, name in (("logprobs", "token_trainer_logprobs"), ("entropy", "token_entropy")):
+                    row[name] = [round(float(v), 4) for v in result.tokens[key][b, start:start + len(ids)]]
     return rows

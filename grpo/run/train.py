@@ -55,7 +55,7 @@ from grpo.run.async_rollouts import IN_FLIGHT_FILE, AsyncRollouts, InFlight, eff
 from grpo.run.evaluate import evaluate_greedy, evaluate_step, make_eval_scorer
 from grpo.run.processes import UnsupportedError, check_supported, fsdp_on_cpu, fully_shard_cpu, make_accelerator
 from grpo.run.sampling import SamplingContext, engine_lengths, make_scorer, sampling_params
-from grpo.run.step import LearningContext, StepContext, StepResult, rollout_rows, sync_engine
+from grpo.run.step import LearningContext, StepContext, StepResult, logs_rollouts, rollout_rows, sync_engine
 from grpo.run.tracking import make_tracker
 from grpo.run.watchdog import Watchdog, timeline_path
 from rewards import Scorer
@@ -264,7 +264,7 @@ def log_step(run: Run, result: StepResult, bar) -> None:
     run.tracker.log(metrics, step)
     if "reward/format" in metrics:
         run.format_history.append(metrics["reward/format"])
-    if step % cfg.logging.rollouts_every == 0 or step == cfg.trainer.steps:
+    if logs_rollouts(cfg, step):
         shares = gather_objects(rollout_rows(result, cfg.rollout.group_size, run.ctx.learning.tokenizer))
         run.tracker.log_rollouts([row for share in shares for row in share], step)
     if cfg.eval.every and step % cfg.eval.every == 0 and run.is_main:

@@ -38,6 +38,12 @@ def test_train_and_the_step_benchmark_call_the_same_step(tmp_path, monkeypatch, 
     assert all(len(r["token_text"]) == len(r["token_logprobs"]) == r["num_tokens"] > 0 and r["prompt_tokens"] > 0
                for r in rows)
     assert all(lp <= 0 for r in rows for lp in r["token_logprobs"])
+    # the trainer's view of the same tokens (colocated float32 engine: the same policy, so the same
+    # log-probs up to arithmetic order; one position off would be far apart)
+    for r in rows:
+        assert len(r["token_trainer_logprobs"]) == len(r["token_entropy"]) == r["num_tokens"]
+        assert max(abs(a - b) for a, b in zip(r["token_trainer_logprobs"], r["token_logprobs"])) < 1e-3
+        assert all(e >= 0 for e in r["token_entropy"])
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= m["rollout/degenerate_groups_frac"] <= 1 for m in metrics)
 
