@@ -33,6 +33,7 @@ class Stage:
     mini_batches: int = 1  # optimizer steps per generation batch (algorithm.mini_batches)
     extra_forwards: int = 0  # reference model (KL > 0), recomputed old log-probs
     schedule: tuple[tuple[int, int], ...] = ()  # (from generation batch, cap)
+    offload: bool = False  # trainer.activation_offload (checkpointing is on for every run)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ RUNS: tuple[Run, ...] = (
         # 8,200 (generation batch 513); ~10,400 optimizer steps = 650 generation batches; mean ~4,500 tokens
         # read off the length figure (Nature Fig. 1b / arXiv 2501.12948 Fig. 3). As recipes/deepseek-v3-r1-zero.yaml.
         Stage(512, 650, 512, 16, 65536, 4500, prompt=200, mini_batches=16, extra_forwards=2,
-              schedule=((0, 32768), (513, 65536))),),
+              schedule=((0, 32768), (513, 65536)), offload=True),),
         "DeepSeek-R1 (Nature 645, 2025) supplementary: R1-Zero trained on 64 x 8 H800 for about 198 hours "
         "(101K GPU-hours in the cost table); hyper-parameters in the supplementary's R1-Zero training details"),
     Run("Oat-Zero-7B", "Qwen/Qwen2.5-Math-7B", "a100", 27 * 8, (
@@ -92,7 +93,7 @@ def predict(run: Run) -> tuple[float, list]:
         work = Workload(prompts_per_step=st.prompts, group_size=st.group, prompt_tokens=st.prompt,
                         response_tokens=st.mean, max_new_tokens=st.max_new, steps=st.steps, micro_batch_size=1,
                         extra_forwards=st.extra_forwards, mini_batches=st.mini_batches,
-                        max_new_tokens_schedule=st.schedule)
+                        max_new_tokens_schedule=st.schedule, activation_offload=st.offload)
         plan = make_plan(KNOWN_ARCHS[run.model], run.gpu, st.gpus // 8, 8, work)
         hours += plan.gpu_hours()
         plans.append(plan)
@@ -112,8 +113,9 @@ def main() -> int:
         fits = "yes" if all(p.fits for p in plans) else "no*"
         print(f"{run.name:<26} {run.gpu:<6} {layout:<24} {fits:<5} {hours:>10,.0f} {run.published_gpu_hours:>10,.0f} "
               f"{ratio:>6.2f}{'' if ok else '  <- off'}")
-    print("fits no*: this project's trainer (FSDP2, no context parallel) would not hold the publisher's longest "
-          "sequences; the time is still the roofline's")
+    if any(not p.fits for run in RUNS for p in predict(run)[1]):
+        print("fits no*: this project's trainer (FSDP2, no context parallel) would not hold the publisher's longest "
+              "sequences; the time is still the roofline's")
     print(f"within {TOLERANCE:.0%}: {len(RUNS) - bad} of {len(RUNS)} runs (constants: grpo/commands/roofline.py)")
     return 1 if bad else 0
 
