@@ -178,17 +178,22 @@ class MetricsFile:
                 {k: [v[i] for i in order] for k, v in self.columns.items()})
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _json_rows(lines) -> list[dict]:
+    """The lines that hold a JSON object (a cut or malformed line is skipped)."""
     rows = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return _json_rows(f)
 
 
 def _read_tail(path: Path, limit: int = TAIL_BYTES) -> list[dict]:
@@ -201,17 +206,7 @@ def _read_tail(path: Path, limit: int = TAIL_BYTES) -> list[dict]:
     except OSError:
         return []
     lines = chunk.split(b"\n")
-    if size > limit:
-        lines = lines[1:]
-    rows = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    return _json_rows(lines[1:] if size > limit else lines)
 
 
 def _phrase_pattern(phrase: str) -> re.Pattern:
