@@ -20,13 +20,13 @@ Metrics (per data set, n = eval.k samples a problem at eval.temperature):
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 from grpo.config import RunConfig
 from grpo.data.prompts import correct_rewards, render_prompts
+from grpo.run.checkpoint import write_atomic
 from rewards import RewardSpec, Scorer, is_correct
 from rewards.format import answer_block
 from rollout.base import SamplingParams
@@ -182,9 +182,8 @@ def write_report(output_dir: str | Path, label: str, report: dict) -> Path:
     """Write `output_dir/eval/<label>.json` atomically (label: `step-N` or a checkpoint's name)."""
     folder = Path(output_dir) / "eval"
     folder.mkdir(parents=True, exist_ok=True)
-    final, partial = folder / f"{label}.json", folder / f".{label}.json.partial"
-    partial.write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(partial, final)
+    final = folder / f"{label}.json"
+    write_atomic(final, json.dumps(report, indent=2, ensure_ascii=False))
     return final
 
 

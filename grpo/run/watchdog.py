@@ -44,6 +44,7 @@ EXIT_STALLED = 5
 HEARTBEAT_S = 2.0
 WATCHDOG_DIR = "watchdog"
 TIMELINE_DIR = "timeline"
+EVENTS_FILE = "events.jsonl"  # in WATCHDOG_DIR
 WAITING = ("collective", "wait for batch", "wait for weights")  # phases that wait for another process
 
 
@@ -133,7 +134,7 @@ class Watchdog:
         event = {"time": time.time(), "kind": kind, "role": self.role, "rank": self.rank, "step": now.step,
                  "phase": now.phase, "seconds": round(now.idle_s, 1), "stacks": stacks.name}
         try:
-            with open(self.dir / "events.jsonl", "a", encoding="utf-8") as f:
+            with open(self.dir / EVENTS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(event) + "\n")
         except OSError:
             pass
@@ -157,11 +158,10 @@ class Watchdog:
         self._last_heartbeat = time.monotonic()
         beat = {"pid": os.getpid(), "role": self.role, "rank": self.rank, "phase": now.phase, "step": now.step,
                 "idle_s": round(now.idle_s, 1), "time": time.time()}
-        path = self._heartbeat_path()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        from grpo.run.checkpoint import write_atomic  # torch: loaded by the run already, not by the dashboard
+
         try:
-            tmp.write_text(json.dumps(beat), encoding="utf-8")
-            os.replace(tmp, path)
+            write_atomic(self._heartbeat_path(), json.dumps(beat))
         except OSError:
             pass
 
