@@ -318,7 +318,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     mean_source = ("--mean-response-tokens" if args.mean_response_tokens else
                    f"default: {DEFAULT_MEAN_FRACTION:g} x max_new_tokens; pass --mean-response-tokens")
     common = dict(sharding=args.sharding or "full", price=args.price_per_gpu_hour, engine=layout["engine"],
-                  engine_share=layout.get("engine_share"), launcher=layout.get("launcher"))
+                  engine_share=layout.get("engine_share"), launcher=layout.get("launcher"),
+                  max_num_seqs=layout.get("max_num_seqs"))
     plan = make_plan(arch, args.gpu, args.nodes, args.gpus_per_node, work, tp=args.tp, **common)
     if plan.rollout_why_not() is not None and forced_tp is None and layout["engine"] == "vllm":
         # the recipe's TP does not hold the rollouts: search (the training phase is the same in every layout)

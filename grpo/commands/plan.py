@@ -152,6 +152,9 @@ KNOWN_ARCHS: dict[str, Arch] = {a.name: a for a in [
          tie_embeddings=True, model_type="qwen2"),
     Arch("Qwen/Qwen2.5-Math-7B", "hf.co/Qwen/Qwen2.5-Math-7B config.json", 152064, 3584, 28, 28, 4, 128, 18944,
          model_type="qwen2"),
+    Arch("Qwen/Qwen2.5-7B", "hf.co/Qwen/Qwen2.5-7B config.json", 152064, 3584, 28, 28, 4, 128, 18944, model_type="qwen2"),
+    Arch("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "hf.co/deepseek-ai/DeepSeek-R1-Distill-Qwen-7B config.json", 152064,
+         3584, 28, 28, 4, 128, 18944, model_type="qwen2"),
     Arch("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "hf.co/deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B config.json", 151936,
          1536, 28, 12, 2, 128, 8960, model_type="qwen2"),
     Arch("Qwen/Qwen2.5-32B", "hf.co/Qwen/Qwen2.5-32B config.json", 152064, 5120, 64, 40, 8, 128, 27648, model_type="qwen2"),
@@ -288,6 +291,7 @@ class Plan:
     work: Workload
     engine: str = "vllm"  # the recipe's rollout.engine
     engine_share: float | None = None  # vLLM's gpu_memory_utilization (None: whatever is free)
+    max_num_seqs: int | None = None  # vLLM's max_num_seqs of one engine (None: VLLM_MAX_NUM_SEQS per GPU of tp)
     launcher: str | None = None  # the accelerate config the layout came from
     searched: bool = False  # the layout came from the search, not the recipe or --tp
     eff: Efficiency = EFFICIENCY
@@ -364,12 +368,14 @@ class Plan:
 
     # --- time ---
     def concurrency(self, max_new_tokens: int | None = None) -> float:
-        """Sequences one attention group decodes at once: the KV cache at the mean context, vLLM's cap."""
+        """Sequences one attention group decodes at once: the KV cache at the mean context, vLLM's cap
+        (the recipe's rollout.vllm.max_num_seqs, a cap per engine, where it sets one)."""
         if self.engine == "hf":
             return float(self.sequences_per_rank)
         mean_len = self.work.prompt_tokens + self.work.response_tokens
         room = self.kv_room_gib / max(self.kv_gib_per_sequence(mean_len), 1e-12)
-        return max(1.0, min(room, VLLM_MAX_NUM_SEQS * self.layout.tp, self.sequences_per_rank))
+        cap = self.max_num_seqs if self.max_num_seqs is not None else VLLM_MAX_NUM_SEQS * self.layout.tp
+        return max(1.0, min(room, cap, self.sequences_per_rank))
 
     def generation(self, max_new_tokens: int) -> GenerationTime:
         w = self.work
@@ -419,10 +425,12 @@ def candidate_layouts(arch: Arch, world: int, gpus_per_node: int) -> list[Layout
 
 def make_plan(arch: Arch, gpu: str, nodes: int, gpus_per_node: int, work: Workload, sharding: str = "full",
               tp: int | None = None, price: float = 2.0, engine: str = "vllm", engine_share: float | None = None,
-              launcher: str | None = None, dp: int = 1, eff: Efficiency = EFFICIENCY) -> Plan:
+              launcher: str | None = None, dp: int = 1, eff: Efficiency = EFFICIENCY,
+              max_num_seqs: int | None = None) -> Plan:
     """The plan of a layout. `engine` "hf": the policy generates itself (no second copy of the
     weights); "vllm": engines of `tp` x `dp` GPUs holding bf16 weights and a KV cache capped by
-    `engine_share` (vLLM's gpu_memory_utilization, a share of the whole GPU) where given. Without
+    `engine_share` (vLLM's gpu_memory_utilization, a share of the whole GPU) where given, decoding at most
+    `max_num_seqs` sequences at once per engine where given (vLLM's max_num_seqs). Without
     `tp`, the smallest layout that holds the weights and the batch's KV cache at full length (else
     the smallest that holds at least one full-length sequence per GPU, decoding in waves)."""
     if gpu not in GPUS:
@@ -431,9 +439,10 @@ def make_plan(arch: Arch, gpu: str, nodes: int, gpus_per_node: int, work: Worklo
         return _sized(arch, GPUS[gpu], nodes, gpus_per_node, work, sharding, Layout(), price, engine, None, launcher, eff)
     if tp is not None:
         return _sized(arch, GPUS[gpu], nodes, gpus_per_node, work, sharding, Layout(tp, dp), price, engine, engine_share,
-                      launcher, eff)
+                      launcher, eff, max_num_seqs=max_num_seqs)
     plans = [_sized(arch, GPUS[gpu], nodes, gpus_per_node, work, sharding, lay, price, engine, engine_share, launcher,
-                    eff, searched=True) for lay in candidate_layouts(arch, nodes * gpus_per_node, gpus_per_node)]
+                    eff, searched=True, max_num_seqs=max_num_seqs)
+             for lay in candidate_layouts(arch, nodes * gpus_per_node, gpus_per_node)]
     for plan in plans:  # the layout decides the rollout phase only; training memory is the same in all
         if plan.rollout_why_not() is None and plan.kv_share >= 1:
             return plan
@@ -445,11 +454,11 @@ def make_plan(arch: Arch, gpu: str, nodes: int, gpus_per_node: int, work: Worklo
 
 def _sized(arch: Arch, g: GPU, nodes: int, gpus_per_node: int, work: Workload, sharding: str, layout: Layout,
            price: float, engine: str, engine_share: float | None, launcher: str | None, eff: Efficiency,
-           searched: bool = False) -> Plan:
+           searched: bool = False, max_num_seqs: int | None = None) -> Plan:
     """Memory of one layout, in both phases."""
     total, _ = arch.params()
     plan = Plan(arch, g, nodes, gpus_per_node, sharding, layout, price, work, engine=engine, engine_share=engine_share,
-                launcher=launcher, searched=searched, eff=eff)
+                max_num_seqs=max_num_seqs, launcher=launcher, searched=searched, eff=eff)
     shard = plan.shard_group
     h, L = arch.hidden_size, arch.num_layers
     seq = work.prompt_tokens + work.longest_new_tokens
@@ -511,7 +520,7 @@ def _layout_text(layout: Layout, arch: Arch) -> str:
 
 def layout_from_recipe(cfg) -> dict:
     """What the recipe says about the layout: nodes, GPUs per node and sharding from its
-    `launch.accelerate_config`, the engine, its TP size and memory share from `rollout`.
+    `launch.accelerate_config`, the engine, its TP size, memory share and sequence cap from `rollout`.
     Keys are absent where the recipe is silent."""
     import yaml
 
@@ -519,6 +528,7 @@ def layout_from_recipe(cfg) -> dict:
     if cfg.rollout.engine == "vllm":
         out["tp"] = cfg.rollout.vllm.tensor_parallel_size
         out["engine_share"] = cfg.rollout.vllm.gpu_memory_utilization
+        out["max_num_seqs"] = cfg.rollout.vllm.max_num_seqs
     if cfg.launch.accelerate_config:
         from grpo.config import resolve_accelerate_config
 

@@ -273,3 +273,19 @@ def test_bench_runs_within_35_percent():
     for run in bench.RUNS:
         hours, _ = bench.predict(run)
         assert abs(hours / run.published_gpu_hours - 1) <= bench.TOLERANCE, (run.name, hours)
+
+
+def test_max_num_seqs_caps_the_sequences_decoded_at_once(capsys):
+    """vLLM's max_num_seqs (the recipe's rollout.vllm.max_num_seqs) bounds an engine's concurrent sequences:
+    1024 completions on 8 GPUs at TP 1 are 128 per engine; a cap of 16 decodes them in 8 waves. Decode
+    steps = 128 x 700 / 16 + (tail 2.5 x 700 - 700) = 5,600 + 1,050 = 6,650 (uncapped: 700 + 1,050 = 1,750)."""
+    arch, work = KNOWN_ARCHS["Qwen/Qwen2.5-Math-7B"], Workload(128, 8, 150, 700, 3000, 10, 1)
+    free = make_plan(arch, "a100", 1, 8, work, tp=1)
+    capped = make_plan(arch, "a100", 1, 8, work, tp=1, max_num_seqs=16)
+    assert free.concurrency() == 128 and capped.concurrency() == 16
+    assert free.generation(3000).decode_steps == pytest.approx(1750)
+    gen = capped.generation(3000)
+    assert gen.decode_steps == pytest.approx(6650) and gen.waves == 8
+    path = str(REPO / "recipes" / "qwen2.5-math-7b-zero.yaml")
+    assert main(["plan", path, "--gpu", "a100", "--plain", "rollout.vllm.max_num_seqs=16"]) == 0
+    assert "16 sequences at once per attention group" in capsys.readouterr().out
