@@ -9,6 +9,7 @@
     grpo recipes
     grpo score FILE.jsonl --reward NAME [--out RESULTS.jsonl]
     grpo fetch smollm2-135m-instruct
+    grpo sandbox FILE.py [--recipe RECIPE] [key=value ...]
     grpo dashboard RUNS_DIR [--host 127.0.0.1] [--port 8050] [--export report.html]
 
 Recipe problems (unknown key, wrong type, missing file, malformed YAML), and data, model,
@@ -37,7 +38,7 @@ import traceback
 from pathlib import Path
 
 from grpo import dashboard
-from grpo.commands import fetch, score
+from grpo.commands import fetch, sandbox, score
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
@@ -461,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     score.add_parser(verbs)
     fetch.add_parser(verbs)
+    sandbox.add_parser(verbs)
     dashboard.add_parser(verbs)
     return parser
 
