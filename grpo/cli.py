@@ -262,11 +262,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _fail(f"{args.recipe}: nothing to evaluate (eval.num_prompts is 0 and eval.datasets is empty)")
     engine = make_engine(cfg.rollout, model, tokenizer, device, seed=cfg.trainer.seed,  # the recipe's engine
                          **engine_lengths(cfg, tokenizer, *sets.values()))
+    from grpo.run.tools import make_environment
+
+    environment = make_environment(cfg.rollout.tools)
     try:
-        report = evaluate_sets(engine, tokenizer, cfg, sets, scorer, k=args.k, seed=cfg.trainer.seed)
+        report = evaluate_sets(engine, tokenizer, cfg, sets, scorer, k=args.k, seed=cfg.trainer.seed,
+                               environment=environment)
     finally:
         engine.close()
         scorer.close()
+        if environment is not None:
+            environment.close()
     report["checkpoint"] = str(checkpoint or cfg.model.name_or_path)
     print(format_table(report))
     print(f"correct: {correct_phrase(report['correct'])}")

@@ -142,7 +142,7 @@ def _generation_side(spec: _Spec):
                          **engine_lengths(cfg, tokenizer, rows))  # it samples training prompts only
     prompts = PromptSampler(rows, seed=cfg.data.seed, epoch=spec.sampler_epoch, position=spec.sampler_position)
     ctx = SamplingContext(cfg, engine, make_scorer(cfg), tokenizer, prompts,
-                          sampling=sampling_params(cfg.rollout, record_routing=record))
+                          sampling=sampling_params(cfg.rollout, record_routing=record), hide=(spec.output_dir,))
     return ctx, (model if cfg.rollout.engine == "hf" else None)
 
 
