@@ -48,7 +48,7 @@ class ModelConfig(Section):
 class ArithmeticOptions(Section):
     max_first: int = Field(99, ge=1, le=100_000, description="the first operand is drawn from [0, max_first]")
     max_second: int = Field(9, ge=1, le=100_000, description="the second operand is drawn from [0, max_second]")
-    ops: list[Literal["+", "-"]] = Field(["+"], min_length=1, description="operators to draw from")
+    ops: list[Literal["+", "-", "*"]] = Field(["+"], min_length=1, description="operators to draw from")
 
 
 class SumsOptions(Section):

@@ -70,6 +70,11 @@ TEMPLATES = {
         "User: Show work in <think></think> then answer in <answer></answer>. {question}=?\n"
         "Assistant: <think></think>"
     ),
+    # `tool_tiny`: the python tool recipe (recipes/tiny-tool-cpu.yaml); the instruction names the tool's markers
+    "tool_tiny": (
+        "User: {question}=? You may run Python in <code></code>. Answer in <answer></answer>.\n"
+        "Assistant:"
+    ),
     "r1_zero_short": (
         "User: {question} Show work in <think></think> then answer in <answer></answer>.\n"
         "Assistant:"
