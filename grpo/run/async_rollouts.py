@@ -213,6 +213,7 @@ def _generate(spec: _Spec, weights_q, batches_q) -> None:
         finally:
             phases.record_to(None)
             ctx.scorer.close()
+            ctx.close_environment()
             ctx.engine.close()
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the trainer, then exit 1
         batches_q.put(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))

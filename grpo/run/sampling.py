@@ -75,6 +75,11 @@ class SamplingContext:
         if self.environment is None and self.cfg.rollout.tools.environment is not None:
             self.environment = make_environment(self.cfg.rollout.tools, list(self.hide))
 
+    def close_environment(self) -> None:
+        """Stop the environment (the python tool's sandbox workers), if there is one."""
+        if self.environment is not None and hasattr(self.environment, "close"):
+            self.environment.close()
+
     def episodes(self, groups: list[PromptGroup], max_new_tokens: int):
         """The multi-turn state of one generate call over `groups` (None: one-turn rollouts)."""
         if self.environment is None:

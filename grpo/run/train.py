@@ -343,6 +343,7 @@ def stop(run: Run, step: int, signum: int, source: AsyncRollouts | None) -> Stop
     saved = save_if_due(run, step, source, now=True)
     run.tracker.close()
     run.ctx.sampling.scorer.close()
+    run.ctx.sampling.close_environment()
     run.eval_scorer.close()
     run.ctx.learning.engine.close()
     name = signal.Signals(signum).name
@@ -373,6 +374,7 @@ def finish(run: Run, summary: dict, started: float) -> None:
             checkpoint.write_atomic(run.output_dir / "summary.json", json.dumps(summary, indent=2))
     run.tracker.close()
     run.ctx.sampling.scorer.close()
+    run.ctx.sampling.close_environment()
     run.eval_scorer.close()
     c.engine.close()
     run.accelerator.wait_for_everyone()
