@@ -29,7 +29,9 @@ class ArithmeticTask:
 
     @staticmethod
     def value(a: int, op: str, b: int) -> int:
-        """>>> ArithmeticTask.value(347, "*", 29)
+        """The value of `a op b`.
+
+        >>> ArithmeticTask.value(347, "*", 29)
         10063
         """
         return a + b if op == "+" else a - b if op == "-" else a * b

@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from grpo.config import RunConfig
+from grpo.config import RolloutConfig, RunConfig
 from grpo.data.prompts import correct_rewards, render_prompts
 from grpo.run.checkpoint import write_atomic
 from rewards import RewardSpec, Scorer, is_correct
@@ -114,14 +114,14 @@ def judge(scorer: Scorer, correct: Sequence[str], completions: list[str], rows: 
     return [is_correct({name: values[i] for name, values in per.items()}, correct) for i in range(len(completions))], per
 
 
-def _generate(engine, tokenizer, cfg: RunConfig, prompt_ids: list[list[int]], rows: list[dict], n: int,
+def _generate(engine, tokenizer, rollout: RolloutConfig, prompt_ids: list[list[int]], rows: list[dict], n: int,
               sampling: SamplingParams, environment=None):
     """The engine's completions, multi-turn with `environment` (the recipe's tools) when there is one."""
     if environment is None:
         return engine.generate(prompt_ids, n, sampling)
     from grpo.run.tools import episodes_for
 
-    episodes = episodes_for(cfg.rollout, environment, tokenizer, rows, n, sampling.max_new_tokens)
+    episodes = episodes_for(rollout, environment, tokenizer, rows, n, sampling.max_new_tokens)
     return engine.generate(prompt_ids, n, sampling, episodes=episodes)
 
 
@@ -132,7 +132,7 @@ def evaluate_greedy(engine, tokenizer, cfg: RunConfig, rows: list[dict], scorer:
     prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     sampling = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                               temperature=0.0, stop=tuple(cfg.rollout.stop))
-    outs = _generate(engine, tokenizer, cfg, prompt_ids, rows, 1, sampling, environment)
+    outs = _generate(engine, tokenizer, cfg.rollout, prompt_ids, rows, 1, sampling, environment)
     names = correct_rewards(cfg.data, cfg.eval)
     correct, per = judge(scorer, names, [o.text for o in outs], rows, prompts)
     n = len(rows)
@@ -158,7 +158,7 @@ def evaluate_sampled(engine, tokenizer, cfg: RunConfig, rows: list[dict], scorer
     ro = cfg.rollout
     sampling = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens or ro.max_new_tokens, temperature=cfg.eval.temperature,
                               top_p=ro.top_p, top_k=ro.top_k, stop=tuple(ro.stop), seed=seed)
-    outs = _generate(engine, tokenizer, cfg, prompt_ids, rows, k, sampling, environment)  # sample j of problem i: i * k + j
+    outs = _generate(engine, tokenizer, cfg.rollout, prompt_ids, rows, k, sampling, environment)  # sample j of problem i: i * k + j
     texts = [o.text for o in outs]
     correct, _ = judge(scorer, correct_rewards(cfg.data, cfg.eval), texts, [rows[i // k] for i in range(len(outs))], [prompts[i // k] for i in range(len(outs))])
     counts = [sum(correct[i * k : (i + 1) * k]) for i in range(len(rows))]
