@@ -31,7 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from grpo.config import RunConfig, load_recipe
+    from grpo.config import apply_overrides, load_recipe, parse_recipe_dict
     from grpo.errors import UserError
     from rollout.tools.python_env import PythonTool
 
@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{path}: cannot read it ({e})") from None
     if args.recipe:
         cfg = load_recipe(args.recipe, args.overrides)
-    else:
-        cfg = RunConfig.model_validate({"rollout": {"tools": {"environment": "python"}}})
+    else:  # the defaults, with the overrides
+        cfg = parse_recipe_dict(apply_overrides({}, args.overrides), "command line")
     tools = cfg.rollout.tools.model_copy(update={"environment": "python"})
     from grpo.run.tools import make_environment
 

@@ -117,3 +117,17 @@ def test_missing_bubblewrap_refuses_unless_unsandboxed(monkeypatch, caplog):
     with caplog.at_level("WARNING"), PythonSandbox(workers=1, limits=LIMITS, unsandboxed=True) as box:
         assert box.run("print(2 + 2)").output == "4\n"
     assert "UNSANDBOXED" in caplog.text
+
+
+def test_grpo_sandbox_prints_what_the_policy_would_see(tmp_path, capsys):
+    from grpo.cli import main
+
+    program = tmp_path / "program.py"
+    program.write_text("import os\nprint(6 * 7, os.listdir('/tmp'))\nraise SystemExit(3)\n")
+    assert main(["sandbox", str(program), "rollout.tools.sandbox.timeout_s=2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["<output>42 []", "</output>"]
+    assert out[-1] == '{"status": "error", "exit_code": 3, "seconds": ' + out[-1].split('"seconds": ')[1]
+    program.write_text("while True:\n    pass\n")
+    assert main(["sandbox", str(program), "rollout.tools.sandbox.timeout_s=0.5"]) == 0  # the override is used
+    assert capsys.readouterr().out.splitlines()[-1].startswith('{"status": "timeout", "exit_code": -9')
