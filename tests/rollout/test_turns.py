@@ -50,13 +50,14 @@ def model_tok():
     return tiny_qwen3("dense", tied=True, seed=1)
 
 
-def test_hf_multi_turn_continues_through_its_cache(model_tok):
+@pytest.mark.parametrize("fast_decode", [True, False], ids=["qwen3-stepper", "generic-stepper"])
+def test_hf_multi_turn_continues_through_its_cache(model_tok, fast_decode):
     model, tok = model_tok
     prompts = [tok.encode("12+34=", add_special_tokens=False), tok.encode("abc", add_special_tokens=False)]
     env = Scripted(stop=(*(t for t in tok.get_vocab() if len(t) == 1), "<unk>"))  # every token ends a turn
     episodes = Episodes(env, tok, TurnLimits(max_turns=6), [{"i": 0}, {"i": 1}], max_new_tokens=40)
-    rollouts = HFEngine(model, tok).generate(prompts, 1, SamplingParams(max_new_tokens=40, temperature=0.0),
-                                             episodes=episodes)
+    rollouts = HFEngine(model, tok, fast_decode=fast_decode).generate(
+        prompts, 1, SamplingParams(max_new_tokens=40, temperature=0.0), episodes=episodes)
     assert any(len(r.env_turns) >= 2 for r in rollouts), [r.env_turns for r in rollouts]
     for r in rollouts:
         assert len(r.policy_mask) == len(r.completion_ids) == len(r.logprobs)
