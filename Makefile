@@ -49,6 +49,11 @@ setup:
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
 		else echo "note: install Debian's chromium for the dashboard's browser tests (sudo apt-get install chromium)"; fi; \
 	fi
+	@# The python tool runs model-written code under Debian's bubblewrap (namespaces, no network).
+	@if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; \
+		else echo "note: install Debian's bubblewrap for the python tool's sandbox (sudo apt-get install bubblewrap)"; fi; \
+	fi
 	$(BIN)/python -c "import grpo, rewards, rollout, torch; print('grpo-zero ready, torch', torch.__version__)"
 	@if [ "$(REQUIRE_VLLM)" = 1 ]; then $(BIN)/python -c "import vllm, transformers; \
 		from transformers import Qwen3MoeForCausalLM; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"; fi

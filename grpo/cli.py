@@ -9,6 +9,7 @@
     grpo recipes
     grpo score FILE.jsonl --reward NAME [--out RESULTS.jsonl]
     grpo fetch smollm2-135m-instruct
+    grpo sandbox FILE.py [--recipe RECIPE] [key=value ...]
     grpo dashboard RUNS_DIR [--host 127.0.0.1] [--port 8050] [--export report.html]
 
 Recipe problems (unknown key, wrong type, missing file, malformed YAML), and data, model,
@@ -37,7 +38,7 @@ import traceback
 from pathlib import Path
 
 from grpo import dashboard
-from grpo.commands import fetch, score
+from grpo.commands import fetch, sandbox, score
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
@@ -261,11 +262,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _fail(f"{args.recipe}: nothing to evaluate (eval.num_prompts is 0 and eval.datasets is empty)")
     engine = make_engine(cfg.rollout, model, tokenizer, device, seed=cfg.trainer.seed,  # the recipe's engine
                          **engine_lengths(cfg, tokenizer, *sets.values()))
+    from grpo.run.tools import make_environment
+
+    environment = make_environment(cfg.rollout.tools)
     try:
-        report = evaluate_sets(engine, tokenizer, cfg, sets, scorer, k=args.k, seed=cfg.trainer.seed)
+        report = evaluate_sets(engine, tokenizer, cfg, sets, scorer, k=args.k, seed=cfg.trainer.seed,
+                               environment=environment)
     finally:
         engine.close()
         scorer.close()
+        if environment is not None:
+            environment.close()
     report["checkpoint"] = str(checkpoint or cfg.model.name_or_path)
     print(format_table(report))
     print(f"correct: {correct_phrase(report['correct'])}")
@@ -462,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     score.add_parser(verbs)
     fetch.add_parser(verbs)
+    sandbox.add_parser(verbs)
     dashboard.add_parser(verbs)
     return parser
 

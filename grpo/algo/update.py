@@ -35,7 +35,10 @@ from rollout.base import Rollout
 
 def collate(rollouts: list[Rollout], pad_id: int, overlong_filter: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded prompt+completion batch with a mask over completion positions of logprobs.
-    With `overlong_filter`, truncated completions (finish_reason "length") get an all-zero mask."""
+    With `overlong_filter`, truncated completions (finish_reason "length") get an all-zero mask.
+    Multi-turn rollouts: environment tokens (`Rollout.policy_mask` False) are context: mask 0 and
+    sampler log-prob 0.0, whatever the rollout carries there, so no loss term, ratio, KL, entropy
+    or token count sees them."""
     seqs = [list(r.prompt_ids) + list(r.completion_ids) for r in rollouts]
     width = max(map(len, seqs))
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, S]
@@ -48,6 +51,10 @@ def collate(rollouts: list[Rollout], pad_id: int, overlong_filter: bool = False)
         start, end = len(r.prompt_ids) - 1, len(seq) - 1
         mask[b, start:end] = 0.0 if overlong_filter and r.finish_reason == "length" else 1.0
         sampler_lp[b, start:end] = torch.tensor(r.logprobs, dtype=torch.float32)
+        if r.policy_mask is not None:
+            policy = torch.tensor(r.policy_mask, dtype=torch.bool)  # [C]
+            mask[b, start:end] *= policy
+            sampler_lp[b, start:end] = sampler_lp[b, start:end].masked_fill(~policy, 0.0)
     advantages = torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)  # [B]
     prompt_lens = torch.tensor([len(r.prompt_ids) for r in rollouts], dtype=torch.long)  # [B]
     return {"input_ids": input_ids, "attention_mask": attention, "mask": mask,

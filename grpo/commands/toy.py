@@ -67,6 +67,8 @@ TOY_SCALE: dict[str, Any] = {
     "eval.k": lambda v: min(v, 2),
     "eval.max_new_tokens": lambda v: None if v is None else min(v, 16),
     "rewards.workers": lambda v: min(v, 2),
+    "rollout.tools.sandbox.workers": lambda v: min(v, 2),
+    "rollout.tools.max_observation_tokens": lambda v: min(v, 8),  # an observation must fit the 16 tokens
     "logging.report_to": [],  # trackers need accounts and the network
     "logging.rollouts_every": 1,
     "launch.accelerate_config": None,  # one process

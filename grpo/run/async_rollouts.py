@@ -142,7 +142,7 @@ def _generation_side(spec: _Spec):
                          **engine_lengths(cfg, tokenizer, rows))  # it samples training prompts only
     prompts = PromptSampler(rows, seed=cfg.data.seed, epoch=spec.sampler_epoch, position=spec.sampler_position)
     ctx = SamplingContext(cfg, engine, make_scorer(cfg), tokenizer, prompts,
-                          sampling=sampling_params(cfg.rollout, record_routing=record))
+                          sampling=sampling_params(cfg.rollout, record_routing=record), hide=(spec.output_dir,))
     return ctx, (model if cfg.rollout.engine == "hf" else None)
 
 
@@ -213,6 +213,7 @@ def _generate(spec: _Spec, weights_q, batches_q) -> None:
         finally:
             phases.record_to(None)
             ctx.scorer.close()
+            ctx.close_environment()
             ctx.engine.close()
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the trainer, then exit 1
         batches_q.put(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))

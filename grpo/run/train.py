@@ -226,7 +226,8 @@ def set_up(cfg: RunConfig, output_dir: str | Path, resume: str | None, allow_cha
     record_routing = moe.is_moe and cfg.moe.routing_replay == "R3"
     sampling = SamplingContext(cfg, engine, scorer, tokenizer, prompts,
                                batch=rank_slice(cfg.trainer.prompts_per_step, rank, world),
-                               sampling=sampling_params(cfg.rollout, record_routing=record_routing))
+                               sampling=sampling_params(cfg.rollout, record_routing=record_routing),
+                               hide=(str(output_dir),))  # the python tool's sandbox never sees the run directory
     learning = LearningContext(cfg, engine, tokenizer, model, unwrapped, optimizer, schedule, accelerator.device, moe,
                                ref_model=ref_model)
     ctx = StepContext(sampling, learning)
@@ -270,7 +271,8 @@ def log_step(run: Run, result: StepResult, bar) -> None:
     if cfg.eval.every and step % cfg.eval.every == 0 and run.is_main:
         c = run.ctx.learning
         with phases.phase("evaluate"):
-            evaluate_step(c.engine, c.tokenizer, cfg, run.eval_sets, run.eval_scorer, step, run.output_dir, run.tracker)
+            evaluate_step(c.engine, c.tokenizer, cfg, run.eval_sets, run.eval_scorer, step, run.output_dir, run.tracker,
+                          environment=run.ctx.sampling.environment)
     bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['rollout/accuracy']:.2f}",
                     tok_s=f"{metrics['rollout/tokens_per_s']:.0f}")
 
@@ -341,6 +343,7 @@ def stop(run: Run, step: int, signum: int, source: AsyncRollouts | None) -> Stop
     saved = save_if_due(run, step, source, now=True)
     run.tracker.close()
     run.ctx.sampling.scorer.close()
+    run.ctx.sampling.close_environment()
     run.eval_scorer.close()
     run.ctx.learning.engine.close()
     name = signal.Signals(signum).name
@@ -357,7 +360,8 @@ def finish(run: Run, summary: dict, started: float) -> None:
     if run.is_main:
         if cfg.eval.before_and_after and run.eval_rows:
             with phases.phase("evaluate"):
-                summary["eval_after"] = evaluate_greedy(c.engine, c.tokenizer, cfg, run.eval_rows, run.eval_scorer)
+                summary["eval_after"] = evaluate_greedy(c.engine, c.tokenizer, cfg, run.eval_rows, run.eval_scorer,
+                                                        run.ctx.sampling.environment)
         tail = run.format_history[-max(1, math.ceil(len(run.format_history) / 10)) :]
         summary["train"] = {"steps": cfg.trainer.steps, "processes": run.accelerator.num_processes,
                             "skipped_steps": run.state.skipped_steps,
@@ -370,6 +374,7 @@ def finish(run: Run, summary: dict, started: float) -> None:
             checkpoint.write_atomic(run.output_dir / "summary.json", json.dumps(summary, indent=2))
     run.tracker.close()
     run.ctx.sampling.scorer.close()
+    run.ctx.sampling.close_environment()
     run.eval_scorer.close()
     c.engine.close()
     run.accelerator.wait_for_everyone()
@@ -447,7 +452,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None, all
         with StopSignals() as signals, rollout_source(run) as source:  # source None: synchronous
             if cfg.eval.before_and_after and run.eval_rows and run.is_main and not run.resumed_from:
                 with phases.phase("evaluate"):
-                    summary["eval_before"] = evaluate_greedy(c.engine, c.tokenizer, cfg, run.eval_rows, run.eval_scorer)
+                    summary["eval_before"] = evaluate_greedy(c.engine, c.tokenizer, cfg, run.eval_rows,
+                                                             run.eval_scorer, run.ctx.sampling.environment)
             bar = tqdm(range(first, cfg.trainer.steps + 1), desc="grpo", dynamic_ncols=True,
                        disable=not (cfg.logging.progress and run.is_main), initial=first - 1, total=cfg.trainer.steps)
             for step in bar:

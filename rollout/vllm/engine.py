@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from rollout.base import Rollout, SamplingParams
+from rollout.turns import Episodes
 from rollout.vllm.layout import (
     default_group_kept,
     flatten_gathered,
@@ -270,9 +271,12 @@ class VLLMEngine:
 
     # --- generation -------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Rollout]:
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
+                 episodes: Episodes | None = None) -> list[Rollout]:
         import vllm
 
+        if episodes is not None:
+            return self._generate_turns(prompts, n, sampling, episodes)
         if sampling.record_routing and not self.record_routing:
             raise ValueError("build VLLMEngine(record_routing=True) to record routed experts")
         plain = sampling.temperature == 1.0 and sampling.top_p == 1.0 and sampling.top_k == 0
@@ -312,6 +316,43 @@ class VLLMEngine:
         for i, out in enumerate(mine):
             rollouts.extend(request_output_to_rollouts(out, i, record_routing=sampling.record_routing))
         return rollouts
+
+    def _generate_turns(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
+                        episodes: Episodes) -> list[Rollout]:
+        """Multi-turn rollouts (`rollout.vllm.turns`): rounds of one request per live row, the
+        prefix cache holding each row's past."""
+        import vllm
+
+        from rollout.vllm.turns import run_turns
+
+        rows = [[int(t) for t in p] for p in prompts for _ in range(n)]
+        if len(episodes) != len(rows):
+            raise ValueError(f"{len(episodes)} episodes for {len(rows)} completions")
+        if sampling.record_routing or self._tp_group is not None:
+            raise ValueError("multi-turn rollouts record no routed experts and run with tensor_parallel_size 1")
+        if not self.processed_logprobs and not (sampling.temperature == 1.0 and sampling.top_p == 1.0
+                                                and sampling.top_k == 0):
+            raise RuntimeError("this vLLM has no logprobs_mode='processed_logprobs' (upgrade vLLM >= 0.10.2)")
+        self.wake()
+        turn_sampling = dataclasses.replace(sampling, stop=(*sampling.stop, *episodes.stop), prompt_seeds=(), seed=None)
+        row_seeds = None
+        if sampling.prompt_seeds:
+            row_seeds = [s * 1_000_003 + b % n for b in range(len(rows))
+                         for s in [sampling.prompt_seeds[b // n]]]
+        elif sampling.seed is not None:
+            row_seeds = [sampling.seed * 1_000_003 + b for b in range(len(rows))]
+
+        def submit(contexts: list[list[int]], budgets: list[int], seeds: list[int | None]) -> list[Rollout]:
+            params = []
+            for budget, seed in zip(budgets, seeds):
+                kwargs = to_vllm_sampling_kwargs(dataclasses.replace(turn_sampling, max_new_tokens=budget), 1)
+                kwargs.pop("seed", None)
+                params.append(vllm.SamplingParams(**kwargs, seed=seed))
+            outputs = self.llm.generate([{"prompt_token_ids": c} for c in contexts], params, use_tqdm=False)
+            return [request_output_to_rollouts(out, i)[0] for i, out in enumerate(outputs)]
+
+        eos = None if sampling.ignore_eos else self.llm.get_tokenizer().eos_token_id
+        return run_turns(submit, rows, n, episodes, eos, row_seeds)
 
     # --- weights ----------------------------------------------------------------------------
 

@@ -311,7 +311,11 @@ class VLLMServerClient:
 
     # --- generation -------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Rollout]:
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
+                 episodes=None) -> list[Rollout]:
+        if episodes is not None:
+            raise ValueError("multi-turn rollouts (rollout.tools) run on the hf engine or colocated vLLM, not "
+                             "rollout.vllm.mode=server")
         """Prompt-major rollouts (`n` per prompt) with the sampler's logprobs."""
         if not prompts:
             return []
