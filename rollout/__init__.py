@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 def make_engine(rollout, model: torch.nn.Module, tokenizer, device: torch.device | str | None = None,
                 *, seed: int, record_routing: bool = False, longest_prompt: int | None = None,
-                max_new_tokens: int | None = None) -> RolloutEngine:
+                max_new_tokens: int | None = None, lora_rank: int | None = None) -> RolloutEngine:
     """The engine `rollout.engine` names, built from `rollout.hf` / `rollout.vllm`.
 
     rollout: a recipe's `rollout` section (`grpo.config.RolloutConfig`). seed: the engine's base
@@ -42,6 +42,8 @@ def make_engine(rollout, model: torch.nn.Module, tokenizer, device: torch.device
     max_new_tokens the longest completion (None: `rollout.max_new_tokens`): the colocated vLLM
     engine's context and CPU KV cache follow from them where the recipe leaves those unset
     (`rollout.vllm.sizing`); with longest_prompt None, vLLM's default context (the model's) stays.
+    lora_rank: a LoRA policy whose adapter is pushed as such: the colocated vLLM engine starts from
+    the base checkpoint with LoRA on (the HF engine decodes with the adapted module itself).
     """
     if rollout.engine == "hf":
         from rollout.hf.engine import HFEngine
@@ -49,9 +51,12 @@ def make_engine(rollout, model: torch.nn.Module, tokenizer, device: torch.device
         return HFEngine(model, tokenizer, device, fast_decode=rollout.hf.fast_decode)
     if rollout.engine == "vllm":
         if rollout.vllm.mode == "server":
+            if lora_rank is not None:
+                raise ValueError("rollout.vllm.mode=server with model.lora.sync=adapter is not supported yet; "
+                                 "use model.lora.sync=merged or the colocated mode")
             return _vllm_server(rollout.vllm, model, device, record_routing)
         lengths = (longest_prompt, max_new_tokens or rollout.max_new_tokens, rollout.group_size)
-        return _vllm_colocated(rollout.vllm, model, seed, record_routing, lengths)
+        return _vllm_colocated(rollout.vllm, model, seed, record_routing, lengths, lora_rank)
     raise ValueError(f"unknown rollout engine {rollout.engine!r}; known: hf, vllm")
 
 
@@ -70,7 +75,7 @@ def _vllm_server(v, model: torch.nn.Module, device, record_routing: bool) -> Rol
 
 
 def _vllm_colocated(v, model: torch.nn.Module, seed: int, record_routing: bool,
-                    lengths: tuple[int | None, int, int]) -> RolloutEngine:
+                    lengths: tuple[int | None, int, int], lora_rank: int | None = None) -> RolloutEngine:
     """lengths: (longest prompt or None, longest completion, group size), for `engine_sizes`."""
     from rollout.vllm.engine import VLLMEngine
     from rollout.vllm.sizing import engine_sizes, vllm_on_cpu
@@ -96,4 +101,4 @@ def _vllm_colocated(v, model: torch.nn.Module, seed: int, record_routing: bool,
                       enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs,
                       max_num_batched_tokens=v.max_num_batched_tokens, record_routing=record_routing,
                       model_type=getattr(config, "model_type", None),
-                      tie_word_embeddings=getattr(config, "tie_word_embeddings", None))
+                      tie_word_embeddings=getattr(config, "tie_word_embeddings", None), lora_rank=lora_rank)
