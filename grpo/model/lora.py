@@ -128,6 +128,15 @@ def apply_lora(model: torch.nn.Module, lora: LoRAConfig, adapter: str | Path | N
     return peft_model
 
 
+def adapter_rank(model) -> int | None:
+    """The largest adapter rank of a peft model (what vLLM's `max_lora_rank` must hold); None
+    for a plain model."""
+    if not is_lora(model):
+        return None
+    config = peft_of(model).peft_config["default"]
+    return max([config.r, *(config.rank_pattern or {}).values()])
+
+
 def is_lora(model) -> bool:
     """Whether `model` (or the module a DDP wrapper holds) is a peft model."""
     return hasattr(getattr(model, "module", model), "peft_config")

@@ -377,7 +377,7 @@ def finish(run: Run, summary: dict, started: float) -> None:
     """Final evaluation, the final model and the summary (rank 0 writes), then close everything."""
     cfg, c = run.cfg, run.ctx.learning
     with phases.phase("checkpoint"):
-        weights = checkpoint.full_model_state(c.model)
+        weights = checkpoint.policy_state(c.model)
     if run.is_main:
         if cfg.eval.before_and_after and run.eval_rows:
             with phases.phase("evaluate"):
