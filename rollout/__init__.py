@@ -50,10 +50,7 @@ def make_engine(rollout, model: torch.nn.Module, tokenizer, device: torch.device
 
         return HFEngine(model, tokenizer, device, fast_decode=rollout.hf.fast_decode)
     if rollout.engine == "vllm":
-        if rollout.vllm.mode == "server":
-            if lora_rank is not None:
-                raise ValueError("rollout.vllm.mode=server with model.lora.sync=adapter is not supported yet; "
-                                 "use model.lora.sync=merged or the colocated mode")
+        if rollout.vllm.mode == "server":  # adapters go through the server's adapter endpoint
             return _vllm_server(rollout.vllm, model, device, record_routing)
         lengths = (longest_prompt, max_new_tokens or rollout.max_new_tokens, rollout.group_size)
         return _vllm_colocated(rollout.vllm, model, seed, record_routing, lengths, lora_rank)

@@ -138,6 +138,9 @@ def prepare_training(cfg: RunConfig, accelerator, model, tokenizer, lengths: dic
     transformers engine over the policy, for evaluations; rollouts come from the generation process.
     """
     sharded = fsdp_on_cpu(accelerator)
+    if cfg.model.lora is not None and (sharded or accelerator.is_fsdp2):
+        raise UnsupportedError("model.lora with FSDP2 is not supported yet (the adapter's checkpoint and push read "
+                               "unsharded tensors); run LoRA in one process or under DDP")
     engine_model = copy.deepcopy(model) if sharded or accelerator.is_fsdp2 else model
     if cfg.trainer.gradient_checkpointing:  # before wrapping; the engine's copy decodes without it
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

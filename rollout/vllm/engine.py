@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from rollout.base import Rollout, SamplingParams
+from rollout.vllm.adapters import AdapterVersions, lora_rank_slot
 from rollout.vllm.layout import (
     default_group_kept,
     flatten_gathered,
@@ -102,60 +103,6 @@ def _cpu_scheduler_args() -> dict[str, Any]:
     chunked prefill.
     """
     return {"enable_chunked_prefill": False}
-
-
-LORA_RANK_SLOTS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted `max_lora_rank` values
-
-
-def lora_rank_slot(rank: int) -> int:
-    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of `rank`."""
-    for slot in LORA_RANK_SLOTS:
-        if slot >= rank:
-            return slot
-    raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank ({LORA_RANK_SLOTS[-1]})")
-
-
-class AdapterVersions:
-    """The policy's adapter versions for vLLM: each written in PEFT's format to its own directory
-    in RAM (/dev/shm where there is one), loaded under a new id; the previous one deleted once
-    replaced."""
-
-    def __init__(self):
-        import tempfile
-
-        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        self.root = tempfile.mkdtemp(prefix="grpo-lora-", dir=shm)
-        self.version = 0
-        self.request = None  # the vLLM LoRARequest generation uses
-
-    def write(self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]):
-        import json
-
-        from safetensors.torch import save_file
-        from vllm.lora.request import LoRARequest
-
-        self.version += 1
-        path = os.path.join(self.root, f"v{self.version}")
-        os.makedirs(path)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                  os.path.join(path, "adapter_model.safetensors"))
-        with open(os.path.join(path, "adapter_config.json"), "w", encoding="utf-8") as f:
-            json.dump(dict(config), f)
-        return LoRARequest(f"policy-v{self.version}", self.version, path)
-
-    def swap(self, request):
-        """Make `request` the current version; returns the one it replaces (its files deleted)."""
-        import shutil
-
-        old, self.request = self.request, request
-        if old is not None:
-            shutil.rmtree(old.lora_path, ignore_errors=True)
-        return old
-
-    def close(self) -> None:
-        import shutil
-
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class VLLMEngine:
@@ -415,7 +362,7 @@ class VLLMEngine:
             raise RuntimeError("this engine was built without LoRA (lora_rank=None); push merged weights instead")
         if "weights" in self._asleep:
             self._wake_up(["weights"])
-        request = self._adapters.write(tensors, config)
+        request = self._adapters.request_for(self._adapters.write(tensors, config))
         engine = self.llm.llm_engine
         if engine.add_lora(request) is False:
             raise RuntimeError(f"vLLM refused adapter version {request.lora_int_id} ({request.lora_path})")
