@@ -41,10 +41,11 @@ class LoRAConfig(Section):
         "of the decoder: attention and dense MLPs; never the output head nor MoE routers)",
     )
     experts: bool = Field(False, description="MoE models: routed experts get adapters too (peft's adapters on the "
-                          "fused expert tensors; vLLM's CPU build cannot run them, so its rollouts would lack them)")
+                          "fused expert tensors, `target_parameters`)")
     sync: Literal["adapter", "merged"] = Field(
         "adapter", description="weight sync to vLLM: adapter (a new adapter version per step, loaded from a "
-        "RAM-backed file) or merged (base + B A pushed as full weights)",
+        "RAM-backed file) or merged (base + B A pushed as full weights; what vLLM's CPU build gets for an MoE "
+        "model, where it cannot run adapters, with one line saying so)",
     )
     load_in_4bit: bool = Field(False, description="QLoRA: the frozen base in 4-bit NF4 (bitsandbytes; CUDA only)")
 

@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from rollout.base import Rollout, RolloutEngine, SamplingParams
+from rollout.base import Rollout, RolloutEngine, SamplingParams, find_routers
 
 __all__ = ["Rollout", "RolloutEngine", "SamplingParams", "make_engine"]
 
@@ -84,6 +84,12 @@ def _vllm_colocated(v, model: torch.nn.Module, seed: int, record_routing: bool,
     dtype = v.dtype
     if dtype == "auto":  # the policy's dtype, so sampler and trainer compute alike (vLLM's CPU "auto" is bf16)
         dtype = str(getattr(model, "dtype", "auto")).removeprefix("torch.")
+    if lora_rank is not None and vllm_on_cpu() and find_routers(model):
+        # With LoRA on, vLLM 0.32 runs MoE layers through its Triton kernels only (the CPU experts kernel
+        # does not take adapters), which have no CPU build: generation would fail at its first MoE layer.
+        logger.warning("vLLM's CPU build cannot run LoRA on a Mixture-of-Experts model (its LoRA MoE kernels are "
+                       "Triton-only): the policy is pushed as merged weights instead (model.lora.sync: merged)")
+        lora_rank = None
     longest_prompt, max_new_tokens, group_size = lengths
     # checked before vLLM loads anything: a context the model lacks, a KV cache this machine lacks
     sizes = engine_sizes(config, max_model_len=v.max_model_len, kv_cache_mb=v.kv_cache_memory_mb,

@@ -13,7 +13,8 @@
   no second copy of the model is loaded.
 - Weight sync: `adapter_payload` (the adapter's tensors and config in PEFT's file format, for vLLM's
   LoRA support) or `merged_state` (base + scale * B A under the base's own names, for an engine
-  without LoRA); see `grpo.run.step.sync_engine`.
+  without LoRA: `model.lora.sync: merged`, or vLLM's CPU build with an MoE model); see
+  `grpo.run.step.sync_engine`.
 - `lora.dropout` acts in the gradient forward only (`grpo.algo.update`): the trainer keeps the policy
   in eval mode, as the sampler runs it.
 - QLoRA (`lora.load_in_4bit`) loads the base in 4-bit NF4 through bitsandbytes, CUDA only
@@ -185,35 +186,33 @@ def adapter_payload(model) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def merged_state(model) -> dict[str, torch.Tensor]:
-    """The policy's weights under the base model's names, each adapted layer's weight merged
-    (W + scale * B A, peft's `get_delta_weight`); the live module is not changed."""
+    """The policy's weights under the base model's names, each adapted weight merged (W + scale *
+    B A, peft's `get_delta_weight`: linear layers, and fused routed experts' tensors adapted through
+    `target_parameters`); the live module is not changed."""
     from peft.tuners.lora import LoraLayer
 
     inner = peft_of(model).get_base_model()
     deltas: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, module in inner.named_modules():
-            if isinstance(module, LoraLayer) and "default" in module.lora_A:
-                if not isinstance(module.base_layer, torch.nn.Linear):
-                    raise LoRAError(f"model.lora.sync=merged: {name} ({type(module.base_layer).__name__}) cannot be "
-                                    "merged here; use model.lora.sync=adapter or adapt linear layers only")
-                deltas[f"{name}.base_layer.weight"] = module.get_delta_weight("default")
+            if not isinstance(module, LoraLayer) or "default" not in module.lora_A:
+                continue
+            # the adapted tensor sits under the chain of wrapped layers (peft nests one per adapted parameter)
+            depth, base = 1, module.base_layer
+            while isinstance(base, LoraLayer):
+                depth, base = depth + 1, base.base_layer
+            leaf = getattr(module, "parameter_name", None) or "weight"
+            deltas[f"{name}{'.base_layer' * depth}.{leaf}"] = module.get_delta_weight("default")
         out = {}
         for key, value in inner.state_dict().items():
             if "lora_" in key:
                 continue
             if key in deltas:
                 value = value + deltas[key].to(value.dtype)
-            out[key.replace(".base_layer.", ".")] = value.detach()
+            while ".base_layer." in key:
+                key = key.replace(".base_layer.", ".")
+            out[key] = value.detach()
     return out
-
-
-def unadaptable_on_vllm_cpu(model) -> list[str]:
-    """Adapted layer kinds vLLM's CPU build cannot run an adapter on (routed MoE experts: its LoRA
-    MoE kernels are Triton-only), as short names."""
-    peft_model = peft_of(model)
-    config = peft_model.peft_config["default"]
-    return sorted(set(config.target_parameters or []))
 
 
 def merge_to_directory(base: torch.nn.Module, adapter: str | Path, tokenizer, out: str | Path) -> Path:

@@ -101,14 +101,15 @@ def lora_sync(model: ModelConfig) -> str | None:
 def sync_engine(engine: RolloutEngine, model, unwrapped, lora: str | None = None) -> None:
     """Push the policy's weights to an engine that keeps its own (nothing to do when it decodes
     with the policy module itself). A LoRA policy (`lora`: `model.lora.sync`) pushes its adapter
-    (a new version) to an engine that takes adapters, else its merged weights."""
+    (a new version) to an engine that takes adapters (`takes_adapters`), else its merged weights
+    (e.g. vLLM's CPU build with an MoE model, see `rollout.make_engine`)."""
     from grpo.model.lora import adapter_payload, merged_state
     from grpo.run.checkpoint import full_model_state
 
     engine_model = getattr(engine, "model", None)  # the HF engine decodes with a module; vLLM has its own
     if engine_model is unwrapped:  # colocated, same tensors: nothing to copy
         return
-    if lora == "adapter" and engine_model is None and hasattr(engine, "update_adapter"):
+    if lora == "adapter" and engine_model is None and getattr(engine, "takes_adapters", False):
         engine.update_adapter(*adapter_payload(unwrapped))
         return
     if lora is not None and engine_model is None:  # an engine without adapters: the merged weights

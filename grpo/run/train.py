@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import logging
 import math
 import signal
 import threading
@@ -158,16 +157,10 @@ def prepare_training(cfg: RunConfig, accelerator, model, tokenizer, lengths: dic
 
 
 def engine_lora_rank(model: ModelConfig, rollout) -> int | None:
-    """The adapter rank a vLLM engine must take (LoRA runs that push adapters), else None. Says in
-    one line which adapted layers vLLM's CPU build cannot run (their adapters are then missing
-    from its rollouts, which the sampler-mismatch correction sees)."""
+    """The adapter rank a vLLM engine must take (LoRA runs that push adapters), else None."""
     lora = model.lora
     if lora is None or lora.sync != "adapter" or rollout.engine != "vllm":
         return None
-    if lora.experts and not torch.cuda.is_available():
-        logging.getLogger(__name__).warning(
-            "model.lora.experts: vLLM's CPU build cannot run adapters on routed MoE experts (its LoRA MoE kernels "
-            "are Triton-only): rollouts sample without them; use model.lora.sync=merged to sample the trained policy")
     return lora.rank
 
 

@@ -215,6 +215,7 @@ class VLLMEngine:
         self._asleep: set[str] = set()  # memory tags currently released ("weights", "kv_cache")
         self._weights_discarded = False  # level-2 sleep: weights must be reloaded before generating
         self._adapters = AdapterVersions() if lora_rank is not None else None
+        self.takes_adapters = self._adapters is not None  # `update_adapter` works (else: merged weights only)
 
     def _check_platform(self, record_routing: bool, enable_sleep_mode: bool) -> bool:
         """Sets `on_cpu`; refuses R3 where vLLM cannot return routed experts; returns whether sleep

@@ -223,6 +223,7 @@ class VLLMServerClient:
         self._own_dir = False
         self.served_model = model or self._request("GET", "/v1/models", timeout=connect_timeout)["data"][0]["id"]
         self._adapters = None  # LoRA: the adapter versions this client pushed (`update_adapter`)
+        self.takes_adapters = True  # the server must run with --enable-lora (`update_adapter`)
         self.workers = self._worker_info()
         self.channel = self._pick_channel(channel, weight_dir) if owner else "none"
         self.weight_dir: Path | None = None

@@ -152,6 +152,48 @@ def test_merged_weights_equal_peft_merge_and_the_payload_is_peft_format():
         torch.testing.assert_close(merged[k], v, rtol=0, atol=1e-6)
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
                            base.state_dict()["model.layers.0.self_attn.q_proj.weight"])
+    experts, _, _ = lora_model("moe", experts=True)  # adapters on the fused routed experts merge too
+    with torch.no_grad():
+        for n, p in experts.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    merged = merged_state(experts)
+    expected = copy.deepcopy(experts).merge_and_unload().state_dict()
+    assert set(merged) == set(expected)
+    for k, v in expected.items():
+        torch.testing.assert_close(merged[k], v, rtol=0, atol=1e-6)
     tensors, cfg = adapter_payload(model)
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in tensors
     assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
+
+
+def test_qlora_is_refused_on_cpu_in_one_line():
+    from grpo.config import ModelConfig
+    from grpo.model.loading import load_policy
+    from grpo.model.lora import LoRAError
+
+    cfg = ModelConfig(name_or_path="/nonexistent/model", lora=LoRAConfig(load_in_4bit=True))
+    with pytest.raises(LoRAError, match=r"^model.lora.load_in_4bit: a 4-bit base \(QLoRA, bitsandbytes\) needs a CUDA "
+                                        r"device, this run is on cpu; set model.lora.load_in_4bit=false$"):
+        load_policy(cfg, CPU)  # refused before anything loads (the path does not even exist)
+
+
+@pytest.mark.gpu
+def test_qlora_trains_adapters_on_a_4bit_base(tmp_path):
+    """QLoRA on CUDA: the base loads in 4-bit NF4 (bitsandbytes), the update moves only the adapters."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install grpo-zero[qlora])")
+    from grpo.config import ModelConfig
+    from grpo.model.loading import load_policy
+
+    base, tok = tiny_qwen3("dense", tied=False)
+    base.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    cuda = torch.device("cuda")
+    model, _ = load_policy(ModelConfig(name_or_path=str(tmp_path), dtype="bfloat16",
+                                       lora=LoRAConfig(rank=4, load_in_4bit=True)), cuda)
+    assert any("4bit" in type(m).__name__ for m in model.modules())
+    cfg = config()
+    optimizer = make_optimizer(model, cfg.trainer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    policy_update(model, optimizer, rollouts(len(tok)), cfg, pad_id=0, device=cuda)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)

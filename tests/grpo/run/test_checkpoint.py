@@ -24,9 +24,11 @@ SHORT = ["trainer.threads=1", "trainer.prompts_per_step=4", "rollout.group_size=
 
 
 def final_weights(run: Path) -> dict:
+    """The final model's tensors: the whole model, or a LoRA run's adapter (PEFT's file)."""
     from safetensors.torch import load_file
 
-    return load_file(run / "final" / "model.safetensors")
+    adapter = run / "final" / "adapter_model.safetensors"
+    return load_file(adapter if adapter.is_file() else run / "final" / "model.safetensors")
 
 
 def kill_and_resume(tmp_path: Path, args: list[str], first_checkpoint: str = "step-*") -> Path:
@@ -67,9 +69,16 @@ def assert_same_final_weights(a_run: Path, b_run: Path) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_base):
-    """SIGKILL at a random moment after the first checkpoint, `--resume auto`, same final bits."""
-    args = ["train", "recipes/tiny-cpu.yaml", "trainer.steps=10", "trainer.save_every=2", *SHORT]
+# LoRA: adapters on the frozen base, the KL term against the base (the same module, adapters off)
+LORA = ["model.lora={rank: 8, alpha: 16}", "algorithm.beta=0.04"]
+
+
+@pytest.mark.parametrize("extra", [pytest.param([], id="full"), pytest.param(LORA, id="lora")])
+def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_base, extra):
+    """SIGKILL at a random moment after the first checkpoint, `--resume auto`, same final bits
+    (a LoRA run's: its adapter, saved in PEFT's format, with the adapter's optimizer state in
+    every checkpoint)."""
+    args = ["train", "recipes/tiny-cpu.yaml", "trainer.steps=10", "trainer.save_every=2", *SHORT, *extra]
     reference = tmp_path / "uninterrupted"
     result = run_cli(*args, "--output-dir", str(reference))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -77,6 +86,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tiny_base):
     assert_same_final_weights(reference, run)
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 11))  # the rows the killed run logged after its checkpoint were dropped
+    if extra:  # PEFT's format, adapter only; the adapter moved; the KL to the base was measured
+        assert (run / "final" / "adapter_config.json").is_file() and not (run / "final" / "model.safetensors").exists()
+        checkpoint = sorted((run / "checkpoints").glob("step-*"))[-1]
+        assert (checkpoint / "model" / "adapter_model.safetensors").is_file()
+        assert any(v.abs().max() > 0 for k, v in final_weights(run).items() if "lora_B" in k)
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert rows[0]["train/kl"] == 0 and rows[-1]["train/kl"] > 0
 
 
 def test_sigkill_then_resume_with_mini_batches_reference_refresh_and_length_schedule(tmp_path, tiny_base):
