@@ -166,13 +166,6 @@ class BaseOfPolicy:
             yield peft_model
 
 
-def adapter_state(model) -> dict[str, torch.Tensor]:
-    """The adapter's parameters under the peft model's own names (CPU copies): what a checkpoint
-    saves and `PeftModel.save_pretrained(state_dict=...)` writes in PEFT's format."""
-    peft_model = peft_of(model)
-    return {k: v.detach().cpu().clone() for k, v in peft_model.state_dict().items() if "lora_" in k}
-
-
 def adapter_payload(model) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, config) of the adapter in PEFT's file format (`adapter_model.safetensors` keys
     without the adapter name, `adapter_config.json`), as vLLM loads an adapter."""

@@ -215,9 +215,10 @@ def full_model_state(model: torch.nn.Module, every_rank: bool = False) -> dict[s
 def policy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What a checkpoint and final/ hold of the policy: a LoRA run's adapter (`save_pretrained`
     then writes it in PEFT's format), else the full unsharded state (`full_model_state`)."""
-    from grpo.model.lora import adapter_state, is_lora
-
-    return adapter_state(model) if is_lora(model) else full_model_state(model)
+    inner = getattr(model, "module", model)  # DDP wrapper: its module
+    if hasattr(inner, "peft_config"):  # a peft model: its adapter's parameters, under the peft model's names
+        return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if "lora_" in k}
+    return full_model_state(model)
 
 
 def _optimizer_state(model, optimizer) -> dict:

@@ -215,7 +215,6 @@ class VLLMEngine:
         self._asleep: set[str] = set()  # memory tags currently released ("weights", "kv_cache")
         self._weights_discarded = False  # level-2 sleep: weights must be reloaded before generating
         self._adapters = AdapterVersions() if lora_rank is not None else None
-        self.takes_adapters = self._adapters is not None  # `update_adapter` works (else: merged weights only)
 
     def _check_platform(self, record_routing: bool, enable_sleep_mode: bool) -> bool:
         """Sets `on_cpu`; refuses R3 where vLLM cannot return routed experts; returns whether sleep
@@ -354,6 +353,11 @@ class VLLMEngine:
         self._weights_discarded = False
         if self.llm.reset_prefix_cache() is False:
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+
+    @property
+    def takes_adapters(self) -> bool:
+        """Whether `update_adapter` works (built with `lora_rank`); else the policy's merged weights go in."""
+        return self._adapters is not None
 
     def update_adapter(self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> None:
         """Load a new version of the policy's LoRA adapter (PEFT's tensor names and config) and
