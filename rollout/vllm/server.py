@@ -247,7 +247,12 @@ class VLLMServerClient:
         except OSError as exc:  # refused, reset, timed out (URLError and TimeoutError are OSErrors)
             reason = getattr(exc, "reason", None) or exc
             raise VLLMServerError(f"the vLLM server at {self.base_url} did not answer {method} {path}: {reason}") from exc
-        return json.loads(raw) if raw else None
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:  # a plain-text answer (vLLM's adapter endpoints answer "Success: ...")
+            return raw.decode(errors="replace")
 
     def _post(self, path: str, body: Any = None, *, timeout: float | None = None) -> Any:
         return self._request("POST", path, {} if body is None else body, timeout=timeout)
