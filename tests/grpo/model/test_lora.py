@@ -197,3 +197,27 @@ def test_qlora_trains_adapters_on_a_4bit_base(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
     policy_update(model, optimizer, rollouts(len(tok)), cfg, pad_id=0, device=cuda)
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+
+
+def test_merge_lora_writes_a_plain_model_with_the_adapted_outputs(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from grpo.cli import main
+
+    model, base, tok = lora_model("dense")
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    model.save_pretrained(tmp_path / "run" / "final")
+    tok.save_pretrained(tmp_path / "run" / "final")
+    assert main(["merge-lora", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(input_ids=ids).logits, rtol=0, atol=1e-5)
+    assert main(["merge-lora", str(tmp_path / "base"), str(tmp_path / "again")]) == 2  # no adapter there
+    assert "no LoRA adapter here" in capsys.readouterr().err
