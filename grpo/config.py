@@ -29,6 +29,27 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoRAConfig(Section):
+    """Low-rank adapters (LoRA, 2106.09685) trained with RL instead of the full weights, through `peft`."""
+
+    rank: int = Field(16, ge=1, le=512, description="adapter rank r")
+    alpha: float = Field(32.0, gt=0, description="adapter scale numerator: the update is (alpha / rank) B A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input in the gradient forward "
+                           "(old, reference and sampler log-probs run without it)")
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="module names (or name suffixes) that get adapters (None: every linear layer "
+        "of the decoder: attention and dense MLPs; never the output head nor MoE routers)",
+    )
+    experts: bool = Field(False, description="MoE models: routed experts get adapters too (peft's adapters on the "
+                          "fused expert tensors, `target_parameters`)")
+    sync: Literal["adapter", "merged"] = Field(
+        "adapter", description="weight sync to vLLM: adapter (a new adapter version per step, loaded from a "
+        "RAM-backed file) or merged (base + B A pushed as full weights; what vLLM's CPU build gets for an MoE "
+        "model, where it cannot run adapters, with one line saying so)",
+    )
+    load_in_4bit: bool = Field(False, description="QLoRA: the frozen base in 4-bit NF4 (bitsandbytes; CUDA only)")
+
+
 class ModelConfig(Section):
     name_or_path: str = Field(
         "builtin:tiny-arith-moe",
@@ -43,6 +64,7 @@ class ModelConfig(Section):
         None, description="MoE expert kernel: transformers' eager / grouped_mm / batched_mm, or grpo_sorted "
         "(None: grpo_sorted on CPU, transformers' default elsewhere)",
     )
+    lora: LoRAConfig | None = Field(None, description="train low-rank adapters on the frozen model (None: full weights)")
 
 
 class ArithmeticOptions(Section):
@@ -536,6 +558,9 @@ class RunConfig(Section):
         if self.algorithm.ref_refresh_steps is not None and self.algorithm.beta <= 0:
             raise ValueError("algorithm.ref_refresh_steps needs algorithm.beta > 0: without the KL term no reference "
                              "policy is loaded, so there is nothing to refresh")
+        if self.model.lora is not None and self.algorithm.ref_refresh_steps is not None:
+            raise ValueError("algorithm.ref_refresh_steps cannot be used with model.lora: the reference policy is "
+                             "the frozen base (the same module with its adapters off), which never changes")
         names = [s.name for s in self.eval.datasets]
         if len(set(names)) != len(names) or "heldout" in names:
             raise ValueError("eval.datasets: names must be unique and not `heldout` (the held-out split's name)")

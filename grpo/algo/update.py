@@ -238,11 +238,36 @@ def _checkpointed_layers(model):
             m.training = False
 
 
+def _reference(ref_model):
+    """The module reference log-probs come from: `ref_model` itself, or, for a LoRA run's
+    `grpo.model.lora.BaseOfPolicy`, the policy with its adapters off (inside its `adapters_off`)."""
+    off = getattr(ref_model, "adapters_off", None)
+    return off() if off is not None else contextlib.nullcontext(ref_model)
+
+
+@contextlib.contextmanager
+def _adapter_dropout(model):
+    """Inside: a peft model's adapter dropout modules act (idle in eval mode, where the policy stays,
+    as the sampler runs it; so old, reference and sampler log-probs never see dropout)."""
+    inner = getattr(model, "module", model)  # DDP
+    layers = [m for name, m in inner.named_modules() if isinstance(m, torch.nn.Dropout) and ".lora_dropout." in name
+              and not m.training] if hasattr(inner, "peft_config") else []
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.training = False
+
+
 def _memory_scope(model, tr: TrainerConfig):
-    """Where one micro-batch's forward and backward keep their activations: checkpointed layers
+    """Where one micro-batch's forward and backward keep their activations (and LoRA's adapter
+    dropout acts, `_adapter_dropout`): checkpointed layers
     (trainer.gradient_checkpointing) and/or host memory (trainer.activation_offload: the tensors
     autograd saves, with checkpointing only the layers' inputs, move to CPU, pinned on GPUs)."""
     stack = contextlib.ExitStack()
+    stack.enter_context(_adapter_dropout(model))  # LoRA's dropout: gradient forwards only
     if tr.gradient_checkpointing:
         stack.enter_context(_checkpointed_layers(model))
     if tr.activation_offload:
@@ -315,7 +340,8 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
     """`algorithm.num_iterations` passes over the batch, each of `algorithm.mini_batches` optimizer
     steps on mini-batches (`mini_batch_rows`), in micro-batches with accumulation.
 
-    `ref_model` is the frozen reference policy, needed only when `algorithm.beta > 0`.
+    `ref_model` is the frozen reference policy, needed only when `algorithm.beta > 0` (a LoRA run's
+    is `grpo.model.lora.BaseOfPolicy`: the policy with its adapters off).
     Under several processes `rollouts` is this rank's share; the normaliser counts the global
     mini-batch divided by the world size, because DDP/FSDP average gradients over ranks. With `moe`,
     each forward runs inside a routing scope (replay R2/R3, aux loss, expert-load counts). A
@@ -337,8 +363,9 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
     if algo.beta > 0:
         if ref_model is None:
             raise ValueError("algorithm.beta > 0 needs a reference model")
-        ref = frozen_logprobs(ref_model, plan.batch, plan.chunks, cfg.rollout.temperature, algo.logprob_chunk,
-                              plan.prompt_lens)
+        with _reference(ref_model) as reference:  # LoRA: the policy itself, adapters off
+            ref = frozen_logprobs(reference, plan.batch, plan.chunks, cfg.rollout.temperature, algo.logprob_chunk,
+                                  plan.prompt_lens)
     minis = _mini_batches(plan, rollouts, cfg, normalizer_of, max_new_tokens)  # after R2 recorded its replay
 
     if tokens is not None:

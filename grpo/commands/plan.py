@@ -10,6 +10,10 @@ Memory per GPU, two phases (the rollout engine is colocated and sleeps while the
   AdamW moments (12 B/param), all sharded over the sharding group (FSDP2 full shard over every GPU,
   or hybrid: within a node); activations of one micro-batch with activation checkpointing (every
   layer's input kept, one layer's working set, the logits of one chunk);
+- LoRA (`model.lora`): the frozen base in bf16 (or 4-bit NF4 with `load_in_4bit`), no gradients or
+  optimizer states for it; adapters (r x (in + out) per adapted matrix) with bf16 gradients and
+  fp32 master + AdamW (12 B/param); the training FLOPs lose the base's weight gradients (2 N per
+  token); the weight push is adapter-sized (`model.lora.sync: adapter`) or the whole model (merged);
 - rollout: the trainer's resident shards (weights, optimizer) stay, the engine holds the weights
   split over its tensor-parallel group and a KV cache for the batch's sequences at full length
   (MLA caches one latent per token and layer, replicated over tensor-parallel ranks).
@@ -103,6 +107,27 @@ class Arch:
             return q + kv + self.num_heads * self.v_head_dim * h
         q_out = self.num_heads * self.head_dim
         return h * q_out * 2 + 2 * h * self.num_kv_heads * self.head_dim
+
+    def lora_params(self, rank: int, experts: bool = False) -> int:
+        """Adapter parameters of LoRA at `rank` on every decoder linear layer (attention, dense FFNs,
+        shared experts; routed experts too with `experts`), r x (in + out) per adapted matrix."""
+        h, L = self.hidden_size, self.num_layers
+        if self.is_mla:
+            qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+            q = [(h, self.q_lora_rank), (self.q_lora_rank, self.num_heads * qk)] if self.q_lora_rank else [
+                (h, self.num_heads * qk)]
+            attn = q + [(h, self.kv_lora_rank + self.qk_rope_head_dim),
+                        (self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim)),
+                        (self.num_heads * self.v_head_dim, h)]
+        else:
+            q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            attn = [(h, q), (h, kv), (h, kv), (q, h)]
+        per_attn = sum(rank * (a + b) for a, b in attn)
+        ffn = 3 * rank * (h + self.intermediate_size)
+        expert = 3 * rank * (h + self.moe_intermediate_size)
+        moe_layers = self._moe_layers()
+        experts_each = self.shared_experts + (self.num_experts if experts else 0)
+        return L * per_attn + (L - moe_layers) * ffn + moe_layers * experts_each * expert
 
     def attention_width(self) -> int:
         """Per-token width of QK^T plus AV per context position (heads x (qk dim + v dim))."""
@@ -250,6 +275,10 @@ class Workload:
     num_iterations: int = 1  # passes over a generation batch
     gradient_checkpointing: bool = True  # trainer.gradient_checkpointing (published runs train with it on)
     activation_offload: bool = False  # trainer.activation_offload: saved activations in host memory
+    lora_rank: int = 0  # model.lora.rank (0: full weights are trained)
+    lora_experts: bool = False  # model.lora.experts: routed experts get adapters too
+    lora_sync: str = "adapter"  # model.lora.sync: what is pushed to the engine (the adapter, or merged weights)
+    lora_4bit: bool = False  # model.lora.load_in_4bit: the frozen base in 4-bit NF4 (QLoRA)
 
     @property
     def generation_sequences(self) -> int:
@@ -389,15 +418,23 @@ class Plan:
         return train_time(self.arch, self.gpu, self.gpus_per_node, self.world, self.shard_group,
                           w.mini_batch_sequences, w.prompt_tokens, w.response_tokens, w.micro_batch_size,
                           w.extra_forwards / w.num_iterations, self.eff,  # extra forwards run once per batch
-                          checkpointing=w.gradient_checkpointing, offload_bytes_per_token=self.offload_bytes_per_token)
+                          checkpointing=w.gradient_checkpointing, offload_bytes_per_token=self.offload_bytes_per_token,
+                          trained_params=self.trained_params if w.lora_rank else None)
+
+    @property
+    def trained_params(self) -> int:
+        """Parameters with gradients and optimizer states: every one, or a LoRA run's adapters."""
+        w = self.work
+        return self.arch.lora_params(w.lora_rank, w.lora_experts) if w.lora_rank else self.arch.params()[0]
 
     def step_seconds(self, max_new_tokens: int | None = None) -> tuple[float, float]:
         """(generation, training) seconds of one step: a generation batch at the cap `max_new_tokens`
         (default max_new_tokens) and its weight push, then its optimizer steps (num_iterations x
         mini_batches mini-batch updates)."""
         cap = max_new_tokens or self.work.max_new_tokens
+        pushed = self.trained_params if self.work.lora_rank and self.work.lora_sync == "adapter" else None
         push = 0.0 if self.engine == "hf" else weight_push_seconds(self.arch, self.gpu, self.gpus_per_node, self.world,
-                                                                   self.eff)
+                                                                   self.eff, params=pushed)
         return self.generation(cap).total + push, self.work.optimizer_steps_per_batch * self.training().total
 
     def run_seconds(self) -> float:
@@ -474,15 +511,23 @@ def _sized(arch: Arch, g: GPU, nodes: int, gpus_per_node: int, work: Workload, s
     if work.activation_offload:  # what autograd saves goes to host memory; the GPU computes one layer at a time
         plan.host_gib, plan.offload_bytes_per_token = mb_tokens * saved / GIB, saved
         acts = {"activations: in host memory (activation_offload)": 0.0}
+    trained = plan.trained_params
+    base_bytes = 0.55 if work.lora_4bit else 2  # NF4 with double quantisation: about 4.4 bits a parameter
+    if work.lora_rank:  # LoRA: a frozen base (no gradients, no optimizer states) and the adapters
+        weights = {f"base weights ({'4-bit NF4' if work.lora_4bit else 'bf16'}, frozen)": base_bytes * total / shard / GIB,
+                   f"adapter weights (bf16, rank {work.lora_rank})": 2 * trained / shard / GIB}
+    else:
+        weights = {"weights (bf16)": 2 * total / shard / GIB}
     plan.memory_train = {
-        "weights (bf16)": 2 * total / shard / GIB,
-        "gradients (bf16)": 2 * total / shard / GIB,
-        "optimizer (fp32 master + AdamW)": 12 * total / shard / GIB,
+        **weights,
+        "gradients (bf16)": 2 * trained / shard / GIB,
+        "optimizer (fp32 master + AdamW)": 12 * trained / shard / GIB,
         **acts,
         "activations: one layer's working set": mb_tokens * layer / GIB,
         "activations: logits of one chunk": logits,
     }
-    resident = (2 * total + 12 * total) / shard / GIB  # weights and optimizer stay while the engine runs
+    # weights and optimizer stay while the engine runs
+    resident = (base_bytes * total + (2 + 12) * trained) / shard / GIB if work.lora_rank else 14 * total / shard / GIB
     routed = arch.routed_params()
     engine_weights = 0.0 if engine == "hf" else (2 * (total - routed) / layout.tp + 2 * routed / layout.size) / GIB
     room = plan.capacity_gib - resident - engine_weights
@@ -562,8 +607,15 @@ def workload_from_recipe(cfg, steps: int | None = None, prompt_tokens: int | Non
         max_new_tokens=ro.max_new_tokens, steps=steps or tr.steps, micro_batch_size=tr.micro_batch_size,
         extra_forwards=extra, mini_batches=algo.mini_batches, max_new_tokens_schedule=schedule,
         num_iterations=algo.num_iterations, gradient_checkpointing=tr.gradient_checkpointing,
-        activation_offload=tr.activation_offload,
+        activation_offload=tr.activation_offload, **lora_workload(cfg.model.lora),
     )
+
+
+def lora_workload(lora) -> dict:
+    """The Workload fields of a recipe's `model.lora` (none for a full-weight run)."""
+    if lora is None:
+        return {}
+    return {"lora_rank": lora.rank, "lora_experts": lora.experts, "lora_sync": lora.sync, "lora_4bit": lora.load_in_4bit}
 
 
 def implied_mfu(flops: float, gpu_hours: float, gpu: str) -> float:

@@ -311,6 +311,8 @@ def toy_recipe(cfg: RunConfig, overrides: Sequence[str] = (), source: str = "rec
         change("model.dtype", "float32", "CPU")
         if cfg.model.attn_implementation not in (None, "sdpa", "eager"):
             change("model.attn_implementation", "sdpa", "CPU")
+        if cfg.model.lora is not None and cfg.model.lora.load_in_4bit:
+            change("model.lora.load_in_4bit", False, "CPU: a 4-bit base (bitsandbytes) needs CUDA")
         if cfg.rollout.engine == "vllm":
             change("rollout.vllm.kv_cache_memory_mb", cfg.rollout.vllm.kv_cache_memory_mb or 64, "CPU")
             change("rollout.vllm.enforce_eager", True, "CPU")

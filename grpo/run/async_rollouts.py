@@ -257,10 +257,11 @@ class AsyncRollouts:
         return self.process is not None and max(self.base, self.first_generated - 1 - self.k) <= version <= self.steps - 1 - self.k
 
     def _send(self, version: int, model: torch.nn.Module) -> None:
-        from grpo.run.checkpoint import full_model_state
+        from grpo.run.checkpoint import policy_state
 
         if version == self.base or self._needed(version):  # a private copy: the trainer keeps updating its own
-            self.weights_q.put((version, {k: v.clone() for k, v in full_model_state(model).items()}))
+            # (a LoRA run sends its adapter only: the generation process loaded the same frozen base)
+            self.weights_q.put((version, {k: v.clone() for k, v in policy_state(model).items()}))
 
     def publish(self, step: int, model: torch.nn.Module) -> None:
         """The weights after `step`'s update (version `step`), if a later batch will use them."""

@@ -24,7 +24,7 @@ from grpo.algo.advantages import assign_advantages
 from grpo.algo.moe import RouterControl, load_metrics
 from grpo.algo.update import policy_update
 from grpo.collectives import all_reduce_tensor, reduce_metrics
-from grpo.config import RunConfig
+from grpo.config import ModelConfig, RunConfig
 from grpo.data.prompts import correct_rewards
 from grpo.phases import phase
 from grpo.run.sampling import RolloutBatch, SamplingContext, collect_rollouts
@@ -87,19 +87,33 @@ def update_policy(ctx: LearningContext, rollouts: list[Rollout], max_new_tokens:
     skipped = metrics.pop("train/skipped") > 0
     t_sync = time.perf_counter()
     with phase("push weights"):
-        sync_engine(ctx.engine, ctx.model, ctx.unwrapped)
+        sync_engine(ctx.engine, ctx.model, ctx.unwrapped, lora_sync(cfg.model))
         ctx.engine.after_update()
     metrics.update({"time/train": t_sync - t, "time/weight_sync": time.perf_counter() - t_sync})
     return metrics, skipped
 
 
-def sync_engine(engine: RolloutEngine, model, unwrapped) -> None:
+def lora_sync(model: ModelConfig) -> str | None:
+    """How a LoRA run pushes its policy to the engine (`model.lora.sync`); None: full weights."""
+    return model.lora.sync if model.lora is not None else None
+
+
+def sync_engine(engine: RolloutEngine, model, unwrapped, lora: str | None = None) -> None:
     """Push the policy's weights to an engine that keeps its own (nothing to do when it decodes
-    with the policy module itself)."""
+    with the policy module itself). A LoRA policy (`lora`: `model.lora.sync`) pushes its adapter
+    (a new version) to an engine that takes adapters (`takes_adapters`), else its merged weights
+    (e.g. vLLM's CPU build with an MoE model, see `rollout.make_engine`)."""
+    from grpo.model.lora import adapter_payload, merged_state
     from grpo.run.checkpoint import full_model_state
 
     engine_model = getattr(engine, "model", None)  # the HF engine decodes with a module; vLLM has its own
     if engine_model is unwrapped:  # colocated, same tensors: nothing to copy
+        return
+    if lora == "adapter" and engine_model is None and getattr(engine, "takes_adapters", False):
+        engine.update_adapter(*adapter_payload(unwrapped))
+        return
+    if lora is not None and engine_model is None:  # an engine without adapters: the merged weights
+        engine.update_weights(merged_state(unwrapped).items())
         return
     full = full_model_state(model, every_rank=True)  # a collective under FSDP2
     if engine_model is not None:
