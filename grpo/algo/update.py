@@ -32,7 +32,7 @@ import torch
 from grpo.algo.logprobs import shared_prompt_supported, token_logprobs
 from grpo.algo.loss import objective_from_config
 from grpo.algo.moe import RouterControl, replay_from_rollouts
-from grpo.algo.packing import micro_batches, packed_logprobs, packing_supported, split_to
+from grpo.algo.packing import micro_batches, packed_logprobs, packing_supported, split_to, worth_packing
 from grpo.collectives import all_reduce_sum, all_reduce_tensor, world_size
 from grpo.config import AlgorithmConfig, RunConfig, TrainerConfig
 from grpo.phases import beat
@@ -63,10 +63,11 @@ def collate(rollouts: list[Rollout], pad_id: int, overlong_filter: bool = False)
 def micro_batch_logprobs(model, batch: dict[str, torch.Tensor], c: slice, temperature: float, chunk_tokens: int,
                          prompt_lens: torch.Tensor | None, packed: bool, routing=None, with_entropy: bool = False):
     """Log-probs (and entropy) [b, S-1] of the rows `c` of a collated batch: packed into one row
-    when `packed` and the model allows it (`packing_supported`), else right-padded; `prompt_lens`
-    [B] (None: off) runs each distinct prompt once where the model allows it."""
+    when `packed`, the model allows it (`packing_supported`) and the rows are padded enough to gain
+    from it (`worth_packing`), else right-padded; `prompt_lens` [B] (None: off) runs each distinct
+    prompt once where the model allows it."""
     ids, attention = batch["input_ids"][c], batch["attention_mask"][c]
-    if packed and packing_supported(model):
+    if packed and packing_supported(model) and worth_packing(attention):
         share = prompt_lens is not None and shared_prompt_supported(model)
         return packed_logprobs(model, ids, attention, batch["prompt_lens"][c], temperature, with_entropy, chunk_tokens,
                                routing, share_prompts=share)

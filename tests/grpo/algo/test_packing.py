@@ -148,9 +148,10 @@ def _update_with_ref(model, ref, rollouts, tok, cfg_dict, budget, shared):
 
 
 @pytest.mark.parametrize("shared", [False, True])
-def test_r3_replays_the_engines_experts_in_packed_order(shared):
+def test_r3_replays_the_engines_experts_in_packed_order(shared, monkeypatch):
     """Every packed token runs exactly the experts the sampler recorded for it, and the update
     equals the padded R3 update."""
+    monkeypatch.setattr("grpo.algo.packing.PACK_MIN_PADDING", 0.0)  # equal-length completions: pack anyway
     model, tok = tiny_moe("qwen3_moe")
     rollouts = sample_with_bf16_sampler(model, tok)
     cfg = RunConfig.model_validate({"moe": {"routing_replay": "R3"},
@@ -190,9 +191,10 @@ def test_r3_replays_the_engines_experts_in_packed_order(shared):
                         _update(model.double(), rollouts, tok, cfg_dict, None, shared))
 
 
-def test_activation_checkpointing_recomputes_the_packed_layout():
+def test_activation_checkpointing_recomputes_the_packed_layout(monkeypatch):
     """Checkpointed layers recompute their forward in the backward: with packing and R3 the
     recompute must see the same packed row and the same replayed experts."""
+    monkeypatch.setattr("grpo.algo.packing.PACK_MIN_PADDING", 0.0)
     model, tok = tiny_moe("qwen3_moe")
     rollouts = sample_with_bf16_sampler(model, tok, n_prompts=2)
     model = model.double()
@@ -218,3 +220,19 @@ def test_other_attention_implementations_keep_the_padded_forward():
     handle.remove()
     batch = collate(rollouts, tok.pad_token_id)
     assert shapes == [tuple(batch["input_ids"].shape)]  # one right-padded forward
+
+
+def test_hardly_padded_micro_batches_run_padded():
+    """Below PACK_MIN_PADDING of padding the right-padded forward runs (it is cheaper there)."""
+    from grpo.algo.packing import PACK_MIN_PADDING
+
+    model, tok = tiny_moe("qwen3_moe")
+    rollouts = sample_with_bf16_sampler(model, tok, n_prompts=2)  # 12-token completions, prompts 22-23 tokens
+    batch = collate(rollouts, tok.pad_token_id)
+    assert 0 < 1 - batch["attention_mask"].float().mean() < PACK_MIN_PADDING
+    shapes = []
+    handle = model.get_decoder().register_forward_pre_hook(
+        lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    _update(model, rollouts, tok, {}, 4096, shared=False)
+    handle.remove()
+    assert shapes == [tuple(batch["input_ids"].shape)]
