@@ -241,7 +241,7 @@ def packed_logprobs(
     Returns logprobs [B, S-1] and, if asked, entropy [B, S-1]: values at completion positions,
     zeros elsewhere.
     """
-    from grpo.algo.logprobs import _head_logprobs
+    from grpo.algo.logprobs import _head_logprobs, _upcast
 
     install()
     device = input_ids.device
@@ -260,6 +260,9 @@ def packed_logprobs(
     finally:
         if routing is not None:
             routing.set_part(None)
+    if scored.hidden.numel() == 0:  # no completion tokens: zeros, still tied to the forward for autograd
+        zeros = _upcast(hidden.new_zeros(batch, width - 1) + hidden.sum() * 0)  # [B, S-1]
+        return zeros, (zeros.detach() if with_entropy else None)
     lp, ent = _head_logprobs(hidden[scored.hidden][None], scored.target[None], head, temperature, softcap,
                              chunk)  # [1, N] x2
     logprobs = lp.new_zeros(batch, width - 1).index_put((scored.row, scored.entry), lp[0])  # [B, S-1]

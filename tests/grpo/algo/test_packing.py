@@ -236,3 +236,14 @@ def test_hardly_padded_micro_batches_run_padded():
     _update(model, rollouts, tok, {}, 4096, shared=False)
     handle.remove()
     assert shapes == [tuple(batch["input_ids"].shape)]
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_rows_without_completion_tokens_give_zeros_that_backpropagate(share):
+    model, tok = tiny_moe("qwen3_moe")
+    batch = collate(mixed_rollouts(tok), tok.pad_token_id)
+    lens = batch["attention_mask"].sum(-1)  # every row scored from its end: no completion token
+    lp, ent = packed_logprobs(model, batch["input_ids"], batch["attention_mask"], lens, with_entropy=True,
+                              share_prompts=share)
+    assert not lp.any() and not ent.any() and lp.shape == batch["mask"].shape
+    lp.sum().backward()  # a loss over no tokens still has a graph (DDP/FSDP need the backward)
