@@ -16,6 +16,10 @@ HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/nu
 LINUX_X86 := $(shell [ "$$(uname -s)-$$(uname -m)" = Linux-x86_64 ] && echo 1)
 # Where `make setup` installs vLLM, `make test` fails (instead of skipping) if it cannot import it.
 REQUIRE_VLLM := $(if $(HAS_CUDA)$(LINUX_X86),1,0)
+# `make test` runs test files on this many pytest-xdist workers (a file stays on one worker, so a module's
+# fixtures, such as a started vLLM engine, are built once). Many tests run one thread (the CLI tests pass
+# trainer.threads=1) or wait on a subprocess, so two workers keep a 2-core machine busy.
+TEST_WORKERS ?= 2
 
 .PHONY: setup train test bench clean
 
@@ -45,6 +49,11 @@ setup:
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
 		else echo "note: install Debian's chromium for the dashboard's browser tests (sudo apt-get install chromium)"; fi; \
 	fi
+	@# The python tool runs model-written code under Debian's bubblewrap (namespaces, no network).
+	@if ! command -v bwrap >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null; \
+		else echo "note: install Debian's bubblewrap for the python tool's sandbox (sudo apt-get install bubblewrap)"; fi; \
+	fi
 	$(BIN)/python -c "import grpo, rewards, rollout, torch; print('grpo-zero ready, torch', torch.__version__)"
 	@if [ "$(REQUIRE_VLLM)" = 1 ]; then $(BIN)/python -c "import vllm, transformers; \
 		from transformers import Qwen3MoeForCausalLM; print('vllm', vllm.__version__, 'transformers', transformers.__version__)"; fi
@@ -54,7 +63,7 @@ train:
 
 test:
 	$(BIN)/ruff check .
-	GRPO_ZERO_REQUIRE_VLLM=$(REQUIRE_VLLM) $(BIN)/python -m pytest -m "not gpu" -q
+	GRPO_ZERO_REQUIRE_VLLM=$(REQUIRE_VLLM) $(BIN)/python -m pytest -m "not gpu" -q -n $(TEST_WORKERS) --dist loadfile
 
 bench:
 	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done

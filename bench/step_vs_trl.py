@@ -175,13 +175,14 @@ class OurStep:
     step, over a `StepContext` built here (the model and tokenizer of this benchmark, EOS ignored).
 
     Also used by bench/gpu_check.sh (CUDA, bf16, either engine): `device`, `dtype`, `engine`,
-    `checkpoint` (a saved model directory, needed by vLLM) and the batch shape are parameters.
+    `checkpoint` (a saved model directory, needed by vLLM), the batch shape and `lora` (a
+    `model.lora` section: adapters on the frozen model) are parameters.
     """
 
     def __init__(self, hidden: int, layers: int, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  engine: str = "hf", checkpoint: str | None = None, prompts_per_step: int = PROMPTS_PER_STEP,
-                 group: int = GROUP, new_tokens: int = NEW_TOKENS, vllm: dict | None = None,
-                 forced: ForcedLengths | None = None, trainer: dict | None = None):
+                 group: int = GROUP, new_tokens: int = NEW_TOKENS, vllm: dict | None = None, lora: dict | None = None,
+                 forced: ForcedLengths | None = None):
         from grpo.algo.moe import RouterControl
         from grpo.config import RunConfig
         from grpo.data.prompts import PromptSampler
@@ -206,14 +207,19 @@ class OurStep:
         else:
             model = build_model(hidden, layers, tokenizer, experts).to(dtype)
         model.to(self.device)
+        if lora is not None:  # LoRA adapters on the frozen model (bench/lora.py)
+            from grpo.config import LoRAConfig
+            from grpo.model.lora import apply_lora
+
+            model = apply_lora(model, LoRAConfig(**lora))
         cfg = RunConfig.model_validate({
+            "model": {"lora": lora},
             "rollout": {"engine": engine, "group_size": group, "max_new_tokens": new_tokens, "temperature": 1.0,
                         "top_p": 1.0, "top_k": 0, "stop": [], "vllm": vllm or {}},
             "algorithm": {"advantage_scale": "group", "clip_low": 0.2, "clip_high": 0.2, "loss_agg": "token_mean",
                           "num_iterations": 1},
             "trainer": {"prompts_per_step": prompts_per_step, "micro_batch_size": 64, "lr": LR,
-                        "betas": (0.9, 0.999), "max_grad_norm": 1.0, "weight_decay": 0.0, "seed": 0,
-                        **(trainer or {})},
+                        "betas": (0.9, 0.999), "max_grad_norm": 1.0, "weight_decay": 0.0, "seed": 0},
         })
         optimizer = make_optimizer(model, cfg.trainer)
         engine = make_engine(cfg.rollout, model, tokenizer, self.device, seed=0)

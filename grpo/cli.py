@@ -9,6 +9,8 @@
     grpo recipes
     grpo score FILE.jsonl --reward NAME [--out RESULTS.jsonl]
     grpo fetch smollm2-135m-instruct
+    grpo sandbox FILE.py [--recipe RECIPE] [key=value ...]
+    grpo merge-lora RUN_DIR|ADAPTER_DIR OUT [--base MODEL]   # a LoRA run's adapter merged into its base
     grpo dashboard RUNS_DIR [--host 127.0.0.1] [--port 8050] [--export report.html]
 
 Recipe problems (unknown key, wrong type, missing file, malformed YAML), and data, model,
@@ -37,7 +39,7 @@ import traceback
 from pathlib import Path
 
 from grpo import dashboard
-from grpo.commands import fetch, score
+from grpo.commands import fetch, merge_lora, sandbox, score
 
 EXIT_USAGE = 2
 EXIT_NONFINITE = 3
@@ -217,9 +219,11 @@ def _checkpoint_label(checkpoint: Path, step: int | None) -> str:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from grpo.config import ConfigError, load_recipe
+    from grpo.model.lora import is_adapter_dir
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
-    overrides = list(args.overrides) + ([f"model.name_or_path={checkpoint}"] if checkpoint else [])
+    adapter = checkpoint if is_adapter_dir(checkpoint) else None  # a LoRA run's: loaded on the recipe's base
+    overrides = list(args.overrides) + ([f"model.name_or_path={checkpoint}"] if checkpoint and not adapter else [])
     try:
         cfg = load_recipe(args.recipe, overrides)
         if args.toy:
@@ -227,8 +231,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             cfg = _toy(cfg, args)
     except (ConfigError, ValueError) as exc:
         return _fail(str(exc))
-    if checkpoint is not None and not (checkpoint / "config.json").is_file():
-        return _fail(f"{checkpoint}: not a model directory (no config.json)")
+    if checkpoint is not None and not adapter and not (checkpoint / "config.json").is_file():
+        return _fail(f"{checkpoint}: not a model directory (no config.json, nor a LoRA adapter's adapter_config.json)")
     if args.k is not None and args.k < 1:
         return _fail("--k must be at least 1")
 
@@ -237,8 +241,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from grpo.data.sources import load_eval_sets, load_rows
     from grpo.errors import UserError
     from grpo.model.loading import load_policy
+    from grpo.model.lora import adapter_rank
     from grpo.run.evaluate import evaluate_sets, format_table, make_eval_scorer, write_report
     from grpo.run.sampling import engine_lengths
+    from grpo.run.step import sync_engine
     from rewards import UnknownRewardError
     from rollout import make_engine
 
@@ -250,7 +256,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except UnknownRewardError as exc:
         return _fail(f"{args.recipe}: eval.correct: {exc}")
     try:
-        model, tokenizer = load_policy(cfg.model, device, progress=cfg.logging.progress)
+        model, tokenizer = load_policy(cfg.model, device, path=adapter, progress=cfg.logging.progress)
         _, heldout = load_rows(cfg.data, cfg.eval.num_prompts, tokenizer)
         sets = load_eval_sets(cfg, heldout)
     except UserError as exc:  # bad data, a refused reasoning_gym task, a model that does not load
@@ -260,12 +266,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         scorer.close()
         return _fail(f"{args.recipe}: nothing to evaluate (eval.num_prompts is 0 and eval.datasets is empty)")
     engine = make_engine(cfg.rollout, model, tokenizer, device, seed=cfg.trainer.seed,  # the recipe's engine
+                         lora_rank=adapter_rank(model) if cfg.rollout.engine == "vllm" else None,
                          **engine_lengths(cfg, tokenizer, *sets.values()))
+    from grpo.run.tools import make_environment
+
+    environment = make_environment(cfg.rollout.tools)
     try:
-        report = evaluate_sets(engine, tokenizer, cfg, sets, scorer, k=args.k, seed=cfg.trainer.seed)
+        if adapter is not None:  # vLLM samples with the adapter (the HF engine decodes with the module itself)
+            sync_engine(engine, model, model, "adapter")
+        report = evaluate_sets(engine, tokenizer, cfg, sets, scorer, k=args.k, seed=cfg.trainer.seed,
+                               environment=environment)
     finally:
         engine.close()
         scorer.close()
+        if environment is not None:
+            environment.close()
     report["checkpoint"] = str(checkpoint or cfg.model.name_or_path)
     print(format_table(report))
     print(f"correct: {correct_phrase(report['correct'])}")
@@ -318,7 +333,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     mean_source = ("--mean-response-tokens" if args.mean_response_tokens else
                    f"default: {DEFAULT_MEAN_FRACTION:g} x max_new_tokens; pass --mean-response-tokens")
     common = dict(sharding=args.sharding or "full", price=args.price_per_gpu_hour, engine=layout["engine"],
-                  engine_share=layout.get("engine_share"), launcher=layout.get("launcher"))
+                  engine_share=layout.get("engine_share"), launcher=layout.get("launcher"),
+                  max_num_seqs=layout.get("max_num_seqs"))
     plan = make_plan(arch, args.gpu, args.nodes, args.gpus_per_node, work, tp=args.tp, **common)
     if plan.rollout_why_not() is not None and forced_tp is None and layout["engine"] == "vllm":
         # the recipe's TP does not hold the rollouts: search (the training phase is the same in every layout)
@@ -461,6 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     score.add_parser(verbs)
     fetch.add_parser(verbs)
+    sandbox.add_parser(verbs)
+    merge_lora.add_parser(verbs)
     dashboard.add_parser(verbs)
     return parser
 

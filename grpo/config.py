@@ -29,6 +29,27 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class LoRAConfig(Section):
+    """Low-rank adapters (LoRA, 2106.09685) trained with RL instead of the full weights, through `peft`."""
+
+    rank: int = Field(16, ge=1, le=512, description="adapter rank r")
+    alpha: float = Field(32.0, gt=0, description="adapter scale numerator: the update is (alpha / rank) B A")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter's input in the gradient forward "
+                           "(old, reference and sampler log-probs run without it)")
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="module names (or name suffixes) that get adapters (None: every linear layer "
+        "of the decoder: attention and dense MLPs; never the output head nor MoE routers)",
+    )
+    experts: bool = Field(False, description="MoE models: routed experts get adapters too (peft's adapters on the "
+                          "fused expert tensors, `target_parameters`)")
+    sync: Literal["adapter", "merged"] = Field(
+        "adapter", description="weight sync to vLLM: adapter (a new adapter version per step, loaded from a "
+        "RAM-backed file) or merged (base + B A pushed as full weights; what vLLM's CPU build gets for an MoE "
+        "model, where it cannot run adapters, with one line saying so)",
+    )
+    load_in_4bit: bool = Field(False, description="QLoRA: the frozen base in 4-bit NF4 (bitsandbytes; CUDA only)")
+
+
 class ModelConfig(Section):
     name_or_path: str = Field(
         "builtin:tiny-arith-moe",
@@ -43,12 +64,13 @@ class ModelConfig(Section):
         None, description="MoE expert kernel: transformers' eager / grouped_mm / batched_mm, or grpo_sorted "
         "(None: grpo_sorted on CPU, transformers' default elsewhere)",
     )
+    lora: LoRAConfig | None = Field(None, description="train low-rank adapters on the frozen model (None: full weights)")
 
 
 class ArithmeticOptions(Section):
     max_first: int = Field(99, ge=1, le=100_000, description="the first operand is drawn from [0, max_first]")
     max_second: int = Field(9, ge=1, le=100_000, description="the second operand is drawn from [0, max_second]")
-    ops: list[Literal["+", "-"]] = Field(["+"], min_length=1, description="operators to draw from")
+    ops: list[Literal["+", "-", "*"]] = Field(["+"], min_length=1, description="operators to draw from")
 
 
 class SumsOptions(Section):
@@ -160,6 +182,38 @@ class VLLMOptions(Section):
     server_timeout_s: float = Field(600.0, gt=0, description="server mode: HTTP timeout")
 
 
+class ToolSandboxConfig(Section):
+    workers: int = Field(4, ge=1, description="warm sandbox workers (tool calls beyond that wait for a free one)")
+    timeout_s: float = Field(5.0, gt=0, description="wall-clock deadline of one tool call; then its processes are killed")
+    cpu_s: int = Field(5, ge=1, description="CPU seconds one tool call may use")
+    memory_mb: int = Field(512, ge=32, description="address-space limit of one tool call (threads' stacks count)")
+    processes: int = Field(16, ge=4, description="processes and threads in one sandbox at once (the worker's 3 included)")
+    file_mb: int = Field(16, ge=1, description="largest file one tool call may write (in its private /tmp)")
+    tmp_mb: int = Field(64, ge=1, description="size of the private /tmp of each worker")
+    python: str = Field("/usr/bin/python3", description="the interpreter inside the sandbox (the system Python: the "
+                        "trainer's own environment is hidden from it)")
+    hide: list[str] = Field(default_factory=list, description="more directories covered by an empty tmpfs (the working "
+                            "directory, home and the run directory always are)")
+    unsandboxed: bool = Field(False, description="run tool code WITHOUT bubblewrap (rlimits and deadlines only) where "
+                              "bubblewrap is missing or cannot create namespaces; said on every start")
+
+
+class ToolsConfig(Section):
+    environment: str | None = Field(
+        None, description="the environment of multi-turn rollouts: a built-in name (`python`), "
+        "`package.module:function`, or an entry point of `grpo_zero.environments` (None: one turn, no tools)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the environment's factory")
+    max_turns: int = Field(4, ge=1, description="policy turns per completion at most (the environment answers between them)")
+    max_turn_tokens: int | None = Field(None, ge=1, description="tokens of one policy turn at most (None: the total cap)")
+    max_observation_tokens: int = Field(256, ge=1, description="tokens of one environment turn at most (cut, marked)")
+    code_open: str = Field("<code>", description="python tool: the marker that opens a code block")
+    code_close: str = Field("</code>", description="python tool: the marker that closes it (ends the policy turn)")
+    output_open: str = Field("<output>", description="python tool: what the output is wrapped in, before ...")
+    output_close: str = Field("</output>", description="... and after")
+    max_output_chars: int = Field(512, ge=16, description="python tool: characters of a call's output shown to the policy")
+    sandbox: ToolSandboxConfig = Field(default_factory=ToolSandboxConfig, description="the python tool's sandbox")
+
+
 class RolloutConfig(Section):
     engine: Literal["hf", "vllm"] = Field("hf", description="rollout engine: hf (transformers) or vllm (GPU, or vLLM's CPU build)")
     hf: HFEngineOptions = Field(default_factory=HFEngineOptions, description="options of the transformers engine")
@@ -170,6 +224,7 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     top_k: int = Field(0, ge=0, description="top-k sampling (0 disables)")
     stop: list[str] = Field(["</answer>"], description="stop strings, kept in the completion")
+    tools: ToolsConfig = Field(default_factory=ToolsConfig, description="multi-turn rollouts with an environment (tools)")
     max_new_tokens_schedule: list[tuple[int, int]] | None = Field(
         None, description="completion length cap by step: [[from_step, tokens], ...], sorted, the first from step 0; "
         "step s generates with the last entry whose from_step <= s (DeepSeek-R1: [[0, 32768], [8200, 65536]]); "
@@ -511,6 +566,9 @@ class RunConfig(Section):
         if self.algorithm.ref_refresh_steps is not None and self.algorithm.beta <= 0:
             raise ValueError("algorithm.ref_refresh_steps needs algorithm.beta > 0: without the KL term no reference "
                              "policy is loaded, so there is nothing to refresh")
+        if self.model.lora is not None and self.algorithm.ref_refresh_steps is not None:
+            raise ValueError("algorithm.ref_refresh_steps cannot be used with model.lora: the reference policy is "
+                             "the frozen base (the same module with its adapters off), which never changes")
         names = [s.name for s in self.eval.datasets]
         if len(set(names)) != len(names) or "heldout" in names:
             raise ValueError("eval.datasets: names must be unique and not `heldout` (the held-out split's name)")

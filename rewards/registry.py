@@ -42,7 +42,12 @@ MOVED: dict[str, str] = {
 RewardFn = Callable[..., Any]
 
 
-class UnknownRewardError(ValueError):
+class UnknownPluginError(ValueError):
+    """A plugin name (reward, environment) that is neither built in, nor an importable
+    `module:function`, nor an entry point of its group."""
+
+
+class UnknownRewardError(UnknownPluginError):
     """A reward name that is neither built in, nor an importable `module:function`, nor an entry point."""
 
 
@@ -58,8 +63,8 @@ class RewardSpec:
         return hash((self.name, self.weight))
 
 
-def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
-    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+def _entry_points(group: str = ENTRY_POINT_GROUP) -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=group)}
 
 
 def known_reward_names() -> list[str]:
@@ -81,7 +86,8 @@ def _import_target(target: str) -> RewardFn:
 IMPORT_TIMEOUT_S = 60.0  # a plugin module that takes longer to import is reported, not waited on
 
 
-def _import_bounded(name: str, load: Callable[[], RewardFn]) -> RewardFn:
+def _import_bounded(name: str, load: Callable[[], RewardFn], error: type[UnknownPluginError] = UnknownRewardError,
+                    kind: str = "reward") -> RewardFn:
     """`load()` (a plugin's import) on a helper thread, given IMPORT_TIMEOUT_S: a module that hangs
     when imported (waiting on a socket, a lock, input) is an error naming it instead of a silent hang."""
     result: dict = {}
@@ -92,11 +98,11 @@ def _import_bounded(name: str, load: Callable[[], RewardFn]) -> RewardFn:
         except BaseException as e:  # noqa: BLE001 - handed back to the caller
             result["error"] = e
 
-    thread = threading.Thread(target=work, name=f"import reward {name}", daemon=True)
+    thread = threading.Thread(target=work, name=f"import {kind} {name}", daemon=True)
     thread.start()
     thread.join(IMPORT_TIMEOUT_S)
     if thread.is_alive():
-        raise UnknownRewardError(f"reward {name!r}: importing it took over {IMPORT_TIMEOUT_S:g} s (does its module "
+        raise error(f"{kind} {name!r}: importing it took over {IMPORT_TIMEOUT_S:g} s (does its module "
                                  "wait on something when it is imported?)")
     if "error" in result:
         raise result["error"]
@@ -112,33 +118,43 @@ def resolve(name: str) -> RewardFn:
     >>> resolve("rewards.math:math_answer") is resolve("math_answer")
     True
     """
-    if name in BUILTIN_REWARDS:
-        return _import_target(BUILTIN_REWARDS[name])
+    return resolve_plugin(name, BUILTIN_REWARDS, ENTRY_POINT_GROUP, kind="reward", error=UnknownRewardError,
+                          moved=MOVED)
+
+
+def resolve_plugin(name: str, builtins: dict[str, str], group: str, *, kind: str,
+                   error: type[UnknownPluginError] = UnknownPluginError, moved: dict[str, str] | None = None):
+    """What a plugin name stands for, in the order rewards resolve (a built-in short name of
+    `builtins`, then `package.module:function`, then an entry point of `group`); `kind` names the
+    plugin in errors ("reward", "environment"). Raises `error` listing the names it knows."""
+    known = ", ".join(sorted(set(builtins) | set(_entry_points(group))))
+    if name in builtins:
+        return _import_target(builtins[name])
     if ":" in name:
         try:
-            return _import_bounded(name, lambda: _import_target(name))
-        except UnknownRewardError:
+            return _import_bounded(name, lambda: _import_target(name), error, kind)
+        except UnknownPluginError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever a plugin raises while it is imported
-            raise UnknownRewardError(
-                f"reward {name!r} could not be imported ({type(e).__name__}: {e}); "
-                f"known names: {', '.join(known_reward_names())}, or any 'package.module:function'"
+            raise error(
+                f"{kind} {name!r} could not be imported ({type(e).__name__}: {e}); "
+                f"known names: {known}, or any 'package.module:function'"
             ) from None
-    eps = _entry_points()
+    eps = _entry_points(group)
     if name in eps:
         try:
-            fn = _import_bounded(name, eps[name].load)
-        except UnknownRewardError:
+            fn = _import_bounded(name, eps[name].load, error, kind)
+        except UnknownPluginError:
             raise
         except Exception as e:  # noqa: BLE001
-            raise UnknownRewardError(f"entry point {name!r} ({eps[name].value}) could not be loaded "
-                                     f"({type(e).__name__}: {e})") from None
+            raise error(f"entry point {name!r} ({eps[name].value}) could not be loaded "
+                        f"({type(e).__name__}: {e})") from None
         if not callable(fn):
-            raise UnknownRewardError(f"entry point {name!r} ({eps[name].value}) is not callable")
+            raise error(f"entry point {name!r} ({eps[name].value}) is not callable")
         return fn
-    if name in MOVED:
-        raise UnknownRewardError(f"reward {name!r} is not a reward any more: {MOVED[name]}")
-    raise UnknownRewardError(
-        f"unknown reward {name!r}; known names: {', '.join(known_reward_names())}, "
-        f"or any 'package.module:function', or an entry point in group {ENTRY_POINT_GROUP!r}"
+    if moved and name in moved:
+        raise error(f"{kind} {name!r} is not a {kind} any more: {moved[name]}")
+    raise error(
+        f"unknown {kind} {name!r}; known names: {known}, "
+        f"or any 'package.module:function', or an entry point in group {group!r}"
     )

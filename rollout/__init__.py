@@ -21,7 +21,7 @@ import logging
 
 import torch
 
-from rollout.base import Rollout, RolloutEngine, SamplingParams
+from rollout.base import Rollout, RolloutEngine, SamplingParams, find_routers
 
 __all__ = ["Rollout", "RolloutEngine", "SamplingParams", "make_engine"]
 
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 def make_engine(rollout, model: torch.nn.Module, tokenizer, device: torch.device | str | None = None,
                 *, seed: int, record_routing: bool = False, longest_prompt: int | None = None,
-                max_new_tokens: int | None = None) -> RolloutEngine:
+                max_new_tokens: int | None = None, lora_rank: int | None = None) -> RolloutEngine:
     """The engine `rollout.engine` names, built from `rollout.hf` / `rollout.vllm`.
 
     rollout: a recipe's `rollout` section (`grpo.config.RolloutConfig`). seed: the engine's base
@@ -42,16 +42,18 @@ def make_engine(rollout, model: torch.nn.Module, tokenizer, device: torch.device
     max_new_tokens the longest completion (None: `rollout.max_new_tokens`): the colocated vLLM
     engine's context and CPU KV cache follow from them where the recipe leaves those unset
     (`rollout.vllm.sizing`); with longest_prompt None, vLLM's default context (the model's) stays.
+    lora_rank: a LoRA policy whose adapter is pushed as such: the colocated vLLM engine starts from
+    the base checkpoint with LoRA on (the HF engine decodes with the adapted module itself).
     """
     if rollout.engine == "hf":
         from rollout.hf.engine import HFEngine
 
         return HFEngine(model, tokenizer, device, fast_decode=rollout.hf.fast_decode)
     if rollout.engine == "vllm":
-        if rollout.vllm.mode == "server":
+        if rollout.vllm.mode == "server":  # adapters go through the server's adapter endpoint
             return _vllm_server(rollout.vllm, model, device, record_routing)
         lengths = (longest_prompt, max_new_tokens or rollout.max_new_tokens, rollout.group_size)
-        return _vllm_colocated(rollout.vllm, model, seed, record_routing, lengths)
+        return _vllm_colocated(rollout.vllm, model, seed, record_routing, lengths, lora_rank)
     raise ValueError(f"unknown rollout engine {rollout.engine!r}; known: hf, vllm")
 
 
@@ -70,7 +72,7 @@ def _vllm_server(v, model: torch.nn.Module, device, record_routing: bool) -> Rol
 
 
 def _vllm_colocated(v, model: torch.nn.Module, seed: int, record_routing: bool,
-                    lengths: tuple[int | None, int, int]) -> RolloutEngine:
+                    lengths: tuple[int | None, int, int], lora_rank: int | None = None) -> RolloutEngine:
     """lengths: (longest prompt or None, longest completion, group size), for `engine_sizes`."""
     from rollout.vllm.engine import VLLMEngine
     from rollout.vllm.sizing import engine_sizes, vllm_on_cpu
@@ -82,6 +84,12 @@ def _vllm_colocated(v, model: torch.nn.Module, seed: int, record_routing: bool,
     dtype = v.dtype
     if dtype == "auto":  # the policy's dtype, so sampler and trainer compute alike (vLLM's CPU "auto" is bf16)
         dtype = str(getattr(model, "dtype", "auto")).removeprefix("torch.")
+    if lora_rank is not None and vllm_on_cpu() and find_routers(model):
+        # With LoRA on, vLLM 0.32 runs MoE layers through its Triton kernels only (the CPU experts kernel
+        # does not take adapters), which have no CPU build: generation would fail at its first MoE layer.
+        logger.warning("vLLM's CPU build cannot run LoRA on a Mixture-of-Experts model (its LoRA MoE kernels are "
+                       "Triton-only): the policy is pushed as merged weights instead (model.lora.sync: merged)")
+        lora_rank = None
     longest_prompt, max_new_tokens, group_size = lengths
     # checked before vLLM loads anything: a context the model lacks, a KV cache this machine lacks
     sizes = engine_sizes(config, max_model_len=v.max_model_len, kv_cache_mb=v.kv_cache_memory_mb,
@@ -96,4 +104,4 @@ def _vllm_colocated(v, model: torch.nn.Module, seed: int, record_routing: bool,
                       enforce_eager=v.enforce_eager, max_num_seqs=v.max_num_seqs,
                       max_num_batched_tokens=v.max_num_batched_tokens, record_routing=record_routing,
                       model_type=getattr(config, "model_type", None),
-                      tie_word_embeddings=getattr(config, "tie_word_embeddings", None))
+                      tie_word_embeddings=getattr(config, "tie_word_embeddings", None), lora_rank=lora_rank)

@@ -62,10 +62,28 @@ class Rollout:
     reward: float = 0.0  # weighted total
     advantage: float = 0.0
     policy_version: int = 0  # optimizer steps taken by the weights that sampled it (set by the trainer)
+    # Multi-turn rollouts (`rollout.turns`): which completion tokens the policy sampled (True) and
+    # which an environment wrote (False: context, never trained on; their `logprobs` entries are 0.0
+    # and mean nothing). None: a one-turn rollout, every token the policy's.
+    policy_mask: tuple[bool, ...] | None = None
+    # the environment turns as (first token, end token, tool status) spans of completion_ids
+    env_turns: tuple[tuple[int, int, str], ...] = ()
+    turns: int = 1  # policy turns
 
     @property
     def num_completion_tokens(self) -> int:
-        return len(self.completion_ids)
+        """Tokens the policy sampled (environment tokens are context and do not count)."""
+        if self.policy_mask is None:
+            return len(self.completion_ids)
+        return sum(self.policy_mask)
+
+    @property
+    def tool_calls(self) -> int:
+        return sum(1 for _, _, status in self.env_turns if status)
+
+    def tool_count(self, *statuses: str) -> int:
+        """Environment turns whose tool status is one of `statuses` (e.g. "error", "timeout")."""
+        return sum(1 for _, _, status in self.env_turns if status in statuses)
 
 
 _progress_hook: Callable[[], None] | None = None
@@ -89,12 +107,14 @@ class RolloutEngine(Protocol):
     """What the training loop needs from a generator."""
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams
+        self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams, episodes=None
     ) -> list[Rollout]:
         """Sample `n` completions for each prompt (token ids).
 
         Returns `len(prompts) * n` rollouts ordered prompt-major: rollout `i * n + j` is the
-        j-th completion of prompt i, with `group == i`.
+        j-th completion of prompt i, with `group == i`. With `episodes` (`rollout.turns.Episodes`,
+        one row per completion) a completion is policy turns and environment turns: the engine
+        continues each sequence after an environment turn without re-reading it.
         """
         ...
 

@@ -41,7 +41,10 @@ from rollout.base import Rollout
 
 def collate(rollouts: list[Rollout], pad_id: int, overlong_filter: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded prompt+completion batch with a mask over completion positions of logprobs.
-    With `overlong_filter`, truncated completions (finish_reason "length") get an all-zero mask."""
+    With `overlong_filter`, truncated completions (finish_reason "length") get an all-zero mask.
+    Multi-turn rollouts: environment tokens (`Rollout.policy_mask` False) are context: mask 0 and
+    sampler log-prob 0.0, whatever the rollout carries there, so no loss term, ratio, KL, entropy
+    or token count sees them."""
     seqs = [list(r.prompt_ids) + list(r.completion_ids) for r in rollouts]
     width = max(map(len, seqs))
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # [B, S]
@@ -54,6 +57,10 @@ def collate(rollouts: list[Rollout], pad_id: int, overlong_filter: bool = False)
         start, end = len(r.prompt_ids) - 1, len(seq) - 1
         mask[b, start:end] = 0.0 if overlong_filter and r.finish_reason == "length" else 1.0
         sampler_lp[b, start:end] = torch.tensor(r.logprobs, dtype=torch.float32)
+        if r.policy_mask is not None:
+            policy = torch.tensor(r.policy_mask, dtype=torch.bool)  # [C]
+            mask[b, start:end] *= policy
+            sampler_lp[b, start:end] = sampler_lp[b, start:end].masked_fill(~policy, 0.0)
     advantages = torch.tensor([r.advantage for r in rollouts], dtype=torch.float32)  # [B]
     prompt_lens = torch.tensor([len(r.prompt_ids) for r in rollouts], dtype=torch.long)  # [B]
     return {"input_ids": input_ids, "attention_mask": attention, "mask": mask,
@@ -265,11 +272,36 @@ def _checkpointed_layers(model):
             m.training = False
 
 
+def _reference(ref_model):
+    """The module reference log-probs come from: `ref_model` itself, or, for a LoRA run's
+    `grpo.model.lora.BaseOfPolicy`, the policy with its adapters off (inside its `adapters_off`)."""
+    off = getattr(ref_model, "adapters_off", None)
+    return off() if off is not None else contextlib.nullcontext(ref_model)
+
+
+@contextlib.contextmanager
+def _adapter_dropout(model):
+    """Inside: a peft model's adapter dropout modules act (idle in eval mode, where the policy stays,
+    as the sampler runs it; so old, reference and sampler log-probs never see dropout)."""
+    inner = getattr(model, "module", model)  # DDP
+    layers = [m for name, m in inner.named_modules() if isinstance(m, torch.nn.Dropout) and ".lora_dropout." in name
+              and not m.training] if hasattr(inner, "peft_config") else []
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.training = False
+
+
 def _memory_scope(model, tr: TrainerConfig):
-    """Where one micro-batch's forward and backward keep their activations: checkpointed layers
+    """Where one micro-batch's forward and backward keep their activations (and LoRA's adapter
+    dropout acts, `_adapter_dropout`): checkpointed layers
     (trainer.gradient_checkpointing) and/or host memory (trainer.activation_offload: the tensors
     autograd saves, with checkpointing only the layers' inputs, move to CPU, pinned on GPUs)."""
     stack = contextlib.ExitStack()
+    stack.enter_context(_adapter_dropout(model))  # LoRA's dropout: gradient forwards only
     if tr.gradient_checkpointing:
         stack.enter_context(_checkpointed_layers(model))
     if tr.activation_offload:
@@ -344,7 +376,8 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
     """`algorithm.num_iterations` passes over the batch, each of `algorithm.mini_batches` optimizer
     steps on mini-batches (`mini_batch_rows`), in micro-batches with accumulation.
 
-    `ref_model` is the frozen reference policy, needed only when `algorithm.beta > 0`.
+    `ref_model` is the frozen reference policy, needed only when `algorithm.beta > 0` (a LoRA run's
+    is `grpo.model.lora.BaseOfPolicy`: the policy with its adapters off).
     Under several processes `rollouts` is this rank's share; the normaliser counts the global
     mini-batch divided by the world size, because DDP/FSDP average gradients over ranks. With `moe`,
     each forward runs inside a routing scope (replay R2/R3, aux loss, expert-load counts). A
@@ -366,8 +399,9 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
     if algo.beta > 0:
         if ref_model is None:
             raise ValueError("algorithm.beta > 0 needs a reference model")
-        ref = frozen_logprobs(ref_model, plan.batch, plan.chunks, cfg.rollout.temperature, algo.logprob_chunk,
-                              plan.prompt_lens, plan.packed)
+        with _reference(ref_model) as reference:  # LoRA: the policy itself, adapters off
+            ref = frozen_logprobs(reference, plan.batch, plan.chunks, cfg.rollout.temperature, algo.logprob_chunk,
+                                  plan.prompt_lens, plan.packed)
     minis = _mini_batches(plan, rollouts, cfg, normalizer_of, max_new_tokens)  # after R2 recorded its replay
 
     if tokens is not None:

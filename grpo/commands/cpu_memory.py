@@ -150,9 +150,13 @@ def estimate_cpu_memory(cfg, arch: Arch, processes: int = 1) -> CPUEstimate:
     asynchronous = tr.max_staleness > 0
     vllm_here = ro.engine == "vllm" and not asynchronous  # asynchronous: the engine lives in the generation process
 
+    lora = cfg.model.lora
+    trained = arch.lora_params(lora.rank, lora.experts) if lora is not None else total  # LoRA: the adapters only
     est.resident[f"policy weights ({dtype})"] = total * b / GIB
-    est.resident[f"AdamW moments ({ADAM_STATES} x {dtype})"] = ADAM_STATES * total * b / GIB
-    if algo.beta > 0:
+    if lora is not None:
+        est.resident[f"LoRA adapters (rank {lora.rank}, {dtype})"] = trained * b / GIB
+    est.resident[f"AdamW moments ({ADAM_STATES} x {dtype})"] = ADAM_STATES * trained * b / GIB
+    if algo.beta > 0 and lora is None:  # LoRA's reference is the policy with its adapters off
         est.resident[f"reference copy (algorithm.beta {algo.beta:g})"] = total * b / GIB
     est.resident["process (python, torch, transformers)"] = PROCESS_GIB
     if vllm_here:
@@ -171,9 +175,9 @@ def estimate_cpu_memory(cfg, arch: Arch, processes: int = 1) -> CPUEstimate:
         tokens, scored, shape = micro * seq, seq, f"{micro} seq x {seq} tokens"
     acts = tokens * arch.num_layers * (HIDDEN_ACTS * arch.hidden_size + FFN_ACTS * arch.ffn_active_width()) * b
     chunk = min(algo.logprob_chunk, scored)
-    est.training[f"gradients ({dtype})"] = total * b / GIB
+    est.training[f"gradients ({dtype})"] = trained * b / GIB
     est.accumulates = micro < sequences
-    est.head_grad_gib = arch.vocab_size * arch.hidden_size * b / GIB
+    est.head_grad_gib = arch.vocab_size * arch.hidden_size * b / GIB if lora is None else 0.0  # a frozen head
     est.training[f"activations ({shape})"] = acts / GIB
     est.training[f"logits (float32, {micro} seq x {chunk}-token chunk x {arch.vocab_size} vocab, x{LOGITS_COPIES})"] = (
         LOGITS_COPIES * micro * chunk * arch.vocab_size * 4 / GIB)

@@ -10,6 +10,10 @@ Memory per GPU, two phases (the rollout engine is colocated and sleeps while the
   AdamW moments (12 B/param), all sharded over the sharding group (FSDP2 full shard over every GPU,
   or hybrid: within a node); activations of one micro-batch with activation checkpointing (every
   layer's input kept, one layer's working set, the logits of one chunk);
+- LoRA (`model.lora`): the frozen base in bf16 (or 4-bit NF4 with `load_in_4bit`), no gradients or
+  optimizer states for it; adapters (r x (in + out) per adapted matrix) with bf16 gradients and
+  fp32 master + AdamW (12 B/param); the training FLOPs lose the base's weight gradients (2 N per
+  token); the weight push is adapter-sized (`model.lora.sync: adapter`) or the whole model (merged);
 - rollout: the trainer's resident shards (weights, optimizer) stay, the engine holds the weights
   split over its tensor-parallel group and a KV cache for the batch's sequences at full length
   (MLA caches one latent per token and layer, replicated over tensor-parallel ranks).
@@ -104,6 +108,27 @@ class Arch:
         q_out = self.num_heads * self.head_dim
         return h * q_out * 2 + 2 * h * self.num_kv_heads * self.head_dim
 
+    def lora_params(self, rank: int, experts: bool = False) -> int:
+        """Adapter parameters of LoRA at `rank` on every decoder linear layer (attention, dense FFNs,
+        shared experts; routed experts too with `experts`), r x (in + out) per adapted matrix."""
+        h, L = self.hidden_size, self.num_layers
+        if self.is_mla:
+            qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+            q = [(h, self.q_lora_rank), (self.q_lora_rank, self.num_heads * qk)] if self.q_lora_rank else [
+                (h, self.num_heads * qk)]
+            attn = q + [(h, self.kv_lora_rank + self.qk_rope_head_dim),
+                        (self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim)),
+                        (self.num_heads * self.v_head_dim, h)]
+        else:
+            q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            attn = [(h, q), (h, kv), (h, kv), (q, h)]
+        per_attn = sum(rank * (a + b) for a, b in attn)
+        ffn = 3 * rank * (h + self.intermediate_size)
+        expert = 3 * rank * (h + self.moe_intermediate_size)
+        moe_layers = self._moe_layers()
+        experts_each = self.shared_experts + (self.num_experts if experts else 0)
+        return L * per_attn + (L - moe_layers) * ffn + moe_layers * experts_each * expert
+
     def attention_width(self) -> int:
         """Per-token width of QK^T plus AV per context position (heads x (qk dim + v dim))."""
         if self.is_mla:
@@ -152,6 +177,9 @@ KNOWN_ARCHS: dict[str, Arch] = {a.name: a for a in [
          tie_embeddings=True, model_type="qwen2"),
     Arch("Qwen/Qwen2.5-Math-7B", "hf.co/Qwen/Qwen2.5-Math-7B config.json", 152064, 3584, 28, 28, 4, 128, 18944,
          model_type="qwen2"),
+    Arch("Qwen/Qwen2.5-7B", "hf.co/Qwen/Qwen2.5-7B config.json", 152064, 3584, 28, 28, 4, 128, 18944, model_type="qwen2"),
+    Arch("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "hf.co/deepseek-ai/DeepSeek-R1-Distill-Qwen-7B config.json", 152064,
+         3584, 28, 28, 4, 128, 18944, model_type="qwen2"),
     Arch("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "hf.co/deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B config.json", 151936,
          1536, 28, 12, 2, 128, 8960, model_type="qwen2"),
     Arch("Qwen/Qwen2.5-32B", "hf.co/Qwen/Qwen2.5-32B config.json", 152064, 5120, 64, 40, 8, 128, 27648, model_type="qwen2"),
@@ -247,6 +275,10 @@ class Workload:
     num_iterations: int = 1  # passes over a generation batch
     gradient_checkpointing: bool = True  # trainer.gradient_checkpointing (published runs train with it on)
     activation_offload: bool = False  # trainer.activation_offload: saved activations in host memory
+    lora_rank: int = 0  # model.lora.rank (0: full weights are trained)
+    lora_experts: bool = False  # model.lora.experts: routed experts get adapters too
+    lora_sync: str = "adapter"  # model.lora.sync: what is pushed to the engine (the adapter, or merged weights)
+    lora_4bit: bool = False  # model.lora.load_in_4bit: the frozen base in 4-bit NF4 (QLoRA)
 
     @property
     def generation_sequences(self) -> int:
@@ -288,6 +320,7 @@ class Plan:
     work: Workload
     engine: str = "vllm"  # the recipe's rollout.engine
     engine_share: float | None = None  # vLLM's gpu_memory_utilization (None: whatever is free)
+    max_num_seqs: int | None = None  # vLLM's max_num_seqs of one engine (None: VLLM_MAX_NUM_SEQS per GPU of tp)
     launcher: str | None = None  # the accelerate config the layout came from
     searched: bool = False  # the layout came from the search, not the recipe or --tp
     eff: Efficiency = EFFICIENCY
@@ -364,12 +397,14 @@ class Plan:
 
     # --- time ---
     def concurrency(self, max_new_tokens: int | None = None) -> float:
-        """Sequences one attention group decodes at once: the KV cache at the mean context, vLLM's cap."""
+        """Sequences one attention group decodes at once: the KV cache at the mean context, vLLM's cap
+        (the recipe's rollout.vllm.max_num_seqs, a cap per engine, where it sets one)."""
         if self.engine == "hf":
             return float(self.sequences_per_rank)
         mean_len = self.work.prompt_tokens + self.work.response_tokens
         room = self.kv_room_gib / max(self.kv_gib_per_sequence(mean_len), 1e-12)
-        return max(1.0, min(room, VLLM_MAX_NUM_SEQS * self.layout.tp, self.sequences_per_rank))
+        cap = self.max_num_seqs if self.max_num_seqs is not None else VLLM_MAX_NUM_SEQS * self.layout.tp
+        return max(1.0, min(room, cap, self.sequences_per_rank))
 
     def generation(self, max_new_tokens: int) -> GenerationTime:
         w = self.work
@@ -383,15 +418,23 @@ class Plan:
         return train_time(self.arch, self.gpu, self.gpus_per_node, self.world, self.shard_group,
                           w.mini_batch_sequences, w.prompt_tokens, w.response_tokens, w.micro_batch_size,
                           w.extra_forwards / w.num_iterations, self.eff,  # extra forwards run once per batch
-                          checkpointing=w.gradient_checkpointing, offload_bytes_per_token=self.offload_bytes_per_token)
+                          checkpointing=w.gradient_checkpointing, offload_bytes_per_token=self.offload_bytes_per_token,
+                          trained_params=self.trained_params if w.lora_rank else None)
+
+    @property
+    def trained_params(self) -> int:
+        """Parameters with gradients and optimizer states: every one, or a LoRA run's adapters."""
+        w = self.work
+        return self.arch.lora_params(w.lora_rank, w.lora_experts) if w.lora_rank else self.arch.params()[0]
 
     def step_seconds(self, max_new_tokens: int | None = None) -> tuple[float, float]:
         """(generation, training) seconds of one step: a generation batch at the cap `max_new_tokens`
         (default max_new_tokens) and its weight push, then its optimizer steps (num_iterations x
         mini_batches mini-batch updates)."""
         cap = max_new_tokens or self.work.max_new_tokens
+        pushed = self.trained_params if self.work.lora_rank and self.work.lora_sync == "adapter" else None
         push = 0.0 if self.engine == "hf" else weight_push_seconds(self.arch, self.gpu, self.gpus_per_node, self.world,
-                                                                   self.eff)
+                                                                   self.eff, params=pushed)
         return self.generation(cap).total + push, self.work.optimizer_steps_per_batch * self.training().total
 
     def run_seconds(self) -> float:
@@ -419,10 +462,12 @@ def candidate_layouts(arch: Arch, world: int, gpus_per_node: int) -> list[Layout
 
 def make_plan(arch: Arch, gpu: str, nodes: int, gpus_per_node: int, work: Workload, sharding: str = "full",
               tp: int | None = None, price: float = 2.0, engine: str = "vllm", engine_share: float | None = None,
-              launcher: str | None = None, dp: int = 1, eff: Efficiency = EFFICIENCY) -> Plan:
+              launcher: str | None = None, dp: int = 1, eff: Efficiency = EFFICIENCY,
+              max_num_seqs: int | None = None) -> Plan:
     """The plan of a layout. `engine` "hf": the policy generates itself (no second copy of the
     weights); "vllm": engines of `tp` x `dp` GPUs holding bf16 weights and a KV cache capped by
-    `engine_share` (vLLM's gpu_memory_utilization, a share of the whole GPU) where given. Without
+    `engine_share` (vLLM's gpu_memory_utilization, a share of the whole GPU) where given, decoding at most
+    `max_num_seqs` sequences at once per engine where given (vLLM's max_num_seqs). Without
     `tp`, the smallest layout that holds the weights and the batch's KV cache at full length (else
     the smallest that holds at least one full-length sequence per GPU, decoding in waves)."""
     if gpu not in GPUS:
@@ -431,9 +476,10 @@ def make_plan(arch: Arch, gpu: str, nodes: int, gpus_per_node: int, work: Worklo
         return _sized(arch, GPUS[gpu], nodes, gpus_per_node, work, sharding, Layout(), price, engine, None, launcher, eff)
     if tp is not None:
         return _sized(arch, GPUS[gpu], nodes, gpus_per_node, work, sharding, Layout(tp, dp), price, engine, engine_share,
-                      launcher, eff)
+                      launcher, eff, max_num_seqs=max_num_seqs)
     plans = [_sized(arch, GPUS[gpu], nodes, gpus_per_node, work, sharding, lay, price, engine, engine_share, launcher,
-                    eff, searched=True) for lay in candidate_layouts(arch, nodes * gpus_per_node, gpus_per_node)]
+                    eff, searched=True, max_num_seqs=max_num_seqs)
+             for lay in candidate_layouts(arch, nodes * gpus_per_node, gpus_per_node)]
     for plan in plans:  # the layout decides the rollout phase only; training memory is the same in all
         if plan.rollout_why_not() is None and plan.kv_share >= 1:
             return plan
@@ -445,11 +491,11 @@ def make_plan(arch: Arch, gpu: str, nodes: int, gpus_per_node: int, work: Worklo
 
 def _sized(arch: Arch, g: GPU, nodes: int, gpus_per_node: int, work: Workload, sharding: str, layout: Layout,
            price: float, engine: str, engine_share: float | None, launcher: str | None, eff: Efficiency,
-           searched: bool = False) -> Plan:
+           searched: bool = False, max_num_seqs: int | None = None) -> Plan:
     """Memory of one layout, in both phases."""
     total, _ = arch.params()
     plan = Plan(arch, g, nodes, gpus_per_node, sharding, layout, price, work, engine=engine, engine_share=engine_share,
-                launcher=launcher, searched=searched, eff=eff)
+                max_num_seqs=max_num_seqs, launcher=launcher, searched=searched, eff=eff)
     shard = plan.shard_group
     h, L = arch.hidden_size, arch.num_layers
     seq = work.prompt_tokens + work.longest_new_tokens
@@ -465,15 +511,23 @@ def _sized(arch: Arch, g: GPU, nodes: int, gpus_per_node: int, work: Workload, s
     if work.activation_offload:  # what autograd saves goes to host memory; the GPU computes one layer at a time
         plan.host_gib, plan.offload_bytes_per_token = mb_tokens * saved / GIB, saved
         acts = {"activations: in host memory (activation_offload)": 0.0}
+    trained = plan.trained_params
+    base_bytes = 0.55 if work.lora_4bit else 2  # NF4 with double quantisation: about 4.4 bits a parameter
+    if work.lora_rank:  # LoRA: a frozen base (no gradients, no optimizer states) and the adapters
+        weights = {f"base weights ({'4-bit NF4' if work.lora_4bit else 'bf16'}, frozen)": base_bytes * total / shard / GIB,
+                   f"adapter weights (bf16, rank {work.lora_rank})": 2 * trained / shard / GIB}
+    else:
+        weights = {"weights (bf16)": 2 * total / shard / GIB}
     plan.memory_train = {
-        "weights (bf16)": 2 * total / shard / GIB,
-        "gradients (bf16)": 2 * total / shard / GIB,
-        "optimizer (fp32 master + AdamW)": 12 * total / shard / GIB,
+        **weights,
+        "gradients (bf16)": 2 * trained / shard / GIB,
+        "optimizer (fp32 master + AdamW)": 12 * trained / shard / GIB,
         **acts,
         "activations: one layer's working set": mb_tokens * layer / GIB,
         "activations: logits of one chunk": logits,
     }
-    resident = (2 * total + 12 * total) / shard / GIB  # weights and optimizer stay while the engine runs
+    # weights and optimizer stay while the engine runs
+    resident = (base_bytes * total + (2 + 12) * trained) / shard / GIB if work.lora_rank else 14 * total / shard / GIB
     routed = arch.routed_params()
     engine_weights = 0.0 if engine == "hf" else (2 * (total - routed) / layout.tp + 2 * routed / layout.size) / GIB
     room = plan.capacity_gib - resident - engine_weights
@@ -511,7 +565,7 @@ def _layout_text(layout: Layout, arch: Arch) -> str:
 
 def layout_from_recipe(cfg) -> dict:
     """What the recipe says about the layout: nodes, GPUs per node and sharding from its
-    `launch.accelerate_config`, the engine, its TP size and memory share from `rollout`.
+    `launch.accelerate_config`, the engine, its TP size, memory share and sequence cap from `rollout`.
     Keys are absent where the recipe is silent."""
     import yaml
 
@@ -519,6 +573,7 @@ def layout_from_recipe(cfg) -> dict:
     if cfg.rollout.engine == "vllm":
         out["tp"] = cfg.rollout.vllm.tensor_parallel_size
         out["engine_share"] = cfg.rollout.vllm.gpu_memory_utilization
+        out["max_num_seqs"] = cfg.rollout.vllm.max_num_seqs
     if cfg.launch.accelerate_config:
         from grpo.config import resolve_accelerate_config
 
@@ -552,8 +607,15 @@ def workload_from_recipe(cfg, steps: int | None = None, prompt_tokens: int | Non
         max_new_tokens=ro.max_new_tokens, steps=steps or tr.steps, micro_batch_size=tr.micro_batch_size,
         extra_forwards=extra, mini_batches=algo.mini_batches, max_new_tokens_schedule=schedule,
         num_iterations=algo.num_iterations, gradient_checkpointing=tr.gradient_checkpointing,
-        activation_offload=tr.activation_offload,
+        activation_offload=tr.activation_offload, **lora_workload(cfg.model.lora),
     )
+
+
+def lora_workload(lora) -> dict:
+    """The Workload fields of a recipe's `model.lora` (none for a full-weight run)."""
+    if lora is None:
+        return {}
+    return {"lora_rank": lora.rank, "lora_experts": lora.experts, "lora_sync": lora.sync, "lora_4bit": lora.load_in_4bit}
 
 
 def implied_mfu(flops: float, gpu_hours: float, gpu: str) -> float:

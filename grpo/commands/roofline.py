@@ -223,18 +223,21 @@ class TrainTime:
 def train_time(arch, gpu: GPU, gpus_per_node: int, world: int, shard_group: int, sequences: int, prompt_tokens: int,
                mean_tokens: float, micro_batch_size: int, extra_forwards: int,
                eff: Efficiency = EFFICIENCY, checkpointing: bool = True,
-               offload_bytes_per_token: float = 0.0) -> TrainTime:
+               offload_bytes_per_token: float = 0.0, trained_params: int | None = None) -> TrainTime:
     """One optimizer step over `sequences` completions: forward and backward (6 N per token), plus
     the recomputed forward of activation checkpointing (8 N), 2 N per extra forward (reference
     model, old log-probs), causal attention likewise; FSDP2 gathers the bf16 weights for the forward
     and again for the backward and reduce-scatters bf16 gradients in each micro-batch round.
     `offload_bytes_per_token`: saved activations copied to host memory in the forward and back in
-    the backward over PCIe (torch's save_on_cpu copies synchronously: not hidden behind compute)."""
+    the backward over PCIe (torch's save_on_cpu copies synchronously: not hidden behind compute).
+    `trained_params` (LoRA: the adapters' count): the backward computes no gradient of the frozen
+    base's weights (2 N per token less; the adapters' own FLOPs are left out, about 2 r / width of
+    N) and reduce-scatters only the adapters' gradients."""
     total, active = arch.params()
     seq = prompt_tokens + mean_tokens
     tokens = sequences * seq
     attn = 2 * arch.num_layers * arch.attention_width() * seq / 2
-    passes = 8 if checkpointing else 6
+    passes = (8 if checkpointing else 6) - (2 if trained_params is not None else 0)
     flops = (passes + 2 * extra_forwards) * active * tokens + (passes // 2 + extra_forwards) * attn * tokens
     mfu = eff.train_mfu_moe if arch.is_moe else eff.train_mfu
     compute = flops / (world * gpu.bf16_tflops * 1e12 * mfu)
@@ -242,15 +245,18 @@ def train_time(arch, gpu: GPU, gpus_per_node: int, world: int, shard_group: int,
     collectives = 0.0
     if shard_group > 1:
         bw = ring_gb_s(gpu, shard_group, gpus_per_node, eff) * 1e9
-        collectives = rounds * 3 * 2 * total * (shard_group - 1) / shard_group / bw
+        grads = total if trained_params is None else trained_params
+        collectives = rounds * (2 * 2 * total + 2 * grads) * (shard_group - 1) / shard_group / bw
     offload = 2 * offload_bytes_per_token * tokens / world / (gpu.pcie_gb_s * 1e9)
     return TrainTime(compute, collectives, rounds, offload)
 
 
-def weight_push_seconds(arch, gpu: GPU, gpus_per_node: int, world: int, eff: Efficiency = EFFICIENCY) -> float:
+def weight_push_seconds(arch, gpu: GPU, gpus_per_node: int, world: int, eff: Efficiency = EFFICIENCY,
+                        params: int | None = None) -> float:
     """Trainer shards to the engines once per generation batch: every GPU gathers the bf16 weights
-    (layer by layer) and keeps its engine's share."""
-    total, _ = arch.params()
+    (layer by layer) and keeps its engine's share. `params`: what is pushed when it is not the
+    whole model (a LoRA adapter)."""
+    total = arch.params()[0] if params is None else params
     if world == 1:
         return 2 * total / (gpu.hbm_tb_s * 1e12 * eff.hbm)
     return 2 * total * (world - 1) / world / (ring_gb_s(gpu, world, gpus_per_node, eff) * 1e9)

@@ -67,6 +67,8 @@ TOY_SCALE: dict[str, Any] = {
     "eval.k": lambda v: min(v, 2),
     "eval.max_new_tokens": lambda v: None if v is None else min(v, 16),
     "rewards.workers": lambda v: min(v, 2),
+    "rollout.tools.sandbox.workers": lambda v: min(v, 2),
+    "rollout.tools.max_observation_tokens": lambda v: min(v, 8),  # an observation must fit the 16 tokens
     "logging.report_to": [],  # trackers need accounts and the network
     "logging.rollouts_every": 1,
     "launch.accelerate_config": None,  # one process
@@ -309,6 +311,8 @@ def toy_recipe(cfg: RunConfig, overrides: Sequence[str] = (), source: str = "rec
         change("model.dtype", "float32", "CPU")
         if cfg.model.attn_implementation not in (None, "sdpa", "eager"):
             change("model.attn_implementation", "sdpa", "CPU")
+        if cfg.model.lora is not None and cfg.model.lora.load_in_4bit:
+            change("model.lora.load_in_4bit", False, "CPU: a 4-bit base (bitsandbytes) needs CUDA")
         if cfg.rollout.engine == "vllm":
             change("rollout.vllm.kv_cache_memory_mb", cfg.rollout.vllm.kv_cache_memory_mb or 64, "CPU")
             change("rollout.vllm.enforce_eager", True, "CPU")

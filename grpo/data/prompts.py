@@ -70,6 +70,19 @@ TEMPLATES = {
         "User: Show work in <think></think> then answer in <answer></answer>. {question}=?\n"
         "Assistant: <think></think>"
     ),
+    # `torl`: a base-model prompt in the ToRL setup (arXiv 2503.23383): code in ```python blocks, run by
+    # the python tool (rollout.tools: code_open "```python", code_close "```\n"), output in ```output blocks
+    "torl": (
+        "A conversation between User and Assistant. The user asks a math question, and the Assistant solves it. "
+        "The Assistant may write Python code in a ```python ... ``` block: the code is run and its output "
+        "comes back in a ```output ... ``` block, and the Assistant goes on. The final answer is put within "
+        "\\boxed{{}}.\nUser: {question}\nAssistant:"
+    ),
+    # `tool_tiny`: the python tool recipe (recipes/tiny-tool-cpu.yaml); the instruction names the tool's markers
+    "tool_tiny": (
+        "User: {question}=? You may run Python in <code></code>. Answer in <answer></answer>.\n"
+        "Assistant:"
+    ),
     "r1_zero_short": (
         "User: {question} Show work in <think></think> then answer in <answer></answer>.\n"
         "Assistant:"

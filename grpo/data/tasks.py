@@ -27,17 +27,26 @@ class ArithmeticTask:
     max_second: int = 9
     ops: tuple[str, ...] = ("+",)
 
+    @staticmethod
+    def value(a: int, op: str, b: int) -> int:
+        """The value of `a op b`.
+
+        >>> ArithmeticTask.value(347, "*", 29)
+        10063
+        """
+        return a + b if op == "+" else a - b if op == "-" else a * b
+
     def sample_problem(self, rng: random.Random) -> tuple[str, str]:
         a, b = rng.randint(0, self.max_first), rng.randint(0, self.max_second)
         op = rng.choice(self.ops)
-        return f"{a}{op}{b}", str(a + b if op == "+" else a - b)
+        return f"{a}{op}{b}", str(self.value(a, op, b))
 
     def all_rows(self) -> list[dict]:
         rows = []
         for op in self.ops:
             for a in range(self.max_first + 1):
                 for b in range(self.max_second + 1):
-                    rows.append({"question": f"{a}{op}{b}", "answer": str(a + b if op == "+" else a - b)})
+                    rows.append({"question": f"{a}{op}{b}", "answer": str(self.value(a, op, b))})
         return rows
 
     def split(self, num_eval: int, seed: int) -> tuple[list[dict], list[dict]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from grpo.config import ModelConfig, RunConfig
+from grpo.config import LoRAConfig, ModelConfig, RunConfig
 from grpo.errors import UserError, first_line
 from grpo.hub import hub_reachable
 from grpo.model.experts import experts_implementation
@@ -105,10 +105,22 @@ def _gguf_checkpoint(name: str) -> Path:
 def load_policy(model: ModelConfig, device: torch.device, path: str | Path | None = None, progress: bool = True):
     """The policy and its tokenizer: a built-in model (`builtin:NAME`, built or fetched and cached on
     first use, with progress if `progress`), a GGUF file (converted once), a Hub id or a local
-    directory; `path` (a checkpoint's model) replaces the recipe's model. A model that cannot be
-    loaded is a `ModelError` naming it."""
+    directory; `path` (a checkpoint's model) replaces the recipe's model. With `model.lora`, the
+    base gets a fresh adapter (`grpo.model.lora.apply_lora`); a `path` holding a PEFT adapter (a
+    LoRA run's checkpoint or final/) loads that adapter on the recipe's model (or, without
+    `model.lora`, on the base the adapter names). A model that cannot be loaded is a `ModelError`
+    naming it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from grpo.model.lora import adapter_base, apply_lora, check_quantization, is_adapter_dir, quantization_kwargs
+
+    adapter = Path(path) if is_adapter_dir(path) else None
+    if adapter is not None:  # a LoRA checkpoint or final/: its base, then the adapter on it
+        lora = model.lora or LoRAConfig()
+        source = model.name_or_path if model.lora is not None else (adapter_base(adapter) or model.name_or_path)
+        model = model.model_copy(update={"lora": lora, "name_or_path": source})
+        path = None
+    check_quantization(model.lora, device)
     name = resolve_model_source(str(path) if path is not None else model.name_or_path, progress=progress)
     revision = model.revision if path is None else None
     check_model_source(name, revision)
@@ -124,14 +136,28 @@ def load_policy(model: ModelConfig, device: torch.device, path: str | Path | Non
         name, revision=revision, trust_remote_code=model.trust_remote_code))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    policy = _load("model", name, lambda: AutoModelForCausalLM.from_pretrained(name, **kwargs)).to(device)
+    kwargs.update(quantization_kwargs(model.lora, kwargs["dtype"]))
+    policy = _load("model", name, lambda: AutoModelForCausalLM.from_pretrained(name, **kwargs))
+    if not model.lora or not model.lora.load_in_4bit:  # bitsandbytes places a 4-bit model itself
+        policy = policy.to(device)
+    if model.lora is not None and model.lora.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        policy = prepare_model_for_kbit_training(policy, use_gradient_checkpointing=False)
+    if model.lora is not None:
+        policy = _load("adapter", str(adapter or name), lambda: apply_lora(policy, model.lora, adapter))
     return policy, tokenizer
 
 
 def reference_model(cfg: RunConfig, model, device: torch.device, resumed: bool):
     """The frozen initial policy for the KL term (beta > 0 only; None otherwise). A resumed run
-    reloads the recipe's model: the checkpoint holds the trained policy, not the reference."""
+    reloads the recipe's model: the checkpoint holds the trained policy, not the reference.
+    With LoRA the reference is the policy module itself with its adapters off (no second copy)."""
     if cfg.algorithm.beta <= 0:
         return None
+    if cfg.model.lora is not None:
+        from grpo.model.lora import BaseOfPolicy
+
+        return BaseOfPolicy(model)
     ref = load_policy(cfg.model, device, progress=cfg.logging.progress)[0] if resumed else copy.deepcopy(model)
     return ref.eval().requires_grad_(False)

@@ -12,9 +12,10 @@ _FUSED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def make_optimizer(model, tr: TrainerConfig, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW over the model's parameters; the fused kernel (one pass over all parameters) where
-    torch has one for their device and dtype, unless `fused` is False (sharded DTensor params)."""
-    params = list(model.parameters())
+    """AdamW over the model's trainable parameters (all of them, or a LoRA run's adapters); the
+    fused kernel (one pass over all parameters) where torch has one for their device and dtype,
+    unless `fused` is False (sharded DTensor params)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     fused = fused and all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES for p in params)
     return torch.optim.AdamW(params, lr=tr.lr, betas=tr.betas, weight_decay=tr.weight_decay, fused=fused or None)
 

@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+TOOL_TAGS = ("<code>", "</code>", "<output>", "</output>")  # the python tool's markers (tiny-tool-moe only)
 SPECIALS = ("<pad>", "<eos>", "<unk>")
 # Characters of the vocabulary: enough for arithmetic, short English instructions and the tags.
 CHARS = (
@@ -71,11 +72,12 @@ CHARS = (
 )
 
 
-def build_char_tokenizer(model_max_length: int = 512):
+def build_char_tokenizer(model_max_length: int = 512, tool_tags: bool = False):
     """A character-level fast tokenizer, built locally (no download).
 
     Every character of `CHARS` is one token; the four R1 tags are single added tokens (as in
-    tokenizers of reasoning models); `<eos>` ends a document and `<pad>` pads batches.
+    tokenizers of reasoning models), and with `tool_tags` the python tool's four markers too;
+    `<eos>` ends a document and `<pad>` pads batches.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -93,7 +95,7 @@ def build_char_tokenizer(model_max_length: int = 512):
         unk_token="<unk>",
         model_max_length=model_max_length,
     )
-    tokenizer.add_tokens(list(TAGS))
+    tokenizer.add_tokens(list(TAGS) + (list(TOOL_TAGS) if tool_tags else []))
     return tokenizer
 
 
@@ -131,7 +133,13 @@ class TinyBaseSpec:
     tagged_restate_share: float = 1.0  # share of the other tagged answers that think "a+b+c=s" (else "s")
     plain_chain_share: float = 0.0  # share of plain answers that are the worked chain
     restate_share: float = 0.0  # share of the other plain answers that restate the sum before its value
+    # corpus "tool" (`tool_document`): multiplications, with the python tool's markers in the vocabulary
+    tool_share: float = 0.0  # share of answers that call the tool (<code>print(q)</code><output>v</output>)
+    code_share: float = 0.0  # share of documents that are a code snippet and its output (no question)
 
+
+# fields added after bases were cached: left out of the cache key while at their defaults
+_LATER_FIELDS = {"tool_share": 0.0, "code_share": 0.0}
 
 BUILTIN_BASES = {
     "tiny-arith-moe": TinyBaseSpec(),
@@ -139,6 +147,10 @@ BUILTIN_BASES = {
     "tiny-sums-moe": TinyBaseSpec(corpus="sums", pretrain_steps=2400, tagged_share=0.5, chain_share=0.5,
                                   whole_share=0.1, chain_answer_share=0.15, restate_share=0.5, threads=1,
                                   version=1),
+    # multiplications of a number up to 999 by one up to 99: hard to do at once for a tiny model,
+    # one line of Python with the tool; tool calls are rare in its text (recipes/tiny-tool-cpu.yaml)
+    "tiny-tool-moe": TinyBaseSpec(corpus="tool", max_first=999, max_second=99, tagged_share=1.0, tool_share=0.1,
+                                  code_share=0.15, version=1),
 }
 
 
@@ -237,12 +249,42 @@ def sums_document(rng: random.Random, task: SumsTask, spec: TinyBaseSpec) -> str
     return f"User: {question}\nAssistant: {at_once}"
 
 
+_TOOL_INSTRUCTIONS = ("", "", " Answer in <answer></answer>.",
+                      " You may run Python in <code></code>. Answer in <answer></answer>.")
+
+
+def tool_document(rng: random.Random, task: ArithmeticTask, spec: TinyBaseSpec) -> str:
+    """One document of the `tool` corpus (`tiny-tool-moe`).
+
+    Blocks of multiplications (half the documents: the notation, not a skill a tiny model can
+    learn), code snippets with their output (`code_share`: what the tool looks like), and
+    question/answer exchanges. A share `tool_share` of the answers calls the tool
+    (``<code>print(347*29)</code><output>10063\n</output><answer>10063</answer>``); the others
+    give the value at once, in the answer tags for a share `tagged_share`. So the base answers at
+    once, mostly wrongly, and RL has to make the tool its habit.
+    """
+    r = rng.random()
+    if r < spec.code_share:
+        q, a = task.sample_problem(rng)
+        return f"<code>print({q})</code><output>{a}\n</output>"
+    if r < spec.code_share + 0.5:
+        return "\n".join("=".join(task.sample_problem(rng)) for _ in range(rng.randint(4, 8)))
+    q, a = task.sample_problem(rng)
+    question = rng.choice(_QUESTIONS).format(q=q) + rng.choice(_TOOL_INSTRUCTIONS)
+    if rng.random() < spec.tool_share:
+        return f"User: {question}\nAssistant: <code>print({q})</code><output>{a}\n</output><answer>{a}</answer>"
+    answer = f"<answer>{a}</answer>" if rng.random() < spec.tagged_share else a
+    return f"User: {question}\nAssistant: {answer}"
+
+
 def corpus_task(spec: TinyBaseSpec) -> ArithmeticTask | SumsTask:
+    if spec.corpus == "tool":
+        return ArithmeticTask(max_first=spec.max_first, max_second=spec.max_second, ops=("*",))
     if spec.corpus == "sums":
         return SumsTask(terms=spec.terms, min_first=10, max_first=spec.max_first, max_term=spec.max_second)
     if spec.corpus == "arithmetic":
         return ArithmeticTask(max_first=spec.max_first, max_second=spec.max_second)
-    raise ValueError(f"unknown tiny-base corpus {spec.corpus!r}; known: arithmetic, sums")
+    raise ValueError(f"unknown tiny-base corpus {spec.corpus!r}; known: arithmetic, sums, tool")
 
 
 class DocumentPacker:
@@ -268,6 +310,8 @@ class DocumentPacker:
         if not self._ready:  # documents are drawn in order and encoded 256 at a time (one fast call)
             if isinstance(self.task, SumsTask):
                 texts = [sums_document(self.rng, self.task, self.spec) for _ in range(256)]
+            elif self.spec.corpus == "tool":
+                texts = [tool_document(self.rng, self.task, self.spec) for _ in range(256)]
             else:
                 texts = [pretraining_document(self.rng, self.task, self.spec.tagged_share) for _ in range(256)]
             encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -327,7 +371,7 @@ def _pretrain(spec: TinyBaseSpec, out_dir: Path, progress: bool) -> Path:
     torch.manual_seed(spec.seed)
     rng = random.Random(spec.seed)
     task = corpus_task(spec)
-    tokenizer = build_char_tokenizer()
+    tokenizer = build_char_tokenizer(tool_tags=spec.corpus == "tool")
     config = tiny_moe_config(spec, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
     model = AutoModelForCausalLM.from_config(
         config, dtype=torch.float32, experts_implementation=spec.experts_implementation
@@ -372,7 +416,7 @@ _SUMS_FIELDS = ("corpus", "terms", "chain_share", "whole_share", "chain_answer_s
 
 
 def spec_hash(spec: TinyBaseSpec) -> str:
-    fields = asdict(spec)
+    fields = {k: v for k, v in asdict(spec).items() if k not in _LATER_FIELDS or v != _LATER_FIELDS[k]}
     if spec.corpus == "arithmetic":  # fields of the later `sums` corpus leave the first base's key as it was
         fields = {k: v for k, v in fields.items() if k not in _SUMS_FIELDS}
     payload = json.dumps({**fields, "torch": torch.__version__}, sort_keys=True)

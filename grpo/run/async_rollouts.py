@@ -142,7 +142,7 @@ def _generation_side(spec: _Spec):
                          **engine_lengths(cfg, tokenizer, rows))  # it samples training prompts only
     prompts = PromptSampler(rows, seed=cfg.data.seed, epoch=spec.sampler_epoch, position=spec.sampler_position)
     ctx = SamplingContext(cfg, engine, make_scorer(cfg), tokenizer, prompts,
-                          sampling=sampling_params(cfg.rollout, record_routing=record))
+                          sampling=sampling_params(cfg.rollout, record_routing=record), hide=(spec.output_dir,))
     return ctx, (model if cfg.rollout.engine == "hf" else None)
 
 
@@ -213,6 +213,7 @@ def _generate(spec: _Spec, weights_q, batches_q) -> None:
         finally:
             phases.record_to(None)
             ctx.scorer.close()
+            ctx.close_environment()
             ctx.engine.close()
     except BaseException as exc:  # noqa: BLE001 - every failure goes back to the trainer, then exit 1
         batches_q.put(("error", f"{type(exc).__name__}: {exc}", traceback.format_exc()))
@@ -256,10 +257,11 @@ class AsyncRollouts:
         return self.process is not None and max(self.base, self.first_generated - 1 - self.k) <= version <= self.steps - 1 - self.k
 
     def _send(self, version: int, model: torch.nn.Module) -> None:
-        from grpo.run.checkpoint import full_model_state
+        from grpo.run.checkpoint import policy_state
 
         if version == self.base or self._needed(version):  # a private copy: the trainer keeps updating its own
-            self.weights_q.put((version, {k: v.clone() for k, v in full_model_state(model).items()}))
+            # (a LoRA run sends its adapter only: the generation process loaded the same frozen base)
+            self.weights_q.put((version, {k: v.clone() for k, v in policy_state(model).items()}))
 
     def publish(self, step: int, model: torch.nn.Module) -> None:
         """The weights after `step`'s update (version `step`), if a later batch will use them."""

@@ -1,8 +1,9 @@
 """Checkpoints that a run killed at any moment resumes from to the same result.
 
 Layout (`OUTPUT_DIR/checkpoints/step-NNNNNN/`):
-- `model/`        the policy and tokenizer (`save_pretrained`; loads with `from_pretrained`)
-- `optimizer.pt`  optimizer state (a full, unsharded state dict, also under FSDP2)
+- `model/`        the policy and tokenizer (`save_pretrained`; loads with `from_pretrained`); a LoRA
+                  run's holds the adapter in PEFT's format instead (the base is the recipe's model)
+- `optimizer.pt`  optimizer state (a full, unsharded state dict, also under FSDP2; LoRA: the adapter's)
 - `scheduler.pt`  learning-rate scheduler state
 - `rng-rank{r}.pt` Python, NumPy, torch CPU (and CUDA) RNG states of every rank
 - `reference.pt`  the reference policy's weights, once `algorithm.ref_refresh_steps` has replaced
@@ -211,6 +212,15 @@ def full_model_state(model: torch.nn.Module, every_rank: bool = False) -> dict[s
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
+def policy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint and final/ hold of the policy: a LoRA run's adapter (`save_pretrained`
+    then writes it in PEFT's format), else the full unsharded state (`full_model_state`)."""
+    inner = getattr(model, "module", model)  # DDP wrapper: its module
+    if hasattr(inner, "peft_config"):  # a peft model: its adapter's parameters, under the peft model's names
+        return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if "lora_" in k}
+    return full_model_state(model)
+
+
 def _optimizer_state(model, optimizer) -> dict:
     if _sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -264,7 +274,7 @@ def save(output_dir: Path, state: TrainState, *, model, unwrapped, tokenizer, op
     rngs = gather_objects(_rng_state())
     # Replicated (DDP) parameters must be bit-identical on every rank: record each rank's digest.
     digests = gather_objects(None if _sharded(model) else parameter_digest(model))
-    weights = full_model_state(model)
+    weights = policy_state(model)
     optim_state = _optimizer_state(model, optimizer)
     if not is_main:
         return None
@@ -317,7 +327,9 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def save_final(output_dir: Path, unwrapped, tokenizer, weights: dict[str, torch.Tensor]) -> Path:
-    """The trained model and its tokenizer in OUTPUT_DIR/final, written whole or not at all."""
+    """The trained model and its tokenizer in OUTPUT_DIR/final, written whole or not at all (a LoRA
+    run's: the adapter in PEFT's format, `PeftModel.from_pretrained(base, final)`; `grpo merge-lora`
+    writes base + adapter as a plain model)."""
     final = output_dir / "final"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=output_dir))
     try:

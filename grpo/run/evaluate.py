@@ -24,7 +24,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from grpo.config import RunConfig
+from grpo.config import RolloutConfig, RunConfig
 from grpo.data.prompts import correct_rewards, render_prompts
 from grpo.run.checkpoint import write_atomic
 from rewards import RewardSpec, Scorer, is_correct
@@ -114,13 +114,25 @@ def judge(scorer: Scorer, correct: Sequence[str], completions: list[str], rows: 
     return [is_correct({name: values[i] for name, values in per.items()}, correct) for i in range(len(completions))], per
 
 
-def evaluate_greedy(engine, tokenizer, cfg: RunConfig, rows: list[dict], scorer: Scorer) -> dict:
-    """Greedy accuracy on held-out rows: correct answer *inside* the required format."""
+def _generate(engine, tokenizer, rollout: RolloutConfig, prompt_ids: list[list[int]], rows: list[dict], n: int,
+              sampling: SamplingParams, environment=None):
+    """The engine's completions, multi-turn with `environment` (the recipe's tools) when there is one."""
+    if environment is None:
+        return engine.generate(prompt_ids, n, sampling)
+    from grpo.run.tools import episodes_for
+
+    episodes = episodes_for(rollout, environment, tokenizer, rows, n, sampling.max_new_tokens)
+    return engine.generate(prompt_ids, n, sampling, episodes=episodes)
+
+
+def evaluate_greedy(engine, tokenizer, cfg: RunConfig, rows: list[dict], scorer: Scorer, environment=None) -> dict:
+    """Greedy accuracy on held-out rows: correct answer *inside* the required format (with the
+    recipe's tools when `environment` is given)."""
     prompts = render_prompts(cfg.data, rows, tokenizer)
     prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     sampling = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens or cfg.rollout.max_new_tokens,
                               temperature=0.0, stop=tuple(cfg.rollout.stop))
-    outs = engine.generate(prompt_ids, 1, sampling)
+    outs = _generate(engine, tokenizer, cfg.rollout, prompt_ids, rows, 1, sampling, environment)
     names = correct_rewards(cfg.data, cfg.eval)
     correct, per = judge(scorer, names, [o.text for o in outs], rows, prompts)
     n = len(rows)
@@ -131,19 +143,22 @@ def evaluate_greedy(engine, tokenizer, cfg: RunConfig, rows: list[dict], scorer:
     if answer_name:
         summary["answer_anywhere"] = sum(v == 1.0 for v in per[answer_name]) / n
     summary["num_prompts"] = n
+    if environment is not None:
+        summary["tool_calls"] = sum(o.tool_calls for o in outs) / n
     summary["examples"] = [{"prompt": p, "completion": o.text, "answer": r.get("answer", "")}
                            for p, o, r in list(zip(prompts, outs, rows))[:3]]
     return summary
 
 
-def evaluate_sampled(engine, tokenizer, cfg: RunConfig, rows: list[dict], scorer: Scorer, k: int, seed: int) -> dict:
+def evaluate_sampled(engine, tokenizer, cfg: RunConfig, rows: list[dict], scorer: Scorer, k: int, seed: int,
+                     environment=None) -> dict:
     """avg@k, pass@k (k = 1, 2, 4, ... <= n) and maj@k from `k` samples a problem."""
     prompts = render_prompts(cfg.data, rows, tokenizer)
     prompt_ids = [tokenizer.encode(p, add_special_tokens=False) for p in prompts]
     ro = cfg.rollout
     sampling = SamplingParams(max_new_tokens=cfg.eval.max_new_tokens or ro.max_new_tokens, temperature=cfg.eval.temperature,
                               top_p=ro.top_p, top_k=ro.top_k, stop=tuple(ro.stop), seed=seed)
-    outs = engine.generate(prompt_ids, k, sampling)  # prompt-major: sample j of problem i at i * k + j
+    outs = _generate(engine, tokenizer, cfg.rollout, prompt_ids, rows, k, sampling, environment)  # sample j of problem i: i * k + j
     texts = [o.text for o in outs]
     correct, _ = judge(scorer, correct_rewards(cfg.data, cfg.eval), texts, [rows[i // k] for i in range(len(outs))], [prompts[i // k] for i in range(len(outs))])
     counts = [sum(correct[i * k : (i + 1) * k]) for i in range(len(rows))]
@@ -157,16 +172,16 @@ def evaluate_sampled(engine, tokenizer, cfg: RunConfig, rows: list[dict], scorer
 
 
 def evaluate_sets(engine, tokenizer, cfg: RunConfig, sets: dict[str, list[dict]], scorer: Scorer,
-                  k: int | None = None, seed: int = 0) -> dict:
+                  k: int | None = None, seed: int = 0, environment=None) -> dict:
     """{"k": n, "datasets": {name: metrics}, "examples": {name: three greedy examples}}."""
     k = cfg.eval.k if k is None else k
     report: dict = {"k": k, "correct": correct_rewards(cfg.data, cfg.eval), "datasets": {}, "examples": {}}
     for name, rows in sets.items():
-        greedy = evaluate_greedy(engine, tokenizer, cfg, rows, scorer)
+        greedy = evaluate_greedy(engine, tokenizer, cfg, rows, scorer, environment)
         metrics = {"greedy_accuracy": greedy["accuracy"], "num_prompts": greedy["num_prompts"]}
-        metrics.update({key: greedy[key] for key in ("format", "answer_anywhere") if key in greedy})
+        metrics.update({key: greedy[key] for key in ("format", "answer_anywhere", "tool_calls") if key in greedy})
         if k > 1:
-            metrics.update(evaluate_sampled(engine, tokenizer, cfg, rows, scorer, k, seed))
+            metrics.update(evaluate_sampled(engine, tokenizer, cfg, rows, scorer, k, seed, environment))
         report["datasets"][name] = metrics
         report["examples"][name] = greedy["examples"]
     return report
@@ -188,9 +203,10 @@ def write_report(output_dir: str | Path, label: str, report: dict) -> Path:
 
 
 def evaluate_step(engine, tokenizer, cfg: RunConfig, sets: dict[str, list[dict]], scorer: Scorer, step: int,
-                  output_dir: str | Path, tracker=None) -> dict:
+                  output_dir: str | Path, tracker=None, environment=None) -> dict:
     """One in-training evaluation: every set, written to eval/step-N.json and logged under eval/."""
-    report = {"step": step, **evaluate_sets(engine, tokenizer, cfg, sets, scorer, seed=cfg.trainer.seed * 7_919 + step)}
+    report = {"step": step, **evaluate_sets(engine, tokenizer, cfg, sets, scorer, seed=cfg.trainer.seed * 7_919 + step,
+                                            environment=environment)}
     write_report(output_dir, f"step-{step}", report)
     if tracker is not None:
         tracker.log(tracker_metrics(report), step)

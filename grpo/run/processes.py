@@ -73,6 +73,20 @@ def check_supported(cfg, world: int) -> None:
             f"algorithm.mini_batches={parts} is more than each of the {world} processes' {per_rank} prompt(s) and "
             f"than rollout.group_size={size}: a process deals its groups' outputs over the mini-batches, so "
             f"lower algorithm.mini_batches to at most {max(per_rank, size)} or use fewer processes")
+    tools = cfg.rollout.tools.environment
+    if tools is not None and cfg.moe.routing_replay == "R3":
+        raise UnsupportedError(
+            f"rollout.tools.environment={tools!r} with moe.routing_replay=R3: multi-turn rollouts record no routed "
+            "experts (environment tokens are fed, not sampled); use moe.routing_replay=R2 or none")
+    if tools is not None and cfg.rollout.engine == "vllm" and cfg.rollout.vllm.mode == "server":
+        raise UnsupportedError(
+            f"rollout.tools.environment={tools!r} needs rollout.engine=hf or colocated vLLM (rollout.vllm.mode="
+            "colocate): the server client does not run multi-turn rollouts yet")
+    if cfg.trainer.max_staleness and cfg.model.lora is not None and cfg.rollout.engine == "vllm":
+        raise UnsupportedError(
+            "model.lora with trainer.max_staleness >= 1 and rollout.engine=vllm is not supported yet (the generation "
+            "process receives the adapter as a state dict, not as a vLLM adapter); use rollout.engine=hf there, or "
+            "trainer.max_staleness=0")
     if cfg.trainer.max_staleness and world > 1:
         raise UnsupportedError(
             f"trainer.max_staleness={cfg.trainer.max_staleness} (asynchronous RL) is not supported with {world} "

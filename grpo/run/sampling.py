@@ -23,6 +23,7 @@ from grpo.collectives import group_seed
 from grpo.config import RolloutConfig, RunConfig
 from grpo.data.prompts import PromptSampler, correct_rewards, longest_prompt_tokens, render_prompts
 from grpo.phases import phase
+from grpo.run.tools import episodes_for, make_environment
 from rewards import RewardSpec, Scorer
 from rollout.base import Rollout, RolloutEngine, SamplingParams
 
@@ -65,10 +66,26 @@ class SamplingContext:
     prompts: PromptSampler
     batch: slice = field(default_factory=lambda: slice(0, None))  # this rank's share of the global prompts
     sampling: SamplingParams | None = None  # None: from cfg.rollout (a benchmark may set ignore_eos)
+    environment: object | None = None  # multi-turn rollouts (rollout.turns); None: from cfg.rollout.tools
+    hide: tuple[str, ...] = ()  # directories the python tool's sandbox must not show (the run directory)
 
     def __post_init__(self) -> None:
         if self.sampling is None:
             self.sampling = sampling_params(self.cfg.rollout)
+        if self.environment is None and self.cfg.rollout.tools.environment is not None:
+            self.environment = make_environment(self.cfg.rollout.tools, list(self.hide))
+
+    def close_environment(self) -> None:
+        """Stop the environment (the python tool's sandbox workers), if there is one."""
+        if self.environment is not None and hasattr(self.environment, "close"):
+            self.environment.close()
+
+    def episodes(self, groups: list[PromptGroup], max_new_tokens: int):
+        """The multi-turn state of one generate call over `groups` (None: one-turn rollouts)."""
+        if self.environment is None:
+            return None
+        return episodes_for(self.cfg.rollout, self.environment, self.tokenizer, [g.row for g in groups],
+                            self.cfg.rollout.group_size, max_new_tokens)
 
 
 def sampling_params(rollout: RolloutConfig, prompt_seeds: list[int] = (), record_routing: bool = False) -> SamplingParams:
@@ -152,7 +169,9 @@ def collect_rollouts(ctx: SamplingContext, step: int, policy_version: int | None
         t = time.perf_counter()
         sampling = replace(ctx.sampling, prompt_seeds=tuple(g.seed for g in groups), max_new_tokens=new_tokens)
         with phase("generate"):
-            rollouts = ctx.engine.generate([g.token_ids for g in groups], cfg.rollout.group_size, sampling)
+            episodes = ctx.episodes(groups, new_tokens)
+            rollouts = ctx.engine.generate([g.token_ids for g in groups], cfg.rollout.group_size, sampling,
+                                           **({"episodes": episodes} if episodes is not None else {}))
         rollouts = [replace(r, policy_version=version) for r in rollouts]
         ts = time.perf_counter()
         with phase("score"):

@@ -24,7 +24,7 @@ from grpo.algo.advantages import assign_advantages
 from grpo.algo.moe import RouterControl, load_metrics
 from grpo.algo.update import policy_update
 from grpo.collectives import all_reduce_tensor, reduce_metrics
-from grpo.config import RunConfig
+from grpo.config import ModelConfig, RunConfig
 from grpo.data.prompts import correct_rewards
 from grpo.phases import phase
 from grpo.run.sampling import RolloutBatch, SamplingContext, collect_rollouts
@@ -87,19 +87,33 @@ def update_policy(ctx: LearningContext, rollouts: list[Rollout], max_new_tokens:
     skipped = metrics.pop("train/skipped") > 0
     t_sync = time.perf_counter()
     with phase("push weights"):
-        sync_engine(ctx.engine, ctx.model, ctx.unwrapped)
+        sync_engine(ctx.engine, ctx.model, ctx.unwrapped, lora_sync(cfg.model))
         ctx.engine.after_update()
     metrics.update({"time/train": t_sync - t, "time/weight_sync": time.perf_counter() - t_sync})
     return metrics, skipped
 
 
-def sync_engine(engine: RolloutEngine, model, unwrapped) -> None:
+def lora_sync(model: ModelConfig) -> str | None:
+    """How a LoRA run pushes its policy to the engine (`model.lora.sync`); None: full weights."""
+    return model.lora.sync if model.lora is not None else None
+
+
+def sync_engine(engine: RolloutEngine, model, unwrapped, lora: str | None = None) -> None:
     """Push the policy's weights to an engine that keeps its own (nothing to do when it decodes
-    with the policy module itself)."""
+    with the policy module itself). A LoRA policy (`lora`: `model.lora.sync`) pushes its adapter
+    (a new version) to an engine that takes adapters (`takes_adapters`), else its merged weights
+    (e.g. vLLM's CPU build with an MoE model, see `rollout.make_engine`)."""
+    from grpo.model.lora import adapter_payload, merged_state
     from grpo.run.checkpoint import full_model_state
 
     engine_model = getattr(engine, "model", None)  # the HF engine decodes with a module; vLLM has its own
     if engine_model is unwrapped:  # colocated, same tensors: nothing to copy
+        return
+    if lora == "adapter" and engine_model is None and getattr(engine, "takes_adapters", False):
+        engine.update_adapter(*adapter_payload(unwrapped))
+        return
+    if lora is not None and engine_model is None:  # an engine without adapters: the merged weights
+        engine.update_weights(merged_state(unwrapped).items())
         return
     full = full_model_state(model, every_rank=True)  # a collective under FSDP2
     if engine_model is not None:
@@ -154,8 +168,8 @@ def logs_rollouts(cfg: RunConfig, step: int) -> bool:
 
 def rollout_metrics(rollouts: list[Rollout], correct: Sequence[str], seconds: float) -> dict[str, float]:
     """Lengths, truncation, throughput and accuracy (`eval.correct`: the same definition as evaluation)."""
-    lengths = [r.num_completion_tokens for r in rollouts]
-    return {
+    lengths = [r.num_completion_tokens for r in rollouts]  # policy tokens (environment tokens are context)
+    metrics = {
         "rollout/response_length_mean": sum(lengths) / len(lengths),
         "rollout/response_length_max": float(max(lengths)),
         "rollout/truncated_frac": sum(r.finish_reason == "length" for r in rollouts) / len(rollouts),
@@ -163,6 +177,22 @@ def rollout_metrics(rollouts: list[Rollout], correct: Sequence[str], seconds: fl
         "rollout/accuracy": sum(is_correct(r.rewards, correct) for r in rollouts) / len(rollouts),
         "rollout/degenerate_groups_frac": degenerate_groups_frac(rollouts),
     }
+    if any(r.policy_mask is not None for r in rollouts):
+        metrics.update(tool_metrics(rollouts))
+    return metrics
+
+
+def tool_metrics(rollouts: list[Rollout]) -> dict[str, float]:
+    """Multi-turn rollouts: tool calls per completion, the share of calls that failed (an exception
+    or non-zero exit) and that ran out of time (or output), policy turns per completion, and the
+    environment's tokens per completion (context, not trained on)."""
+    calls = sum(r.tool_calls for r in rollouts)
+    n = len(rollouts)
+    return {"rollout/tool_calls_mean": calls / n,
+            "rollout/tool_errors_frac": sum(r.tool_count("error", "killed") for r in rollouts) / max(calls, 1),
+            "rollout/tool_timeouts_frac": sum(r.tool_count("timeout", "output_limit") for r in rollouts) / max(calls, 1),
+            "rollout/turns_mean": sum(r.turns for r in rollouts) / n,
+            "rollout/env_tokens_mean": sum(len(r.completion_ids) - r.num_completion_tokens for r in rollouts) / n}
 
 
 def degenerate_groups_frac(rollouts: list[Rollout]) -> float:
@@ -220,8 +250,24 @@ def rollout_rows(result: StepResult, group_size: int, tokenizer=None) -> list[di
             row["prompt_tokens"] = len(r.prompt_ids)
             row["token_text"] = tokenizer.batch_decode([[t] for t in ids]) if ids else []
             row["token_logprobs"] = [round(float(lp), 4) for lp in r.logprobs[:MAX_ROW_TOKENS]]
+            if r.policy_mask is not None:
+                row["segments"] = turn_segments(r, tokenizer)
             if result.tokens:  # the trainer's view of the same tokens, before the update
                 start = len(r.prompt_ids) - 1  # the collate layout: entry t scores token t + 1
                 for key, name in (("logprobs", "token_trainer_logprobs"), ("entropy", "token_entropy")):
                     row[name] = [round(float(v), 4) for v in result.tokens[key][b, start:start + len(ids)]]
     return rows
+
+
+def turn_segments(r: Rollout, tokenizer) -> list[dict]:
+    """A multi-turn completion as its turns, in order: {"kind": "policy" | "environment", "text",
+    "status" (the tool call's, environment turns only)}; the dashboard shows them apart."""
+    out, at = [], 0
+    for start, end, status in (*r.env_turns, (len(r.completion_ids), len(r.completion_ids), None)):
+        if start > at:
+            out.append({"kind": "policy", "text": tokenizer.decode(list(r.completion_ids[at:start]), skip_special_tokens=True)})
+        if status is not None:
+            out.append({"kind": "environment", "status": status,
+                        "text": tokenizer.decode(list(r.completion_ids[start:end]), skip_special_tokens=True)})
+        at = end
+    return out

@@ -45,7 +45,7 @@ from grpo import phases
 from grpo.algo.moe import RouterControl
 from grpo.algo.update import optimizer_steps_per_batch
 from grpo.collectives import all_reduce_sum, broadcast_object, gather_objects, rank_slice
-from grpo.config import RunConfig, dump_config
+from grpo.config import ModelConfig, RunConfig, dump_config
 from grpo.data.prompts import PromptSampler, correct_rewards
 from grpo.data.sources import load_eval_sets, load_rows
 from grpo.model.loading import load_policy, reference_model
@@ -55,7 +55,15 @@ from grpo.run.async_rollouts import IN_FLIGHT_FILE, AsyncRollouts, InFlight, eff
 from grpo.run.evaluate import evaluate_greedy, evaluate_step, make_eval_scorer
 from grpo.run.processes import UnsupportedError, check_supported, fsdp_on_cpu, fully_shard_cpu, make_accelerator
 from grpo.run.sampling import SamplingContext, engine_lengths, make_scorer, sampling_params
-from grpo.run.step import LearningContext, StepContext, StepResult, logs_rollouts, rollout_rows, sync_engine
+from grpo.run.step import (
+    LearningContext,
+    StepContext,
+    StepResult,
+    logs_rollouts,
+    lora_sync,
+    rollout_rows,
+    sync_engine,
+)
 from grpo.run.tracking import make_tracker
 from grpo.run.watchdog import Watchdog, timeline_path
 from rewards import Scorer
@@ -129,6 +137,9 @@ def prepare_training(cfg: RunConfig, accelerator, model, tokenizer, lengths: dic
     transformers engine over the policy, for evaluations; rollouts come from the generation process.
     """
     sharded = fsdp_on_cpu(accelerator)
+    if cfg.model.lora is not None and (sharded or accelerator.is_fsdp2):
+        raise UnsupportedError("model.lora with FSDP2 is not supported yet (the adapter's checkpoint and push read "
+                               "unsharded tensors); run LoRA in one process or under DDP")
     engine_model = copy.deepcopy(model) if sharded or accelerator.is_fsdp2 else model
     if cfg.trainer.gradient_checkpointing:  # before wrapping; the engine's copy decodes without it
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -139,9 +150,18 @@ def prepare_training(cfg: RunConfig, accelerator, model, tokenizer, lengths: dic
         model, optimizer = accelerator.prepare(model, optimizer)
     rollout = cfg.rollout.model_copy(update={"engine": "hf"}) if cfg.trainer.max_staleness else cfg.rollout
     engine = make_engine(rollout, engine_model, tokenizer, accelerator.device, seed=cfg.trainer.seed,
-                         record_routing=cfg.moe.routing_replay == "R3", **(lengths or {}))
+                         record_routing=cfg.moe.routing_replay == "R3", lora_rank=engine_lora_rank(cfg.model, rollout),
+                         **(lengths or {}))
     schedule = make_schedule(optimizer, cfg.trainer, optimizer_steps_per_batch(cfg.algorithm))  # counts optimizer steps
     return model, accelerator.unwrap_model(model), optimizer, schedule, engine
+
+
+def engine_lora_rank(model: ModelConfig, rollout) -> int | None:
+    """The adapter rank a vLLM engine must take (LoRA runs that push adapters), else None."""
+    lora = model.lora
+    if lora is None or lora.sync != "adapter" or rollout.engine != "vllm":
+        return None
+    return lora.rank
 
 
 class _NoTracker:
@@ -221,12 +241,13 @@ def set_up(cfg: RunConfig, output_dir: str | Path, resume: str | None, allow_cha
     model, unwrapped, optimizer, schedule, engine = prepare_training(cfg, accelerator, model, tokenizer, lengths)
     if ckpt:
         checkpoint.restore(ckpt, model=model, optimizer=optimizer, scheduler=schedule, rank=rank)
-    sync_engine(engine, model, unwrapped)  # an engine with its own weights starts from exactly the policy
+    sync_engine(engine, model, unwrapped, lora_sync(cfg.model))  # an engine with its own weights starts from exactly the policy
     prompts = PromptSampler(train_rows, seed=cfg.data.seed, epoch=state.sampler_epoch, position=state.sampler_position)
     record_routing = moe.is_moe and cfg.moe.routing_replay == "R3"
     sampling = SamplingContext(cfg, engine, scorer, tokenizer, prompts,
                                batch=rank_slice(cfg.trainer.prompts_per_step, rank, world),
-                               sampling=sampling_params(cfg.rollout, record_routing=record_routing))
+                               sampling=sampling_params(cfg.rollout, record_routing=record_routing),
+                               hide=(str(output_dir),))  # the python tool's sandbox never sees the run directory
     learning = LearningContext(cfg, engine, tokenizer, model, unwrapped, optimizer, schedule, accelerator.device, moe,
                                ref_model=ref_model)
     ctx = StepContext(sampling, learning)
@@ -270,7 +291,8 @@ def log_step(run: Run, result: StepResult, bar) -> None:
     if cfg.eval.every and step % cfg.eval.every == 0 and run.is_main:
         c = run.ctx.learning
         with phases.phase("evaluate"):
-            evaluate_step(c.engine, c.tokenizer, cfg, run.eval_sets, run.eval_scorer, step, run.output_dir, run.tracker)
+            evaluate_step(c.engine, c.tokenizer, cfg, run.eval_sets, run.eval_scorer, step, run.output_dir, run.tracker,
+                          environment=run.ctx.sampling.environment)
     bar.set_postfix(reward=f"{metrics['reward/mean']:.2f}", acc=f"{metrics['rollout/accuracy']:.2f}",
                     tok_s=f"{metrics['rollout/tokens_per_s']:.0f}")
 
@@ -341,6 +363,7 @@ def stop(run: Run, step: int, signum: int, source: AsyncRollouts | None) -> Stop
     saved = save_if_due(run, step, source, now=True)
     run.tracker.close()
     run.ctx.sampling.scorer.close()
+    run.ctx.sampling.close_environment()
     run.eval_scorer.close()
     run.ctx.learning.engine.close()
     name = signal.Signals(signum).name
@@ -353,11 +376,12 @@ def finish(run: Run, summary: dict, started: float) -> None:
     """Final evaluation, the final model and the summary (rank 0 writes), then close everything."""
     cfg, c = run.cfg, run.ctx.learning
     with phases.phase("checkpoint"):
-        weights = checkpoint.full_model_state(c.model)
+        weights = checkpoint.policy_state(c.model)
     if run.is_main:
         if cfg.eval.before_and_after and run.eval_rows:
             with phases.phase("evaluate"):
-                summary["eval_after"] = evaluate_greedy(c.engine, c.tokenizer, cfg, run.eval_rows, run.eval_scorer)
+                summary["eval_after"] = evaluate_greedy(c.engine, c.tokenizer, cfg, run.eval_rows, run.eval_scorer,
+                                                        run.ctx.sampling.environment)
         tail = run.format_history[-max(1, math.ceil(len(run.format_history) / 10)) :]
         summary["train"] = {"steps": cfg.trainer.steps, "processes": run.accelerator.num_processes,
                             "skipped_steps": run.state.skipped_steps,
@@ -370,6 +394,7 @@ def finish(run: Run, summary: dict, started: float) -> None:
             checkpoint.write_atomic(run.output_dir / "summary.json", json.dumps(summary, indent=2))
     run.tracker.close()
     run.ctx.sampling.scorer.close()
+    run.ctx.sampling.close_environment()
     run.eval_scorer.close()
     c.engine.close()
     run.accelerator.wait_for_everyone()
@@ -447,7 +472,8 @@ def train(cfg: RunConfig, output_dir: str | Path, resume: str | None = None, all
         with StopSignals() as signals, rollout_source(run) as source:  # source None: synchronous
             if cfg.eval.before_and_after and run.eval_rows and run.is_main and not run.resumed_from:
                 with phases.phase("evaluate"):
-                    summary["eval_before"] = evaluate_greedy(c.engine, c.tokenizer, cfg, run.eval_rows, run.eval_scorer)
+                    summary["eval_before"] = evaluate_greedy(c.engine, c.tokenizer, cfg, run.eval_rows,
+                                                             run.eval_scorer, run.ctx.sampling.environment)
             bar = tqdm(range(first, cfg.trainer.steps + 1), desc="grpo", dynamic_ncols=True,
                        disable=not (cfg.logging.progress and run.is_main), initial=first - 1, total=cfg.trainer.steps)
             for step in bar:

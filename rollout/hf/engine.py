@@ -18,7 +18,7 @@ GPU:  the same, with the model on CUDA (bf16 works; logprobs are computed in flo
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -27,6 +27,8 @@ from rollout.hf.qwen3 import FastQwen3Stepper
 from rollout.hf.sampling import RaceNoise, draw, sampling_logprobs
 from rollout.hf.steppers import GenericStepper, prefill
 from rollout.hf.stops import StopChecker
+from rollout.hf.turns import sample_turns
+from rollout.turns import Episodes
 
 
 class HFEngine:
@@ -53,16 +55,23 @@ class HFEngine:
     # -- Protocol ------------------------------------------------------------------------------
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams
+        self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams, episodes: Episodes | None = None
     ) -> list[Rollout]:
         rows = [list(p) for p in prompts for _ in range(n)]
+        if episodes is not None and len(episodes) != len(rows):
+            raise ValueError(f"{len(episodes)} episodes for {len(rows)} completions")
+        if episodes is not None and sampling.record_routing:
+            raise ValueError("routed experts are not recorded in multi-turn rollouts (moe.routing_replay=R3)")
         if any(len(r) == 0 for r in rows):
             raise ValueError("every prompt needs at least one token")
         if sampling.prompt_seeds and len(sampling.prompt_seeds) != len(prompts):
             raise ValueError(f"{len(sampling.prompt_seeds)} prompt seeds for {len(prompts)} prompts")
         row_seeds = ([sampling.prompt_seeds[b // n] * 1_000_003 + b % n for b in range(len(rows))]
                      if sampling.prompt_seeds else None)
-        completions, logprobs, reasons, routing = self._decode(rows, sampling, row_seeds)
+        completions, logprobs, reasons, routing = self._decode(rows, sampling, row_seeds, episodes)
+        if episodes is not None:
+            return [Rollout(group=b // n, prompt_ids=tuple(prompt), logprobs=tuple(logprobs[b]),
+                            **episodes.completion(b)) for b, prompt in enumerate(rows)]
         out = []
         for b, (prompt, completion) in enumerate(zip(rows, completions)):
             out.append(
@@ -99,16 +108,18 @@ class HFEngine:
     # -- decoding ------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _decode(self, rows: list[list[int]], sampling: SamplingParams, row_seeds: list[int] | None = None):
+    def _decode(self, rows: list[list[int]], sampling: SamplingParams, row_seeds: list[int] | None = None,
+                episodes: Episodes | None = None):
         model = self.model
         was_training = model.training
         model.eval()
         try:
-            return self._decode_eval(rows, sampling, row_seeds)
+            return self._decode_eval(rows, sampling, row_seeds, episodes)
         finally:
             model.train(was_training)
 
-    def _decode_eval(self, rows: list[list[int]], sampling: SamplingParams, row_seeds: list[int] | None = None):
+    def _decode_eval(self, rows: list[list[int]], sampling: SamplingParams, row_seeds: list[int] | None = None,
+                     episodes: Episodes | None = None):
         device = self.device
         generator = torch.Generator(device=device)
         if sampling.seed is not None:
@@ -126,7 +137,11 @@ class HFEngine:
         del cache
         out = _Decoded.empty(batch, max_new, self.pad_id, device, prefill_routes.shape[2:] if record else None)
         noise = RaceNoise(batch, logits.shape[-1], max_new, device, generator, row_generators)
-        _sample_tokens(stepper, logits, sampling, StopChecker(self.tokenizer, sampling, device), noise, out)
+        if episodes is not None:
+            sampling = replace(sampling, stop=(*sampling.stop, *episodes.stop))
+            sample_turns(stepper, logits, sampling, StopChecker(self.tokenizer, sampling, device), noise, out, episodes)
+        else:
+            _sample_tokens(stepper, logits, sampling, StopChecker(self.tokenizer, sampling, device), noise, out)
         return out.results(rows, width, prefill_routes)
 
     def _prefill_distinct(self, rows: list[list[int]], width: int, record: bool):

@@ -48,6 +48,8 @@ class FastQwen3Stepper:
     @classmethod
     def supports(cls, model) -> bool:
         cfg = model.config
+        if any(hasattr(m, "lora_A") for m in model.modules()):  # adapters: the layers' own forwards apply them
+            return False
         if getattr(cfg, "model_type", None) not in cls.SUPPORTED or getattr(cfg, "hidden_act", None) != "silu":
             return False
         try:

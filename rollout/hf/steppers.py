@@ -29,7 +29,8 @@ def _cache_keyword_of(forward_type: type) -> str:
 def cache_keyword(model) -> str:
     """The name of the KV-cache argument (and output field) of a transformers model's forward:
     `cache` in transformers >= 5.20, `past_key_values` before (vLLM's CPU build pins 5.19)."""
-    return _cache_keyword_of(type(model))
+    base = getattr(model, "get_base_model", None)  # a peft model forwards its arguments to the base
+    return _cache_keyword_of(type(base() if callable(base) else model))
 
 
 def output_cache(out):

@@ -15,6 +15,10 @@
   `rollout.vllm.worker.reload_in_place` on every worker (`LLM.collective_rpc`): vLLM's layer-wise
   in-place reload, plus the post-load processing vLLM 0.32 skips on CPU (MoE prepacking, tied
   heads); an update that misses a parameter is an error. The prefix cache is reset after it.
+- Adapters (LoRA runs, `model.lora.sync: adapter`). Built with `lora_rank`, the engine runs vLLM's
+  LoRA support; `update_adapter` writes each new adapter version in PEFT's format to RAM
+  (/dev/shm), loads it under a new id, removes the previous one, and every later `generate` samples
+  with it. The base weights are never pushed.
 - Memory phases. `before_update` (called by the train loop) puts the engine to sleep where the
   platform has vLLM's sleep mode (CUDA/ROCm/XPU); elsewhere the option is turned off with one log line.
 - The trainer's process is left as it was: vLLM reseeds the global RNGs and (CPU) disables
@@ -47,6 +51,8 @@ from typing import Any
 import torch
 
 from rollout.base import Rollout, SamplingParams
+from rollout.turns import Episodes
+from rollout.vllm.adapters import AdapterVersions, lora_rank_slot
 from rollout.vllm.layout import (
     default_group_kept,
     flatten_gathered,
@@ -125,6 +131,8 @@ class VLLMEngine:
             returned (`SamplingParams.record_routing`); an error at start-up where vLLM cannot.
         model_type, tie_word_embeddings: for the parameter-name mapping; read from the checkpoint's
             config when None.
+        lora_rank: build the engine with vLLM's LoRA support for adapters up to this rank
+            (`update_adapter` pushes a new version; None: no LoRA).
         engine_kwargs: further `vllm.LLM` / `EngineArgs` arguments.
     """
 
@@ -147,6 +155,7 @@ class VLLMEngine:
         record_routing: bool = False,
         model_type: str | None = None,
         tie_word_embeddings: bool | None = None,
+        lora_rank: int | None = None,
         engine_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         # vLLM logs to stdout by default; our commands print their results there (`grpo eval`'s table).
@@ -177,6 +186,8 @@ class VLLMEngine:
             # vLLM's RAM share default on CPU (0.92) would not fit beside a trainer
             "kv_cache_memory_bytes": 256 << 20 if kv_cache_memory_bytes is None and self.on_cpu else kv_cache_memory_bytes,
         }
+        if lora_rank is not None:  # one adapter at a time: the policy's current version
+            wanted.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_slot(lora_rank))
         if self.on_cpu:
             wanted.update(_cpu_scheduler_args())
         wanted = {k: v for k, v in wanted.items() if v is not None}
@@ -204,6 +215,7 @@ class VLLMEngine:
         self._group_rng = random.Random(seed + self.tp_group_index)
         self._asleep: set[str] = set()  # memory tags currently released ("weights", "kv_cache")
         self._weights_discarded = False  # level-2 sleep: weights must be reloaded before generating
+        self._adapters = AdapterVersions() if lora_rank is not None else None
 
     def _check_platform(self, record_routing: bool, enable_sleep_mode: bool) -> bool:
         """Sets `on_cpu`; refuses R3 where vLLM cannot return routed experts; returns whether sleep
@@ -270,9 +282,12 @@ class VLLMEngine:
 
     # --- generation -------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Rollout]:
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
+                 episodes: Episodes | None = None) -> list[Rollout]:
         import vllm
 
+        if episodes is not None:
+            return self._generate_turns(prompts, n, sampling, episodes)
         if sampling.record_routing and not self.record_routing:
             raise ValueError("build VLLMEngine(record_routing=True) to record routed experts")
         plain = sampling.temperature == 1.0 and sampling.top_p == 1.0 and sampling.top_k == 0
@@ -305,13 +320,54 @@ class VLLMEngine:
             params: Any = vllm.SamplingParams(**kwargs)
         else:  # seeded requests, distinct per request and completion
             params = [vllm.SamplingParams(**kwargs, seed=s) for s in batch_seeds]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False)
+        lora = self._adapters.request if self._adapters is not None else None
+        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in batch], params, use_tqdm=False,
+                                    lora_request=lora)
         # Same outputs on every rank of the TP group; keep the ones of this rank's prompts.
         mine = outputs[start : start + len(local)]
         rollouts = []
         for i, out in enumerate(mine):
             rollouts.extend(request_output_to_rollouts(out, i, record_routing=sampling.record_routing))
         return rollouts
+
+    def _generate_turns(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
+                        episodes: Episodes) -> list[Rollout]:
+        """Multi-turn rollouts (`rollout.vllm.turns`): rounds of one request per live row, the
+        prefix cache holding each row's past."""
+        import vllm
+
+        from rollout.vllm.turns import run_turns
+
+        rows = [[int(t) for t in p] for p in prompts for _ in range(n)]
+        if len(episodes) != len(rows):
+            raise ValueError(f"{len(episodes)} episodes for {len(rows)} completions")
+        if sampling.record_routing or self._tp_group is not None:
+            raise ValueError("multi-turn rollouts record no routed experts and run with tensor_parallel_size 1")
+        if not self.processed_logprobs and not (sampling.temperature == 1.0 and sampling.top_p == 1.0
+                                                and sampling.top_k == 0):
+            raise RuntimeError("this vLLM has no logprobs_mode='processed_logprobs' (upgrade vLLM >= 0.10.2)")
+        self.wake()
+        turn_sampling = dataclasses.replace(sampling, stop=(*sampling.stop, *episodes.stop), prompt_seeds=(), seed=None)
+        row_seeds = None
+        if sampling.prompt_seeds:
+            row_seeds = [s * 1_000_003 + b % n for b in range(len(rows))
+                         for s in [sampling.prompt_seeds[b // n]]]
+        elif sampling.seed is not None:
+            row_seeds = [sampling.seed * 1_000_003 + b for b in range(len(rows))]
+
+        def submit(contexts: list[list[int]], budgets: list[int], seeds: list[int | None]) -> list[Rollout]:
+            params = []
+            for budget, seed in zip(budgets, seeds):
+                kwargs = to_vllm_sampling_kwargs(dataclasses.replace(turn_sampling, max_new_tokens=budget), 1)
+                kwargs.pop("seed", None)
+                params.append(vllm.SamplingParams(**kwargs, seed=seed))
+            lora = self._adapters.request if self._adapters is not None else None  # the policy's current adapter
+            outputs = self.llm.generate([{"prompt_token_ids": c} for c in contexts], params, use_tqdm=False,
+                                        lora_request=lora)
+            return [request_output_to_rollouts(out, i)[0] for i, out in enumerate(outputs)]
+
+        eos = None if sampling.ignore_eos else self.llm.get_tokenizer().eos_token_id
+        return run_turns(submit, rows, n, episodes, eos, row_seeds)
 
     # --- weights ----------------------------------------------------------------------------
 
@@ -340,6 +396,29 @@ class VLLMEngine:
         self._weights_discarded = False
         if self.llm.reset_prefix_cache() is False:
             raise RuntimeError("vLLM could not reset its prefix cache after a weight update")
+
+    @property
+    def takes_adapters(self) -> bool:
+        """Whether `update_adapter` works (built with `lora_rank`); else the policy's merged weights go in."""
+        return self._adapters is not None
+
+    def update_adapter(self, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> None:
+        """Load a new version of the policy's LoRA adapter (PEFT's tensor names and config) and
+        sample with it from now on; the previous version is removed. The adapter goes through a
+        file in RAM (/dev/shm where there is one): vLLM 0.32 loads adapters from a path only."""
+        if self._adapters is None:
+            raise RuntimeError("this engine was built without LoRA (lora_rank=None); push merged weights instead")
+        if "weights" in self._asleep:
+            self._wake_up(["weights"])
+        request = self._adapters.request_for(self._adapters.write(tensors, config))
+        engine = self.llm.llm_engine
+        if engine.add_lora(request) is False:
+            raise RuntimeError(f"vLLM refused adapter version {request.lora_int_id} ({request.lora_path})")
+        old = self._adapters.swap(request)
+        if old is not None:
+            engine.remove_lora(old.lora_int_id)
+        if self.llm.reset_prefix_cache() is False:
+            raise RuntimeError("vLLM could not reset its prefix cache after an adapter update")
 
     # --- memory phases ----------------------------------------------------------------------
 
@@ -377,6 +456,8 @@ class VLLMEngine:
     def close(self) -> None:
         """Shut the engine down; the trainer's process group, thread count and RNG stay as they are."""
         llm, self.llm = getattr(self, "llm", None), None
+        if getattr(self, "_adapters", None) is not None:
+            self._adapters.close()
         if llm is None:
             return
         # vLLM shuts its engine core down from a finalizer when the last reference goes, so the

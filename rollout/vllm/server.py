@@ -43,6 +43,11 @@ Protocol (HTTP, JSON; `/collective_rpc` runs a `WeightSyncExtension` method on e
   Every other rank's `update_weights` waits (polling `grpo_push_status`) until the server records
   the owner's push of the same seq, and raises if it failed; so no rank generates on old or
   partial weights, and the trainer needs no barrier of its own.
+* adapters (LoRA, `model.lora.sync: adapter`): the owner writes each adapter version to /dev/shm
+  and loads it with `POST /v1/load_lora_adapter` (the server started with `--enable-lora
+  --max-lora-rank R` and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, on this machine), then unloads the
+  previous one; completions name the current version as their `model`. Other ranks wait until
+  `GET /v1/models` lists it. The base weights are never pushed.
 * failures: the workers check a push against the checkpoint they started from (names, shapes,
   dtypes) before loading anything, and reload the last good weights if loading fails anyway
   (see `rollout.vllm.worker.WeightSyncExtension`); the client raises `VLLMServerError` with the
@@ -217,6 +222,8 @@ class VLLMServerClient:
         self._comm = self._stream = None
         self._own_dir = False
         self.served_model = model or self._request("GET", "/v1/models", timeout=connect_timeout)["data"][0]["id"]
+        self._adapters = None  # LoRA: the adapter versions this client pushed (`update_adapter`)
+        self.takes_adapters = True  # the server must run with --enable-lora (`update_adapter`)
         self.workers = self._worker_info()
         self.channel = self._pick_channel(channel, weight_dir) if owner else "none"
         self.weight_dir: Path | None = None
@@ -240,7 +247,12 @@ class VLLMServerClient:
         except OSError as exc:  # refused, reset, timed out (URLError and TimeoutError are OSErrors)
             reason = getattr(exc, "reason", None) or exc
             raise VLLMServerError(f"the vLLM server at {self.base_url} did not answer {method} {path}: {reason}") from exc
-        return json.loads(raw) if raw else None
+        if not raw:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:  # a plain-text answer (vLLM's adapter endpoints answer "Success: ...")
+            return raw.decode(errors="replace")
 
     def _post(self, path: str, body: Any = None, *, timeout: float | None = None) -> Any:
         return self._request("POST", path, {} if body is None else body, timeout=timeout)
@@ -311,7 +323,11 @@ class VLLMServerClient:
 
     # --- generation -------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams) -> list[Rollout]:
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
+                 episodes=None) -> list[Rollout]:
+        if episodes is not None:
+            raise ValueError("multi-turn rollouts (rollout.tools) run on the hf engine or colocated vLLM, not "
+                             "rollout.vllm.mode=server")
         """Prompt-major rollouts (`n` per prompt) with the sampler's logprobs."""
         if not prompts:
             return []
@@ -360,6 +376,38 @@ class VLLMServerClient:
         except BaseException as exc:
             self._tell_push_failed(exc)
             raise
+
+    def update_adapter(self, tensors: dict[str, torch.Tensor], config: dict) -> None:
+        """LoRA runs (`model.lora.sync: adapter`): load a new version of the policy's adapter on the
+        server and generate with it from now on (the completions' `model` is the adapter's name).
+
+        Owner: writes the version in PEFT's format to RAM (/dev/shm; the server must run on this
+        machine), loads it through vLLM's adapter endpoint (`POST /v1/load_lora_adapter`; the server
+        needs `--enable-lora --max-lora-rank R` and VLLM_ALLOW_RUNTIME_LORA_UPDATING=True), then
+        unloads the previous version. Other ranks: wait until the server lists the new version."""
+        from rollout.vllm.adapters import AdapterVersions
+
+        if self._adapters is None:
+            self._adapters = AdapterVersions(prefix=f"policy-{self.session[:8]}")
+        versions = self._adapters
+        if self.owner:
+            path = versions.write(tensors, config)
+            name = versions.name(versions.version)
+            self._post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+            old = versions.path
+            versions.swap(path=path)
+            if old is not None:
+                self._post("/v1/unload_lora_adapter", {"lora_name": versions.name(versions.version - 1)})
+        else:
+            versions.version += 1
+            name = versions.name(versions.version)
+            deadline = time.monotonic() + self.timeout
+            while name not in {m["id"] for m in self._request("GET", "/v1/models", timeout=self.connect_timeout)["data"]}:
+                if time.monotonic() > deadline:
+                    raise VLLMServerError(f"adapter {name} of the owning rank did not reach the server within "
+                                          f"{self.timeout:g} s")
+                time.sleep(0.2)
+        self.served_model = name
 
     def _reset_prefix_cache(self) -> None:
         """Drop the server's cached prefixes (computed with the old weights)."""
@@ -503,6 +551,8 @@ class VLLMServerClient:
         if self._own_dir and self.weight_dir is not None:
             shutil.rmtree(self.weight_dir, ignore_errors=True)
             self.weight_dir = None
+        if self._adapters is not None:
+            self._adapters.close()
 
 
 def _error_text(exc: urllib.error.HTTPError) -> str:

@@ -372,3 +372,31 @@ def test_a_weight_push_is_quiet_for_what_it_receives_and_an_error_naming_what_it
         engine.update_weights(state.items())
     finally:
         layerwise.removeHandler(handler)
+
+
+def test_greedy_multi_turn_rollouts_match_the_transformers_engine_token_for_token(setup):
+    """Float32, greedy, the same scripted environment: both engines produce the same turns, tokens
+    and policy masks (transformers through its KV cache, vLLM resubmitting onto its prefix cache)."""
+    from grpo.model.tiny import build_char_tokenizer
+    from rollout.hf.engine import HFEngine
+    from rollout.turns import Episodes, TurnLimits
+    from tests.rollout.test_turns import Scripted
+
+    engine, model, _, case = setup
+    engine.update_weights(model.state_dict().items())  # whatever earlier tests left, the same weights
+    tok = build_char_tokenizer()
+    stop = (*(t for t in tok.get_vocab() if len(t) == 1 and t not in "xyz"), "<unk>")
+    greedy = SamplingParams(max_new_tokens=40, temperature=0.0)
+
+    def run(eng):
+        env = Scripted(stop=stop, calls=3)
+        episodes = Episodes(env, tok, TurnLimits(max_turns=5), [{}] * len(PROMPTS), max_new_tokens=40)
+        return eng.generate(PROMPTS, 1, greedy, episodes=episodes)
+
+    hf, vl = run(HFEngine(model, tok)), run(engine)
+    assert any(len(r.env_turns) >= 2 for r in hf), case
+    for a, b in zip(hf, vl):
+        assert a.completion_ids == b.completion_ids, case
+        assert (a.policy_mask, a.env_turns, a.finish_reason, a.turns) == (b.policy_mask, b.env_turns, b.finish_reason, b.turns)
+        policy = torch.tensor(a.policy_mask)
+        assert (torch.tensor(a.logprobs) - torch.tensor(b.logprobs))[policy].abs().max() < TOL

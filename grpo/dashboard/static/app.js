@@ -72,6 +72,8 @@
     { id: 'reward_fn', title: 'Reward per function', match: re('^reward/(?!mean$|std$)[^/]+$') },
     { id: 'accuracy', title: 'Accuracy (rollout, eval)', match: re('^(rollout|eval)/accuracy$'), markers: re('^eval/'), fullKeys: true },
     { id: 'think_tokens', title: 'Thinking: tokens inside the think block per completion', match: re('^rollout/think_tokens_mean$') },
+    { id: 'tool_calls', title: 'Tools: calls and policy turns per completion', match: re('^rollout/(tool_calls|turns)_mean$') },
+    { id: 'tool_failures', title: 'Tools: share of calls that failed or timed out', match: re('^rollout/tool_(errors|timeouts)_frac$') },
     { id: 'think_consistent', title: 'Thinking: share of completions with consistent arithmetic steps', match: re('^rollout/think_consistent$') },
     { id: 'length', title: 'Response length (tokens)', match: re('^rollout/response_length_(mean|max)$') },
     { id: 'truncated', title: 'Truncation rate', match: re('^rollout/truncated_frac$') },
@@ -598,9 +600,22 @@
         meta.appendChild(b);
       }
       box.appendChild(meta);
-      const text = el('pre', 'completion-text');
-      appendHighlighted(text, String(r.completion || ''), needle);
-      box.appendChild(text);
+      if (Array.isArray(r.segments) && r.segments.length) {
+        // a multi-turn completion: its turns apart (policy text with its tool code, tool output)
+        r.segments.forEach((seg) => {
+          const env = seg.kind === 'environment';
+          const turn = el('div', 'turn ' + (env ? 'turn-env' : 'turn-policy'));
+          turn.appendChild(el('div', 'turn-label', env ? 'tool output · ' + fmt(seg.status) : 'policy'));
+          const text = el('pre', 'completion-text');
+          appendHighlighted(text, String(seg.text || ''), needle);
+          turn.appendChild(text);
+          box.appendChild(turn);
+        });
+      } else {
+        const text = el('pre', 'completion-text');
+        appendHighlighted(text, String(r.completion || ''), needle);
+        box.appendChild(text);
+      }
       groupBox.appendChild(box);
     });
   }

@@ -29,6 +29,7 @@ REAL_RECIPES = {  # recipe -> (nodes, gpus per node, gpu) it is written for
     "deepseek-v2-lite-zero": (1, 8, "h800"),
     "olmoe-1b-7b-zero": (1, 8, "h100"),
     "countdown-qwen2.5-3b": (1, 2, "h200"),
+    "qwen2.5-math-7b-lora": (1, 1, "h100"),
 }
 
 
@@ -273,3 +274,49 @@ def test_bench_runs_within_35_percent():
     for run in bench.RUNS:
         hours, _ = bench.predict(run)
         assert abs(hours / run.published_gpu_hours - 1) <= bench.TOLERANCE, (run.name, hours)
+
+
+def test_max_num_seqs_caps_the_sequences_decoded_at_once(capsys):
+    """vLLM's max_num_seqs (the recipe's rollout.vllm.max_num_seqs) bounds an engine's concurrent sequences:
+    1024 completions on 8 GPUs at TP 1 are 128 per engine; a cap of 16 decodes them in 8 waves. Decode
+    steps = 128 x 700 / 16 + (tail 2.5 x 700 - 700) = 5,600 + 1,050 = 6,650 (uncapped: 700 + 1,050 = 1,750)."""
+    arch, work = KNOWN_ARCHS["Qwen/Qwen2.5-Math-7B"], Workload(128, 8, 150, 700, 3000, 10, 1)
+    free = make_plan(arch, "a100", 1, 8, work, tp=1)
+    capped = make_plan(arch, "a100", 1, 8, work, tp=1, max_num_seqs=16)
+    assert free.concurrency() == 128 and capped.concurrency() == 16
+    assert free.generation(3000).decode_steps == pytest.approx(1750)
+    gen = capped.generation(3000)
+    assert gen.decode_steps == pytest.approx(6650) and gen.waves == 8
+    path = str(REPO / "recipes" / "qwen2.5-math-7b-zero.yaml")
+    assert main(["plan", path, "--gpu", "a100", "--plain", "rollout.vllm.max_num_seqs=16"]) == 0
+    assert "16 sequences at once per attention group" in capsys.readouterr().out
+
+
+def test_lora_7b_fits_one_h100_where_full_weights_do_not(capsys):
+    """The 7B LoRA recipe on one 80 GB GPU: the frozen base has no gradients or optimizer states,
+    so it fits; the same recipe training the full weights needs the 12 B/param of AdamW and does not."""
+    recipe = str(REPO / "recipes" / "qwen2.5-math-7b-lora.yaml")
+    layout = ["--gpu", "h100", "--plain"]  # one GPU: the recipe's launch.accelerate_config
+    assert main(["plan", recipe, *layout]) == 0
+    out = capsys.readouterr().out
+    assert "base weights (bf16, frozen)" in out and "fits" in out and "yes:" in out
+    assert main(["plan", recipe, *layout, "model.lora=null"]) == 1
+    assert "NO: training needs" in capsys.readouterr().out
+
+
+def test_lora_plan_counts_adapters_and_an_adapter_sized_push():
+    arch = KNOWN_ARCHS["Qwen/Qwen2.5-Math-7B"]
+    # per layer, r x (in + out): q 3584->3584, k and v 3584->512, o 3584->3584, gate/up 3584->18944, down back
+    per_layer = 8 * ((3584 + 3584) * 2 + (3584 + 512) * 2 + 3 * (3584 + 18944))
+    assert arch.lora_params(8) == 28 * per_layer  # 28 layers: 20.3M
+    full = Workload(16, 8, 256, 500, 1000, 10, 2)
+    lora = Workload(16, 8, 256, 500, 1000, 10, 2, lora_rank=8)
+    merged = Workload(16, 8, 256, 500, 1000, 10, 2, lora_rank=8, lora_sync="merged")
+    p_full, p_lora, p_merged = (make_plan(arch, "h100", 1, 1, w, tp=1) for w in (full, lora, merged))
+    assert p_lora.memory_train["optimizer (fp32 master + AdamW)"] == pytest.approx(12 * 28 * per_layer / 2**30)
+    assert p_lora.memory_train["gradients (bf16)"] < p_full.memory_train["gradients (bf16)"] / 100
+    # the push: adapter-sized (2 B x 20M) against the whole model's 15 GB; merged pushes the whole model
+    push = [p.step_seconds()[0] - p.generation(1000).total for p in (p_full, p_lora, p_merged)]
+    assert push[1] < push[0] / 100 and push[2] == pytest.approx(push[0])
+    # no base weight gradients: 6 N instead of 8 N per token with checkpointing
+    assert p_lora.training().compute_s == pytest.approx(p_full.training().compute_s * 6 / 8, rel=0.05)

@@ -75,3 +75,23 @@ def test_attention_stays_inside_each_packed_document(tokenizer):
         for lo, hi in zip(starts[:-2], starts[1:-1]):  # every document of the first row (not the padding tail)
             alone = model(input_ids=input_ids[:1, lo:hi], use_cache=False).logits[0]  # [hi-lo, V]
             torch.testing.assert_close(packed[0, lo:hi], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_tool_corpus_calls_the_tool_rarely_and_its_markers_are_single_tokens():
+    """tiny-tool-moe's text: multiplications; about `tool_share` of the answers call the tool, in
+    the python tool's format (what `rollout.tools.python_env` writes back), the markers one token each."""
+    from grpo.model.tiny import TOOL_TAGS, corpus_task, tool_document
+
+    spec = BUILTIN_BASES["tiny-tool-moe"]
+    tok = build_char_tokenizer(tool_tags=True)
+    assert all(len(tok.encode(tag, add_special_tokens=False)) == 1 for tag in TOOL_TAGS)
+    assert len(build_char_tokenizer()) == len(tok) - len(TOOL_TAGS)  # the other bases' vocabulary is unchanged
+    rng, task = random.Random(0), corpus_task(spec)
+    docs = [tool_document(rng, task, spec) for _ in range(4000)]
+    answers = [d for d in docs if "Assistant:" in d]
+    calls = [d for d in answers if "Assistant: <code>" in d]
+    assert 0.07 < len(calls) / len(answers) < 0.13
+    q = calls[0].split("<code>print(")[1].split(")</code>")[0]
+    a, b = map(int, q.split("*"))
+    assert calls[0].endswith(f"<code>print({q})</code><output>{a * b}\n</output><answer>{a * b}</answer>")
+    assert not any("<unk>" in tok.decode(tok.encode(d, add_special_tokens=False)) for d in docs[:200])
