@@ -67,6 +67,8 @@ test:
 
 bench:
 	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	@echo "== bench/step_vs_trl.py --size small --lengths spread"; $(BIN)/python bench/step_vs_trl.py --size small --lengths spread
+	@echo "== bench/step_vs_trl.py --size small --memory"; $(BIN)/python bench/step_vs_trl.py --size small --memory
 
 clean:
 	rm -rf runs .pytest_cache

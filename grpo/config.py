@@ -415,11 +415,19 @@ class TrainerConfig(Section):
     steps: int = Field(300, ge=1, description="steps: generation batches, each trained with algorithm.mini_batches x "
                        "num_iterations optimizer steps (the learning-rate schedule counts optimizer steps)")
     prompts_per_step: int = Field(8, ge=1, description="prompts per step; each gets group_size completions")
-    micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward (gradient accumulation above it)")
+    micro_batch_size: int = Field(64, ge=1, description="sequences per forward/backward at most (gradient accumulation "
+                                  "above it)")
+    max_tokens_per_micro_batch: int | None = Field(
+        16384, ge=1, description="padding-free micro-batches: consecutive sequences packed into one row of at most "
+        "this many tokens (and at most micro_batch_size sequences), attention kept within each sequence "
+        "(grpo/algo/packing.py; same values as padded, to float rounding); a longer sequence runs alone. Models "
+        "packing cannot run exactly (not SDPA attention, sliding windows) keep right-padded micro-batches of at "
+        "most this many padded positions. None: right-padded micro-batches of micro_batch_size sequences",
+    )
     shared_prompt_forward: bool = Field(
         True, description="training forwards run each distinct prompt of a micro-batch once and its completions on "
-        "copies of its KV cache (same values, less work; falls back to one full forward under DDP/FSDP wrappers, "
-        "gradient checkpointing or sliding-window attention)",
+        "copies of its KV cache, or with packed micro-batches on the prompt's keys in place (same values, less work; "
+        "falls back to one full forward under DDP/FSDP wrappers, gradient checkpointing or sliding-window attention)",
     )
     gradient_checkpointing: bool = Field(
         False, description="activation checkpointing of the policy's decoder layers (transformers' "

@@ -13,6 +13,11 @@ The normaliser of the loss counts the whole mini-batch, so every micro-batch con
 its share and the update does not depend on how a mini-batch is split. Under several processes
 the normaliser is summed over ranks and divided by the world size (DDP and FSDP average
 gradients), so the averaged gradient is the global mini-batch's gradient.
+
+Micro-batches are consecutive rows cut by `trainer.micro_batch_size` sequences and
+`trainer.max_tokens_per_micro_batch` tokens; by default each runs padding-free, its sequences
+packed into one row (grpo/algo/packing.py), with the same values as the right-padded forward.
+Processes that run collectives per forward (DDP, FSDP) cut theirs into the same number.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo.algo.logprobs import token_logprobs
+from grpo.algo.logprobs import shared_prompt_supported, token_logprobs
 from grpo.algo.loss import objective_from_config
 from grpo.algo.moe import RouterControl, replay_from_rollouts
-from grpo.collectives import all_reduce_sum, world_size
+from grpo.algo.packing import micro_batches, packed_logprobs, packing_supported, split_to, worth_packing
+from grpo.collectives import all_reduce_sum, all_reduce_tensor, world_size
 from grpo.config import AlgorithmConfig, RunConfig, TrainerConfig
 from grpo.phases import beat
 from rollout.base import Rollout
@@ -61,13 +67,42 @@ def collate(rollouts: list[Rollout], pad_id: int, overlong_filter: bool = False)
             "sampler_logprobs": sampler_lp, "advantages": advantages, "prompt_lens": prompt_lens}
 
 
+def micro_batch_logprobs(model, batch: dict[str, torch.Tensor], c: slice, temperature: float, chunk_tokens: int,
+                         prompt_lens: torch.Tensor | None, packed: bool, routing=None, with_entropy: bool = False):
+    """Log-probs (and entropy) [b, S-1] of the rows `c` of a collated batch: packed into one row
+    when `packed`, the model allows it (`packing_supported`) and the rows are padded enough to gain
+    from it (`worth_packing`), else right-padded; `prompt_lens` [B] (None: off) runs each distinct
+    prompt once where the model allows it."""
+    ids, attention = batch["input_ids"][c], batch["attention_mask"][c]
+    if packed and packing_supported(model) and worth_packing(attention):
+        share = prompt_lens is not None and shared_prompt_supported(model)
+        return packed_logprobs(model, ids, attention, batch["prompt_lens"][c], temperature, with_entropy, chunk_tokens,
+                               routing, share_prompts=share)
+    return token_logprobs(model, ids, attention, temperature, with_entropy=with_entropy, chunk=chunk_tokens,
+                          prompt_lens=_rows(prompt_lens, c), routing=routing)
+
+
 @torch.no_grad()
 def frozen_logprobs(model, batch: dict[str, torch.Tensor], chunks: list[slice], temperature: float,
-                    chunk_tokens: int, prompt_lens: torch.Tensor | None = None) -> torch.Tensor:
+                    chunk_tokens: int, prompt_lens: torch.Tensor | None = None, packed: bool = False) -> torch.Tensor:
     """Log-probs of the whole batch without grad (old policy, or the reference model); [B, S-1].
-    `prompt_lens` [B] turns on shared-prompt forwards."""
-    return torch.cat([token_logprobs(model, batch["input_ids"][c], batch["attention_mask"][c], temperature,
-                                     chunk=chunk_tokens, prompt_lens=_rows(prompt_lens, c))[0] for c in chunks])
+    `prompt_lens` [B] turns on shared-prompt forwards, `packed` padding-free ones."""
+    return torch.cat([micro_batch_logprobs(model, batch, c, temperature, chunk_tokens, prompt_lens, packed)[0]
+                      for c in chunks])
+
+
+def plan_micro_batches(attention_mask: torch.Tensor, tr: TrainerConfig, packed: bool) -> list[slice]:
+    """The micro-batches of a collated batch ([B, S] attention mask): `packing.micro_batches` by
+    `trainer.micro_batch_size` and `trainer.max_tokens_per_micro_batch`, cut further where another
+    process has more (DDP and FSDP run collectives in every forward and backward)."""
+    chunks = micro_batches(attention_mask.sum(-1).tolist(), tr.micro_batch_size, tr.max_tokens_per_micro_batch,
+                           packed)
+    most = int(all_reduce_tensor(torch.tensor([float(len(chunks))]), "max")[0])
+    chunks = split_to(chunks, most)
+    if len(chunks) < most:
+        raise ValueError(f"trainer.max_tokens_per_micro_batch={tr.max_tokens_per_micro_batch}: this process has "
+                         f"{len(chunks)} sequences and another needs {most} micro-batches; raise the budget")
+    return chunks
 
 
 def _rows(t: torch.Tensor | None, c: slice | torch.Tensor | None) -> torch.Tensor | None:
@@ -111,6 +146,7 @@ class _Plan:
     moe: RouterControl | None
     replay: tuple[torch.Tensor, torch.Tensor] | None  # [B, S, L, k] experts to impose and [B, S] where known
     prompt_lens: torch.Tensor | None  # [B]: shared-prompt forwards
+    packed: bool = False  # padding-free micro-batches (grpo/algo/packing.py)
 
     def scope(self, c: slice, **kw):
         """The routing scope of one micro-batch forward (a no-op for dense models)."""
@@ -119,19 +155,17 @@ class _Plan:
         rep = (self.replay[0][c], self.replay[1][c]) if self.replay is not None else (None, None)
         return self.moe.scope(self.batch["attention_mask"][c], *rep, keep_logits=self.moe.cfg.aux_loss_coef > 0, **kw)
 
-    def subset(self, rows: torch.Tensor, micro_batch_size: int, normalizer: float) -> _Plan:
+    def subset(self, rows: torch.Tensor, tr: TrainerConfig, normalizer: float) -> _Plan:
         """The plan of the rows `rows` [b] (a mini-batch), cut into its own micro-batches."""
-        size = len(rows)
-        chunks = [slice(i, min(i + micro_batch_size, size)) for i in range(0, size, micro_batch_size)]
         batch = {k: v[rows] for k, v in self.batch.items()}
+        chunks = plan_micro_batches(batch["attention_mask"], tr, self.packed)
         replay = tuple(t[rows] for t in self.replay) if self.replay is not None else None
         return _Plan(batch, chunks, normalizer, max(batch["mask"].sum().item(), 1.0), self.moe, replay,
-                     _rows(self.prompt_lens, rows))
+                     _rows(self.prompt_lens, rows), self.packed)
 
     def forward(self, model, c: slice, temperature: float, chunk_tokens: int, sc, with_entropy: bool = False):
-        b = self.batch
-        return token_logprobs(model, b["input_ids"][c], b["attention_mask"][c], temperature, with_entropy=with_entropy,
-                              chunk=chunk_tokens, prompt_lens=_rows(self.prompt_lens, c), routing=sc)
+        return micro_batch_logprobs(model, self.batch, c, temperature, chunk_tokens, self.prompt_lens, self.packed,
+                                    routing=sc, with_entropy=with_entropy)
 
 
 def _global_normalizer(normalizer_of, mask: torch.Tensor, max_new_tokens: int) -> float:
@@ -188,12 +222,12 @@ def mini_batch_count(rollouts: list[Rollout], parts: int) -> int:
     return min(parts, max(Counter(r.group for r in rollouts).values()))
 
 
-def _plan(rollouts: list[Rollout], cfg: RunConfig, normalizer_of, pad_id: int, device: torch.device,
+def _plan(model, rollouts: list[Rollout], cfg: RunConfig, normalizer_of, pad_id: int, device: torch.device,
           moe: RouterControl | None, max_new_tokens: int) -> _Plan:
     algo, tr = cfg.algorithm, cfg.trainer
     batch = {k: v.to(device) for k, v in collate(rollouts, pad_id, algo.overlong_filter).items()}
-    size = len(rollouts)
-    chunks = [slice(i, min(i + tr.micro_batch_size, size)) for i in range(0, size, tr.micro_batch_size)]
+    packed = tr.max_tokens_per_micro_batch is not None and packing_supported(model)
+    chunks = plan_micro_batches(batch["attention_mask"], tr, packed)
     normalizer = _global_normalizer(normalizer_of, batch["mask"], max_new_tokens)
     moe = moe if moe is not None and moe.is_moe else None
     shared, replay = tr.shared_prompt_forward, None
@@ -205,7 +239,7 @@ def _plan(rollouts: list[Rollout], cfg: RunConfig, normalizer_of, pad_id: int, d
         if shared and not prompt_routing_agrees(rollouts):
             shared = False  # the sampler routed a shared prompt differently per row: replay each row's own
     return _Plan(batch, chunks, normalizer, max(batch["mask"].sum().item(), 1.0), moe, replay,
-                 batch["prompt_lens"] if shared else None)
+                 batch["prompt_lens"] if shared else None, packed)
 
 
 @torch.no_grad()
@@ -307,7 +341,9 @@ def _micro_batch(model, plan: _Plan, c: slice, cfg: RunConfig, loss_fn, old, ref
         share = batch["attention_mask"][c].sum() / batch["attention_mask"].sum()
         loss = loss + moe.cfg.aux_loss_coef * aux * share
         metrics["train/moe_aux_loss"] = aux.item()
-    with plan.scope(c, count=False):
+    with plan.scope(c, count=False) as back:
+        if back is not None and sc.parts and all(p is sc.parts[0] for p in sc.parts):
+            back.set_part(sc.parts[0])  # a checkpointed layer's recompute replays the forward's token layout
         loss.backward()
     beat()  # progress for the watchdog
     metrics["train/loss"] = loss.item()
@@ -324,7 +360,7 @@ def _mini_batches(plan: _Plan, rollouts: list[Rollout], cfg: RunConfig, normaliz
     for rows in mini_batch_rows(rollouts, cfg.algorithm.mini_batches):
         rows = rows.to(plan.batch["mask"].device)
         normalizer = _global_normalizer(normalizer_of, plan.batch["mask"][rows], max_new_tokens)
-        out.append((plan.subset(rows, cfg.trainer.micro_batch_size, normalizer), rows))
+        out.append((plan.subset(rows, cfg.trainer, normalizer), rows))
     return out
 
 
@@ -356,7 +392,7 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
     algo, tr = cfg.algorithm, cfg.trainer
     max_new_tokens = max_new_tokens or cfg.rollout.max_new_tokens
     loss_fn, normalizer_of = objective_from_config(algo, off_policy=tr.max_staleness > 0)
-    plan = _plan(rollouts, cfg, normalizer_of, pad_id, device, moe, max_new_tokens)
+    plan = _plan(model, rollouts, cfg, normalizer_of, pad_id, device, moe, max_new_tokens)
     steps = algo.num_iterations * mini_batch_count(rollouts, algo.mini_batches)
     old = _old_logprobs(model, plan, cfg) if steps > 1 else None
     ref = None
@@ -365,7 +401,7 @@ def policy_update(model, optimizer, rollouts: list[Rollout], cfg: RunConfig, pad
             raise ValueError("algorithm.beta > 0 needs a reference model")
         with _reference(ref_model) as reference:  # LoRA: the policy itself, adapters off
             ref = frozen_logprobs(reference, plan.batch, plan.chunks, cfg.rollout.temperature, algo.logprob_chunk,
-                                  plan.prompt_lens)
+                                  plan.prompt_lens, plan.packed)
     minis = _mini_batches(plan, rollouts, cfg, normalizer_of, max_new_tokens)  # after R2 recorded its replay
 
     if tokens is not None:

@@ -79,7 +79,9 @@ def test_prompts_run_once():
 
 
 def _update(model, rollouts, tok, cfg_dict, shared: bool):
-    cfg = RunConfig.model_validate({**cfg_dict, "trainer": {**cfg_dict.get("trainer", {}), "shared_prompt_forward": shared}})
+    """One policy update (lr 0) on right-padded micro-batches (packed ones: tests/grpo/algo/test_packing.py)."""
+    trainer = {"max_tokens_per_micro_batch": None, **cfg_dict.get("trainer", {}), "shared_prompt_forward": shared}
+    cfg = RunConfig.model_validate({**cfg_dict, "trainer": trainer})
     m = copy.deepcopy(model)
     control = RouterControl(m, cfg.moe)
     metrics = policy_update(m, torch.optim.SGD(m.parameters(), lr=0.0), rollouts, cfg, tok.pad_token_id,
@@ -147,8 +149,9 @@ def test_r3_replays_the_engines_experts_with_shared_prompts():
 
 
 def r3_update(model, rollouts, tok) -> ExpertsSpy:
-    """One R3 policy update (lr 0); returns the spy holding the experts every forward ran."""
-    cfg = RunConfig.model_validate({"moe": {"routing_replay": "R3"}})
+    """One R3 policy update (lr 0) on right-padded micro-batches; returns the spy holding the
+    experts every forward ran."""
+    cfg = RunConfig.model_validate({"moe": {"routing_replay": "R3"}, "trainer": {"max_tokens_per_micro_batch": None}})
     control = RouterControl(model, cfg.moe)
     spy = ExpertsSpy(model)
     policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), rollouts, cfg, tok.pad_token_id,

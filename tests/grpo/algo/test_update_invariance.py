@@ -117,13 +117,13 @@ def test_on_policy_gradient_is_reinforce_with_group_baseline():
 
 def test_old_logprobs_are_computed_once(monkeypatch):
     calls = {"no_grad": 0, "grad": 0}
-    real = grpo.algo.update.token_logprobs
+    real = grpo.algo.update.micro_batch_logprobs  # every micro-batch forward, packed or padded
 
     def counting(*args, **kwargs):
         calls["grad" if torch.is_grad_enabled() else "no_grad"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(grpo.algo.update, "token_logprobs", counting)
+    monkeypatch.setattr(grpo.algo.update, "micro_batch_logprobs", counting)
     _, metrics = updated(4, lr=2.0, num_iterations=3, clip_low=0.01, clip_high=0.01)
     assert calls == {"no_grad": 2, "grad": 6}  # old log-probs: once per micro-batch; 3 passes x 2 micro-batches
     # later passes see ratios away from 1 (the old log-probs stayed fixed), so some tokens clip
