@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from grpo.algo.logprobs import _is_fsdp, _unwrapped
 from rollout.hf.steppers import cache_keyword, output_cache
 
 PACKED = "grpo_packed_segments"  # the keyword that carries a packed row's Segments to the attention function
@@ -111,10 +112,6 @@ def install() -> None:
     current = ALL_ATTENTION_FUNCTIONS["sdpa"]
     if not getattr(current, "grpo_packed", False):
         AttentionInterface.register("sdpa", _wrap_sdpa(current))
-
-
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") and not hasattr(model, "get_decoder") else model  # DDP, DeepSpeed
 
 
 def packing_supported(model: torch.nn.Module) -> bool:
@@ -211,14 +208,6 @@ def _run(model, ids: list[int], positions: list[int], segs: Segments, device, ca
             kwargs[cache_keyword(decoder)] = cache
     out = decoder(input_ids=input_ids, attention_mask=placeholder, position_ids=position_ids, **kwargs)
     return out.last_hidden_state[0], (output_cache(out) if use_cache else None)
-
-
-def _is_fsdp(model: torch.nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # older torch: no FSDP2
-        return False
-    return isinstance(model, FSDPModule)
 
 
 def packed_logprobs(

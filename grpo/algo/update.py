@@ -258,18 +258,23 @@ def _old_logprobs(model, plan: _Plan, cfg: RunConfig) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _checkpointed_layers(model):
-    """Inside: the layers transformers' gradient_checkpointing_enable marked checkpoint their
-    forwards. They do so only in training mode, and the policy stays in eval mode (no dropout, the
-    sampler's behaviour); so only those layer modules themselves are flagged as training here."""
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True and not m.training]
-    for m in layers:
+def _training_flag(modules: list):
+    """Inside: `modules` (each in eval mode) flagged as training, themselves only, not their children."""
+    for m in modules:
         m.training = True
     try:
         yield
     finally:
-        for m in layers:
+        for m in modules:
             m.training = False
+
+
+def _checkpointed_layers(model):
+    """Inside: the layers transformers' gradient_checkpointing_enable marked checkpoint their
+    forwards. They do so only in training mode, and the policy stays in eval mode (no dropout, the
+    sampler's behaviour); so only those layer modules themselves are flagged as training here."""
+    return _training_flag([m for m in model.modules()
+                           if getattr(m, "gradient_checkpointing", False) is True and not m.training])
 
 
 def _reference(ref_model):
@@ -279,20 +284,12 @@ def _reference(ref_model):
     return off() if off is not None else contextlib.nullcontext(ref_model)
 
 
-@contextlib.contextmanager
 def _adapter_dropout(model):
     """Inside: a peft model's adapter dropout modules act (idle in eval mode, where the policy stays,
     as the sampler runs it; so old, reference and sampler log-probs never see dropout)."""
     inner = getattr(model, "module", model)  # DDP
-    layers = [m for name, m in inner.named_modules() if isinstance(m, torch.nn.Dropout) and ".lora_dropout." in name
-              and not m.training] if hasattr(inner, "peft_config") else []
-    for m in layers:
-        m.training = True
-    try:
-        yield
-    finally:
-        for m in layers:
-            m.training = False
+    return _training_flag([m for name, m in inner.named_modules() if isinstance(m, torch.nn.Dropout)
+                           and ".lora_dropout." in name and not m.training] if hasattr(inner, "peft_config") else [])
 
 
 def _memory_scope(model, tr: TrainerConfig):
