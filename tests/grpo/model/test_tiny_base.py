@@ -95,3 +95,29 @@ def test_tool_corpus_calls_the_tool_rarely_and_its_markers_are_single_tokens():
     a, b = map(int, q.split("*"))
     assert calls[0].endswith(f"<code>print({q})</code><output>{a * b}\n</output><answer>{a * b}</answer>")
     assert not any("<unk>" in tok.decode(tok.encode(d, add_special_tokens=False)) for d in docs[:200])
+
+
+def test_a_cache_entry_wanted_by_several_workers_at_once_is_built_once(tmp_path):
+    """Test workers and ranks that need the same base at once: one builds, the others wait for it
+    (a lock beside the entry), and all get the same directory; nothing half-built is left."""
+    import threading
+    import time
+
+    from grpo.model.cache import build_once
+
+    builds: list[int] = []
+
+    def build(tmp):
+        builds.append(threading.get_ident())
+        time.sleep(0.3)  # long enough for every other worker to arrive while this one builds
+        (tmp / "config.json").write_text("{}")
+
+    results: list = []
+    workers = [threading.Thread(target=lambda: results.append(build_once(tmp_path / "base", build, "config.json")))
+               for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(builds) == 1 and results == [tmp_path / "base"] * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".base.lock", "base"]  # no temporary left behind
