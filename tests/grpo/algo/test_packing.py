@@ -16,6 +16,7 @@ from grpo.algo.packing import packed_logprobs, packing_supported
 from grpo.algo.update import collate, policy_update
 from grpo.config import RunConfig
 from tests.grpo.algo.test_moe import ExpertsSpy, sample_with_bf16_sampler, tiny_moe
+from tests.grpo.algo.test_shared_prompts import _update as padded_update
 from tests.grpo.algo.test_shared_prompts import completion_entries, mixed_rollouts
 
 
@@ -76,16 +77,9 @@ def test_a_packed_row_holds_no_padding():
 
 
 def _update(model, rollouts, tok, cfg_dict, budget: int | None, shared: bool = True):
-    trainer = {**cfg_dict.get("trainer", {}), "max_tokens_per_micro_batch": budget, "shared_prompt_forward": shared}
-    cfg = RunConfig.model_validate({**cfg_dict, "trainer": trainer})
-    m = copy.deepcopy(model)
-    control = RouterControl(m, cfg.moe)
-    metrics = policy_update(m, torch.optim.SGD(m.parameters(), lr=0.0), rollouts, cfg, tok.pad_token_id,
-                            torch.device("cpu"), moe=control)
-    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-    counts = control.take_counts()
-    control.close()
-    return metrics, grads, counts
+    """test_shared_prompts' lr-0 update, with micro-batches packed up to `budget` tokens (None: padded)."""
+    trainer = {**cfg_dict.get("trainer", {}), "max_tokens_per_micro_batch": budget}
+    return padded_update(model, rollouts, tok, {**cfg_dict, "trainer": trainer}, shared)
 
 
 def _assert_same_update(packed, padded):
