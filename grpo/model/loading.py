@@ -102,13 +102,15 @@ def _gguf_checkpoint(name: str) -> Path:
         raise ModelError(f"{name}: not a GGUF model transformers can convert: {first_line(exc)}") from exc
 
 
-def load_policy(model: ModelConfig, device: torch.device, path: str | Path | None = None, progress: bool = True):
+def load_policy(model: ModelConfig, device: torch.device, path: str | Path | None = None, progress: bool = True,
+                seed: int | None = None):
     """The policy and its tokenizer: a built-in model (`builtin:NAME`, built or fetched and cached on
     first use, with progress if `progress`), a GGUF file (converted once), a Hub id or a local
     directory; `path` (a checkpoint's model) replaces the recipe's model. With `model.lora`, the
     base gets a fresh adapter (`grpo.model.lora.apply_lora`); a `path` holding a PEFT adapter (a
     LoRA run's checkpoint or final/) loads that adapter on the recipe's model (or, without
-    `model.lora`, on the base the adapter names). A model that cannot be loaded is a `ModelError`
+    `model.lora`, on the base the adapter names); `seed` draws a fresh adapter the same way in every
+    process (else from torch's global RNG). A model that cannot be loaded is a `ModelError`
     naming it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -145,7 +147,7 @@ def load_policy(model: ModelConfig, device: torch.device, path: str | Path | Non
 
         policy = prepare_model_for_kbit_training(policy, use_gradient_checkpointing=False)
     if model.lora is not None:
-        policy = _load("adapter", str(adapter or name), lambda: apply_lora(policy, model.lora, adapter))
+        policy = _load("adapter", str(adapter or name), lambda: apply_lora(policy, model.lora, adapter, seed=seed))
     return policy, tokenizer
 
 

@@ -113,16 +113,21 @@ def lora_config(model: torch.nn.Module, lora: LoRAConfig):
                       task_type="CAUSAL_LM")
 
 
-def apply_lora(model: torch.nn.Module, lora: LoRAConfig, adapter: str | Path | None = None):
+def apply_lora(model: torch.nn.Module, lora: LoRAConfig, adapter: str | Path | None = None, seed: int | None = None):
     """The base wrapped by peft with a trainable adapter: a fresh one (peft's initialisation: A
-    random, B zero, drawn from torch's global RNG) or the one saved in `adapter`. Every base
-    parameter is frozen; only the adapter's require grad."""
+    random, B zero, drawn from torch's global RNG, or with `seed` from its own, so that every rank
+    of a run and a run that built its base first draw the same adapter) or the one saved in
+    `adapter`. Every base parameter is frozen; only the adapter's require grad."""
     from peft import PeftModel, get_peft_model
 
     if adapter is not None:
         peft_model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-    else:
+    elif seed is None:
         peft_model = get_peft_model(model, lora_config(model, lora))
+    else:
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            torch.manual_seed(seed)
+            peft_model = get_peft_model(model, lora_config(model, lora))
     frozen = [n for n, p in peft_model.named_parameters() if p.requires_grad and "lora_" not in n]
     if frozen:  # peft trains nothing else with bias="none"; a base weight that requires grad is a bug
         raise LoRAError(f"model.lora: base parameters left trainable: {frozen[:3]}")
@@ -168,11 +173,15 @@ class BaseOfPolicy:
 
 def adapter_payload(model) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, config) of the adapter in PEFT's file format (`adapter_model.safetensors` keys
-    without the adapter name, `adapter_config.json`), as vLLM loads an adapter."""
+    without the adapter name, `adapter_config.json`), as vLLM loads an adapter. Under FSDP2 a
+    collective: every rank gets the unsharded adapter."""
     from peft import get_peft_model_state_dict
 
+    from grpo.run.checkpoint import lora_state
+
     peft_model = peft_of(model)
-    tensors = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    state = lora_state(model, every_rank=True)
+    tensors = {k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model, state_dict=state).items()}
     config = peft_model.peft_config["default"].to_dict()
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     return tensors, json.loads(json.dumps(config, default=str))

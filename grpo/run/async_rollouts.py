@@ -132,7 +132,8 @@ def _generation_side(spec: _Spec):
 
     cfg, device = spec.cfg, torch.device("cpu")
     if cfg.rollout.engine == "hf":
-        model, tokenizer = load_policy(cfg.model, device, path=spec.model_path, progress=cfg.logging.progress)
+        model, tokenizer = load_policy(cfg.model, device, path=spec.model_path, progress=cfg.logging.progress,
+                                       seed=cfg.trainer.seed)
         model.eval().requires_grad_(False)
     else:  # vLLM server: the server holds the weights; the client needs the config and tokenizer only
         model, tokenizer = _config_only(cfg.model, spec.model_path)
@@ -163,12 +164,34 @@ def _config_only(model: ModelConfig, path: str | None):
     return SimpleNamespace(config=AutoConfig.from_pretrained(name, **kwargs), name_or_path=name), tokenizer
 
 
-def _load_version(ctx, model, weights: dict[str, torch.Tensor]) -> None:
-    if model is not None:  # the transformers engine decodes with `model`: copy the parameters in
+def weights_message(cfg: RunConfig, model: torch.nn.Module) -> tuple[str, dict[str, torch.Tensor], dict | None]:
+    """What the trainer sends the generation process for one version of the policy, as private
+    copies (the trainer keeps updating its own tensors): ("state", tensors, None) for the
+    transformers engine (a LoRA run: the adapter's parameters only, the generation process loaded
+    the same frozen base and adapter layout); for the vLLM server, what `grpo.run.step.sync_engine`
+    would push: ("adapter", tensors, config) in PEFT's format (`model.lora.sync: adapter`), else
+    ("state", the merged or full weights, None)."""
+    from grpo.model.lora import adapter_payload, merged_state
+    from grpo.run.checkpoint import policy_state
+
+    lora = cfg.model.lora
+    if cfg.rollout.engine == "vllm" and lora is not None:
+        if lora.sync == "adapter":
+            tensors, config = adapter_payload(model)
+            return "adapter", {k: v.cpu().clone() for k, v in tensors.items()}, config
+        return "state", {k: v.cpu().clone() for k, v in merged_state(model).items()}, None
+    return "state", {k: v.clone() for k, v in policy_state(model).items()}, None
+
+
+def _load_version(ctx, model, weights: tuple[str, dict[str, torch.Tensor], dict | None]) -> None:
+    kind, tensors, config = weights
+    if kind == "adapter":  # vLLM server, LoRA: a new adapter version
+        ctx.engine.update_adapter(tensors, config)
+    elif model is not None:  # the transformers engine decodes with `model`: copy the parameters in
         own = dict(model.named_parameters())
-        ctx.engine.update_weights((k, v) for k, v in weights.items() if k in own)
+        ctx.engine.update_weights((k, v) for k, v in tensors.items() if k in own)
     else:  # vLLM server: push the whole state
-        ctx.engine.update_weights(weights.items())
+        ctx.engine.update_weights(tensors.items())
 
 
 def _generate(spec: _Spec, weights_q, batches_q) -> None:
@@ -257,11 +280,8 @@ class AsyncRollouts:
         return self.process is not None and max(self.base, self.first_generated - 1 - self.k) <= version <= self.steps - 1 - self.k
 
     def _send(self, version: int, model: torch.nn.Module) -> None:
-        from grpo.run.checkpoint import policy_state
-
-        if version == self.base or self._needed(version):  # a private copy: the trainer keeps updating its own
-            # (a LoRA run sends its adapter only: the generation process loaded the same frozen base)
-            self.weights_q.put((version, {k: v.clone() for k, v in policy_state(model).items()}))
+        if version == self.base or self._needed(version):
+            self.weights_q.put((version, weights_message(self.cfg, model)))
 
     def publish(self, step: int, model: torch.nn.Module) -> None:
         """The weights after `step`'s update (version `step`), if a later batch will use them."""

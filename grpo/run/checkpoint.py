@@ -217,8 +217,17 @@ def policy_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     then writes it in PEFT's format), else the full unsharded state (`full_model_state`)."""
     inner = getattr(model, "module", model)  # DDP wrapper: its module
     if hasattr(inner, "peft_config"):  # a peft model: its adapter's parameters, under the peft model's names
-        return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if "lora_" in k}
+        return lora_state(model)
     return full_model_state(model)
+
+
+def lora_state(model: torch.nn.Module, every_rank: bool = False) -> dict[str, torch.Tensor]:
+    """A peft model's adapter tensors, unsharded, on the CPU, as private copies (a collective
+    under FSDP2, where only rank 0 receives them unless `every_rank`)."""
+    if _sharded(model):
+        return {k: v for k, v in full_model_state(model, every_rank=every_rank).items() if "lora_" in k}
+    inner = getattr(model, "module", model)
+    return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items() if "lora_" in k}
 
 
 def _optimizer_state(model, optimizer) -> dict:

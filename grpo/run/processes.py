@@ -46,7 +46,8 @@ def fully_shard_cpu(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2 over gloo: shard every decoder layer, then the root module."""
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model.model.layers:
+    inner = model.get_base_model() if hasattr(model, "peft_config") else model  # a LoRA run's peft model: its base
+    for layer in inner.model.layers:
         fully_shard(layer)
     fully_shard(model)
     return model
@@ -82,11 +83,6 @@ def check_supported(cfg, world: int) -> None:
         raise UnsupportedError(
             f"rollout.tools.environment={tools!r} needs rollout.engine=hf or colocated vLLM (rollout.vllm.mode="
             "colocate): the server client does not run multi-turn rollouts yet")
-    if cfg.trainer.max_staleness and cfg.model.lora is not None and cfg.rollout.engine == "vllm":
-        raise UnsupportedError(
-            "model.lora with trainer.max_staleness >= 1 and rollout.engine=vllm is not supported yet (the generation "
-            "process receives the adapter as a state dict, not as a vLLM adapter); use rollout.engine=hf there, or "
-            "trainer.max_staleness=0")
     if cfg.trainer.max_staleness and world > 1:
         raise UnsupportedError(
             f"trainer.max_staleness={cfg.trainer.max_staleness} (asynchronous RL) is not supported with {world} "

@@ -137,9 +137,6 @@ def prepare_training(cfg: RunConfig, accelerator, model, tokenizer, lengths: dic
     transformers engine over the policy, for evaluations; rollouts come from the generation process.
     """
     sharded = fsdp_on_cpu(accelerator)
-    if cfg.model.lora is not None and (sharded or accelerator.is_fsdp2):
-        raise UnsupportedError("model.lora with FSDP2 is not supported yet (the adapter's checkpoint and push read "
-                               "unsharded tensors); run LoRA in one process or under DDP")
     engine_model = copy.deepcopy(model) if sharded or accelerator.is_fsdp2 else model
     if cfg.trainer.gradient_checkpointing:  # before wrapping; the engine's copy decodes without it
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -152,6 +149,12 @@ def prepare_training(cfg: RunConfig, accelerator, model, tokenizer, lengths: dic
     engine = make_engine(rollout, engine_model, tokenizer, accelerator.device, seed=cfg.trainer.seed,
                          record_routing=cfg.moe.routing_replay == "R3", lora_rank=engine_lora_rank(cfg.model, rollout),
                          **(lengths or {}))
+    if (sharded or accelerator.is_fsdp2) and cfg.model.lora is not None and getattr(engine, "model", None) is None \
+            and not (cfg.model.lora.sync == "adapter" and getattr(engine, "takes_adapters", False)):
+        engine.close()
+        raise UnsupportedError("model.lora with FSDP2 pushes the adapter to vLLM, not merged weights (model.lora.sync="
+                               f"{cfg.model.lora.sync}, or vLLM's CPU build with an MoE model): set model.lora.sync="
+                               "adapter, use rollout.engine=hf, or run LoRA under DDP")
     schedule = make_schedule(optimizer, cfg.trainer, optimizer_steps_per_batch(cfg.algorithm))  # counts optimizer steps
     return model, accelerator.unwrap_model(model), optimizer, schedule, engine
 
@@ -230,7 +233,7 @@ def set_up(cfg: RunConfig, output_dir: str | Path, resume: str | None, allow_cha
     in_flight = _saved_in_flight(ckpt, staleness) if ckpt else []
     scorer, eval_scorer = make_scorer(cfg), make_eval_scorer(cfg)
     model, tokenizer = load_policy(cfg.model, accelerator.device, path=ckpt / "model" if ckpt else None,
-                                   progress=cfg.logging.progress)
+                                   progress=cfg.logging.progress, seed=cfg.trainer.seed)
     ref_model = reference_model(cfg, model, accelerator.device, resumed=bool(ckpt))  # before router hooks
     if ckpt:
         checkpoint.restore_reference(ckpt, ref_model)  # the refreshed reference (algorithm.ref_refresh_steps)
