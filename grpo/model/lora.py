@@ -171,17 +171,15 @@ class BaseOfPolicy:
             yield peft_model
 
 
-def adapter_payload(model) -> tuple[dict[str, torch.Tensor], dict]:
+def adapter_payload(model, state: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, config) of the adapter in PEFT's file format (`adapter_model.safetensors` keys
-    without the adapter name, `adapter_config.json`), as vLLM loads an adapter. Under FSDP2 a
-    collective: every rank gets the unsharded adapter."""
+    without the adapter name, `adapter_config.json`), as vLLM loads an adapter. `state`: the
+    adapter's unsharded tensors under the peft model's names (`grpo.run.checkpoint.lora_state`,
+    needed under FSDP2), else the module's own."""
     from peft import get_peft_model_state_dict
 
-    from grpo.run.checkpoint import lora_state
-
     peft_model = peft_of(model)
-    state = lora_state(model, every_rank=True)
-    tensors = {k: v.contiguous() for k, v in get_peft_model_state_dict(peft_model, state_dict=state).items()}
+    tensors = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(peft_model, state_dict=state).items()}
     config = peft_model.peft_config["default"].to_dict()
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     return tensors, json.loads(json.dumps(config, default=str))

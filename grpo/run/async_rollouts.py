@@ -172,13 +172,12 @@ def weights_message(cfg: RunConfig, model: torch.nn.Module) -> tuple[str, dict[s
     would push: ("adapter", tensors, config) in PEFT's format (`model.lora.sync: adapter`), else
     ("state", the merged or full weights, None)."""
     from grpo.model.lora import adapter_payload, merged_state
-    from grpo.run.checkpoint import policy_state
+    from grpo.run.checkpoint import lora_state, policy_state
 
     lora = cfg.model.lora
     if cfg.rollout.engine == "vllm" and lora is not None:
         if lora.sync == "adapter":
-            tensors, config = adapter_payload(model)
-            return "adapter", {k: v.cpu().clone() for k, v in tensors.items()}, config
+            return "adapter", *adapter_payload(model, lora_state(model))
         return "state", {k: v.cpu().clone() for k, v in merged_state(model).items()}, None
     return "state", {k: v.clone() for k, v in policy_state(model).items()}, None
 

@@ -104,13 +104,13 @@ def sync_engine(engine: RolloutEngine, model, unwrapped, lora: str | None = None
     (a new version) to an engine that takes adapters (`takes_adapters`), else its merged weights
     (e.g. vLLM's CPU build with an MoE model, see `rollout.make_engine`)."""
     from grpo.model.lora import adapter_payload, merged_state
-    from grpo.run.checkpoint import full_model_state
+    from grpo.run.checkpoint import full_model_state, lora_state
 
     engine_model = getattr(engine, "model", None)  # the HF engine decodes with a module; vLLM has its own
     if engine_model is unwrapped:  # colocated, same tensors: nothing to copy
         return
     if lora == "adapter" and engine_model is None and getattr(engine, "takes_adapters", False):
-        engine.update_adapter(*adapter_payload(unwrapped))
+        engine.update_adapter(*adapter_payload(unwrapped, lora_state(model, every_rank=True)))  # gathered under FSDP2
         return
     if lora is not None and engine_model is None:  # an engine without adapters: the merged weights
         engine.update_weights(merged_state(unwrapped).items())
