@@ -31,6 +31,7 @@ BUILTIN_REWARDS: dict[str, str] = {
     "countdown": "rewards.countdown:countdown",
     "think_steps": "rewards.thinking:think_steps",
     "reasoning_gym": "rewards.reasoning_gym:reasoning_gym_reward",
+    "environment": "rewards.environment:environment_reward",
 }
 
 # names that are no longer rewards: where the setting lives now (the error says so)

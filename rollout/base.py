@@ -69,6 +69,7 @@ class Rollout:
     # the environment turns as (first token, end token, tool status) spans of completion_ids
     env_turns: tuple[tuple[int, int, str], ...] = ()
     turns: int = 1  # policy turns
+    env_reward: float | None = None  # the sum of the environment's rewards (None: none given, or one turn)
 
     @property
     def num_completion_tokens(self) -> int:

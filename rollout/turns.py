@@ -10,7 +10,10 @@ The environment interface (an environment is any object with these; no base clas
 `turns` is the completion so far as alternating texts, policy first (policy, environment,
 policy, ...; the last is the policy turn that just ended). `step` returns the next observation
 (text the policy reads as context; an `Observation` also says whether it was a tool call and its
-status), or None: the episode is done. Environments are named in a recipe like rewards are (a
+status, and may carry a reward), or None, or an `Observation` with `done=True`: the episode is
+done (a done observation's text is not fed, its reward counts). The rewards an environment gives
+add up per rollout (`Rollout.env_reward`, None when it gave none), which the built-in reward
+`environment` returns. Environments are named in a recipe like rewards are (a
 built-in name, `package.module:function`, an entry point of `grpo_zero.environments`); the name
 resolves to a factory called with the recipe's kwargs (`grpo.run.tools`).
 
@@ -52,6 +55,8 @@ class Observation:
     text: str
     tool_call: bool = True
     status: str = "ok"
+    reward: float | None = None  # the environment's reward for the turn that led here (None: none)
+    done: bool = False  # the episode ends here: the text is not fed, the reward counts
 
 
 @runtime_checkable
@@ -81,6 +86,11 @@ class _Row:
     env_turns: list[tuple[int, int, str]] = field(default_factory=list)
     turns: int = 0
     finish: str | None = None
+    env_reward: float | None = None  # the sum of the environment's rewards (None: it gave none)
+
+    def add_reward(self, obs: Observation | None) -> None:
+        if obs is not None and obs.reward is not None:
+            self.env_reward = (self.env_reward or 0.0) + float(obs.reward)
 
 
 class Episodes:
@@ -134,7 +144,8 @@ class Episodes:
                 out.append(None)
                 continue
             obs = answers[row]
-            if obs is None:
+            r.add_reward(obs)
+            if obs is None or obs.done:
                 r.finish = "stop"
                 out.append(None)
                 continue
@@ -167,8 +178,8 @@ class Episodes:
 
     def completion(self, row: int) -> dict[str, Any]:
         """The Rollout fields of a finished row: completion_ids, policy_mask, env_turns, turns,
-        finish_reason, text."""
+        env_reward, finish_reason, text."""
         r = self.rows[row]
         return {"completion_ids": tuple(r.ids), "policy_mask": tuple(r.mask), "env_turns": tuple(r.env_turns),
-                "turns": r.turns, "finish_reason": r.finish or "length",
+                "turns": r.turns, "env_reward": r.env_reward, "finish_reason": r.finish or "length",
                 "text": self.tokenizer.decode(r.ids, skip_special_tokens=True)}

@@ -139,7 +139,8 @@ def score_rollouts(scorer: Scorer, rollouts: list[Rollout], groups: list[PromptG
         j = seen[r.group] = seen.get(r.group, -1) + 1
         contexts.append({"prompt": groups[r.group].text, "finish_reason": r.finish_reason,
                          "num_tokens": r.num_completion_tokens, "max_tokens": max_tokens,
-                         "sample_id": f"prompt {groups[r.group].index} completion {j} (#{i})"})
+                         "sample_id": f"prompt {groups[r.group].index} completion {j} (#{i})",
+                         **({"env_reward": r.env_reward} if r.env_reward is not None else {})})
     result = scorer.score([r.text for r in rollouts], [groups[r.group].row for r in rollouts], contexts)
     scored = [
         replace(r, example=groups[r.group].row, reward=result.total[i],

@@ -14,7 +14,8 @@ from rewards.registry import UnknownPluginError, resolve_plugin
 from rollout.turns import Episodes, TurnLimits
 
 ENTRY_POINT_GROUP = "grpo_zero.environments"
-BUILTIN_ENVIRONMENTS = {"python": "rollout.tools.python_env:python_tool"}
+BUILTIN_ENVIRONMENTS = {"python": "rollout.tools.python_env:python_tool",
+                        "openenv": "rollout.tools.openenv_env:openenv_environment"}
 
 
 class UnknownEnvironmentError(UnknownPluginError):

@@ -129,7 +129,7 @@ def test_environment_names_resolve_like_reward_names():
 
     assert resolve_environment("python") is python_tool
     assert resolve_environment("rollout.tools.python_env:python_tool") is python_tool
-    with pytest.raises(UnknownEnvironmentError, match="unknown environment 'nope'; known names: python"):
+    with pytest.raises(UnknownEnvironmentError, match="unknown environment 'nope'; known names: openenv, python"):
         resolve_environment("nope")
     with pytest.raises(UnknownEnvironmentError, match="could not be imported"):
         resolve_environment("no_such_module:make")
