@@ -89,7 +89,8 @@ def step_rollouts(step: int, groups: int, group_size: int, rng: random.Random, p
             row["completion"] = text
         rows[-1]["completion"] = KNOWN_COMPLETION
         # a multi-turn completion (rollout.tools): its turns apart, hostile text in a tool's output too
-        rows[-2]["segments"] = [{"kind": "policy", "text": "let me run it <code>print(1)</code>"},
+        rows[-2]["segments"] = [{"kind": "policy", "text": "let me run it "},
+                                {"kind": "code", "text": "<code>print(1)</code>"},
                                 {"kind": "environment", "status": "error", "text": XSS_PAYLOADS[-1]},
                                 {"kind": "policy", "text": rows[-2]["completion"]}]
     for row in rows:

@@ -229,13 +229,14 @@ def async_metrics(step: int, batch: RolloutBatch) -> dict[str, float]:
 MAX_ROW_TOKENS = 2048  # per-token data kept for each logged completion (its first tokens)
 
 
-def rollout_rows(result: StepResult, group_size: int, tokenizer=None) -> list[dict]:
+def rollout_rows(result: StepResult, group_size: int, tokenizer=None, code: tuple[str, str] | None = None) -> list[dict]:
     """This rank's rollouts of a step as tracker rows; `group` is the global prompt index.
 
     With `tokenizer`, each row also has the per-token view the dashboard draws, for the first
     `MAX_ROW_TOKENS` completion tokens: `token_text` (each token decoded on its own) and
     `token_logprobs` (the sampler's), and `prompt_tokens` (how many tokens the prompt had); on steps
-    whose update recorded them, `token_trainer_logprobs` and `token_entropy` (the trainer's)."""
+    whose update recorded them, `token_trainer_logprobs` and `token_entropy` (the trainer's). Multi-turn
+    rollouts also have `segments` (`turn_segments`; `code`: the python tool's markers)."""
     groups = result.batch.groups
     rows = [
         {"step": result.step, "group": groups[r.group].index, "index": i % group_size, "prompt": groups[r.group].text,
@@ -251,7 +252,7 @@ def rollout_rows(result: StepResult, group_size: int, tokenizer=None) -> list[di
             row["token_text"] = tokenizer.batch_decode([[t] for t in ids]) if ids else []
             row["token_logprobs"] = [round(float(lp), 4) for lp in r.logprobs[:MAX_ROW_TOKENS]]
             if r.policy_mask is not None:
-                row["segments"] = turn_segments(r, tokenizer)
+                row["segments"] = turn_segments(r, tokenizer, code)
             if result.tokens:  # the trainer's view of the same tokens, before the update
                 start = len(r.prompt_ids) - 1  # the collate layout: entry t scores token t + 1
                 for key, name in (("logprobs", "token_trainer_logprobs"), ("entropy", "token_entropy")):
@@ -259,13 +260,22 @@ def rollout_rows(result: StepResult, group_size: int, tokenizer=None) -> list[di
     return rows
 
 
-def turn_segments(r: Rollout, tokenizer) -> list[dict]:
-    """A multi-turn completion as its turns, in order: {"kind": "policy" | "environment", "text",
-    "status" (the tool call's, environment turns only)}; the dashboard shows them apart."""
+def turn_segments(r: Rollout, tokenizer, code: tuple[str, str] | None = None) -> list[dict]:
+    """A multi-turn completion as its turns, in order: {"kind": "policy" | "code" | "environment",
+    "text", "status" (the tool call's, environment turns only)}; the dashboard shows them apart.
+    `code`: the python tool's (open, close) markers; the block a policy turn ends with, when a tool
+    call answers it, is a "code" piece of its own."""
     out, at = [], 0
     for start, end, status in (*r.env_turns, (len(r.completion_ids), len(r.completion_ids), None)):
         if start > at:
-            out.append({"kind": "policy", "text": tokenizer.decode(list(r.completion_ids[at:start]), skip_special_tokens=True)})
+            text = tokenizer.decode(list(r.completion_ids[at:start]), skip_special_tokens=True)
+            cut = text.rfind(code[0]) if code and status and text.endswith(code[1]) else -1
+            if cut > 0:
+                out.append({"kind": "policy", "text": text[:cut]})
+            if cut >= 0:
+                out.append({"kind": "code", "text": text[cut:]})
+            else:
+                out.append({"kind": "policy", "text": text})
         if status is not None:
             out.append({"kind": "environment", "status": status,
                         "text": tokenizer.decode(list(r.completion_ids[start:end]), skip_special_tokens=True)})

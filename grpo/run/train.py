@@ -289,7 +289,9 @@ def log_step(run: Run, result: StepResult, bar) -> None:
     if "reward/format" in metrics:
         run.format_history.append(metrics["reward/format"])
     if logs_rollouts(cfg, step):
-        shares = gather_objects(rollout_rows(result, cfg.rollout.group_size, run.ctx.learning.tokenizer))
+        tools = cfg.rollout.tools
+        code = (tools.code_open, tools.code_close) if tools.environment == "python" else None
+        shares = gather_objects(rollout_rows(result, cfg.rollout.group_size, run.ctx.learning.tokenizer, code))
         run.tracker.log_rollouts([row for share in shares for row in share], step)
     if cfg.eval.every and step % cfg.eval.every == 0 and run.is_main:
         c = run.ctx.learning

@@ -133,3 +133,26 @@ def test_environment_names_resolve_like_reward_names():
         resolve_environment("nope")
     with pytest.raises(UnknownEnvironmentError, match="could not be imported"):
         resolve_environment("no_such_module:make")
+
+
+def test_turn_segments_show_policy_text_tool_code_and_tool_output_apart():
+    """The dashboard's pieces of a multi-turn rollout: the block a tool call answered is its own piece."""
+    from grpo.model.tiny import build_char_tokenizer
+    from grpo.run.step import turn_segments
+    from rollout.base import Rollout
+
+    tok = build_char_tokenizer(tool_tags=True)
+    parts = [("let me run <code>print(2)</code>", True), ("<output>2</output>", False), (" so 2", True)]
+    ids, mask = [], []
+    for text, policy in parts:
+        piece = tok.encode(text, add_special_tokens=False)
+        ids += piece
+        mask += [policy] * len(piece)
+    start = mask.index(False)
+    env_turns = ((start, start + mask.count(False), "ok"),)
+    r = Rollout(group=0, prompt_ids=(5,), completion_ids=tuple(ids), logprobs=(0.0,) * len(ids), finish_reason="stop",
+                text=tok.decode(ids), policy_mask=tuple(mask), env_turns=env_turns, turns=2)
+    assert turn_segments(r, tok, ("<code>", "</code>")) == [
+        {"kind": "policy", "text": "let me run "}, {"kind": "code", "text": "<code>print(2)</code>"},
+        {"kind": "environment", "status": "ok", "text": "<output>2</output>"}, {"kind": "policy", "text": " so 2"}]
+    assert [s["kind"] for s in turn_segments(r, tok)] == ["policy", "environment", "policy"]  # no markers: no split

@@ -601,11 +601,11 @@
       }
       box.appendChild(meta);
       if (Array.isArray(r.segments) && r.segments.length) {
-        // a multi-turn completion: its turns apart (policy text with its tool code, tool output)
+        // a multi-turn completion: its turns apart (policy text, tool code, tool output)
         r.segments.forEach((seg) => {
-          const env = seg.kind === 'environment';
-          const turn = el('div', 'turn ' + (env ? 'turn-env' : 'turn-policy'));
-          turn.appendChild(el('div', 'turn-label', env ? 'tool output · ' + fmt(seg.status) : 'policy'));
+          const env = seg.kind === 'environment', code = seg.kind === 'code';
+          const turn = el('div', 'turn ' + (env ? 'turn-env' : code ? 'turn-code' : 'turn-policy'));
+          turn.appendChild(el('div', 'turn-label', env ? 'tool output · ' + fmt(seg.status) : code ? 'tool code' : 'policy'));
           const text = el('pre', 'completion-text');
           appendHighlighted(text, String(seg.text || ''), needle);
           turn.appendChild(text);

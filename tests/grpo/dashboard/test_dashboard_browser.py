@@ -185,6 +185,7 @@ def test_live_page_shows_hostile_completions_as_text(page, server, tmp_path):
     assert_payloads_inert(page)
     assert KNOWN_COMPLETION in page.inner_text("#ro-list")
     assert page.evaluate("() => document.querySelectorAll('#ro-list .turn-env').length") == 1  # turns shown apart
+    assert page.evaluate("() => document.querySelectorAll('#ro-list .turn-code').length") == 1  # tool code apart too
     assert "tool output · error" in page.inner_text("#ro-list")
     # search across all steps on the server, results rendered the same way
     page.check("#ro-all")
