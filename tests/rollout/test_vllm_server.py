@@ -308,19 +308,16 @@ def test_make_engine_gives_a_single_process_the_pushing_client(server):
         make_engine(cfg.rollout, server.current, None, "cpu", seed=0, record_routing=True)
 
 
-def test_asynchronous_training_samples_through_the_server_and_pushes_each_version(server, tmp_path):
-    """`grpo train ... trainer.max_staleness=1` with the server engine: the generation process samples
-    over HTTP and pushes the versions its steps need (0, then 1 for step 3); what the server samples
-    from afterwards is the trainer's checkpoint of step 1, to 1e-4."""
-    from transformers import AutoModelForCausalLM
-
-    out = tmp_path / "run"
-    args = ["train", "recipes/tiny-cpu.yaml", f"model.name_or_path={server.model_dir}", "rollout.engine=vllm",
-            "rollout.vllm.mode=server", f"rollout.vllm.server_url={server.url}", "trainer.max_staleness=1",
+def train_async_through(url: str, model_dir: Path, out: Path, *overrides: str) -> Path:
+    """3 steps of `grpo train` with `trainer.max_staleness=1` on the server at `url` (serving
+    `model_dir`), 2 prompts x 2 completions of 8 tokens, a length reward; checks that steps 2 and 3
+    were sampled one version behind (step 3 with version 1). Returns the run directory."""
+    args = ["train", "recipes/tiny-cpu.yaml", f"model.name_or_path={model_dir}", "rollout.engine=vllm",
+            "rollout.vllm.mode=server", f"rollout.vllm.server_url={url}", "trainer.max_staleness=1",
             "trainer.steps=3", "trainer.save_every=1", "trainer.keep_checkpoints=5", "trainer.prompts_per_step=2",
             "rollout.group_size=2", "rollout.max_new_tokens=8", "eval.before_and_after=false",
-            "logging.progress=false", "rewards.workers=0", "trainer.threads=2", "trainer.lr=0.02",
-            "rollout.stop=[]", "rewards.functions=[{name: 'tests.async_plugins:text_length'}]", "--output-dir", str(out)]
+            "logging.progress=false", "rewards.workers=0", "trainer.threads=2", "rollout.stop=[]",
+            "rewards.functions=[{name: 'tests.async_plugins:text_length'}]", *overrides, "--output-dir", str(out)]
     r = subprocess.run([sys.executable, "-m", "grpo", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -328,6 +325,16 @@ def test_asynchronous_training_samples_through_the_server_and_pushes_each_versio
     assert [row["async/staleness_max"] for row in rows] == [0.0, 1.0, 1.0]
     step3 = [json.loads(line) for line in (out / "rollouts" / "step-000003.jsonl").read_text().splitlines()]
     assert {row["policy_version"] for row in step3} == {1}
+    return out
+
+
+def test_asynchronous_training_samples_through_the_server_and_pushes_each_version(server, tmp_path):
+    """`grpo train ... trainer.max_staleness=1` with the server engine: the generation process samples
+    over HTTP and pushes the versions its steps need (0, then 1 for step 3); what the server samples
+    from afterwards is the trainer's checkpoint of step 1, to 1e-4."""
+    from transformers import AutoModelForCausalLM
+
+    out = train_async_through(server.url, server.model_dir, tmp_path / "run", "trainer.lr=0.02")
     version1 = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / "step-000001" / "model", dtype=torch.float32)
     client = VLLMServerClient(server.url, device="cpu")
     rollouts = client.generate(PROMPTS, 2, PLAIN)

@@ -11,10 +11,6 @@ samples through the server with the adapter versions its steps need.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -24,7 +20,7 @@ from grpo.config import LoRAConfig
 from grpo.model.lora import apply_lora
 from grpo.run.step import sync_engine
 from rollout.vllm.server import VLLMServerClient
-from tests.conftest import ROOT, require_vllm, tiny_qwen3
+from tests.conftest import require_vllm, tiny_qwen3
 from tests.rollout.test_vllm_lora import adapter_step
 from tests.rollout.test_vllm_server import (
     PLAIN,
@@ -34,6 +30,7 @@ from tests.rollout.test_vllm_server import (
     max_logprob_error,
     start_server,
     stop_server,
+    train_async_through,
     wait_for_health,
 )
 
@@ -87,23 +84,10 @@ def test_asynchronous_lora_training_pushes_adapter_versions_to_the_server(server
     the server afterwards samples from the trainer's step-1 adapter, to 1e-4."""
     from peft import PeftModel
 
-    out = tmp_path / "run"
     client = VLLMServerClient(server.url, device="cpu")
     loaded = set(served_adapters(client))
-    args = ["train", "recipes/tiny-cpu.yaml", f"model.name_or_path={server.model_dir}", "rollout.engine=vllm",
-            "rollout.vllm.mode=server", f"rollout.vllm.server_url={server.url}", "trainer.max_staleness=1",
-            f"model.lora={{rank: {RANK}, alpha: 16}}", "trainer.steps=3", "trainer.save_every=1",
-            "trainer.keep_checkpoints=5", "trainer.prompts_per_step=2", "rollout.group_size=2",
-            "rollout.max_new_tokens=8", "eval.before_and_after=false", "logging.progress=false", "rewards.workers=0",
-            "trainer.threads=2", "trainer.lr=0.05", "rollout.stop=[]",
-            "rewards.functions=[{name: 'tests.async_plugins:text_length'}]", "--output-dir", str(out)]
-    r = subprocess.run([sys.executable, "-m", "grpo", *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert r.returncode == 0, r.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [row["async/staleness_max"] for row in rows] == [0.0, 1.0, 1.0]
-    step3 = [json.loads(line) for line in (out / "rollouts" / "step-000003.jsonl").read_text().splitlines()]
-    assert {row["policy_version"] for row in step3} == {1}
+    out = train_async_through(server.url, server.model_dir, tmp_path / "run", f"model.lora={{rank: {RANK}, alpha: 16}}",
+                              "trainer.lr=0.05")
     version1 = PeftModel.from_pretrained(tiny_qwen3("dense", tied=False)[0], out / "checkpoints" / "step-000001" / "model")
     (adapter,) = set(served_adapters(client)) - loaded  # the one version the run left loaded
     client.close()
