@@ -187,13 +187,16 @@ def test_seeds_reproduce(moe, tokenizer, prompts, fast):
     assert [r.completion_ids for r in a] != [r.completion_ids for r in c]
 
 
-@pytest.mark.parametrize("dense_rows", [64, 0], ids=["dense-experts", "sparse-experts"])
-def test_fast_and_generic_paths_agree(moe, tokenizer, prompts, dense_rows):
-    stop = stop_id_for(HFEngine(moe, tokenizer), prompts, 3, max_new_tokens=16, seed=11)
+@pytest.mark.parametrize("dense_rows,n_prompts,n", [(64, 3, 3), (0, 3, 3), (64, 1, 1)],
+                         ids=["dense-experts", "sparse-experts", "chosen-experts"])
+def test_fast_and_generic_paths_agree(moe, tokenizer, prompts, dense_rows, n_prompts, n):
+    """chosen-experts: one row, whose top-2 are half of the 4 experts, runs only those two."""
+    prompts = prompts[:n_prompts]
+    stop = stop_id_for(HFEngine(moe, tokenizer), prompts, n, max_new_tokens=16, seed=11)
     s = SamplingParams(max_new_tokens=16, seed=11, stop_token_ids=(stop,), record_routing=True)
-    fast = HFEngine(moe, tokenizer, fast_decode=True, dense_experts_max_rows=dense_rows).generate(prompts, 3, s)
+    fast = HFEngine(moe, tokenizer, fast_decode=True, dense_experts_max_rows=dense_rows).generate(prompts, n, s)
     assert any(r.finish_reason == "stop" for r in fast)
-    generic = HFEngine(moe, tokenizer, fast_decode=False).generate(prompts, 3, s)
+    generic = HFEngine(moe, tokenizer, fast_decode=False).generate(prompts, n, s)
     for a, b in zip(fast, generic):
         assert a.completion_ids == b.completion_ids and a.finish_reason == b.finish_reason
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
