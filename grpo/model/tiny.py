@@ -132,14 +132,16 @@ class TinyBaseSpec:
     chain_answer_share: float = 0.0  # share of tagged answers whose thinking is the worked chain
     tagged_restate_share: float = 1.0  # share of the other tagged answers that think "a+b+c=s" (else "s")
     plain_chain_share: float = 0.0  # share of plain answers that are the worked chain
-    restate_share: float = 0.0  # share of the other plain answers that restate the sum before its value
+    restate_share: float = 0.0  # share of the other plain answers that restate the sum before its value (tool:
+    # of the answers that do not call the tool, tagged or not)
     # corpus "tool" (`tool_document`): multiplications, with the python tool's markers in the vocabulary
     tool_share: float = 0.0  # share of answers that call the tool (<code>print(q)</code><output>v</output>)
     code_share: float = 0.0  # share of documents that are a code snippet and its output (no question)
+    block_share: float = 0.5  # share of documents that are blocks of multiplications
 
 
 # fields added after bases were cached: left out of the cache key while at their defaults
-_LATER_FIELDS = {"tool_share": 0.0, "code_share": 0.0}
+_LATER_FIELDS = {"tool_share": 0.0, "code_share": 0.0, "block_share": 0.5}
 
 BUILTIN_BASES = {
     "tiny-arith-moe": TinyBaseSpec(),
@@ -148,9 +150,11 @@ BUILTIN_BASES = {
                                   whole_share=0.1, chain_answer_share=0.15, restate_share=0.5, threads=1,
                                   version=1),
     # multiplications of a number up to 999 by one up to 99: hard to do at once for a tiny model,
-    # one line of Python with the tool; tool calls are rare in its text (recipes/tiny-tool-cpu.yaml)
-    "tiny-tool-moe": TinyBaseSpec(corpus="tool", max_first=999, max_second=99, tagged_share=1.0, tool_share=0.1,
-                                  code_share=0.15, version=1),
+    # one line of Python with the tool; 1 answer in 5 calls it (recipes/tiny-tool-cpu.yaml), the others
+    # restate the question first, so that the base learns to copy it (see `tool_document`). One thread:
+    # two, beside other work on this 2-core machine, took 0.67 s a step instead of 0.08 s
+    "tiny-tool-moe": TinyBaseSpec(corpus="tool", max_first=999, max_second=99, tagged_share=0.5, restate_share=1.0,
+                                  tool_share=0.2, block_share=0.2, pretrain_steps=4000, threads=1, version=2),
 }
 
 
@@ -256,25 +260,39 @@ _TOOL_INSTRUCTIONS = ("", "", " Answer in <answer></answer>.",
 def tool_document(rng: random.Random, task: ArithmeticTask, spec: TinyBaseSpec) -> str:
     """One document of the `tool` corpus (`tiny-tool-moe`).
 
-    Blocks of multiplications (half the documents: the notation, not a skill a tiny model can
-    learn), code snippets with their output (`code_share`: what the tool looks like), and
+    Blocks of multiplications (`block_share` of the documents: the notation, not a skill a tiny
+    model can learn), code snippets with their output (`code_share`: what the tool looks like), and
     question/answer exchanges. A share `tool_share` of the answers calls the tool
     (``<code>print(347*29)</code><output>10063\n</output><answer>10063</answer>``); the others
-    give the value at once, in the answer tags for a share `tagged_share`. So the base answers at
-    once, mostly wrongly, and RL has to make the tool its habit.
+    give the value at once, restating the question first for a share `restate_share`
+    (``347*29=10063``), then in the answer tags for a share `tagged_share`
+    (``347*29=10063<answer>10063</answer>``). So the base answers at once, mostly wrongly, and RL
+    has to make the tool its habit.
+
+    A tool call is only right when its code carries the question's operands, and the answer the
+    tool's output: copying, which the restated answers practise too. Measured here (greedy copies,
+    teacher-forced, of 64 questions into ``print(`` and of the tool's output into ``<answer>``):
+    after the other bases' 1600 steps the base never copied, with 1 call in 10 and no restating
+    (RL then had nothing right to reinforce) as with 1 call in 5 and restated plain answers; at
+    the built-in values copying appeared suddenly between steps 1200 and 1600 of 4000 (64 of 64 from
+    there on), while a 2400-step schedule got there only in its last steps (question 0.91, output
+    0.06). Sampled, the built base calls the tool in 14% of answers and copies the operands in 97%
+    of its calls; greedy, it restates and answers at once (1% right).
     """
     r = rng.random()
     if r < spec.code_share:
         q, a = task.sample_problem(rng)
         return f"<code>print({q})</code><output>{a}\n</output>"
-    if r < spec.code_share + 0.5:
+    if r < spec.code_share + spec.block_share:
         return "\n".join("=".join(task.sample_problem(rng)) for _ in range(rng.randint(4, 8)))
     q, a = task.sample_problem(rng)
     question = rng.choice(_QUESTIONS).format(q=q) + rng.choice(_TOOL_INSTRUCTIONS)
     if rng.random() < spec.tool_share:
         return f"User: {question}\nAssistant: <code>print({q})</code><output>{a}\n</output><answer>{a}</answer>"
-    answer = f"<answer>{a}</answer>" if rng.random() < spec.tagged_share else a
-    return f"User: {question}\nAssistant: {answer}"
+    restated = f"{q}={a}" if rng.random() < spec.restate_share else ""
+    if rng.random() < spec.tagged_share:
+        return f"User: {question}\nAssistant: {restated}<answer>{a}</answer>"
+    return f"User: {question}\nAssistant: {restated or a}"
 
 
 def corpus_task(spec: TinyBaseSpec) -> ArithmeticTask | SumsTask:

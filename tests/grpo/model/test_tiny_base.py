@@ -79,7 +79,8 @@ def test_attention_stays_inside_each_packed_document(tokenizer):
 
 def test_tool_corpus_calls_the_tool_rarely_and_its_markers_are_single_tokens():
     """tiny-tool-moe's text: multiplications; about `tool_share` of the answers call the tool, in
-    the python tool's format (what `rollout.tools.python_env` writes back), the markers one token each."""
+    the python tool's format (what `rollout.tools.python_env` writes back), the markers one token each;
+    the other answers restate the question before the value (copying practice), half of them tagged."""
     from grpo.model.tiny import TOOL_TAGS, corpus_task, tool_document
 
     spec = BUILTIN_BASES["tiny-tool-moe"]
@@ -90,10 +91,17 @@ def test_tool_corpus_calls_the_tool_rarely_and_its_markers_are_single_tokens():
     docs = [tool_document(rng, task, spec) for _ in range(4000)]
     answers = [d for d in docs if "Assistant:" in d]
     calls = [d for d in answers if "Assistant: <code>" in d]
-    assert 0.07 < len(calls) / len(answers) < 0.13
+    assert 0.17 < len(calls) / len(answers) < 0.23
     q = calls[0].split("<code>print(")[1].split(")</code>")[0]
     a, b = map(int, q.split("*"))
     assert calls[0].endswith(f"<code>print({q})</code><output>{a * b}\n</output><answer>{a * b}</answer>")
+    at_once = [d.split("Assistant: ")[1] for d in answers if d not in calls]
+    questions = [d.split("User: ")[1].split("Assistant: ")[0] for d in answers if d not in calls]
+    assert all(answer.split("=")[0] in question for answer, question in zip(at_once, questions))
+    tagged = [answer for answer in at_once if answer.endswith("</answer>")]
+    assert 0.45 < len(tagged) / len(at_once) < 0.55
+    value = tagged[0].split("=")[1].split("<answer>")[0]
+    assert tagged[0].endswith(f"={value}<answer>{value}</answer>")
     assert not any("<unk>" in tok.decode(tok.encode(d, add_special_tokens=False)) for d in docs[:200])
 
 

@@ -32,7 +32,8 @@ def final_weights(run: Path) -> dict:
 
 
 def kill_and_resume(tmp_path: Path, args: list[str], first_checkpoint: str = "step-*") -> Path:
-    """Start `grpo ARGS --resume auto`, SIGKILL it at a random moment once `first_checkpoint` is
+    """Start `grpo ARGS --resume auto`, SIGKILL it (its whole process group: the trainer and an
+    asynchronous run's generation process alike) at a random moment once `first_checkpoint` is
     complete (and before the run ends), then resume it to the end; returns its run directory."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # The kill must land between the first checkpoint and the end of the run: each attempt starts
@@ -40,13 +41,14 @@ def kill_and_resume(tmp_path: Path, args: list[str], first_checkpoint: str = "st
     for attempt, longest_delay in enumerate((1.0, 0.3, 0.0)):
         run = tmp_path / f"killed-{attempt}"
         proc = subprocess.Popen([sys.executable, "-m", "grpo", *args, "--output-dir", str(run), "--resume", "auto"],
-                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
         deadline = time.time() + 300
         while not any(run.glob(f"checkpoints/{first_checkpoint}/state.json")):
             assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
             time.sleep(0.01)
         time.sleep(random.uniform(0.0, longest_delay))
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         if proc.returncode == -signal.SIGKILL and not (run / "final").exists():
             break
@@ -134,6 +136,33 @@ def test_sigkill_then_resume_with_mini_batches_reference_refresh_and_length_sche
     assert [r["step"] for r in resumed] == list(range(1, 7))
     for key in ("train/kl", "train/loss", "rollout/max_new_tokens", "train/lr"):
         assert [r[key] for r in resumed] == [r[key] for r in rows], key
+
+
+# The tiny tool recipe at toy scale (a random-init model of its base's shape, nothing to pretrain) with an
+# environment in which every policy token is a tool call run in the real sandbox, so every rollout has
+# environment turns; rewarded by completion length (tool output included), so each group's rewards differ.
+TOOL = ["train", "recipes/tiny-tool-cpu.yaml", "--toy", "trainer.steps=6", "trainer.save_every=2",
+        "trainer.keep_checkpoints=10", *SHORT, "rollout.tools.environment=tests.env_plugins:every_token_python",
+        'rewards.functions=[{name: "tests.rewards_plugins:async_len"}]', "trainer.lr=0.01"]
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_sigkill_then_resume_with_a_tool_environment_is_bit_identical(tmp_path, staleness):
+    """Multi-turn rollouts with the python sandbox, synchronous (k=0) and asynchronous (k=1): SIGKILL
+    at a random moment after the first checkpoint, `--resume auto`, the uninterrupted run's final bits
+    and every step logged once."""
+    args = [*TOOL, f"trainer.max_staleness={staleness}"]
+    reference = tmp_path / "uninterrupted"
+    result = run_cli(*args, "--output-dir", str(reference))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["rollout/tool_calls_mean"] > 0 for r in rows)  # the rollouts did call the tool
+    assert all(r["train/grad_norm"] > 0 for r in rows)  # and every step moved the weights
+    run = kill_and_resume(tmp_path, args)
+    assert_same_final_weights(reference, run)
+    resumed = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, 7))
+    assert [r["train/loss"] for r in resumed] == [r["train/loss"] for r in rows]
 
 
 def test_output_dir_refusal_allows_resume(tmp_path, tiny_base):
