@@ -20,6 +20,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _base_of(model):
+    """The transformers model inside a peft model (LoRA), else the model itself."""
+    return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension as transformers' Qwen3 computes it (float32 statistics,
     cast back, then weight). `weight` is [D] or broadcastable to x ([heads, D] for per-head norms)."""
@@ -48,11 +53,19 @@ class FastQwen3Stepper:
     DENSE_EXPERTS_MAX_PARAMS = 16 * 2**20  # per MoE layer; above it, no dense path and no weight copies
     TRANSPOSED_MAX_BYTES = 2**30  # CPU only: models up to this size get [in, out] weight copies per call
 
+    # the linear layers whose weights the step reads, by attribute name: LoRA adapters on these are
+    # folded into the step's weights (`_weight`); an adapter anywhere else (experts, router, head)
+    # leaves decoding to the layers' own forwards
+    ADAPTABLE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
     @classmethod
     def supports(cls, model) -> bool:
+        model = _base_of(model)
         cfg = model.config
-        if any(hasattr(m, "lora_A") for m in model.modules()):  # adapters: the layers' own forwards apply them
-            return False
+        for name, m in model.named_modules():
+            if hasattr(m, "lora_A") and (name.rsplit(".", 1)[-1] not in cls.ADAPTABLE
+                                         or not isinstance(getattr(m, "base_layer", None), torch.nn.Linear)):
+                return False
         if getattr(cfg, "model_type", None) not in cls.SUPPORTED or getattr(cfg, "hidden_act", None) != "silu":
             return False
         try:
@@ -77,6 +90,7 @@ class FastQwen3Stepper:
 
     def __init__(self, model, cache, attention: torch.Tensor, positions: torch.Tensor, max_new: int,
                  record: bool, dense_experts_max_rows: int = 64):
+        model = _base_of(model)
         self.model, self.record = model, record
         self.dense_experts_max_rows = dense_experts_max_rows
         inner = model.model
@@ -131,6 +145,20 @@ class FastQwen3Stepper:
             return torch.cat([w.t() for w in weights], dim=1) if len(weights) > 1 else weights[0].t().contiguous()
         return torch.cat(weights) if len(weights) > 1 else weights[0]
 
+    @staticmethod
+    def _weight(linear) -> torch.Tensor:
+        """A linear layer's weight as its forward applies it: with LoRA adapters (peft's `lora.Linear`),
+        the base weight plus each active, unmerged adapter's scale * B A (a new tensor)."""
+        if not hasattr(linear, "lora_A"):
+            return linear.weight
+        weight = linear.get_base_layer().weight
+        if linear.merged or linear.disable_adapters:
+            return weight
+        for name in linear.active_adapters:
+            if name in linear.lora_A:
+                weight = weight + linear.get_delta_weight(name).to(weight.dtype)
+        return weight
+
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return x @ weight if self.transposed else F.linear(x, weight)
 
@@ -138,10 +166,10 @@ class FastQwen3Stepper:
         attn, mlp = layer.self_attn, layer.mlp
         plan = {
             "ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
-            "qkv": self._layout(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),  # [(h+2kvh)*hd, H]
+            "qkv": self._layout(*(self._weight(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj))),  # [(h+2kvh)*hd, H]
             "qk_norm": torch.cat([attn.q_norm.weight.expand(self.heads, -1),
                                   attn.k_norm.weight.expand(self.kv_heads, -1)]),  # [h+kvh, hd]
-            "o": self._layout(attn.o_proj.weight),
+            "o": self._layout(self._weight(attn.o_proj)),
         }
         if hasattr(mlp, "experts"):
             experts, gate = mlp.experts, mlp.gate
@@ -162,8 +190,8 @@ class FastQwen3Stepper:
         elif all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")) and not any(
                 getattr(getattr(mlp, n), "bias", None) is not None for n in ("gate_proj", "up_proj", "down_proj")):
             # dense SwiGLU MLP: [gate; up] as one product, then down
-            plan.update(gate_up=self._layout(mlp.gate_proj.weight, mlp.up_proj.weight),
-                        mlp_down=self._layout(mlp.down_proj.weight))
+            plan.update(gate_up=self._layout(self._weight(mlp.gate_proj), self._weight(mlp.up_proj)),
+                        mlp_down=self._layout(self._weight(mlp.down_proj)))
         else:
             plan["mlp"] = mlp
         return plan

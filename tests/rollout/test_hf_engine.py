@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from grpo.model.tiny import TinyBaseSpec, build_char_tokenizer, tiny_moe_config
 from rollout.base import SamplingParams
 from rollout.hf.engine import HFEngine
+from rollout.hf.qwen3 import FastQwen3Stepper
 
 PATHS = [pytest.param(True, id="fast"), pytest.param(False, id="generic")]
 
@@ -274,3 +275,30 @@ def test_make_engine_builds_the_configured_hf_engine(moe, tokenizer):
     assert isinstance(engine, HFEngine) and not engine.fast_decode
     cfg = RunConfig.model_validate({"rollout": {"engine": "vllm", "vllm": {"mode": "server", "tensor_parallel_size": 2}}})
     assert cfg.rollout.vllm.tensor_parallel_size == 2
+
+
+def test_fast_path_folds_lora_adapters_into_its_weights(moe, tokenizer, prompts):
+    """A peft model with adapters on the attention projections decodes on the fast path, with each
+    adapter's scale * B A added to the weights it reads: the same tokens and log-probs as the
+    adapted layers' own forwards. Adapters on the routed experts leave it to those forwards."""
+    import copy
+
+    from grpo.config import LoRAConfig
+    from grpo.model.lora import apply_lora
+
+    torch.manual_seed(3)
+    model = apply_lora(copy.deepcopy(moe), LoRAConfig(rank=4, alpha=8)).eval()
+    with torch.no_grad():  # B = 0 at initialisation: give the adapters a visible effect
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    assert FastQwen3Stepper.supports(model)
+    s = SamplingParams(max_new_tokens=12, seed=5)
+    fast = HFEngine(model, tokenizer, fast_decode=True).generate(prompts, 2, s)
+    generic = HFEngine(model, tokenizer, fast_decode=False).generate(prompts, 2, s)
+    base = HFEngine(moe, tokenizer, fast_decode=True).generate(prompts, 2, s)
+    assert [r.completion_ids for r in fast] == [r.completion_ids for r in generic] != [r.completion_ids for r in base]
+    for a, b in zip(fast, generic):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+    experts = apply_lora(copy.deepcopy(moe), LoRAConfig(rank=4, alpha=8, experts=True))
+    assert not FastQwen3Stepper.supports(experts)
