@@ -6,7 +6,7 @@ modules do for one new token per row, minus their per-call framework work (mask 
 records, hooks, cache-object bookkeeping, dynamic KV concatenation). At decode batch sizes the MoE
 block evaluates every expert densely and weights the outputs with the router's top-k weights (exact:
 unselected experts get weight 0), which at a few dozen rows is cheaper than any sparse dispatch;
-at a row or two, whose top-k choices are at most half of the experts, it runs only the chosen
+on CPU, at a row or two whose top-k choices are at most half of the experts, it runs only the chosen
 experts one by one and never reads the others' weights (the long tail of a batch whose
 completions have spread lengths: one row decodes at about 0.55x the dense step's time here);
 above `dense_experts_max_rows` rows, or for MoE layers larger than
@@ -222,7 +222,8 @@ class FastQwen3Stepper:
         rows, num = x.shape[0], p["num_experts"]
         sparse = not p["dense"] or rows > self.dense_experts_max_rows
         # so few rows that they choose at most half of the experts: read only the chosen ones' weights
-        few = not sparse and rows * p["top_k"] * 2 <= num
+        # (CPU: reading the choices back is free there; on a GPU it would wait for every layer)
+        few = not sparse and x.device.type == "cpu" and rows * p["top_k"] * 2 <= num
         if sparse or few:  # the model's own experts kernel, or the chosen experts one by one
             router_logits = self._linear(x, p["router"])  # [A, E]
         else:
