@@ -285,13 +285,11 @@ def test_fast_path_folds_lora_adapters_into_its_weights(moe, tokenizer, prompts)
 
     from grpo.config import LoRAConfig
     from grpo.model.lora import apply_lora
+    from tests.grpo.model.test_lora import randomize_adapters
 
     torch.manual_seed(3)
     model = apply_lora(copy.deepcopy(moe), LoRAConfig(rank=4, alpha=8)).eval()
-    with torch.no_grad():  # B = 0 at initialisation: give the adapters a visible effect
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
+    randomize_adapters(model, std=0.5)
     assert FastQwen3Stepper.supports(model)
     s = SamplingParams(max_new_tokens=12, seed=5)
     fast = HFEngine(model, tokenizer, fast_decode=True).generate(prompts, 2, s)

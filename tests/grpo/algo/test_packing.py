@@ -10,14 +10,13 @@ import copy
 import pytest
 import torch
 
-from grpo.algo.logprobs import token_logprobs
 from grpo.algo.moe import RouterControl
 from grpo.algo.packing import packed_logprobs, packing_supported
 from grpo.algo.update import collate, policy_update
 from grpo.config import RunConfig
 from tests.grpo.algo.test_moe import ExpertsSpy, sample_with_bf16_sampler, tiny_moe
 from tests.grpo.algo.test_shared_prompts import _update as padded_update
-from tests.grpo.algo.test_shared_prompts import completion_entries, mixed_rollouts
+from tests.grpo.algo.test_shared_prompts import float64_reference, mixed_rollouts
 
 
 def tiny_dense():
@@ -40,15 +39,10 @@ def model_of(family: str):
 @pytest.mark.parametrize("family", ["qwen3", "qwen3_moe", "mixtral", "deepseek_v3"])
 @pytest.mark.parametrize("share", [False, True])
 def test_logprobs_and_entropy_equal_the_padded_forward(family, share):
-    model, tok = model_of(family)
-    model = model.double()
-    rollouts = mixed_rollouts(tok)
-    batch = collate(rollouts, tok.pad_token_id)
+    model, batch, (rows, cols), full_lp, full_ent = float64_reference(*model_of(family))
     assert packing_supported(model)
-    full_lp, full_ent = token_logprobs(model, batch["input_ids"], batch["attention_mask"], 0.7, with_entropy=True)
     lp, ent = packed_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["prompt_lens"], 0.7,
                               with_entropy=True, chunk=5, share_prompts=share)
-    rows, cols = zip(*completion_entries(rollouts))
     # float64 model (transformers' RMSNorm rounds to float32 inside it): measured <= 1e-15 here; a
     # token attending across a sequence boundary or a position id off by one moves it by ~1e-2
     torch.testing.assert_close(lp[rows, cols], full_lp[rows, cols], atol=1e-6, rtol=1e-5)

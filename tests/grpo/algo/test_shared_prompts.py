@@ -41,18 +41,22 @@ def completion_entries(rollouts) -> list[tuple[int, int]]:
     return [(b, len(r.prompt_ids) - 1 + j) for b, r in enumerate(rollouts) for j in range(len(r.completion_ids))]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_logprobs_and_entropy_equal_the_full_forward(family):
-    model, tok = tiny_moe(family)
+def float64_reference(model, tok):
+    """(the float64 model, mixed_rollouts' batch, (rows, cols) of its completion entries, and the
+    one-forward log-probs and entropy at temperature 0.7): what a faster forward must equal."""
     model = model.double()
     rollouts = mixed_rollouts(tok)
     batch = collate(rollouts, tok.pad_token_id)
-    assert shared_prompt_supported(model)
     full_lp, full_ent = token_logprobs(model, batch["input_ids"], batch["attention_mask"], 0.7, with_entropy=True)
+    return model, batch, tuple(zip(*completion_entries(rollouts))), full_lp, full_ent
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logprobs_and_entropy_equal_the_full_forward(family):
+    model, batch, (rows, cols), full_lp, full_ent = float64_reference(*tiny_moe(family))
+    assert shared_prompt_supported(model)
     lp, ent = shared_prompt_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["prompt_lens"], 0.7,
                                      with_entropy=True, chunk=3)
-    entries = completion_entries(rollouts)
-    rows, cols = zip(*entries)
     # Often bit-identical; but transformers' RMSNorm rounds to float32 inside a float64 model, and
     # the one-forward reference itself is not bit-reproducible on 2 threads (30 repeats of it gave 2
     # distinct results): up to 2.4e-5 was seen on log-probs of about -4.4. A wrong position or mask

@@ -36,6 +36,14 @@ def lora_model(kind: str = "moe", **lora):
     return apply_lora(model, LoRAConfig(rank=4, alpha=8, **lora)), base, tok
 
 
+def randomize_adapters(model, std: float = 0.3) -> None:
+    """B is 0 at initialisation (the adapter changes nothing): draw it, so the adapter has an effect."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, std, generator=torch.Generator().manual_seed(p.numel()))
+
+
 def rollouts(vocab: int) -> list[Rollout]:
     g = torch.Generator().manual_seed(3)
     adv = [1.0, -1.0, 0.5, -0.5, 1.2, -0.2, -1.0, 0.0]
@@ -121,10 +129,7 @@ def test_the_transformers_engine_samples_with_the_adapter():
     from rollout.hf.engine import HFEngine
 
     model, base, tok = lora_model("dense")
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    randomize_adapters(model)
     engine = HFEngine(model, tok, CPU)
     out = engine.generate([[5, 6, 7], [8, 9]], 2, SamplingParams(max_new_tokens=6, ignore_eos=True, seed=1))
 
@@ -141,10 +146,7 @@ def test_the_transformers_engine_samples_with_the_adapter():
 
 def test_merged_weights_equal_peft_merge_and_the_payload_is_peft_format():
     model, base, _ = lora_model("dense")
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    randomize_adapters(model)
     merged = merged_state(model)
     assert set(merged) == set(base.state_dict())
     expected = copy.deepcopy(model).merge_and_unload().state_dict()
@@ -153,10 +155,7 @@ def test_merged_weights_equal_peft_merge_and_the_payload_is_peft_format():
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
                            base.state_dict()["model.layers.0.self_attn.q_proj.weight"])
     experts, _, _ = lora_model("moe", experts=True)  # adapters on the fused routed experts merge too
-    with torch.no_grad():
-        for n, p in experts.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    randomize_adapters(experts)
     merged = merged_state(experts)
     expected = copy.deepcopy(experts).merge_and_unload().state_dict()
     assert set(merged) == set(expected)
@@ -208,10 +207,7 @@ def test_merge_lora_writes_a_plain_model_with_the_adapted_outputs(tmp_path, caps
     base.save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    randomize_adapters(model)
     model.save_pretrained(tmp_path / "run" / "final")
     tok.save_pretrained(tmp_path / "run" / "final")
     assert main(["merge-lora", str(tmp_path / "run"), str(tmp_path / "merged")]) == 0
