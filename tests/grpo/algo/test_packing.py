@@ -14,9 +14,9 @@ from grpo.algo.moe import RouterControl
 from grpo.algo.packing import packed_logprobs, packing_supported
 from grpo.algo.update import collate, policy_update
 from grpo.config import RunConfig
-from tests.grpo.algo.test_moe import ExpertsSpy, sample_with_bf16_sampler, tiny_moe
+from tests.grpo.algo.test_moe import sample_with_bf16_sampler, tiny_moe
 from tests.grpo.algo.test_shared_prompts import _update as padded_update
-from tests.grpo.algo.test_shared_prompts import float64_reference, mixed_rollouts
+from tests.grpo.algo.test_shared_prompts import float64_reference, mixed_rollouts, r3_update
 
 
 def tiny_dense():
@@ -142,14 +142,7 @@ def test_r3_replays_the_engines_experts_in_packed_order(shared, monkeypatch):
     monkeypatch.setattr("grpo.algo.packing.PACK_MIN_PADDING", 0.0)  # equal-length completions: pack anyway
     model, tok = tiny_moe("qwen3_moe")
     rollouts = sample_with_bf16_sampler(model, tok)
-    cfg = RunConfig.model_validate({"moe": {"routing_replay": "R3"},
-                                    "trainer": {"shared_prompt_forward": shared}})
-    control = RouterControl(model, cfg.moe)
-    spy = ExpertsSpy(model)
-    policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), rollouts, cfg, tok.pad_token_id,
-                  torch.device("cpu"), moe=control)
-    spy.close()
-    control.close()
+    spy = r3_update(model, rollouts, tok, {"shared_prompt_forward": shared})
     calls = [torch.stack(c, 1) for c in spy.calls]  # per forward [T, L, k]
     checked = 0
     if shared:

@@ -152,10 +152,11 @@ def test_r3_replays_the_engines_experts_with_shared_prompts():
     assert checked > 100
 
 
-def r3_update(model, rollouts, tok) -> ExpertsSpy:
-    """One R3 policy update (lr 0) on right-padded micro-batches; returns the spy holding the
-    experts every forward ran."""
-    cfg = RunConfig.model_validate({"moe": {"routing_replay": "R3"}, "trainer": {"max_tokens_per_micro_batch": None}})
+def r3_update(model, rollouts, tok, trainer: dict | None = None) -> ExpertsSpy:
+    """One R3 policy update (lr 0), on right-padded micro-batches unless `trainer` (recipe trainer
+    fields) says otherwise; returns the spy holding the experts every forward ran."""
+    trainer = {"max_tokens_per_micro_batch": None} if trainer is None else trainer
+    cfg = RunConfig.model_validate({"moe": {"routing_replay": "R3"}, "trainer": trainer})
     control = RouterControl(model, cfg.moe)
     spy = ExpertsSpy(model)
     policy_update(model, torch.optim.SGD(model.parameters(), lr=0.0), rollouts, cfg, tok.pad_token_id,
