@@ -172,14 +172,16 @@ def weights_message(cfg: RunConfig, model: torch.nn.Module) -> tuple[str, dict[s
     would push: ("adapter", tensors, config) in PEFT's format (`model.lora.sync: adapter`), else
     ("state", the merged or full weights, None)."""
     from grpo.model.lora import adapter_payload, merged_state
-    from grpo.run.checkpoint import lora_state, policy_state
+    from grpo.run.checkpoint import full_model_state, lora_state
 
     lora = cfg.model.lora
-    if cfg.rollout.engine == "vllm" and lora is not None:
-        if lora.sync == "adapter":
-            return "adapter", *adapter_payload(model, lora_state(model))
-        return "state", {k: v.cpu().clone() for k, v in merged_state(model).items()}, None
-    return "state", {k: v.clone() for k, v in policy_state(model).items()}, None
+    if lora is None:  # full_model_state's CPU tensors are the trainer's own: copy them
+        return "state", {k: v.clone() for k, v in full_model_state(model).items()}, None
+    if cfg.rollout.engine != "vllm":
+        return "state", lora_state(model), None  # copies already
+    if lora.sync == "adapter":
+        return "adapter", *adapter_payload(model, lora_state(model))
+    return "state", {k: v.cpu().clone() for k, v in merged_state(model).items()}, None
 
 
 def _load_version(ctx, model, weights: tuple[str, dict[str, torch.Tensor], dict | None]) -> None:

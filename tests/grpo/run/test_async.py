@@ -173,3 +173,38 @@ def test_length_schedule_follows_the_step_a_batch_is_sampled_for(tmp_path, tiny_
     assert rows[0]["rollout/response_length_max"] == 6  # the cap binds at 6 ...
     assert max(m["rollout/response_length_max"] for m in rows[1:]) > 6  # ... and was raised for the batches ahead
     assert rows[1]["async/staleness_max"] == 1.0  # step 2's batch was sampled ahead, by the weights of step 0
+
+
+def test_the_trainer_sends_each_engine_its_own_private_copy_of_the_policy():
+    """`weights_message`: full weights for the transformers engine; a LoRA run's adapter only (the
+    generation process holds the same base); for a vLLM server, the adapter in PEFT's format, or the
+    merged weights with `sync: merged`. Every tensor is a copy the trainer's next update leaves alone."""
+    from grpo.config import LoRAConfig, RunConfig
+    from grpo.model.lora import apply_lora
+    from grpo.run.async_rollouts import weights_message
+    from tests.conftest import tiny_qwen3
+    from tests.grpo.model.test_lora import randomize_adapters
+
+    def cfg(engine: str, lora: dict | None) -> RunConfig:
+        return RunConfig.model_validate({"rollout": {"engine": engine}, "model": {"lora": lora}})
+
+    full = tiny_qwen3("dense")[0]
+    peft = apply_lora(tiny_qwen3("dense")[0], LoRAConfig(rank=4, alpha=8))
+    randomize_adapters(peft)
+    sent = {engine_sync: weights_message(cfg(engine_sync[0], {"rank": 4, "alpha": 8, "sync": engine_sync[1]}), peft)
+            for engine_sync in (("hf", "adapter"), ("vllm", "adapter"), ("vllm", "merged"))}
+    sent["hf", None] = weights_message(cfg("hf", None), full)
+    kind, tensors, config = sent["hf", None]
+    assert kind == "state" and config is None and tensors.keys() == full.state_dict().keys()
+    kind, tensors, _ = sent["hf", "adapter"]
+    assert kind == "state" and tensors and all("lora_" in k for k in tensors)
+    kind, tensors, config = sent["vllm", "adapter"]
+    assert kind == "adapter" and config["r"] == 4 and all(".default." not in k for k in tensors)  # PEFT's file names
+    kind, tensors, _ = sent["vllm", "merged"]
+    assert kind == "state" and not any("lora_" in k for k in tensors) and "model.layers.0.self_attn.q_proj.weight" in tensors
+    before = {key: {k: v.clone() for k, v in message[1].items()} for key, message in sent.items()}
+    with torch.no_grad():
+        for p in [*full.parameters(), *peft.parameters()]:
+            p.add_(1.0)
+    for key, message in sent.items():
+        assert all(torch.equal(v, before[key][k]) for k, v in message[1].items()), key
