@@ -190,13 +190,18 @@ def test_seeds_reproduce(moe, tokenizer, prompts, fast):
 
 @pytest.mark.parametrize("dense_rows,n_prompts,n", [(64, 3, 3), (0, 3, 3), (64, 1, 1)],
                          ids=["dense-experts", "sparse-experts", "chosen-experts"])
-def test_fast_and_generic_paths_agree(moe, tokenizer, prompts, dense_rows, n_prompts, n):
+def test_fast_and_generic_paths_agree(moe, tokenizer, prompts, dense_rows, n_prompts, n, monkeypatch):
     """chosen-experts: one row, whose top-2 are half of the 4 experts, runs only those two."""
     prompts = prompts[:n_prompts]
     stop = stop_id_for(HFEngine(moe, tokenizer), prompts, n, max_new_tokens=16, seed=11)
     s = SamplingParams(max_new_tokens=16, seed=11, stop_token_ids=(stop,), record_routing=True)
+    chosen = []
+    monkeypatch.setattr(FastQwen3Stepper, "CHOSEN_EXPERTS_MAX_SHARE", 0.5)
+    monkeypatch.setattr(FastQwen3Stepper, "_chosen_experts",
+                        staticmethod(lambda *a, _f=FastQwen3Stepper._chosen_experts: chosen.append(1) or _f(*a)))
     fast = HFEngine(moe, tokenizer, fast_decode=True, dense_experts_max_rows=dense_rows).generate(prompts, n, s)
     assert any(r.finish_reason == "stop" for r in fast)
+    assert bool(chosen) == (n_prompts * n == 1)  # the chosen-experts path ran exactly where it should
     generic = HFEngine(moe, tokenizer, fast_decode=False).generate(prompts, n, s)
     for a, b in zip(fast, generic):
         assert a.completion_ids == b.completion_ids and a.finish_reason == b.finish_reason
