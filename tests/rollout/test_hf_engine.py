@@ -188,20 +188,27 @@ def test_seeds_reproduce(moe, tokenizer, prompts, fast):
     assert [r.completion_ids for r in a] != [r.completion_ids for r in c]
 
 
-@pytest.mark.parametrize("dense_rows,n_prompts,n", [(64, 3, 3), (0, 3, 3), (64, 1, 1)],
-                         ids=["dense-experts", "sparse-experts", "chosen-experts"])
-def test_fast_and_generic_paths_agree(moe, tokenizer, prompts, dense_rows, n_prompts, n, monkeypatch):
-    """chosen-experts: one row, whose top-2 are half of the 4 experts, runs only those two."""
+@pytest.mark.parametrize("dense_rows,n_prompts,n,share", [(64, 3, 3, 0.5), (0, 3, 3, 0.5), (64, 1, 1, 0.5),
+                                                         (64, 1, 3, 1.5)],
+                         ids=["dense-experts", "sparse-experts", "chosen-experts", "chosen-experts-rows"])
+def test_fast_and_generic_paths_agree(moe, tokenizer, prompts, dense_rows, n_prompts, n, share, monkeypatch):
+    """chosen-experts: one row, whose top-2 are half of the 4 experts, runs only those two (expert
+    by expert); chosen-experts-rows: three rows (and then fewer) gather the experts they chose."""
     prompts = prompts[:n_prompts]
     stop = stop_id_for(HFEngine(moe, tokenizer), prompts, n, max_new_tokens=16, seed=11)
     s = SamplingParams(max_new_tokens=16, seed=11, stop_token_ids=(stop,), record_routing=True)
-    chosen = []
-    monkeypatch.setattr(FastQwen3Stepper, "CHOSEN_EXPERTS_MAX_SHARE", 0.5)
-    monkeypatch.setattr(FastQwen3Stepper, "_chosen_experts",
-                        staticmethod(lambda *a, _f=FastQwen3Stepper._chosen_experts: chosen.append(1) or _f(*a)))
+    rows_seen = []
+    monkeypatch.setattr(FastQwen3Stepper, "CHOSEN_EXPERTS_MAX_SHARE", share)
+    monkeypatch.setattr(FastQwen3Stepper, "_chosen_experts", staticmethod(
+        lambda p, x, *a, _f=FastQwen3Stepper._chosen_experts: rows_seen.append(x.shape[0]) or _f(p, x, *a)))
     fast = HFEngine(moe, tokenizer, fast_decode=True, dense_experts_max_rows=dense_rows).generate(prompts, n, s)
     assert any(r.finish_reason == "stop" for r in fast)
-    assert bool(chosen) == (n_prompts * n == 1)  # the chosen-experts path ran exactly where it should
+    if share > 1:  # every row count took the chosen-experts path, three rows at first
+        assert rows_seen and rows_seen[0] == 3
+    elif n_prompts * n == 1:
+        assert set(rows_seen) == {1}
+    else:
+        assert not rows_seen
     generic = HFEngine(moe, tokenizer, fast_decode=False).generate(prompts, n, s)
     for a, b in zip(fast, generic):
         assert a.completion_ids == b.completion_ids and a.finish_reason == b.finish_reason
