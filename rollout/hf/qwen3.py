@@ -82,10 +82,10 @@ class FastQwen3Stepper:
     SUPPORTED = ("qwen3_moe", "qwen3")
     DENSE_EXPERTS_MAX_PARAMS = 16 * 2**20  # per MoE layer; above it, no dense path and no weight copies
     TRANSPOSED_MAX_BYTES = 2**30  # CPU only: models up to this size get weight copies per call (`_Product`)
-    # CPU: rows whose top-k choices are at most this share of a layer's experts run only the chosen
-    # experts (`_chosen_experts`). Measured here (8 experts, top-2, hidden 512, 8 layers): one row
-    # 3.3-3.5 ms per step against 5.9 dense; two rows (half of the experts) 4.0 against 4.3-4.6.
-    CHOSEN_EXPERTS_MAX_SHARE = 0.5
+    # CPU: rows whose top-k choices number at most this share of a layer's experts run only the
+    # chosen experts (`_chosen_experts`). Measured here (8 experts, top-2, hidden 512, 8 layers):
+    # one row 3.3-4.1 ms per step against 4.9-5.9 dense; two rows 4.9-5.3 against 3.9-5.0.
+    CHOSEN_EXPERTS_MAX_SHARE = 0.25
 
     # the linear layers whose weights the step reads, by attribute name: LoRA adapters on these are
     # folded into the step's weights (`_weight`); an adapter anywhere else (experts, router, head)
@@ -278,28 +278,25 @@ class FastQwen3Stepper:
 
     @staticmethod
     def _chosen_experts(p: dict, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        """x [A, H] through each row's top-k experts, weighted ([A, H]) (CPU), reading the [in, out]
-        weights (copies made once per call) of the chosen experts only: one row multiplies them
-        in place, expert by expert; more rows gather them (`index_select`) into two batched products."""
+        """x [A, H] through each row's top-k experts, weighted ([A, H]) (CPU): row by row, expert by
+        expert, each chosen expert's [in, out] weights (copies made once per call) multiply the row
+        in place. Nothing is gathered: copies of the chosen weights, and the fresh memory they would
+        take every step, cost more than they save here when other work shares the memory bus."""
         if "gate_up_in_out" not in p:
             p["gate_up_in_out"] = p["moe"].experts.gate_up_proj.transpose(1, 2).contiguous()  # [E, H, 2I]
         gate_up, down = p["gate_up_in_out"], p["down"]
         if down._in_out is None:
             down._in_out = down.out_in.t().contiguous()  # [E*I, H]
         down = down._in_out.view(p["num_experts"], -1, x.shape[-1])  # [E, I, H]
-        rows, k = top_i.shape
-        if rows == 1:
-            y = None
-            for e, w in zip(top_i[0].tolist(), top_w[0].tolist()):
-                g, u = torch.mm(x, gate_up[e]).chunk(2, dim=-1)  # [1, I] each
+        out = []
+        for r, (experts_r, weights_r) in enumerate(zip(top_i.tolist(), top_w.tolist())):
+            row, y = x[r : r + 1], None  # [1, H]
+            for e, w in zip(experts_r, weights_r):
+                g, u = torch.mm(row, gate_up[e]).chunk(2, dim=-1)  # [1, I] each
                 term = torch.mm(F.silu(g) * u, down[e]) * w  # [1, H]
                 y = term if y is None else y + term
-            return y  # [1, H]
-        chosen = top_i.reshape(-1)  # [A*k]
-        h = torch.bmm(x.repeat_interleave(k, dim=0).unsqueeze(1), gate_up.index_select(0, chosen))  # [A*k, 1, 2I]
-        g, u = h.chunk(2, dim=-1)  # [A*k, 1, I] each
-        y = torch.bmm(F.silu(g) * u, down.index_select(0, chosen))  # [A*k, 1, H]
-        return torch.bmm(top_w.unsqueeze(1), y.view(rows, k, -1)).squeeze(1)  # [A, H]
+            out.append(y)
+        return out[0] if len(out) == 1 else torch.cat(out)  # [A, H]
 
     def step(self, token: torch.Tensor):
         """token: [A]. Returns logits [A, V] and routes [A, L, k] (int16) or None."""

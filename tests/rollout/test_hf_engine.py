@@ -188,7 +188,7 @@ def test_seeds_reproduce(moe, tokenizer, prompts, fast):
     assert [r.completion_ids for r in a] != [r.completion_ids for r in c]
 
 
-@pytest.mark.parametrize("dense_rows,n_prompts,n,share", [(64, 3, 3, 0.5), (0, 3, 3, 0.5), (64, 1, 1, 0.5),
+@pytest.mark.parametrize("dense_rows,n_prompts,n,share", [(64, 3, 3, 0.0), (0, 3, 3, 1.5), (64, 1, 1, 0.5),
                                                          (64, 1, 3, 1.5)],
                          ids=["dense-experts", "sparse-experts", "chosen-experts", "chosen-experts-rows"])
 def test_fast_and_generic_paths_agree(moe, tokenizer, prompts, dense_rows, n_prompts, n, share, monkeypatch):
@@ -203,12 +203,12 @@ def test_fast_and_generic_paths_agree(moe, tokenizer, prompts, dense_rows, n_pro
         lambda p, x, *a, _f=FastQwen3Stepper._chosen_experts: rows_seen.append(x.shape[0]) or _f(p, x, *a)))
     fast = HFEngine(moe, tokenizer, fast_decode=True, dense_experts_max_rows=dense_rows).generate(prompts, n, s)
     assert any(r.finish_reason == "stop" for r in fast)
-    if share > 1:  # every row count took the chosen-experts path, three rows at first
-        assert rows_seen and rows_seen[0] == 3
+    if dense_rows == 0 or share == 0:  # all sparse, or all dense
+        assert not rows_seen
     elif n_prompts * n == 1:
         assert set(rows_seen) == {1}
-    else:
-        assert not rows_seen
+    else:  # every row count took the chosen-experts path, three rows at first
+        assert rows_seen and rows_seen[0] == 3
     generic = HFEngine(moe, tokenizer, fast_decode=False).generate(prompts, n, s)
     for a, b in zip(fast, generic):
         assert a.completion_ids == b.completion_ids and a.finish_reason == b.finish_reason
