@@ -59,7 +59,7 @@ ours, so the two alternate step by step under the same machine load. A TRL step 
 between consecutive callbacks minus the time spent in our step; ours is `grpo.run.step.run_step` (draw
 prompts -> encode -> generate -> score -> advantages -> update -> weight sync), the function
 `grpo train` calls for every step, and its split is the step's own `time/*` metrics.
-The first 3 steps of each are warm-up (2 with spread lengths); medians of the next 30 (8) are reported,
+The first 3 steps of each are warm-up (2 with spread lengths); medians of the next 30 (16) are reported,
 with the 1-minute load average (other processes on a shared machine inflate both sides).
 
 TRL's best settings for the spread mix, as far as TRL 1.16 has them on CPU: GRPOConfig has no
@@ -410,7 +410,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=["tiny", "small", "both"], default="both")
     parser.add_argument("--steps", type=int, default=None, help="measured steps after the warm-up (default: 30, "
-                        "8 with --lengths spread)")
+                        "16 with --lengths spread)")
     parser.add_argument("--lengths", choices=["fixed", "spread"], default="fixed",
                         help="completion lengths: 32 tokens each, or long-tailed (see the module docstring)")
     parser.add_argument("--memory", action="store_true",
@@ -438,7 +438,7 @@ def main() -> int:
             print(json.dumps(memory(size, args.threads)), flush=True)
         return 0
     spread = args.lengths == "spread"
-    steps = args.steps if args.steps is not None else (8 if spread else 30)
+    steps = args.steps if args.steps is not None else (16 if spread else 30)
     warmup = args.warmup if args.warmup is not None else (2 if spread else 3)
     for size in sizes:
         print(json.dumps(run(size, steps, warmup, args.trl_experts, args.lengths)), flush=True)

@@ -6,10 +6,10 @@ modules do for one new token per row, minus their per-call framework work (mask 
 records, hooks, cache-object bookkeeping, dynamic KV concatenation). At decode batch sizes the MoE
 block evaluates every expert densely and weights the outputs with the router's top-k weights (exact:
 unselected experts get weight 0), which at a few dozen rows is cheaper than any sparse dispatch;
-on CPU, at a row or two whose top-k choices are at most half of the experts, it runs only the chosen
-experts one by one and never reads the others' weights (the long tail of a batch whose
-completions have spread lengths: one row decodes at about 0.55x the dense step's time here);
-above `dense_experts_max_rows` rows, or for MoE layers larger than
+on CPU, when the rows' top-k choices are a small share of the experts (one row of a top-2-of-8
+model: the long tail of a batch whose completions have spread lengths), it runs only the chosen
+experts one by one and never reads the others' weights; above `dense_experts_max_rows` rows, or
+for MoE layers larger than
 `FastQwen3Stepper.DENSE_EXPERTS_MAX_PARAMS`, it calls the model's own experts module (whatever
 `experts_implementation` is set).
 """
@@ -74,9 +74,9 @@ class FastQwen3Stepper:
     To keep the number of kernel launches per step low, a few weights are laid out once per
     `generate` call (fused q/k/v rows; router rows stacked on the experts' gate/up rows; the
     experts' down projections side by side; a dense MLP's gate and up rows), so a dense-experts
-    MoE block is two matmuls. On CPU every weight the step multiplies by is also copied as
-    [in, out] (`x @ W` beats `F.linear` at a few dozen rows). These are copies made at the start
-    of each call, so they always reflect the current weights.
+    MoE block is two matmuls. On CPU each product runs in the layout that is fastest for its row
+    count (`_Product`). These are copies made during each call, so they always reflect the
+    current weights.
     """
 
     SUPPORTED = ("qwen3_moe", "qwen3")
@@ -138,9 +138,8 @@ class FastQwen3Stepper:
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         device = attention.device
-        # On CPU, x @ W with W laid out [in, out] runs 1.5-3.5x faster than F.linear(x, W[out, in])
-        # at decode row counts (measured on this project's 2-core machine), so the step's weights
-        # are copied once per call in that layout while they fit TRANSPOSED_MAX_BYTES.
+        # On CPU, products run through `_Product` (the layout fastest for the row count, measured on
+        # this project's 2-core machine), whose weight copies are made while they fit TRANSPOSED_MAX_BYTES.
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.transposed = device.type == "cpu" and weight_bytes <= self.TRANSPOSED_MAX_BYTES
         self.embed = inner.embed_tokens.weight
@@ -236,7 +235,7 @@ class FastQwen3Stepper:
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _rms_norm(x, weight, self.eps)
 
-    def _attention(self, i: int, p: dict, x: torch.Tensor, cos, sin, slot: int) -> torch.Tensor:
+    def _attention(self, i: int, p: dict, x: torch.Tensor, cos, sin, slot: int, mask: torch.Tensor) -> torch.Tensor:
         rows, h, kvh = x.shape[0], self.heads, self.kv_heads
         qkv = self._linear(x, p["qkv"]).view(rows, h + 2 * kvh, self.head_dim)  # [A, h+2kvh, hd]
         qk = self._norm(qkv[:, : h + kvh], p["qk_norm"])  # [A, h+kvh, hd]
@@ -246,7 +245,7 @@ class FastQwen3Stepper:
         self.values[i][:, :, slot] = qkv[:, h + kvh :]
         span = slot + 1
         out = F.scaled_dot_product_attention(q, self.keys[i][:, :, :span], self.values[i][:, :, :span],
-                                             attn_mask=self.valid[:, None, None, :span], scale=self.scaling,
+                                             attn_mask=mask, scale=self.scaling,
                                              enable_gqa=True)  # [A, h, 1, hd]
         return self._linear(out.reshape(rows, -1), p["o"])  # [A, H]
 
@@ -305,10 +304,11 @@ class FastQwen3Stepper:
         self.valid[:, slot] = True
         cos = self.cos[self.next_pos][:, None, :]  # [A, 1, hd]
         sin = self.sin[self.next_pos][:, None, :]
+        mask = self.valid[:, None, None, : slot + 1]  # [A, 1, 1, span], the same for every layer
         h = F.embedding(token, self.embed)  # [A, H]
         routes = []
         for i, p in enumerate(self.layers):
-            h = h + self._attention(i, p, self._norm(h, p["ln1"]), cos, sin, slot)
+            h = h + self._attention(i, p, self._norm(h, p["ln1"]), cos, sin, slot, mask)
             x = self._norm(h, p["ln2"])
             if "moe" in p:
                 y, top_i = self._moe(p, x)
