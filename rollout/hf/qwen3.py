@@ -215,7 +215,7 @@ class FastQwen3Stepper:
                     dense=True,
                     # router rows first, then every expert's [gate; up] rows: [E + E*2I, H]
                     router_gate_up=self._layout(gate.weight, experts.gate_up_proj.reshape(num * inter2, hidden)),
-                    # every expert's down projection side by side: [H, E*I] ([E*I, H] when transposed)
+                    # every expert's down projection side by side: [H, E*I]
                     down=self._layout(experts.down_proj.permute(1, 0, 2).reshape(hidden, -1)),
                 )
         elif all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")) and not any(
