@@ -72,11 +72,12 @@ class FastQwen3Stepper:
     residual: the operations of the transformers modules, in their order.
 
     To keep the number of kernel launches per step low, a few weights are laid out once per
-    `generate` call (fused q/k/v rows; router rows stacked on the experts' gate/up rows; the
-    experts' down projections side by side; a dense MLP's gate and up rows), so a dense-experts
-    MoE block is two matmuls. On CPU each product runs in the layout that is fastest for its row
-    count (`_Product`). These are copies made during each call, so they always reflect the
-    current weights.
+    `generate` call (fused q/k/v rows; the experts' down projections side by side; a dense MLP's
+    gate and up rows; the experts' gate/up rows are a view), so a dense-experts MoE block is three
+    matmuls (router, every expert's gate/up, every expert's down). On CPU each product runs in the
+    layout that is fastest for its row count (`_Product`). The copies are made during each call,
+    so they always reflect the current weights; the router is not stacked on the experts' rows,
+    since that copy (the size of the experts) cost more per call than the product it saved.
     """
 
     SUPPORTED = ("qwen3_moe", "qwen3")
@@ -213,8 +214,8 @@ class FastQwen3Stepper:
             if experts.gate_up_proj.numel() + experts.down_proj.numel() <= self.DENSE_EXPERTS_MAX_PARAMS:
                 plan.update(
                     dense=True,
-                    # router rows first, then every expert's [gate; up] rows: [E + E*2I, H]
-                    router_gate_up=self._layout(gate.weight, experts.gate_up_proj.reshape(num * inter2, hidden)),
+                    # every expert's [gate; up] rows: [E*2I, H] (a view of the experts' weights)
+                    experts_gate_up=self._layout(experts.gate_up_proj.reshape(num * inter2, hidden)),
                     # every expert's down projection side by side: [H, E*I]
                     down=self._layout(experts.down_proj.permute(1, 0, 2).reshape(hidden, -1)),
                 )
@@ -254,11 +255,7 @@ class FastQwen3Stepper:
         sparse = not p["dense"] or rows > self.dense_experts_max_rows
         # so few rows that they choose a small share of the experts: read only the chosen ones' weights
         few = not sparse and self.transposed and rows * p["top_k"] <= self.CHOSEN_EXPERTS_MAX_SHARE * num
-        if sparse or few:  # the model's own experts kernel, or the chosen experts
-            router_logits = self._linear(x, p["router"])  # [A, E]
-        else:
-            fused = self._linear(x, p["router_gate_up"])  # [A, E + E*2I]
-            router_logits = fused[:, :num]  # [A, E]
+        router_logits = self._linear(x, p["router"])  # [A, E]
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float)  # [A, E]
         top_w, top_i = torch.topk(probs, p["top_k"], dim=-1)  # [A, k]
         if p["norm_topk"]:
@@ -270,7 +267,7 @@ class FastQwen3Stepper:
         if few:
             return self._chosen_experts(p, x, top_i, top_w), top_i
         weights = torch.zeros_like(router_logits).scatter_(1, top_i, top_w)  # [A, E], 0 off the top-k
-        gate_up = fused[:, num:].view(rows, num, -1)  # [A, E, 2I]
+        gate_up = self._linear(x, p["experts_gate_up"]).view(rows, num, -1)  # [A, E, 2I]
         g, u = gate_up.chunk(2, dim=-1)  # [A, E, I] each
         act = F.silu(g) * u * weights.unsqueeze(-1)  # [A, E, I]
         return self._linear(act.reshape(rows, -1), p["down"]), top_i  # [A, H], [A, k]
@@ -278,21 +275,18 @@ class FastQwen3Stepper:
     @staticmethod
     def _chosen_experts(p: dict, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         """x [A, H] through each row's top-k experts, weighted ([A, H]) (CPU): row by row, expert by
-        expert, each chosen expert's [in, out] weights (copies made once per call) multiply the row
-        in place. Nothing is gathered: copies of the chosen weights, and the fresh memory they would
-        take every step, cost more than they save here when other work shares the memory bus."""
-        if "gate_up_in_out" not in p:
-            p["gate_up_in_out"] = p["moe"].experts.gate_up_proj.transpose(1, 2).contiguous()  # [E, H, 2I]
-        gate_up, down = p["gate_up_in_out"], p["down"]
-        if down._in_out is None:
-            down._in_out = down.out_in.t().contiguous()  # [E*I, H]
-        down = down._in_out.view(p["num_experts"], -1, x.shape[-1])  # [E, I, H]
+        expert, each chosen expert's own weights multiply the row in place. Nothing is copied or
+        gathered: copies of the chosen weights, and the fresh memory they would take every step,
+        cost more than they save here (a one-row product reads a weight of this size equally fast
+        in either layout)."""
+        experts = p["moe"].experts
+        gate_up, down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
         out = []
         for r, (experts_r, weights_r) in enumerate(zip(top_i.tolist(), top_w.tolist())):
             row, y = x[r : r + 1], None  # [1, H]
             for e, w in zip(experts_r, weights_r):
-                g, u = torch.mm(row, gate_up[e]).chunk(2, dim=-1)  # [1, I] each
-                term = torch.mm(F.silu(g) * u, down[e]) * w  # [1, H]
+                g, u = torch.mm(gate_up[e], row.t()).view(1, -1).chunk(2, dim=-1)  # [1, I] each
+                term = torch.mm(down[e], (F.silu(g) * u).t()).view(1, -1) * w  # [1, H]
                 y = term if y is None else y + term
             out.append(y)
         return out[0] if len(out) == 1 else torch.cat(out)  # [A, H]
