@@ -74,21 +74,31 @@ def _segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                        scaling: float | None, dropout: float) -> torch.Tensor:
     """query [1, Hq, T, D], key/value [1, Hkv, K, D] -> [1, T, Hq, D]: SDPA per sequence."""
     groups = query.shape[1] // key.shape[1]
+    bounds, rows = segs.queries, query.shape[2]
+    if bounds[0][0] == 0 and bounds[-1][1] == rows and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])):
+        # the sequences tile the row: split it (whose backward joins the pieces' gradients once)
+        # rather than slice it per sequence (each slice's backward fills a zero tensor of the whole row)
+        sizes = [end - start for start, end in bounds]
+        own = segs.key_offset
+        pieces = zip(query.split(sizes, dim=2), key[:, :, own: own + rows].split(sizes, dim=2),
+                     value[:, :, own: own + rows].split(sizes, dim=2))
+    else:
+        pieces = ((query[:, :, start:end], key[:, :, segs.key_offset + start: segs.key_offset + end],
+                   value[:, :, segs.key_offset + start: segs.key_offset + end]) for start, end in bounds)
+    prefix_kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # one slice per distinct prefix
     outs = []
-    for (start, end), prefix in zip(segs.queries, segs.prefixes):
-        q = query[:, :, start:end]  # [1, Hq, n, D]
-        k = key[:, :, segs.key_offset + start: segs.key_offset + end]  # [1, Hkv, n, D]
-        v = value[:, :, segs.key_offset + start: segs.key_offset + end]  # [1, Hkv, n, Dv]
+    for (start, end), prefix, (q, k, v) in zip(bounds, segs.prefixes, pieces):  # [1, Hq, n, D], [1, Hkv, n, D] x2
         mask = None
         if prefix is not None:
-            k = torch.cat([key[:, :, prefix[0]: prefix[1]], k], dim=2)  # [1, Hkv, p + n, D]
-            v = torch.cat([value[:, :, prefix[0]: prefix[1]], v], dim=2)  # [1, Hkv, p + n, Dv]
+            if prefix not in prefix_kv:
+                prefix_kv[prefix] = key[:, :, prefix[0]: prefix[1]], value[:, :, prefix[0]: prefix[1]]
+            k = torch.cat([prefix_kv[prefix][0], k], dim=2)  # [1, Hkv, p + n, D]
+            v = torch.cat([prefix_kv[prefix][1], v], dim=2)  # [1, Hkv, p + n, Dv]
             n, p = end - start, prefix[1] - prefix[0]
             mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(diagonal=p)  # [n, p + n]
-        if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # [1, Hq, ., .]
+        # grouped-query attention (each key/value head serves Hq / Hkv query heads) inside the kernel
         outs.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                                   is_causal=mask is None and end - start > 1))
+                                                   is_causal=mask is None and end - start > 1, enable_gqa=groups > 1))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()  # [1, T, Hq, Dv]
 
 
