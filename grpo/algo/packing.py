@@ -59,7 +59,8 @@ PACK_MIN_PADDING = 0.1
 class Segments:
     """Which keys each sequence of a packed row attends to.
 
-    queries: (start, end) of every sequence's tokens in the row (the queries of this forward)
+    queries: (start, end) of every sequence's tokens in the row (the queries of this forward), in
+        order and tiling the row: each starts where the previous ends, the first at 0
     prefixes: per sequence, (start, end) of keys it reads in full before its own (its prompt's, in a
         KV cache filled by an earlier forward), or None
     key_offset: where this forward's own keys start in the key tensor (the cache length before it)
@@ -74,17 +75,12 @@ def _segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
                        scaling: float | None, dropout: float) -> torch.Tensor:
     """query [1, Hq, T, D], key/value [1, Hkv, K, D] -> [1, T, Hq, D]: SDPA per sequence."""
     groups = query.shape[1] // key.shape[1]
-    bounds, rows = segs.queries, query.shape[2]
-    if bounds[0][0] == 0 and bounds[-1][1] == rows and all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])):
-        # the sequences tile the row: split it (whose backward joins the pieces' gradients once)
-        # rather than slice it per sequence (each slice's backward fills a zero tensor of the whole row)
-        sizes = [end - start for start, end in bounds]
-        own = segs.key_offset
-        pieces = zip(query.split(sizes, dim=2), key[:, :, own: own + rows].split(sizes, dim=2),
-                     value[:, :, own: own + rows].split(sizes, dim=2))
-    else:
-        pieces = ((query[:, :, start:end], key[:, :, segs.key_offset + start: segs.key_offset + end],
-                   value[:, :, segs.key_offset + start: segs.key_offset + end]) for start, end in bounds)
+    bounds, rows, own = segs.queries, query.shape[2], segs.key_offset
+    # the sequences tile the row: split it (whose backward joins the pieces' gradients once) rather
+    # than slice it per sequence (each slice's backward fills a zero tensor of the whole row)
+    sizes = [end - start for start, end in bounds]
+    pieces = zip(query.split(sizes, dim=2), key[:, :, own: own + rows].split(sizes, dim=2),
+                 value[:, :, own: own + rows].split(sizes, dim=2))
     prefix_kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # one slice per distinct prefix
     outs = []
     for (start, end), prefix, (q, k, v) in zip(bounds, segs.prefixes, pieces):  # [1, Hq, n, D], [1, Hkv, n, D] x2
