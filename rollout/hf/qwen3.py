@@ -82,7 +82,7 @@ class FastQwen3Stepper:
 
     SUPPORTED = ("qwen3_moe", "qwen3")
     DENSE_EXPERTS_MAX_PARAMS = 16 * 2**20  # per MoE layer; above it, no dense path and no weight copies
-    TRANSPOSED_MAX_BYTES = 2**30  # CPU only: models up to this size get weight copies per call (`_Product`)
+    PRODUCT_COPIES_MAX_BYTES = 2**30  # CPU only: models up to this size get weight copies per call (`_Product`)
     # CPU: rows whose top-k choices number at most this share of a layer's experts run only the
     # chosen experts (`_chosen_experts`). Measured here (8 experts, top-2, hidden 512, 8 layers):
     # one row 3.3-4.1 ms per step against 4.9-5.9 dense; two rows 4.9-5.3 against 3.9-5.0.
@@ -140,9 +140,9 @@ class FastQwen3Stepper:
         self.kv_heads = cfg.num_key_value_heads
         device = attention.device
         # On CPU, products run through `_Product` (the layout fastest for the row count, measured on
-        # this project's 2-core machine), whose weight copies are made while they fit TRANSPOSED_MAX_BYTES.
+        # this project's 2-core machine), whose weight copies are made while they fit PRODUCT_COPIES_MAX_BYTES.
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.transposed = device.type == "cpu" and weight_bytes <= self.TRANSPOSED_MAX_BYTES
+        self.cpu_products = device.type == "cpu" and weight_bytes <= self.PRODUCT_COPIES_MAX_BYTES
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm.weight
         self.lm_head = self._layout(model.lm_head.weight)
@@ -175,7 +175,7 @@ class FastQwen3Stepper:
         """Linear weights [out_i, in] stacked along out (one copy; a single weight is used as is), in
         the form `_linear` takes: the [sum out_i, in] tensor, or on CPU a `_Product` of it."""
         stacked = torch.cat(weights) if len(weights) > 1 else weights[0]  # [sum out_i, in]
-        return _Product(stacked.contiguous()) if self.transposed else stacked
+        return _Product(stacked.contiguous()) if self.cpu_products else stacked
 
     @staticmethod
     def _weight(linear) -> torch.Tensor:
@@ -193,7 +193,7 @@ class FastQwen3Stepper:
 
     def _linear(self, x: torch.Tensor, weight) -> torch.Tensor:
         """x [A, in] times a weight of `_layout`: [A, out]."""
-        return weight(x) if self.transposed else F.linear(x, weight)
+        return weight(x) if self.cpu_products else F.linear(x, weight)
 
     def _plan(self, layer) -> dict:
         attn, mlp = layer.self_attn, layer.mlp
@@ -254,7 +254,8 @@ class FastQwen3Stepper:
         rows, num = x.shape[0], p["num_experts"]
         sparse = not p["dense"] or rows > self.dense_experts_max_rows
         # so few rows that they choose a small share of the experts: read only the chosen ones' weights
-        few = not sparse and self.transposed and rows * p["top_k"] <= self.CHOSEN_EXPERTS_MAX_SHARE * num
+        # (CPU: reading the choices back is free there; on a GPU it would wait for every layer)
+        few = not sparse and x.device.type == "cpu" and rows * p["top_k"] <= self.CHOSEN_EXPERTS_MAX_SHARE * num
         router_logits = self._linear(x, p["router"])  # [A, E]
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float)  # [A, E]
         top_w, top_i = torch.topk(probs, p["top_k"], dim=-1)  # [A, k]

@@ -193,7 +193,7 @@ def test_seeds_reproduce(moe, tokenizer, prompts, fast):
                          ids=["dense-experts", "sparse-experts", "chosen-experts", "chosen-experts-rows"])
 def test_fast_and_generic_paths_agree(moe, tokenizer, prompts, dense_rows, n_prompts, n, share, monkeypatch):
     """chosen-experts: one row, whose top-2 are half of the 4 experts, runs only those two (expert
-    by expert); chosen-experts-rows: three rows (and then fewer) gather the experts they chose."""
+    by expert); chosen-experts-rows: three rows (and then fewer) take that path row by row."""
     prompts = prompts[:n_prompts]
     stop = stop_id_for(HFEngine(moe, tokenizer), prompts, n, max_new_tokens=16, seed=11)
     s = SamplingParams(max_new_tokens=16, seed=11, stop_token_ids=(stop,), record_routing=True)
