@@ -16,6 +16,8 @@ for MoE layers larger than
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -36,30 +38,70 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-class _Product:
-    """A linear weight on CPU, multiplied the way that is fastest at decode row counts (measured on
-    this project's 2-core machine with MKL, weights larger than the cache): one row as x @ W[in, out]
-    (about 2x faster than F.linear), 2 to 16 rows as (W[out, in] @ x^T)^T (2-3x faster than either
-    x @ W[in, out] or F.linear, whose small-M kernels read the weight at a fraction of the memory
-    bandwidth). The [in, out] copy is made on first use, so a weight only ever multiplied with
-    several rows is never copied."""
+def _row_product(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+    """One row [1, in] times a weight [out, in] (CPU): [1, out]. With an even `out`, as one batched
+    product over the weight's two halves of rows, which torch's CPU `bmm` runs on two threads: each
+    core streams half of the weight. A single-row product runs on one thread and reads the weight
+    at about half the memory bandwidth (measured on this project's 2-core machine: 27 µs against
+    59-69 for a 0.5 MB weight that is not in cache, 147-170 against 245-477 for 4 MB)."""
+    out = weight.shape[0]
+    if out % 2:
+        return torch.mm(row, weight.t())
+    return torch.bmm(weight.view(2, out // 2, -1), row.t().expand(2, -1, 1)).view(1, out)
 
-    __slots__ = ("out_in", "_in_out")
+
+@functools.cache
+def _onednn_products() -> bool:
+    """Whether this torch build runs oneDNN's linear on a prepacked float32 weight (the internal ops
+    torch's own CPU compiler uses), checked once against a plain product."""
+    try:
+        weight, x = torch.randn(64, 32), torch.randn(4, 32)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
+        return torch.backends.mkldnn.is_available() and torch.allclose(out, x @ weight.t(), atol=1e-5)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class _Product:
+    """A linear weight on CPU, multiplied the way that is fastest at its row count (measured on this
+    project's 2-core machine, weights larger than the cache, where MKL's small-matrix kernels read
+    a weight at a fraction of the memory bandwidth):
+    - one row: `_row_product` (both cores stream half of the weight each);
+    - 2 to 3 rows, and small weights: (W[out, in] @ x^T)^T, 2-3x faster there than x @ W[in, out]
+      or F.linear; 9 to 15 rows are zero-padded to 16, where that kernel is faster;
+    - from PACKED_MIN_ROWS rows, weights of PACKED_MIN_BYTES or more (a MoE layer's stacked experts):
+      oneDNN's linear on a copy of the weight in its own blocked layout, made on first use (per
+      decode step of the bench's small model, 16 rows: 7.7-8.5 ms against 10.3-11.0, 8 rows 6.3
+      against 8.1). At 2-3 rows it was slower than the plain product.
+    """
+
+    PACKED_MIN_ROWS = 4
+    PACKED_MIN_BYTES = 2**20
+    __slots__ = ("out_in", "_packable", "_packed")
 
     def __init__(self, out_in: torch.Tensor):
-        self.out_in, self._in_out = out_in, None  # [out, in], [in, out]
+        self.out_in, self._packed = out_in, None  # [out, in]; the oneDNN copy
+        self._packable = (out_in.dtype == torch.float32 and _onednn_products()
+                          and out_in.numel() * out_in.element_size() >= self.PACKED_MIN_BYTES)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
-            if self._in_out is None:
-                self._in_out = self.out_in.t().contiguous()
-            return torch.mm(x, self._in_out)  # [1, out]
         rows = x.shape[0]
+        if rows == 1:
+            return _row_product(self.out_in, x)
+        if self._packable and rows >= self.PACKED_MIN_ROWS:
+            if self._packed is None:
+                self._packed = self._pack()
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [None], "")  # [A, out]
         if 8 < rows < 16:  # zero rows up to 16: the kernel is faster there than at 9-15 rows
             x = torch.cat([x, x.new_zeros(16 - rows, x.shape[1])])  # [16, in]
         elif not x.is_contiguous():
             x = x.contiguous()
         return torch.mm(self.out_in, x.t())[:, :rows].t().contiguous()  # [A, out]
+
+    def _pack(self) -> torch.Tensor:
+        """The weight in oneDNN's blocked layout for products of up to 16 rows."""
+        return torch.ops.mkldnn._reorder_linear_weight(self.out_in, 16)
 
 
 class FastQwen3Stepper:
@@ -75,14 +117,15 @@ class FastQwen3Stepper:
     `generate` call (fused q/k/v rows; the experts' down projections side by side; a dense MLP's
     gate and up rows; the experts' gate/up rows are a view), so a dense-experts MoE block is three
     matmuls (router, every expert's gate/up, every expert's down). On CPU each product runs in the
-    layout that is fastest for its row count (`_Product`). The copies are made during each call,
+    way that is fastest for its row count (`_Product`, whose oneDNN copies of large weights are
+    made on first use). The copies are made during each call,
     so they always reflect the current weights; the router is not stacked on the experts' rows,
     since that copy (the size of the experts) cost more per call than the product it saved.
     """
 
     SUPPORTED = ("qwen3_moe", "qwen3")
     DENSE_EXPERTS_MAX_PARAMS = 16 * 2**20  # per MoE layer; above it, no dense path and no weight copies
-    PRODUCT_COPIES_MAX_BYTES = 2**30  # CPU only: models up to this size get weight copies per call (`_Product`)
+    PRODUCT_COPIES_MAX_BYTES = 2**30  # CPU only: models up to this size get `_Product`s (and their copies) per call
     # CPU: rows whose top-k choices number at most this share of a layer's experts run only the
     # chosen experts (`_chosen_experts`). Measured here (8 experts, top-2, hidden 512, 8 layers):
     # one row 3.3-4.1 ms per step against 4.9-5.9 dense; two rows 4.9-5.3 against 3.9-5.0.
@@ -139,7 +182,7 @@ class FastQwen3Stepper:
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
         device = attention.device
-        # On CPU, products run through `_Product` (the layout fastest for the row count, measured on
+        # On CPU, products run through `_Product` (the kernel fastest for the row count, measured on
         # this project's 2-core machine), whose weight copies are made while they fit PRODUCT_COPIES_MAX_BYTES.
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.cpu_products = device.type == "cpu" and weight_bytes <= self.PRODUCT_COPIES_MAX_BYTES
@@ -276,18 +319,17 @@ class FastQwen3Stepper:
     @staticmethod
     def _chosen_experts(p: dict, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
         """x [A, H] through each row's top-k experts, weighted ([A, H]) (CPU): row by row, expert by
-        expert, each chosen expert's own weights multiply the row in place. Nothing is copied or
-        gathered: copies of the chosen weights, and the fresh memory they would take every step,
-        cost more than they save here (a one-row product reads a weight of this size equally fast
-        in either layout)."""
+        expert, each chosen expert's own weights multiply the row in place (`_row_product`). Nothing
+        is copied or gathered: copies of the chosen weights, and the fresh memory they would take
+        every step, cost more than they save here."""
         experts = p["moe"].experts
         gate_up, down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
         out = []
         for r, (experts_r, weights_r) in enumerate(zip(top_i.tolist(), top_w.tolist())):
             row, y = x[r : r + 1], None  # [1, H]
             for e, w in zip(experts_r, weights_r):
-                g, u = torch.mm(gate_up[e], row.t()).view(1, -1).chunk(2, dim=-1)  # [1, I] each
-                term = torch.mm(down[e], (F.silu(g) * u).t()).view(1, -1) * w  # [1, H]
+                g, u = _row_product(gate_up[e], row).chunk(2, dim=-1)  # [1, I] each
+                term = _row_product(down[e], F.silu(g) * u) * w  # [1, H]
                 y = term if y is None else y + term
             out.append(y)
         return out[0] if len(out) == 1 else torch.cat(out)  # [A, H]

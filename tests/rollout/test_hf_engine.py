@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from grpo.model.tiny import TinyBaseSpec, build_char_tokenizer, tiny_moe_config
 from rollout.base import SamplingParams
 from rollout.hf.engine import HFEngine
-from rollout.hf.qwen3 import FastQwen3Stepper
+from rollout.hf.qwen3 import FastQwen3Stepper, _onednn_products, _Product
 
 PATHS = [pytest.param(True, id="fast"), pytest.param(False, id="generic")]
 
@@ -188,21 +188,30 @@ def test_seeds_reproduce(moe, tokenizer, prompts, fast):
     assert [r.completion_ids for r in a] != [r.completion_ids for r in c]
 
 
-@pytest.mark.parametrize("dense_rows,n_prompts,n,share", [(64, 3, 3, 0.0), (0, 3, 3, 1.5), (64, 1, 1, 0.5),
-                                                         (64, 1, 3, 1.5)],
-                         ids=["dense-experts", "sparse-experts", "chosen-experts", "chosen-experts-rows"])
-def test_fast_and_generic_paths_agree(moe, tokenizer, prompts, dense_rows, n_prompts, n, share, monkeypatch):
+@pytest.mark.parametrize("dense_rows,n_prompts,n,share,packed", [
+    (64, 3, 3, 0.0, False), (64, 3, 3, 0.0, True), (0, 3, 3, 1.5, False), (64, 1, 1, 0.5, False),
+    (64, 1, 3, 1.5, False)], ids=["dense-experts", "dense-experts-onednn", "sparse-experts", "chosen-experts",
+                                  "chosen-experts-rows"])
+def test_fast_and_generic_paths_agree(moe, tokenizer, prompts, dense_rows, n_prompts, n, share, packed, monkeypatch):
     """chosen-experts: one row, whose top-2 are half of the 4 experts, runs only those two (expert
-    by expert); chosen-experts-rows: three rows (and then fewer) take that path row by row."""
+    by expert); chosen-experts-rows: three rows (and then fewer) take that path row by row;
+    dense-experts-onednn: every weight counts as large, so products of 4 rows or more run on
+    oneDNN's packed copies (this model's weights are below `_Product.PACKED_MIN_BYTES`)."""
     prompts = prompts[:n_prompts]
     stop = stop_id_for(HFEngine(moe, tokenizer), prompts, n, max_new_tokens=16, seed=11)
     s = SamplingParams(max_new_tokens=16, seed=11, stop_token_ids=(stop,), record_routing=True)
-    rows_seen = []
+    rows_seen, packs = [], []
     monkeypatch.setattr(FastQwen3Stepper, "CHOSEN_EXPERTS_MAX_SHARE", share)
     monkeypatch.setattr(FastQwen3Stepper, "_chosen_experts", staticmethod(
         lambda p, x, *a, _f=FastQwen3Stepper._chosen_experts: rows_seen.append(x.shape[0]) or _f(p, x, *a)))
+    if packed:
+        if not _onednn_products():
+            pytest.skip("this torch build has no oneDNN linear")
+        monkeypatch.setattr(_Product, "PACKED_MIN_BYTES", 0)
+        monkeypatch.setattr(_Product, "_pack", lambda self, _f=_Product._pack: packs.append(id(self)) or _f(self))
     fast = HFEngine(moe, tokenizer, fast_decode=True, dense_experts_max_rows=dense_rows).generate(prompts, n, s)
     assert any(r.finish_reason == "stop" for r in fast)
+    assert bool(packs) == packed and len(set(packs)) == len(packs)  # each weight packed once, on first use
     if dense_rows == 0 or share == 0:  # all sparse, or all dense
         assert not rows_seen
     elif n_prompts * n == 1:
