@@ -272,8 +272,22 @@ class FastQwen3Stepper:
         return plan
 
     def select(self, keep: torch.Tensor) -> None:
-        self.keys = [k[keep] for k in self.keys]
-        self.values = [v[keep] for v in self.values]
+        """Keep the rows `keep` [A'], increasing indices into the current rows (as the decode loops
+        drop finished rows). The buffers are compacted in place: each kept row after the first dropped
+        one moves up, only its filled positions are copied, and the buffers become views of their
+        first A' rows."""
+        order = keep.tolist()
+        if any(a >= b for a, b in zip(order, order[1:])):
+            raise ValueError(f"rows to keep must be increasing indices, got {order}")
+        first = next((i for i, row in enumerate(order) if row != i), len(order))  # rows before it stay
+        filled = self.width + self.steps  # positions written so far: the prompt and the fed tokens
+        if first < len(order):
+            moved = keep[first:]
+            for buffer in (*self.keys, *self.values):  # [A, kvh, W+N, hd]
+                part = buffer[:, :, :filled]
+                part[first: len(order)] = part.index_select(0, moved)
+        self.keys = [k[: len(order)] for k in self.keys]
+        self.values = [v[: len(order)] for v in self.values]
         self.valid, self.next_pos = self.valid[keep], self.next_pos[keep]
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
