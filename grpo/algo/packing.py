@@ -18,11 +18,13 @@ passes through as it is, so no mask is built. Models that run another attention 
 (eager, flash-attention, flex), use sliding windows, attention logit soft-capping or attention
 sinks are not packed (`packing_supported`): they keep the right-padded forward, which is exact.
 
-Shared prompts (`share_prompts`): the distinct prompts of the micro-batch run once, packed into
-one row with a KV cache; then the completions run packed into a second row on that cache, each
-completion's attention reading its own prompt's keys (a prefix segment) and its own earlier
-tokens. Unlike the padded shared-prompt forward (grpo/algo/logprobs.py) nothing is copied per
-row: the prompt's keys are read in place, and gradients from every completion reach them.
+Shared prompts (`share_prompts`): one packed row holds the distinct prompts of the micro-batch
+once, then the completions, each completion's attention reading its own prompt's keys in the
+same row (a prefix segment) and its own earlier tokens. Unlike the padded shared-prompt forward
+(grpo/algo/logprobs.py) nothing is copied per row: the prompt's keys are read in place, and
+gradients from every completion reach them. One forward, not a prompt forward and a completion
+forward on its cache: every weight is read, and its gradient accumulated, once per micro-batch
+(one spread-length update of the bench's small model: 259 ms against 292).
 
 Routing replay and expert-load counts are defined on the right-padded layout [B, S]; every packed
 forward tells the routing scope which full-layout position each of its tokens stands for
@@ -44,7 +46,6 @@ import torch
 import torch.nn.functional as F
 
 from grpo.algo.logprobs import _is_fsdp, _unwrapped
-from rollout.hf.steppers import cache_keyword, output_cache
 
 PACKED = "grpo_packed_segments"  # the keyword that carries a packed row's Segments to the attention function
 
@@ -61,26 +62,23 @@ class Segments:
 
     queries: (start, end) of every sequence's tokens in the row (the queries of this forward), in
         order and tiling the row: each starts where the previous ends, the first at 0
-    prefixes: per sequence, (start, end) of keys it reads in full before its own (its prompt's, in a
-        KV cache filled by an earlier forward), or None
-    key_offset: where this forward's own keys start in the key tensor (the cache length before it)
+    prefixes: per sequence, (start, end) of the row's keys it reads in full before its own (its
+        prompt's), or None
     """
 
     queries: tuple[tuple[int, int], ...]
     prefixes: tuple[tuple[int, int] | None, ...]
-    key_offset: int = 0
 
 
 def _segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segs: Segments,
                        scaling: float | None, dropout: float) -> torch.Tensor:
-    """query [1, Hq, T, D], key/value [1, Hkv, K, D] -> [1, T, Hq, D]: SDPA per sequence."""
+    """query [1, Hq, T, D], key/value [1, Hkv, T, D] (the row's own) -> [1, T, Hq, D]: SDPA per sequence."""
     groups = query.shape[1] // key.shape[1]
-    bounds, rows, own = segs.queries, query.shape[2], segs.key_offset
+    bounds = segs.queries
     # the sequences tile the row: split it (whose backward joins the pieces' gradients once) rather
     # than slice it per sequence (each slice's backward fills a zero tensor of the whole row)
     sizes = [end - start for start, end in bounds]
-    pieces = zip(query.split(sizes, dim=2), key[:, :, own: own + rows].split(sizes, dim=2),
-                 value[:, :, own: own + rows].split(sizes, dim=2))
+    pieces = zip(query.split(sizes, dim=2), key.split(sizes, dim=2), value.split(sizes, dim=2))
     prefix_kv: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # one slice per distinct prefix
     outs = []
     for (start, end), prefix, (q, k, v) in zip(bounds, segs.prefixes, pieces):  # [1, Hq, n, D], [1, Hkv, n, D] x2
@@ -195,8 +193,8 @@ class _Scored:
     entry: torch.Tensor  # [N] column of the [B, S-1] output
 
 
-def _run(model, ids: list[int], positions: list[int], segs: Segments, device, cache=None, use_cache: bool = False):
-    """One packed row through the decoder: hidden states [T, H] (and the cache when asked)."""
+def _run(model, ids: list[int], positions: list[int], segs: Segments, device) -> torch.Tensor:
+    """One packed row through the decoder: hidden states [T, H]."""
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)  # [1, T]
     position_ids = torch.tensor([positions], dtype=torch.long, device=device)  # [1, T]
     placeholder = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)  # a 4-D mask is passed through unread
@@ -205,15 +203,10 @@ def _run(model, ids: list[int], positions: list[int], segs: Segments, device, ca
     if wrapped:  # through the wrapper's forward (DDP's gradient bookkeeping, FSDP's unsharding)
         out = model(input_ids=input_ids, attention_mask=placeholder, position_ids=position_ids,
                     output_hidden_states=True, logits_to_keep=1, output_router_logits=False, **{PACKED: segs})
-        return out.hidden_states[-1][0], None
-    decoder = inner.get_decoder()
-    kwargs = {PACKED: segs}
-    if use_cache:
-        kwargs["use_cache"] = True
-        if cache is not None:
-            kwargs[cache_keyword(decoder)] = cache
-    out = decoder(input_ids=input_ids, attention_mask=placeholder, position_ids=position_ids, **kwargs)
-    return out.last_hidden_state[0], (output_cache(out) if use_cache else None)
+        return out.hidden_states[-1][0]
+    out = inner.get_decoder()(input_ids=input_ids, attention_mask=placeholder, position_ids=position_ids,
+                              **{PACKED: segs})
+    return out.last_hidden_state[0]
 
 
 def packed_logprobs(
@@ -249,7 +242,7 @@ def packed_logprobs(
     softcap = getattr(inner.config, "final_logit_softcapping", None)
     try:
         if share_prompts:
-            hidden, scored = _shared_forwards(model, rows, lens, plens, width, device, routing)
+            hidden, scored = _shared_forward(model, rows, lens, plens, width, device, routing)
         else:
             hidden, scored = _full_forward(model, rows, lens, plens, width, device, routing)
     finally:
@@ -285,13 +278,13 @@ def _full_forward(model, rows, lens, plens, width, device, routing):
         position = torch.tensor(flat, dtype=torch.long, device=device)  # [T]
         routing.set_part(TokenPart(position, torch.ones(len(flat), device=device),
                                    torch.arange(len(flat), device=device), position))
-    hidden, _ = _run(model, ids, positions, Segments(tuple(queries), (None,) * len(queries)), device)  # [T, H]
+    hidden = _run(model, ids, positions, Segments(tuple(queries), (None,) * len(queries)), device)  # [T, H]
     return hidden, _scored(hidden_idx, target, row_of, entry, device)
 
 
-def _shared_forwards(model, rows, lens, plens, width, device, routing):
-    """The distinct prompts packed into one row (with a cache), then the completions packed into a
-    second row reading their prompt's keys from it."""
+def _shared_forward(model, rows, lens, plens, width, device, routing):
+    """One packed row: the distinct prompts, then the completions, each completion's attention
+    reading its prompt's keys in the same row (a prefix segment) and its own earlier tokens."""
     from grpo.algo.logprobs import TokenPart
 
     distinct: dict[tuple[int, ...], int] = {}
@@ -299,50 +292,44 @@ def _shared_forwards(model, rows, lens, plens, width, device, routing):
     first_row = {}
     for b, q in enumerate(prompt_of):
         first_row.setdefault(q, b)
-    p_ids, p_pos, p_queries, p_flat, p_weight = [], [], [], [], []
+    ids, pos, queries, prefixes, flat, weight = [], [], [], [], [], []
     sharing = [prompt_of.count(q) for q in range(len(distinct))]
     for q, prompt in enumerate(distinct):
-        start = len(p_ids)
-        p_ids += prompt
-        p_pos += range(len(prompt))
-        p_queries.append((start, start + len(prompt)))
-        p_flat += range(first_row[q] * width, first_row[q] * width + len(prompt))
-        p_weight += [float(sharing[q])] * len(prompt)
-    tp = len(p_ids)
-    c_ids, c_pos, c_queries, c_prefixes, c_flat = [], [], [], [], []
+        start = len(ids)
+        ids += prompt
+        pos += range(len(prompt))
+        queries.append((start, start + len(prompt)))
+        prefixes.append(None)
+        flat += range(first_row[q] * width, first_row[q] * width + len(prompt))
+        weight += [float(sharing[q])] * len(prompt)
+    prompt_spans = list(queries)
     hidden_idx, target, row_of, entry = [], [], [], []
-    src, dst = [], []  # every row's prompt positions, filled from its distinct prompt's tokens (routing)
+    src, dst = [], []  # token src[i] of the row fills full-layout position dst[i] (routing)
     for b, (row, n, p) in enumerate(zip(rows, lens, plens)):
-        pstart, pend = p_queries[prompt_of[b]]
+        pstart, pend = prompt_spans[prompt_of[b]]
         src += range(pstart, pend)
         dst += range(b * width, b * width + p)
         if n == p:
             continue
-        start = len(c_ids)
-        c_ids += row[p:n]
-        c_pos += range(p, n)
-        c_queries.append((start, start + n - p))
-        c_prefixes.append((pstart, pend))
-        c_flat += range(b * width + p, b * width + n)
-        hidden_idx += [pend - 1, *range(tp + start, tp + start + n - p - 1)]  # first token: the prompt's last state
+        start = len(ids)
+        ids += row[p:n]
+        pos += range(p, n)
+        queries.append((start, start + n - p))
+        prefixes.append((pstart, pend))
+        flat += range(b * width + p, b * width + n)
+        weight += [1.0] * (n - p)
+        src += range(start, start + n - p)
+        dst += range(b * width + p, b * width + n)
+        hidden_idx += [pend - 1, *range(start, start + n - p - 1)]  # first token: the prompt's last state
         target += row[p:n]
         row_of += [b] * (n - p)
         entry += range(p - 1, n - 1)
     if routing is not None:
-        routing.set_part(TokenPart(torch.tensor(p_flat, dtype=torch.long, device=device),
-                                   torch.tensor(p_weight, device=device), torch.tensor(src, device=device),
+        routing.set_part(TokenPart(torch.tensor(flat, dtype=torch.long, device=device),
+                                   torch.tensor(weight, device=device), torch.tensor(src, device=device),
                                    torch.tensor(dst, device=device)))
-    prompt_hidden, cache = _run(model, p_ids, p_pos, Segments(tuple(p_queries), (None,) * len(p_queries)), device,
-                                use_cache=True)  # [Tp, H]
-    if not c_ids:
-        return prompt_hidden, _scored(hidden_idx, target, row_of, entry, device)
-    if routing is not None:
-        position = torch.tensor(c_flat, dtype=torch.long, device=device)  # [Tc]
-        routing.set_part(TokenPart(position, torch.ones(len(c_flat), device=device),
-                                   torch.arange(len(c_flat), device=device), position))
-    comp_hidden, _ = _run(model, c_ids, c_pos, Segments(tuple(c_queries), tuple(c_prefixes), key_offset=tp), device,
-                          cache=cache, use_cache=True)  # [Tc, H]
-    return torch.cat([prompt_hidden, comp_hidden]), _scored(hidden_idx, target, row_of, entry, device)
+    hidden = _run(model, ids, pos, Segments(tuple(queries), tuple(prefixes)), device)  # [T, H]
+    return hidden, _scored(hidden_idx, target, row_of, entry, device)
 
 
 def _scored(hidden_idx, target, row_of, entry, device) -> _Scored:

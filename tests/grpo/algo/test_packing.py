@@ -54,7 +54,7 @@ def test_logprobs_and_entropy_equal_the_padded_forward(family, share):
 
 def test_a_packed_row_holds_no_padding():
     """The decoder sees one row per forward: every real token once, no padding; with shared
-    prompts, the distinct prompts once, then the completions."""
+    prompts, one row of the distinct prompts once, then the completions."""
     model, tok = tiny_moe("qwen3_moe")
     rollouts = mixed_rollouts(tok)
     batch = collate(rollouts, tok.pad_token_id)
@@ -67,7 +67,7 @@ def test_a_packed_row_holds_no_padding():
     prompts = {r.prompt_ids for r in rollouts}
     total = sum(len(r.prompt_ids) + len(r.completion_ids) for r in rollouts)
     completions = sum(len(r.completion_ids) for r in rollouts)
-    assert shapes == [(1, total), (1, sum(map(len, prompts))), (1, completions)]
+    assert shapes == [(1, total), (1, sum(map(len, prompts)) + completions)]
 
 
 def _update(model, rollouts, tok, cfg_dict, budget: int | None, shared: bool = True):
@@ -145,9 +145,10 @@ def test_r3_replays_the_engines_experts_in_packed_order(shared, monkeypatch):
     spy = r3_update(model, rollouts, tok, {"shared_prompt_forward": shared})
     calls = [torch.stack(c, 1) for c in spy.calls]  # per forward [T, L, k]
     checked = 0
-    if shared:
-        prompt_call, completion_call = calls
+    if shared:  # one row: the distinct prompts, then the completions
+        (call,) = calls
         prompts = list(dict.fromkeys(r.prompt_ids for r in rollouts))
+        prompt_call, completion_call = call[: sum(map(len, prompts))], call[sum(map(len, prompts)):]
         starts = [sum(map(len, prompts[:i])) for i in range(len(prompts))]
         offset = 0
         for r in rollouts:
