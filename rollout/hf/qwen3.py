@@ -41,9 +41,10 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 def _row_product(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
     """One row [1, in] times a weight [out, in] (CPU): [1, out]. With an even `out`, as one batched
     product over the weight's two halves of rows, which torch's CPU `bmm` runs on two threads: each
-    core streams half of the weight. A single-row product runs on one thread and reads the weight
-    at about half the memory bandwidth (measured on this project's 2-core machine: 27 µs against
-    59-69 for a 0.5 MB weight that is not in cache, 147-170 against 245-477 for 4 MB)."""
+    core streams half of the weight. A single-row product (x @ W[in, out], or W @ x^T) runs on one
+    thread and reads the weight at about half the memory bandwidth (measured on this project's
+    2-core machine, weights not in cache: 27 µs against 52-69 for 0.5 MB, 147-170 against 245-477
+    for 4 MB)."""
     out = weight.shape[0]
     if out % 2:
         return torch.mm(row, weight.t())
@@ -54,8 +55,9 @@ def _row_product(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
 def _onednn_products() -> bool:
     """Whether this torch build runs oneDNN's linear on a prepacked float32 weight (the internal ops
     torch's own CPU compiler uses), checked once against a plain product."""
-    try:
-        weight, x = torch.randn(64, 32), torch.randn(4, 32)
+    try:  # (fixed values: the probe leaves the global random generator alone)
+        weight = torch.arange(64 * 32, dtype=torch.float32).reshape(64, 32).remainder_(7).sub_(3)
+        x = torch.arange(4 * 32, dtype=torch.float32).reshape(4, 32).remainder_(5).sub_(2)
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 16)
         out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [None], "")
         return torch.backends.mkldnn.is_available() and torch.allclose(out, x @ weight.t(), atol=1e-5)
@@ -72,8 +74,9 @@ class _Product:
       or F.linear; 9 to 15 rows are zero-padded to 16, where that kernel is faster;
     - from PACKED_MIN_ROWS rows, weights of PACKED_MIN_BYTES or more (a MoE layer's stacked experts):
       oneDNN's linear on a copy of the weight in its own blocked layout, made on first use (per
-      decode step of the bench's small model, 16 rows: 7.7-8.5 ms against 10.3-11.0, 8 rows 6.3
-      against 8.1). At 2-3 rows it was slower than the plain product.
+      decode step of the bench's small model within spread-length generates, 16 rows: 7.3-8.2 ms
+      against 9.1-11.0; 8 rows 5.8-6.3 against 7.4-8.1). At 2-3 rows it was slower than the plain
+      product.
     """
 
     PACKED_MIN_ROWS = 4
@@ -128,7 +131,8 @@ class FastQwen3Stepper:
     PRODUCT_COPIES_MAX_BYTES = 2**30  # CPU only: models up to this size get `_Product`s (and their copies) per call
     # CPU: rows whose top-k choices number at most this share of a layer's experts run only the
     # chosen experts (`_chosen_experts`). Measured here (8 experts, top-2, hidden 512, 8 layers):
-    # one row 3.3-4.1 ms per step against 4.9-5.9 dense; two rows 4.9-5.3 against 3.9-5.0.
+    # one row 3.3-4.1 ms per step against 4.9-5.9 dense; two rows 4.9-5.3 against 3.9-5.0; with
+    # the two-core row products (`_row_product`), two rows still 4.3-4.9 against 3.7-4.3.
     CHOSEN_EXPERTS_MAX_SHARE = 0.25
 
     # the linear layers whose weights the step reads, by attribute name: LoRA adapters on these are
