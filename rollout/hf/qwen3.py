@@ -6,9 +6,9 @@ modules do for one new token per row, minus their per-call framework work (mask 
 records, hooks, cache-object bookkeeping, dynamic KV concatenation). At decode batch sizes the MoE
 block evaluates every expert densely and weights the outputs with the router's top-k weights (exact:
 unselected experts get weight 0), which at a few dozen rows is cheaper than any sparse dispatch;
-on CPU, when the rows' top-k choices are a small share of the experts (one row of a top-2-of-8
-model: the long tail of a batch whose completions have spread lengths), it runs only the chosen
-experts one by one and never reads the others' weights; above `dense_experts_max_rows` rows, or
+on CPU, when the rows' top-k choices are a small share of the experts (up to three rows of a
+top-2-of-8 model: the long tail of a batch whose completions have spread lengths), it runs only
+the chosen experts, each once, and never reads the others' weights; above `dense_experts_max_rows` rows, or
 for MoE layers larger than
 `FastQwen3Stepper.DENSE_EXPERTS_MAX_PARAMS`, it calls the model's own experts module (whatever
 `experts_implementation` is set).
@@ -131,9 +131,10 @@ class FastQwen3Stepper:
     PRODUCT_COPIES_MAX_BYTES = 2**30  # CPU only: models up to this size get `_Product`s (and their copies) per call
     # CPU: rows whose top-k choices number at most this share of a layer's experts run only the
     # chosen experts (`_chosen_experts`). Measured here (8 experts, top-2, hidden 512, 8 layers):
-    # one row 3.3-4.1 ms per step against 4.9-5.9 dense; two rows 4.9-5.3 against 3.9-5.0; with
-    # the two-core row products (`_row_product`), two rows still 4.3-4.9 against 3.7-4.3.
-    CHOSEN_EXPERTS_MAX_SHARE = 0.25
+    # one row 3.3-4.1 ms per step against 4.9-5.9 dense; two and three rows (each chosen expert
+    # once, on all rows), within spread-length generates, 5.9-6.9 against 6.7-7.5 and 7.5-8.1
+    # against 9.1-9.7 (a busy machine). Only measured with 8 experts.
+    CHOSEN_EXPERTS_MAX_SHARE = 0.75
 
     # the linear layers whose weights the step reads, by attribute name: LoRA adapters on these are
     # folded into the step's weights (`_weight`); an adapter anywhere else (experts, router, head)
@@ -336,21 +337,30 @@ class FastQwen3Stepper:
 
     @staticmethod
     def _chosen_experts(p: dict, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
-        """x [A, H] through each row's top-k experts, weighted ([A, H]) (CPU): row by row, expert by
-        expert, each chosen expert's own weights multiply the row in place (`_row_product`). Nothing
-        is copied or gathered: copies of the chosen weights, and the fresh memory they would take
-        every step, cost more than they save here."""
+        """x [A, H] through the experts its rows chose, weighted ([A, H]) (CPU). Each chosen expert's
+        own weights multiply the rows in place, once per expert: one row expert by expert
+        (`_row_product`); several rows through each expert any of them chose, every row weighted by
+        its routing weight for that expert (0 where it did not choose it: exact, as in the dense
+        path). Nothing is copied or gathered: copies of the chosen weights, and the fresh memory they
+        would take every step, cost more than they save here."""
         experts = p["moe"].experts
         gate_up, down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
-        out = []
-        for r, (experts_r, weights_r) in enumerate(zip(top_i.tolist(), top_w.tolist())):
-            row, y = x[r : r + 1], None  # [1, H]
-            for e, w in zip(experts_r, weights_r):
-                g, u = _row_product(gate_up[e], row).chunk(2, dim=-1)  # [1, I] each
+        rows, y = x.shape[0], None
+        if rows == 1:
+            for e, w in zip(top_i[0].tolist(), top_w[0].tolist()):
+                g, u = _row_product(gate_up[e], x).chunk(2, dim=-1)  # [1, I] each
                 term = _row_product(down[e], F.silu(g) * u) * w  # [1, H]
                 y = term if y is None else y + term
-            out.append(y)
-        return out[0] if len(out) == 1 else torch.cat(out)  # [A, H]
+            return y
+        chosen = top_i.t()  # [k, A]
+        row_of = torch.arange(rows, device=x.device).expand_as(chosen)  # [k, A]
+        weights = x.new_zeros(p["num_experts"], rows).index_put_((chosen, row_of), top_w.t())  # [E, A]
+        xt = x.t()  # [H, A]
+        for e in sorted(set(top_i.flatten().tolist())):
+            g, u = torch.mm(gate_up[e], xt).chunk(2, dim=0)  # [I, A] each
+            term = torch.mm(down[e], F.silu(g) * u * weights[e])  # [H, A]
+            y = term if y is None else y + term
+        return y.t().contiguous()  # [A, H]
 
     def step(self, token: torch.Tensor):
         """token: [A]. Returns logits [A, V] and routes [A, L, k] (int16) or None."""

@@ -194,7 +194,8 @@ def test_seeds_reproduce(moe, tokenizer, prompts, fast):
                                   "chosen-experts-rows"])
 def test_fast_and_generic_paths_agree(moe, tokenizer, prompts, dense_rows, n_prompts, n, share, packed, monkeypatch):
     """chosen-experts: one row, whose top-2 are half of the 4 experts, runs only those two (expert
-    by expert); chosen-experts-rows: three rows (and then fewer) take that path row by row;
+    by expert); chosen-experts-rows: three rows (and then fewer) take that path, each expert any of
+    them chose once on all three;
     dense-experts-onednn: every weight counts as large, so products of 4 rows or more run on
     oneDNN's packed copies (this model's weights are below `_Product.PACKED_MIN_BYTES`)."""
     prompts = prompts[:n_prompts]
