@@ -327,21 +327,24 @@ class FastQwen3Stepper:
             top_w = top_w.to(x.dtype)
         if sparse:
             return p["moe"].experts(x, top_i, top_w), top_i
-        if few:
-            return self._chosen_experts(p, x, top_i, top_w), top_i
+        if few and rows == 1:
+            return self._chosen_experts(p, x, top_i, top_w, None), top_i
         weights = torch.zeros_like(router_logits).scatter_(1, top_i, top_w)  # [A, E], 0 off the top-k
+        if few:
+            return self._chosen_experts(p, x, top_i, top_w, weights), top_i
         gate_up = self._linear(x, p["experts_gate_up"]).view(rows, num, -1)  # [A, E, 2I]
         g, u = gate_up.chunk(2, dim=-1)  # [A, E, I] each
         act = F.silu(g) * u * weights.unsqueeze(-1)  # [A, E, I]
         return self._linear(act.reshape(rows, -1), p["down"]), top_i  # [A, H], [A, k]
 
     @staticmethod
-    def _chosen_experts(p: dict, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor) -> torch.Tensor:
+    def _chosen_experts(p: dict, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor,
+                        weights: torch.Tensor | None) -> torch.Tensor:
         """x [A, H] through the experts its rows chose, weighted ([A, H]) (CPU). Each chosen expert's
         own weights multiply the rows in place, once per expert: one row expert by expert
-        (`_row_product`); several rows through each expert any of them chose, every row weighted by
-        its routing weight for that expert (0 where it did not choose it: exact, as in the dense
-        path). Nothing is copied or gathered: copies of the chosen weights, and the fresh memory they
+        (`_row_product`, weighted by `top_w`); several rows through each expert any of them chose,
+        every row weighted by its routing weight for that expert (`weights` [A, E], the dense path's,
+        0 where a row did not choose the expert: exact). Nothing is copied or gathered: copies of the chosen weights, and the fresh memory they
         would take every step, cost more than they save here."""
         experts = p["moe"].experts
         gate_up, down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
@@ -352,13 +355,10 @@ class FastQwen3Stepper:
                 term = _row_product(down[e], F.silu(g) * u) * w  # [1, H]
                 y = term if y is None else y + term
             return y
-        chosen = top_i.t()  # [k, A]
-        row_of = torch.arange(rows, device=x.device).expand_as(chosen)  # [k, A]
-        weights = x.new_zeros(p["num_experts"], rows).index_put_((chosen, row_of), top_w.t())  # [E, A]
-        xt = x.t()  # [H, A]
+        xt, per_expert = x.t(), weights.t()  # [H, A], [E, A]
         for e in sorted(set(top_i.flatten().tolist())):
             g, u = torch.mm(gate_up[e], xt).chunk(2, dim=0)  # [I, A] each
-            term = torch.mm(down[e], F.silu(g) * u * weights[e])  # [H, A]
+            term = torch.mm(down[e], F.silu(g) * u * per_expert[e])  # [H, A]
             y = term if y is None else y + term
         return y.t().contiguous()  # [A, H]
 
