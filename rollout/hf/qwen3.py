@@ -38,17 +38,37 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def _row_product(weight: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+def _row_product(weight: torch.Tensor, row: torch.Tensor, halves: torch.Tensor | None = None,
+                 column: torch.Tensor | None = None) -> torch.Tensor:
     """One row [1, in] times a weight [out, in] (CPU): [1, out]. With an even `out`, as one batched
     product over the weight's two halves of rows, which torch's CPU `bmm` runs on two threads: each
     core streams half of the weight. A single-row product (x @ W[in, out], or W @ x^T) runs on one
     thread and reads the weight at about half the memory bandwidth (measured on this project's
     2-core machine, weights not in cache: 27 µs against 52-69 for 0.5 MB, 147-170 against 245-477
-    for 4 MB)."""
+    for 4 MB). `halves` (`_halves(weight)`) and `column` (`_column(row)`) may be passed in when
+    made once for several products (a decode step is bound by the number of operations it runs)."""
+    if halves is None:
+        if weight.shape[0] % 2:
+            return torch.mm(row, weight.t())
+        halves = _halves(weight)
+    return torch.bmm(halves, _column(row) if column is None else column).view(1, -1)
+
+
+def _halves(weight: torch.Tensor) -> torch.Tensor | None:
+    """A weight [out, in] as its two halves of rows [2, out/2, in] (a view), or None for an odd `out`."""
     out = weight.shape[0]
-    if out % 2:
-        return torch.mm(row, weight.t())
-    return torch.bmm(weight.view(2, out // 2, -1), row.t().expand(2, -1, 1)).view(1, out)
+    return None if out % 2 else weight.view(2, out // 2, weight.shape[1])
+
+
+def _expert_halves(stacked: torch.Tensor) -> tuple:
+    """Stacked expert weights [E, out, in] as each expert's `_halves` (views; Nones for an odd `out`)."""
+    num, out, inp = stacked.shape
+    return (None,) * num if out % 2 else stacked.view(num, 2, out // 2, inp).unbind(0)
+
+
+def _column(row: torch.Tensor) -> torch.Tensor:
+    """One row [1, in] as the right-hand side of `_row_product`'s batched product: [2, in, 1] (a view)."""
+    return row.t().expand(2, -1, 1)
 
 
 @functools.cache
@@ -81,17 +101,19 @@ class _Product:
 
     PACKED_MIN_ROWS = 4
     PACKED_MIN_BYTES = 2**20
-    __slots__ = ("out_in", "_packable", "_packed")
+    __slots__ = ("out_in", "halves", "_packable", "_packed")
 
     def __init__(self, out_in: torch.Tensor):
         self.out_in, self._packed = out_in, None  # [out, in]; the oneDNN copy
+        self.halves = _halves(out_in)  # [2, out/2, in] (a view) or None
         self._packable = (out_in.dtype == torch.float32 and _onednn_products()
                           and out_in.numel() * out_in.element_size() >= self.PACKED_MIN_BYTES)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, column: torch.Tensor | None = None) -> torch.Tensor:
+        """x [A, in] times the weight: [A, out]. `column`: one row's `_column(x)`, when already made."""
         rows = x.shape[0]
         if rows == 1:
-            return _row_product(self.out_in, x)
+            return _row_product(self.out_in, x, self.halves, column)
         if self._packable and rows >= self.PACKED_MIN_ROWS:
             if self._packed is None:
                 self._packed = self._pack()
@@ -216,8 +238,11 @@ class FastQwen3Stepper:
             vb[:, :, :width] = v
             self.keys.append(kb)
             self.values.append(vb)
-        self.valid = torch.zeros(batch, width + max_new, dtype=torch.bool, device=device)  # [B, W+N]
-        self.valid[:, :width] = attention.bool()
+        # Additive attention mask [B, W+N]: -inf at the prompts' padding, 0 elsewhere (every decoded
+        # position is valid once written, and a step reads only the positions written so far), in
+        # the form SDPA would turn a boolean mask into on every call of every layer.
+        self.bias = torch.zeros(batch, width + max_new, dtype=self.embed.dtype, device=device)
+        self.bias[:, :width].masked_fill_(~attention.bool(), float("-inf"))
 
     def _layout(self, *weights: torch.Tensor):
         """Linear weights [out_i, in] stacked along out (one copy; a single weight is used as is), in
@@ -239,9 +264,9 @@ class FastQwen3Stepper:
                 weight = weight + linear.get_delta_weight(name).to(weight.dtype)
         return weight
 
-    def _linear(self, x: torch.Tensor, weight) -> torch.Tensor:
-        """x [A, in] times a weight of `_layout`: [A, out]."""
-        return weight(x) if self.cpu_products else F.linear(x, weight)
+    def _linear(self, x: torch.Tensor, weight, column: torch.Tensor | None = None) -> torch.Tensor:
+        """x [A, in] times a weight of `_layout`: [A, out] (`column`: see `_Product`)."""
+        return weight(x, column) if self.cpu_products else F.linear(x, weight)
 
     def _plan(self, layer) -> dict:
         attn, mlp = layer.self_attn, layer.mlp
@@ -267,6 +292,10 @@ class FastQwen3Stepper:
                     # every expert's down projection side by side: [H, E*I]
                     down=self._layout(experts.down_proj.permute(1, 0, 2).reshape(hidden, -1)),
                 )
+                if self.cpu_products:  # each expert's weights, as `_chosen_experts` multiplies them (views)
+                    gate_up, down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
+                    plan.update(chosen_gate_up=gate_up.unbind(0), chosen_down=down.unbind(0),
+                                gate_up_halves=_expert_halves(gate_up), down_halves=_expert_halves(down))
         elif all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")) and not any(
                 getattr(getattr(mlp, n), "bias", None) is not None for n in ("gate_proj", "up_proj", "down_proj")):
             # dense SwiGLU MLP: [gate; up] as one product, then down
@@ -293,7 +322,7 @@ class FastQwen3Stepper:
                 part[first: len(order)] = part.index_select(0, moved)
         self.keys = [k[: len(order)] for k in self.keys]
         self.values = [v[: len(order)] for v in self.values]
-        self.valid, self.next_pos = self.valid[keep], self.next_pos[keep]
+        self.bias, self.next_pos = self.bias[keep], self.next_pos[keep]
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return _rms_norm(x, weight, self.eps)
@@ -302,12 +331,13 @@ class FastQwen3Stepper:
         rows, h, kvh = x.shape[0], self.heads, self.kv_heads
         qkv = self._linear(x, p["qkv"]).view(rows, h + 2 * kvh, self.head_dim)  # [A, h+2kvh, hd]
         qk = self._norm(qkv[:, : h + kvh], p["qk_norm"])  # [A, h+kvh, hd]
-        qk = qk * cos + torch.matmul(qk, self.rot) * sin  # rotary embedding
+        qk = qk * cos + torch.mm(qk.view(-1, self.head_dim), self.rot).view(qk.shape) * sin  # rotary embedding
         q = qk[:, :h].unsqueeze(2)  # [A, h, 1, hd]
-        self.keys[i][:, :, slot] = qk[:, h:]
-        self.values[i][:, :, slot] = qkv[:, h + kvh :]
+        keys, values = self.keys[i], self.values[i]  # [A, kvh, W+N, hd]
+        keys.select(2, slot).copy_(qk[:, h:])
+        values.select(2, slot).copy_(qkv[:, h + kvh :])
         span = slot + 1
-        out = F.scaled_dot_product_attention(q, self.keys[i][:, :, :span], self.values[i][:, :, :span],
+        out = F.scaled_dot_product_attention(q, keys.narrow(2, 0, span), values.narrow(2, 0, span),
                                              attn_mask=mask, scale=self.scaling,
                                              enable_gqa=True)  # [A, h, 1, hd]
         return self._linear(out.reshape(rows, -1), p["o"])  # [A, H]
@@ -318,7 +348,8 @@ class FastQwen3Stepper:
         # so few rows that they choose a small share of the experts: read only the chosen ones' weights
         # (CPU: reading the choices back is free there; on a GPU it would wait for every layer)
         few = not sparse and x.device.type == "cpu" and rows * p["top_k"] <= self.CHOSEN_EXPERTS_MAX_SHARE * num
-        router_logits = self._linear(x, p["router"])  # [A, E]
+        column = _column(x) if few and rows == 1 else None  # x's batched right-hand side, made once
+        router_logits = self._linear(x, p["router"], column)  # [A, E]
         probs = F.softmax(router_logits, dim=-1, dtype=torch.float)  # [A, E]
         top_w, top_i = torch.topk(probs, p["top_k"], dim=-1)  # [A, k]
         if p["norm_topk"]:
@@ -328,7 +359,7 @@ class FastQwen3Stepper:
         if sparse:
             return p["moe"].experts(x, top_i, top_w), top_i
         if few and rows == 1:
-            return self._chosen_experts(p, x, top_i, top_w, None), top_i
+            return self._chosen_experts(p, x, top_i, top_w, None, column), top_i
         weights = torch.zeros_like(router_logits).scatter_(1, top_i, top_w)  # [A, E], 0 off the top-k
         if few:
             return self._chosen_experts(p, x, top_i, top_w, weights), top_i
@@ -339,20 +370,20 @@ class FastQwen3Stepper:
 
     @staticmethod
     def _chosen_experts(p: dict, x: torch.Tensor, top_i: torch.Tensor, top_w: torch.Tensor,
-                        weights: torch.Tensor | None) -> torch.Tensor:
+                        weights: torch.Tensor | None, column: torch.Tensor | None = None) -> torch.Tensor:
         """x [A, H] through the experts its rows chose, weighted ([A, H]) (CPU). Each chosen expert's
         own weights multiply the rows in place, once per expert: one row expert by expert
         (`_row_product`, weighted by `top_w`); several rows through each expert any of them chose,
         every row weighted by its routing weight for that expert (`weights` [A, E], the dense path's,
         0 where a row did not choose the expert: exact). Nothing is copied or gathered: copies of the chosen weights, and the fresh memory they
         would take every step, cost more than they save here."""
-        experts = p["moe"].experts
-        gate_up, down = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
+        gate_up, down = p["chosen_gate_up"], p["chosen_down"]  # per expert: [2I, H], [H, I]
         rows, y = x.shape[0], None
-        if rows == 1:
+        if rows == 1:  # `column`: x's `_column`
+            gate_up_halves, down_halves = p["gate_up_halves"], p["down_halves"]
             for e, w in zip(top_i[0].tolist(), top_w[0].tolist()):
-                g, u = _row_product(gate_up[e], x).chunk(2, dim=-1)  # [1, I] each
-                term = _row_product(down[e], F.silu(g) * u) * w  # [1, H]
+                g, u = _row_product(gate_up[e], x, gate_up_halves[e], column).chunk(2, dim=-1)  # [1, I] each
+                term = _row_product(down[e], F.silu(g) * u, down_halves[e]) * w  # [1, H]
                 y = term if y is None else y + term
             return y
         xt, per_expert = x.t(), weights.t()  # [H, A], [E, A]
@@ -366,10 +397,9 @@ class FastQwen3Stepper:
         """token: [A]. Returns logits [A, V] and routes [A, L, k] (int16) or None."""
         slot = self.width + self.steps
         self.steps += 1
-        self.valid[:, slot] = True
         cos = self.cos[self.next_pos][:, None, :]  # [A, 1, hd]
         sin = self.sin[self.next_pos][:, None, :]
-        mask = self.valid[:, None, None, : slot + 1]  # [A, 1, 1, span], the same for every layer
+        mask = self.bias[:, None, None, : slot + 1]  # [A, 1, 1, span], the same for every layer
         h = F.embedding(token, self.embed)  # [A, H]
         routes = []
         for i, p in enumerate(self.layers):
