@@ -427,7 +427,8 @@ class TrainerConfig(Section):
     shared_prompt_forward: bool = Field(
         True, description="training forwards run each distinct prompt of a micro-batch once and its completions on "
         "copies of its KV cache, or with packed micro-batches on the prompt's keys in place (same values, less work; "
-        "falls back to one full forward under DDP/FSDP wrappers, gradient checkpointing or sliding-window attention)",
+        "the unpacked form falls back to one full forward under DDP/FSDP wrappers, gradient checkpointing or "
+        "sliding-window attention; the packed form runs under all of them, and models with sliding windows do not pack)",
     )
     gradient_checkpointing: bool = Field(
         False, description="activation checkpointing of the policy's decoder layers (transformers' "

@@ -224,7 +224,7 @@ def packed_logprobs(
     on packed rows (see the module docstring).
 
     input_ids, attention_mask: [B, S] right-padded; prompt_lens: [B]
-    share_prompts: each distinct prompt runs once (needs `shared_prompt_supported(model)`)
+    share_prompts: each distinct prompt runs once (one forward as well, so any model that packs can)
     routing: the MoE `RoutingScope` of this forward (None for dense models)
     Returns logprobs [B, S-1] and, if asked, entropy [B, S-1]: values at completion positions,
     zeros elsewhere.

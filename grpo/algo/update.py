@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpo.algo.logprobs import shared_prompt_supported, token_logprobs
+from grpo.algo.logprobs import token_logprobs
 from grpo.algo.loss import objective_from_config
 from grpo.algo.moe import RouterControl, replay_from_rollouts
 from grpo.algo.packing import micro_batches, packed_logprobs, packing_supported, split_to, worth_packing
@@ -72,12 +72,13 @@ def micro_batch_logprobs(model, batch: dict[str, torch.Tensor], c: slice, temper
     """Log-probs (and entropy) [b, S-1] of the rows `c` of a collated batch: packed into one row
     when `packed`, the model allows it (`packing_supported`) and the rows are padded enough to gain
     from it (`worth_packing`), else right-padded; `prompt_lens` [B] (None: off) runs each distinct
-    prompt once where the model allows it."""
+    prompt once where the model allows it: always when packed (the shared-prompt packed row is one
+    ordinary forward, so DDP/FSDP wrappers and activation checkpointing take it as they are),
+    else where `shared_prompt_supported`."""
     ids, attention = batch["input_ids"][c], batch["attention_mask"][c]
     if packed and packing_supported(model) and worth_packing(attention):
-        share = prompt_lens is not None and shared_prompt_supported(model)
         return packed_logprobs(model, ids, attention, batch["prompt_lens"][c], temperature, with_entropy, chunk_tokens,
-                               routing, share_prompts=share)
+                               routing, share_prompts=prompt_lens is not None)
     return token_logprobs(model, ids, attention, temperature, with_entropy=with_entropy, chunk=chunk_tokens,
                           prompt_lens=_rows(prompt_lens, c), routing=routing)
 

@@ -183,7 +183,79 @@ def test_activation_checkpointing_recomputes_the_packed_layout(monkeypatch):
     kind = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
     getattr(model, f"{kind}_checkpointing_enable")(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg = {"moe": {"routing_replay": "R3", "metrics": True}, "trainer": {"gradient_checkpointing": True}}
-    _assert_same_update(_update(model, rollouts, tok, cfg, 40), _update(model, rollouts, tok, cfg, None))
+    shared_rows = _count_shared_forwards(monkeypatch)
+    packed = _update(model, rollouts, tok, cfg, 40)
+    assert shared_rows, "the packed update under checkpointing should share its prompts"
+    _assert_same_update(packed, _update(model, rollouts, tok, cfg, None))
+
+
+def _count_shared_forwards(monkeypatch) -> list:
+    """A list that grows by one per shared-prompt packed forward from now on."""
+    import grpo.algo.packing as packing
+
+    calls, forward = [], packing._shared_forward
+    monkeypatch.setattr(packing, "_shared_forward", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    return calls
+
+
+WRAPPED_SCRIPT = """
+import copy, tempfile
+import torch, torch.distributed as dist
+import grpo.algo.packing as packing
+from grpo.algo.logprobs import token_logprobs
+from grpo.algo.update import collate, micro_batch_logprobs
+from grpo.run.processes import fully_shard_cpu
+from tests.grpo.algo.test_moe import tiny_moe
+from tests.grpo.algo.test_shared_prompts import mixed_rollouts
+
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+packing.PACK_MIN_PADDING = 0.0
+calls, forward = [], packing._shared_forward
+packing._shared_forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+model, tok = tiny_moe("qwen3_moe")
+model = model.double()
+batch = collate(mixed_rollouts(tok), tok.pad_token_id)
+scored = batch["mask"] > 0  # [B, S-1]
+reference = copy.deepcopy(model)
+full, _ = token_logprobs(reference, batch["input_ids"], batch["attention_mask"])
+full[scored].sum().backward()
+grads = {n: p.grad for n, p in reference.named_parameters()}
+for kind in ("ddp", "fsdp2"):
+    calls.clear()
+    policy = copy.deepcopy(model)
+    wrapped = (torch.nn.parallel.DistributedDataParallel(policy, find_unused_parameters=True) if kind == "ddp"
+               else fully_shard_cpu(policy))
+    lp, _ = micro_batch_logprobs(wrapped, batch, slice(None), 1.0, 512, batch["prompt_lens"], packed=True)
+    assert calls == [1], (kind, calls)
+    torch.testing.assert_close(lp[scored], full[scored], atol=1e-6, rtol=1e-5)
+    lp[scored].sum().backward()
+    for name, p in policy.named_parameters():
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        if grads[name] is None:
+            assert grad is None or not grad.any(), (kind, name)
+            continue
+        error = ((grad - grads[name]).norm() / grads[name].norm().clamp(min=1e-30)).item()
+        assert error < 1e-6, (kind, name, error)
+    print(kind, "ok", int(scored.sum()))
+dist.destroy_process_group()
+"""
+
+
+def test_shared_prompt_packed_forward_runs_under_ddp_and_fsdp2():
+    """The shared-prompt packed row is one forward of the wrapped model, so a DDP- or FSDP2-wrapped
+    policy shares its prompts too: the same log-probs and gradients as the unwrapped
+    one-row-per-sequence forward (gloo, one process, in a subprocess so no process group outlives
+    the test)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run([sys.executable, "-c", WRAPPED_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.split("\n")
+    assert lines[0].startswith("ddp ok ") and lines[1].startswith("fsdp2 ok ") and int(lines[0].split()[2]) > 20
 
 
 def test_other_attention_implementations_keep_the_padded_forward():

@@ -21,7 +21,7 @@ from tests.conftest import ROOT, run_cli
 # splits the same 16 rows into the same two micro-batches. With a single 16-row micro-batch in one
 # process the float sums associate differently and Adam amplified that to 1.3e-5 on a router
 # weight after 2 steps; with matching micro-batches the weights came out bit-identical here.
-# shared_prompt_forward=false: a DDP/FSDP-wrapped model always runs one forward per row, and the
+# shared_prompt_forward=false: a DDP/FSDP-wrapped model runs one forward per row unless packed, and the
 # shared-prompt forward of one process sums a prompt's gradients in another order (equal to float
 # rounding, tests/grpo/algo/test_shared_prompts.py), so the 1-process reference runs the same layout.
 SHORT = ["trainer.threads=1", "trainer.prompts_per_step=4", "rollout.group_size=4", "eval.before_and_after=false",
