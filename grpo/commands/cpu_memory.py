@@ -168,10 +168,12 @@ def estimate_cpu_memory(cfg, arch: Arch, processes: int = 1) -> CPUEstimate:
     micro = min(tr.micro_batch_size, sequences)
     prompt = cfg.data.max_prompt_tokens or PROMPT_TOKENS
     seq = prompt + ro.max_new_tokens
-    if tr.shared_prompt_forward and processes == 1:  # each distinct prompt runs once; logits at completions only
+    # each distinct prompt runs once, logits at completions only; with several processes (DDP/FSDP
+    # wrappers) only in packed micro-batches, whose shared-prompt row is one ordinary forward
+    if tr.shared_prompt_forward and (processes == 1 or tr.max_tokens_per_micro_batch is not None):
         tokens = -(-micro // ro.group_size) * prompt + micro * ro.max_new_tokens
         scored, shape = ro.max_new_tokens, f"{micro} seq, prompts shared: {tokens} tokens"
-    else:  # one forward of every row (DDP/FSDP wrappers always do this)
+    else:  # one forward of every row
         tokens, scored, shape = micro * seq, seq, f"{micro} seq x {seq} tokens"
     acts = tokens * arch.num_layers * (HIDDEN_ACTS * arch.hidden_size + FFN_ACTS * arch.ffn_active_width()) * b
     chunk = min(algo.logprob_chunk, scored)

@@ -78,6 +78,12 @@ def test_estimate_arithmetic_by_hand():
     plain = cm.estimate_cpu_memory(cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
         update={"shared_prompt_forward": False})}), arch)
     assert plain.training["activations (4 seq x 16 tokens)"] * gib == 64 * 2 * (cm.HIDDEN_ACTS * 16 + cm.FFN_ACTS * 32) * b
+    # two processes (DDP/FSDP wrappers): prompts shared in packed micro-batches only
+    two = cm.estimate_cpu_memory(cfg, arch, processes=2)
+    assert two.training["activations (4 seq, prompts shared: 34 tokens)"] * gib == acts
+    padded = cm.estimate_cpu_memory(cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
+        update={"max_tokens_per_micro_batch": None})}), arch, processes=2)
+    assert "activations (4 seq x 16 tokens)" in padded.training
 
 
 def test_vllm_two_processes_and_reward_workers_add_up():
