@@ -269,6 +269,7 @@ class Workload:
     max_new_tokens: int
     steps: int  # generation batches (trainer.steps)
     micro_batch_size: int  # sequences per forward/backward on one GPU
+    max_tokens_per_micro_batch: int | None = None  # trainer.max_tokens_per_micro_batch: packed micro-batches' budget
     extra_forwards: int = 0  # old log-probs (several optimizer steps per batch), a reference model (KL)
     mini_batches: int = 1  # optimizer steps per pass over a generation batch (R1-Zero: 16)
     max_new_tokens_schedule: tuple[tuple[int, int], ...] = ()  # (from step, cap); empty: max_new_tokens throughout
@@ -418,6 +419,7 @@ class Plan:
         return train_time(self.arch, self.gpu, self.gpus_per_node, self.world, self.shard_group,
                           w.mini_batch_sequences, w.prompt_tokens, w.response_tokens, w.micro_batch_size,
                           w.extra_forwards / w.num_iterations, self.eff,  # extra forwards run once per batch
+                          max_tokens_per_micro_batch=w.max_tokens_per_micro_batch,
                           checkpointing=w.gradient_checkpointing, offload_bytes_per_token=self.offload_bytes_per_token,
                           trained_params=self.trained_params if w.lora_rank else None)
 
@@ -499,7 +501,9 @@ def _sized(arch: Arch, g: GPU, nodes: int, gpus_per_node: int, work: Workload, s
     shard = plan.shard_group
     h, L = arch.hidden_size, arch.num_layers
     seq = work.prompt_tokens + work.longest_new_tokens
-    mb_tokens = work.micro_batch_size * seq
+    mb_tokens = work.micro_batch_size * seq  # every sequence at the cap
+    if work.max_tokens_per_micro_batch is not None:  # packed: at most the budget (a longer sequence alone)
+        mb_tokens = min(mb_tokens, max(work.max_tokens_per_micro_batch, seq))
     logits_chunk = min(mb_tokens, 4096)
     inputs = h * 2 * L  # bytes per token: every decoder layer's input (bf16), what checkpointing keeps
     layer = (16 * h + 8 * arch.ffn_active_width()) * 2  # bytes per token of one layer's working set
@@ -605,6 +609,7 @@ def workload_from_recipe(cfg, steps: int | None = None, prompt_tokens: int | Non
         prompt_tokens=prompt_tokens or min(256, cfg.data.max_prompt_tokens or 256),
         response_tokens=response_tokens or max(1, int(ro.max_new_tokens * DEFAULT_MEAN_FRACTION)),
         max_new_tokens=ro.max_new_tokens, steps=steps or tr.steps, micro_batch_size=tr.micro_batch_size,
+        max_tokens_per_micro_batch=tr.max_tokens_per_micro_batch,
         extra_forwards=extra, mini_batches=algo.mini_batches, max_new_tokens_schedule=schedule,
         num_iterations=algo.num_iterations, gradient_checkpointing=tr.gradient_checkpointing,
         activation_offload=tr.activation_offload, **lora_workload(cfg.model.lora),
@@ -663,6 +668,10 @@ def report_rows(plan: Plan, mean_source: str = "") -> list[tuple[str, str]]:
                  + f"; ~{w.prompt_tokens} prompt tokens, cap {caps}"),
         ("mean completion", f"{w.response_tokens} tokens ({mean_source or 'given'}), in every phase of the schedule; "
                             f"memory is sized for the longest cap ({w.longest_new_tokens})"),
+        ("micro-batch", f"up to {w.micro_batch_size} sequences"
+                        + (f", packed without padding into at most {w.max_tokens_per_micro_batch:,} tokens (a longer "
+                           "sequence alone)" if w.max_tokens_per_micro_batch is not None else ", right-padded")
+                        + f"; {train.rounds} round(s) per optimizer step on each GPU"),
     ]
     for k, v in plan.memory_train.items():
         rows.append((f"train: {k}", f"{v:.1f} GiB"))
@@ -721,7 +730,9 @@ def _advice(plan: Plan) -> str:
                     + "lower the longest cap (rollout.max_new_tokens, rollout.max_new_tokens_schedule) or use a GPU "
                     "with more memory")
         more = "more nodes" if plan.sharding == "full" else "--sharding full or more GPUs per node"
-        return f"shard over more GPUs ({more}), a GPU with more memory, or a lower trainer.micro_batch_size"
+        lower = ("trainer.max_tokens_per_micro_batch" if plan.work.max_tokens_per_micro_batch is not None
+                 else "trainer.micro_batch_size")
+        return f"shard over more GPUs ({more}), a GPU with more memory, or a lower {lower}"
     return "raise --tp (or let the search pick: omit it), raise gpu_memory_utilization, or add GPUs"
 
 

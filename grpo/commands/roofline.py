@@ -223,7 +223,8 @@ class TrainTime:
 def train_time(arch, gpu: GPU, gpus_per_node: int, world: int, shard_group: int, sequences: int, prompt_tokens: int,
                mean_tokens: float, micro_batch_size: int, extra_forwards: int,
                eff: Efficiency = EFFICIENCY, checkpointing: bool = True,
-               offload_bytes_per_token: float = 0.0, trained_params: int | None = None) -> TrainTime:
+               offload_bytes_per_token: float = 0.0, trained_params: int | None = None,
+               max_tokens_per_micro_batch: int | None = None) -> TrainTime:
     """One optimizer step over `sequences` completions: forward and backward (6 N per token), plus
     the recomputed forward of activation checkpointing (8 N), 2 N per extra forward (reference
     model, old log-probs), causal attention likewise; FSDP2 gathers the bf16 weights for the forward
@@ -232,7 +233,9 @@ def train_time(arch, gpu: GPU, gpus_per_node: int, world: int, shard_group: int,
     the backward over PCIe (torch's save_on_cpu copies synchronously: not hidden behind compute).
     `trained_params` (LoRA: the adapters' count): the backward computes no gradient of the frozen
     base's weights (2 N per token less; the adapters' own FLOPs are left out, about 2 r / width of
-    N) and reduce-scatters only the adapters' gradients."""
+    N) and reduce-scatters only the adapters' gradients. FLOPs count real tokens (packed
+    micro-batches; padded ones cost more where lengths spread); `max_tokens_per_micro_batch` (packed
+    micro-batches' budget) adds the rounds the token budget cuts beyond `micro_batch_size`."""
     total, active = arch.params()
     seq = prompt_tokens + mean_tokens
     tokens = sequences * seq
@@ -242,6 +245,8 @@ def train_time(arch, gpu: GPU, gpus_per_node: int, world: int, shard_group: int,
     mfu = eff.train_mfu_moe if arch.is_moe else eff.train_mfu
     compute = flops / (world * gpu.bf16_tflops * 1e12 * mfu)
     rounds = max(1, math.ceil(sequences / world / micro_batch_size))
+    if max_tokens_per_micro_batch is not None:
+        rounds = max(rounds, math.ceil(sequences / world * seq / max_tokens_per_micro_batch))
     collectives = 0.0
     if shard_group > 1:
         bw = ring_gb_s(gpu, shard_group, gpus_per_node, eff) * 1e9

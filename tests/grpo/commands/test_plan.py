@@ -17,6 +17,7 @@ from grpo.commands.plan import (
     implied_mfu,
     make_plan,
     pretraining_flops,
+    report_rows,
     resolve_arch,
 )
 from tests.conftest import ROOT
@@ -320,3 +321,24 @@ def test_lora_plan_counts_adapters_and_an_adapter_sized_push():
     assert push[1] < push[0] / 100 and push[2] == pytest.approx(push[0])
     # no base weight gradients: 6 N instead of 8 N per token with checkpointing
     assert p_lora.training().compute_s == pytest.approx(p_full.training().compute_s * 6 / 8, rel=0.05)
+
+
+def test_packed_micro_batches_bound_activations_by_their_token_budget():
+    """trainer.max_tokens_per_micro_batch: a packed micro-batch holds at most the budget (a longer
+    sequence alone), so its activations are sized for the budget, not micro_batch_size x the cap, and
+    the budget cuts the rounds per optimizer step where it holds fewer tokens than the sequences."""
+    from dataclasses import replace
+
+    arch = KNOWN_ARCHS["Qwen/Qwen3-30B-A3B-Base"]
+    padded = Workload(128, 16, 256, 4096, 8192, 100, 8)  # 8 sequences of up to 256 + 8192 tokens
+    packed = replace(padded, max_tokens_per_micro_batch=16384)
+    a, b = make_plan(arch, "h800", 4, 8, padded, tp=1), make_plan(arch, "h800", 4, 8, packed, tp=1)
+    key = "activations: layer inputs (checkpointing)"
+    assert b.memory_train[key] == pytest.approx(a.memory_train[key] * 16384 / (8 * (256 + 8192)))
+    alone = make_plan(arch, "h800", 4, 8, replace(padded, max_tokens_per_micro_batch=1024), tp=1)
+    assert alone.memory_train[key] == pytest.approx(a.memory_train[key] / 8)  # one sequence at the cap
+    # 2048 sequences / 32 GPUs = 64 each: 8 rounds of 8 sequences; packed, 64 x (256 + 4096) mean tokens
+    # over a 16384-token budget = 17 rounds
+    assert a.training().rounds == 8 and b.training().rounds == 17
+    rows = dict(report_rows(b))
+    assert "packed without padding into at most 16,384 tokens" in rows["micro-batch"]
