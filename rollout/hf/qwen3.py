@@ -55,15 +55,15 @@ def _row_product(weight: torch.Tensor, row: torch.Tensor, halves: torch.Tensor |
 
 
 def _halves(weight: torch.Tensor) -> torch.Tensor | None:
-    """A weight [out, in] as its two halves of rows [2, out/2, in] (a view), or None for an odd `out`."""
-    out = weight.shape[0]
-    return None if out % 2 else weight.view(2, out // 2, weight.shape[1])
+    """A weight [..., out, in] as its two halves of rows [..., 2, out/2, in] (a view), or None for an odd `out`."""
+    out = weight.shape[-2]
+    return None if out % 2 else weight.unflatten(-2, (2, out // 2))
 
 
 def _expert_halves(stacked: torch.Tensor) -> tuple:
     """Stacked expert weights [E, out, in] as each expert's `_halves` (views; Nones for an odd `out`)."""
-    num, out, inp = stacked.shape
-    return (None,) * num if out % 2 else stacked.view(num, 2, out // 2, inp).unbind(0)
+    halves = _halves(stacked)  # [E, 2, out/2, in]
+    return (None,) * stacked.shape[0] if halves is None else halves.unbind(0)
 
 
 def _column(row: torch.Tensor) -> torch.Tensor:
